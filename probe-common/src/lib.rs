@@ -1,0 +1,316 @@
+//! Types shared across the kernel/user boundary of connprobe.
+//!
+//! Everything here is plain data: `#[repr(C)]`, `Copy`, no implicit padding, no `bool`. The eBPF
+//! programs (`probe-ebpf`) write these into the ring buffer and maps; the agent (`probe-user`)
+//! reads them back with a length-checked decoder. Sizes are pinned by const asserts so that a
+//! change on one side that the other side would misread fails to compile.
+#![cfg_attr(not(feature = "user"), no_std)]
+
+/// Ring buffer carrying every event from the kernel to the agent.
+pub const EVENTS_MAP: &str = "EVENTS";
+/// LRU hash of sockets the programs follow, keyed by `struct sock *`.
+pub const SOCKETS_MAP: &str = "SOCKETS";
+/// Per-CPU counters, indexed by [`Counter`].
+pub const COUNTERS_MAP: &str = "COUNTERS";
+/// The global holding [`KernelOffsets`], set before load.
+pub const OFFSETS_GLOBAL: &str = "OFFSETS";
+
+/// Default ring buffer size: 4 MiB holds ~40,000 events, a few seconds of a connect storm.
+pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
+/// Default number of sockets followed at once (LRU: the least recently used is evicted).
+pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
+
+pub const COMM_LEN: usize = 16;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+    pub const BOUND_INACTIVE: u8 = 13;
+    /// Not a kernel state: the event had no socket to read a state from (a socketless RST).
+    pub const NONE: u8 = 0;
+}
+
+/// The kind of an event; the first field of every event's header.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Connect = 1,
+    Retransmit = 2,
+    Reset = 3,
+    Close = 4,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 4] = [
+        EventKind::Connect,
+        EventKind::Retransmit,
+        EventKind::Reset,
+        EventKind::Close,
+    ];
+
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(EventKind::Connect),
+            2 => Some(EventKind::Retransmit),
+            3 => Some(EventKind::Reset),
+            4 => Some(EventKind::Close),
+            _ => None,
+        }
+    }
+
+    /// Index of this kind's "produced" counter in [`COUNTERS_MAP`].
+    pub const fn produced_counter(self) -> Counter {
+        match self {
+            EventKind::Connect => Counter::ProducedConnect,
+            EventKind::Retransmit => Counter::ProducedRetransmit,
+            EventKind::Reset => Counter::ProducedReset,
+            EventKind::Close => Counter::ProducedClose,
+        }
+    }
+}
+
+/// Per-CPU counters the programs keep; index into [`COUNTERS_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Events the programs tried to emit, by kind (delivered + lost in the ring buffer).
+    ProducedConnect = 0,
+    ProducedRetransmit = 1,
+    ProducedReset = 2,
+    ProducedClose = 3,
+    /// `bpf_ringbuf_reserve` failed: the agent fell behind and the event was dropped.
+    LostRingbuf = 4,
+    /// A connect ended whose start record was gone from [`SOCKETS_MAP`] (LRU eviction, or the
+    /// connect began before the agent): it is still reported, without latency or owner.
+    LostMap = 5,
+    /// A kernel read (`bpf_probe_read_kernel`) failed; the event was dropped.
+    ReadError = 6,
+}
+
+pub const COUNTER_SLOTS: u32 = 8;
+
+/// Flags in [`Owner::flags`].
+pub mod owner_flags {
+    /// `tgid` and `comm` were taken in the owning process's syscall context.
+    pub const PROCESS_KNOWN: u8 = 1;
+    /// `start_ns` is known (the connect's or the accept's start was seen).
+    pub const START_KNOWN: u8 = 2;
+}
+
+/// Which end of the connection this host is.
+pub mod side {
+    pub const UNKNOWN: u8 = 0;
+    /// This host opened the connection (it sent the SYN).
+    pub const CLIENT: u8 = 1;
+    /// This host accepted the connection or answered a SYN.
+    pub const SERVER: u8 = 2;
+}
+
+/// Common header of every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EventHeader {
+    /// An [`EventKind`] as u32.
+    pub kind: u32,
+    /// CPU the event was produced on.
+    pub cpu: u32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub timestamp_ns: u64,
+}
+
+/// The two ends of a connection, seen from this host.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Endpoints {
+    /// `AF_INET` or `AF_INET6`. For `AF_INET` only the first 4 bytes of each address are used.
+    pub family: u16,
+    /// This host's port, host byte order.
+    pub local_port: u16,
+    /// The remote port, host byte order.
+    pub remote_port: u16,
+    pub _pad: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+
+/// The process that owns the socket, as far as the kernel side knows it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Owner {
+    pub tgid: u32,
+    /// A [`side`] constant.
+    pub side: u8,
+    /// [`owner_flags`].
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    pub comm: [u8; COMM_LEN],
+}
+
+/// How a connect ended.
+pub mod outcome {
+    pub const ESTABLISHED: u8 = 1;
+    pub const FAILED: u8 = 2;
+}
+
+/// A connect ended: SYN_SENT -> ESTABLISHED or SYN_SENT -> CLOSE on the client, SYN_RECV ->
+/// ESTABLISHED on the server.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectEvent {
+    pub header: EventHeader,
+    pub endpoints: Endpoints,
+    pub owner: Owner,
+    /// From the connect's start to its end; 0 when the start is not known.
+    pub latency_ns: u64,
+    /// `sk->sk_err` at the CLOSE transition (0: the application closed the socket itself).
+    pub sk_err: u32,
+    /// SYN retransmits the connect needed (`tcp_sock.total_retrans` at its end).
+    pub syn_retransmits: u32,
+    /// An [`outcome`] constant.
+    pub outcome: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Where in the connection's life a retransmit happened.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RetransmitEvent {
+    pub header: EventHeader,
+    pub endpoints: Endpoints,
+    pub owner: Owner,
+    /// Segments resent by this call (`tcp_gso_segs`; 1 for a SYN-ACK).
+    pub segments: u32,
+    /// The TCP state when it was resent (a [`tcp_state`] constant).
+    pub state: u8,
+    pub _pad: [u8; 3],
+}
+
+pub mod direction {
+    pub const SENT: u8 = 1;
+    pub const RECEIVED: u8 = 2;
+}
+
+/// A TCP reset sent or received.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ResetEvent {
+    pub header: EventHeader,
+    pub endpoints: Endpoints,
+    pub owner: Owner,
+    /// A [`direction`] constant.
+    pub direction: u8,
+    /// The socket's TCP state, or [`tcp_state::NONE`] for a reset sent without a socket.
+    pub state: u8,
+    pub _pad: [u8; 6],
+}
+
+/// An established connection reached CLOSE.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CloseEvent {
+    pub header: EventHeader,
+    pub endpoints: Endpoints,
+    pub owner: Owner,
+    /// From ESTABLISHED to CLOSE; 0 when the start is not known (see `owner.flags`).
+    pub duration_ns: u64,
+    /// `tcp_sock.bytes_sent` (payload bytes, retransmissions included).
+    pub bytes_sent: u64,
+    /// `tcp_sock.bytes_received`.
+    pub bytes_received: u64,
+    /// `tcp_sock.data_segs_out`: data segments sent, retransmissions included.
+    pub segments_sent: u32,
+    /// `tcp_sock.total_retrans`.
+    pub segments_retransmitted: u32,
+}
+
+/// Per-socket state kept in [`SOCKETS_MAP`] from the start of a connect (or an accept) until the
+/// socket reaches CLOSE.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SocketRecord {
+    /// When the connect started (CLOSE -> SYN_SENT) or the accepted child appeared (SYN_RECV).
+    pub start_ns: u64,
+    /// When it became ESTABLISHED; 0 until then.
+    pub established_ns: u64,
+    pub owner: Owner,
+}
+
+/// Byte offsets the programs need, read from the running kernel at start-up (BTF for struct
+/// fields, tracepoint `format` files for classic tracepoint fields) and set as a global before
+/// load. Offsets of classic tracepoint fields stay 0 when the BTF-typed hooks are used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    // struct sock_common (at offset 0 of struct sock, request_sock and inet_timewait_sock)
+    pub skc_family: u32,
+    pub skc_state: u32,
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    // struct sock
+    pub sk_protocol: u32,
+    pub sk_err: u32,
+    // struct tcp_sock
+    pub tcp_bytes_sent: u32,
+    pub tcp_bytes_received: u32,
+    pub tcp_data_segs_out: u32,
+    pub tcp_total_retrans: u32,
+    // struct sk_buff, and tcp_skb_cb inside its `cb`
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_transport_header: u32,
+    pub skb_cb_gso_segs: u32,
+    // classic tracepoint fields (offsets into the tracepoint record)
+    pub tp_state_skaddr: u32,
+    pub tp_state_oldstate: u32,
+    pub tp_state_newstate: u32,
+    pub tp_retransmit_skaddr: u32,
+    pub tp_retransmit_skbaddr: u32,
+    pub tp_retransmit_err: u32,
+    pub tp_synack_skaddr: u32,
+    pub tp_synack_req: u32,
+    pub tp_send_reset_skaddr: u32,
+    pub tp_send_reset_skbaddr: u32,
+    pub tp_receive_reset_skaddr: u32,
+    /// 1 when `tcp_retransmit_skb` has an `err` argument (Linux 6.13 and later).
+    pub has_retransmit_err: u32,
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<EventHeader>() == 16);
+    assert!(core::mem::size_of::<Endpoints>() == 40);
+    assert!(core::mem::size_of::<Owner>() == 24);
+    assert!(core::mem::size_of::<ConnectEvent>() == 104);
+    assert!(core::mem::size_of::<RetransmitEvent>() == 88);
+    assert!(core::mem::size_of::<ResetEvent>() == 88);
+    assert!(core::mem::size_of::<CloseEvent>() == 112);
+    assert!(core::mem::size_of::<SocketRecord>() == 40);
+    assert!(core::mem::size_of::<KernelOffsets>() == 30 * 4);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, made only of integers, with no implicit padding
+    // (checked by the size asserts above).
+    unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for SocketRecord {}
+}

@@ -1,0 +1,85 @@
+//! Building event headers and owners, and handing events to the ring buffer.
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+};
+use probe_common::{COMM_LEN, Counter, EventHeader, EventKind, Owner, SocketRecord, owner_flags};
+
+use crate::maps::{EVENTS, SOCKETS, bump};
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+pub fn header(kind: EventKind, timestamp_ns: u64) -> EventHeader {
+    EventHeader {
+        kind: kind as u32,
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        timestamp_ns,
+    }
+}
+
+/// An owner nobody knows yet: only the side, if that.
+#[inline(always)]
+pub fn unknown_owner(side: u8) -> Owner {
+    Owner {
+        tgid: 0,
+        side,
+        flags: 0,
+        _pad: [0; 2],
+        comm: [0; COMM_LEN],
+    }
+}
+
+/// The current task as the owner. Call only from a syscall path (a connect), never from
+/// softirq, where the current task is whatever happened to run on the CPU.
+#[inline(always)]
+pub fn current_owner(side: u8) -> Owner {
+    Owner {
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        side,
+        flags: owner_flags::PROCESS_KNOWN,
+        _pad: [0; 2],
+        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+    }
+}
+
+/// The socket's record, if it is being followed.
+#[inline(always)]
+pub fn record(sk: u64) -> Option<SocketRecord> {
+    // SAFETY: the value is copied out at once; a concurrent update can at worst tear a record,
+    // which only affects reporting, never memory safety.
+    unsafe { SOCKETS.get(&sk) }.copied()
+}
+
+/// The socket's owner as recorded at its start, or unknown.
+#[inline(always)]
+pub fn owner_of(sk: u64) -> Owner {
+    match record(sk) {
+        Some(rec) => rec.owner,
+        None => unknown_owner(probe_common::side::UNKNOWN),
+    }
+}
+
+/// Counts the event as produced and writes it to the ring buffer, or counts it lost there.
+#[inline(always)]
+pub fn emit<T: 'static>(kind: EventKind, event: T) {
+    bump(kind.produced_counter());
+    match EVENTS.reserve::<T>(0) {
+        Some(mut entry) => {
+            entry.write(event);
+            entry.submit(0);
+        }
+        None => bump(Counter::LostRingbuf),
+    }
+}
+
+/// Common tail of every program: a failed kernel read is counted, never fatal.
+#[inline(always)]
+pub fn finish(result: Result<(), i32>) -> u32 {
+    if result.is_err() {
+        bump(Counter::ReadError);
+    }
+    0
+}

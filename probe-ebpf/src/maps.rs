@@ -1,0 +1,74 @@
+//! Maps and load-time globals shared by every program.
+use aya_ebpf::{
+    macros::map,
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+};
+use probe_common::{
+    COUNTER_SLOTS, Counter, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BYTES, KernelOffsets, SocketRecord,
+};
+
+/// Events to the agent. Its size is set by the agent before load (`--ring-buffer-bytes`).
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+/// Sockets followed from connect (or accept) to close, keyed by `struct sock *`.
+#[map(name = "SOCKETS")]
+pub static SOCKETS: LruHashMap<u64, SocketRecord> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+/// Produced and lost counters, see [`Counter`].
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Offsets of kernel struct and tracepoint fields, set by the agent before load.
+#[unsafe(no_mangle)]
+pub static OFFSETS: KernelOffsets = KernelOffsets {
+    skc_family: 0,
+    skc_state: 0,
+    skc_daddr: 0,
+    skc_rcv_saddr: 0,
+    skc_dport: 0,
+    skc_num: 0,
+    skc_v6_daddr: 0,
+    skc_v6_rcv_saddr: 0,
+    sk_protocol: 0,
+    sk_err: 0,
+    tcp_bytes_sent: 0,
+    tcp_bytes_received: 0,
+    tcp_data_segs_out: 0,
+    tcp_total_retrans: 0,
+    skb_head: 0,
+    skb_network_header: 0,
+    skb_transport_header: 0,
+    skb_cb_gso_segs: 0,
+    tp_state_skaddr: 0,
+    tp_state_oldstate: 0,
+    tp_state_newstate: 0,
+    tp_retransmit_skaddr: 0,
+    tp_retransmit_skbaddr: 0,
+    tp_retransmit_err: 0,
+    tp_synack_skaddr: 0,
+    tp_synack_req: 0,
+    tp_send_reset_skaddr: 0,
+    tp_send_reset_skbaddr: 0,
+    tp_receive_reset_skaddr: 0,
+    has_retransmit_err: 0,
+};
+
+/// Reads one offset. The volatile read keeps the compiler from folding the placeholder zeros.
+macro_rules! offset {
+    ($field:ident) => {{
+        #[allow(unused_unsafe)]
+        let value = unsafe { core::ptr::read_volatile(&raw const $crate::maps::OFFSETS.$field) };
+        value as usize
+    }};
+}
+pub(crate) use offset;
+
+#[inline(always)]
+pub fn bump(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot: no other writer on this CPU while the program runs.
+        unsafe { *slot += 1 };
+    }
+}

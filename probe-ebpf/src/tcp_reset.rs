@@ -1,0 +1,94 @@
+//! Resets sent (`tcp_send_reset`) and received (`tcp_receive_reset`).
+use aya_ebpf::{
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
+};
+use probe_common::{EventKind, ResetEvent, direction, side, tcp_state};
+
+use crate::{
+    emit::{emit, finish, header, now_ns, owner_of, unknown_owner},
+    maps::offset,
+    sock::{endpoints, packet_endpoints, state},
+};
+
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset_btf(ctx: BtfTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    let skb: u64 = ctx.arg(1);
+    finish(on_send_reset(sk, skb))
+}
+
+#[tracepoint]
+pub fn tcp_send_reset_tp(ctx: TracePointContext) -> u32 {
+    finish(try_tcp_send_reset_tp(&ctx))
+}
+
+fn try_tcp_send_reset_tp(ctx: &TracePointContext) -> Result<(), i32> {
+    let sk: u64 = unsafe { ctx.read_at(offset!(tp_send_reset_skaddr))? };
+    let skb: u64 = unsafe { ctx.read_at(offset!(tp_send_reset_skbaddr))? };
+    on_send_reset(sk, skb)
+}
+
+/// `skb`, when present, is the received packet the reset answers; without it (an active reset,
+/// e.g. `close()` with SO_LINGER 0) the socket gives the ends.
+#[inline(always)]
+fn on_send_reset(sk: u64, skb: u64) -> Result<(), i32> {
+    let (endpoints, answers_syn) = if skb != 0 {
+        packet_endpoints(skb)?
+    } else if sk != 0 {
+        (endpoints(sk)?, false)
+    } else {
+        return Ok(());
+    };
+    let (mut owner, state) = if sk != 0 {
+        (owner_of(sk), state(sk)?)
+    } else {
+        (unknown_owner(side::UNKNOWN), tcp_state::NONE)
+    };
+    if owner.side == side::UNKNOWN && answers_syn {
+        owner.side = side::SERVER;
+    }
+    let event = ResetEvent {
+        header: header(EventKind::Reset, now_ns()),
+        endpoints,
+        owner,
+        direction: direction::SENT,
+        state,
+        _pad: [0; 6],
+    };
+    emit(EventKind::Reset, event);
+    Ok(())
+}
+
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset_btf(ctx: BtfTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    finish(on_receive_reset(sk))
+}
+
+#[tracepoint]
+pub fn tcp_receive_reset_tp(ctx: TracePointContext) -> u32 {
+    finish(try_tcp_receive_reset_tp(&ctx))
+}
+
+fn try_tcp_receive_reset_tp(ctx: &TracePointContext) -> Result<(), i32> {
+    let sk: u64 = unsafe { ctx.read_at(offset!(tp_receive_reset_skaddr))? };
+    on_receive_reset(sk)
+}
+
+#[inline(always)]
+fn on_receive_reset(sk: u64) -> Result<(), i32> {
+    if sk == 0 {
+        return Ok(());
+    }
+    let event = ResetEvent {
+        header: header(EventKind::Reset, now_ns()),
+        endpoints: endpoints(sk)?,
+        owner: owner_of(sk),
+        direction: direction::RECEIVED,
+        state: state(sk)?,
+        _pad: [0; 6],
+    };
+    emit(EventKind::Reset, event);
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! Retransmits from `tcp_retransmit_skb` (data and SYNs) and `tcp_retransmit_synack`.
+use aya_ebpf::{
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
+};
+use probe_common::{EventKind, RetransmitEvent, side, tcp_state};
+
+use crate::{
+    emit::{emit, finish, header, now_ns, owner_of, unknown_owner},
+    maps::offset,
+    sock::{endpoints, read, state},
+};
+
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_btf(ctx: BtfTracePointContext) -> u32 {
+    // The agent picks this program only on kernels whose tracepoint has the `err` argument.
+    let sk: u64 = ctx.arg(0);
+    let skb: u64 = ctx.arg(1);
+    let err: i32 = ctx.arg(2);
+    finish(on_retransmit(sk, skb, err))
+}
+
+#[tracepoint]
+pub fn tcp_retransmit_tp(ctx: TracePointContext) -> u32 {
+    finish(try_tcp_retransmit_tp(&ctx))
+}
+
+fn try_tcp_retransmit_tp(ctx: &TracePointContext) -> Result<(), i32> {
+    let sk: u64 = unsafe { ctx.read_at(offset!(tp_retransmit_skaddr))? };
+    let skb: u64 = unsafe { ctx.read_at(offset!(tp_retransmit_skbaddr))? };
+    let err: i32 = if offset!(has_retransmit_err) != 0 {
+        unsafe { ctx.read_at(offset!(tp_retransmit_err))? }
+    } else {
+        0
+    };
+    on_retransmit(sk, skb, err)
+}
+
+/// Only calls that resent (`err == 0`) count, each for all the segments of its skb, so the sum
+/// equals the kernel's TcpRetransSegs.
+#[inline(always)]
+fn on_retransmit(sk: u64, skb: u64, err: i32) -> Result<(), i32> {
+    if err != 0 || sk == 0 || skb == 0 {
+        return Ok(());
+    }
+    let segments = read::<u16>(skb, offset!(skb_cb_gso_segs))?.max(1) as u32;
+    let event = RetransmitEvent {
+        header: header(EventKind::Retransmit, now_ns()),
+        endpoints: endpoints(sk)?,
+        owner: owner_of(sk),
+        segments,
+        state: state(sk)?,
+        _pad: [0; 3],
+    };
+    emit(EventKind::Retransmit, event);
+    Ok(())
+}
+
+#[btf_tracepoint(function = "tcp_retransmit_synack")]
+pub fn tcp_retransmit_synack_btf(ctx: BtfTracePointContext) -> u32 {
+    let req: u64 = ctx.arg(1);
+    finish(on_retransmit_synack(req))
+}
+
+#[tracepoint]
+pub fn tcp_retransmit_synack_tp(ctx: TracePointContext) -> u32 {
+    finish(try_tcp_retransmit_synack_tp(&ctx))
+}
+
+fn try_tcp_retransmit_synack_tp(ctx: &TracePointContext) -> Result<(), i32> {
+    let req: u64 = unsafe { ctx.read_at(offset!(tp_synack_req))? };
+    on_retransmit_synack(req)
+}
+
+/// A SYN-ACK resent for a pending request: the request socket holds both ends.
+#[inline(always)]
+fn on_retransmit_synack(req: u64) -> Result<(), i32> {
+    if req == 0 {
+        return Ok(());
+    }
+    let event = RetransmitEvent {
+        header: header(EventKind::Retransmit, now_ns()),
+        endpoints: endpoints(req)?,
+        owner: unknown_owner(side::SERVER),
+        segments: 1,
+        state: tcp_state::SYN_RECV,
+        _pad: [0; 3],
+    };
+    emit(EventKind::Retransmit, event);
+    Ok(())
+}

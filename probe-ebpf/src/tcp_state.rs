@@ -1,0 +1,197 @@
+//! The connect lifecycle from `inet_sock_set_state`: connects started and ended, connections
+//! accepted and closed.
+use aya_ebpf::{
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
+};
+use probe_common::{
+    CloseEvent, ConnectEvent, Counter, EventKind, IPPROTO_TCP, SocketRecord, outcome, owner_flags,
+    side, tcp_state,
+};
+
+use crate::{
+    emit::{current_owner, emit, finish, header, now_ns, record, unknown_owner},
+    maps::{SOCKETS, bump, offset},
+    sock::{endpoints, protocol, read},
+};
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn tcp_state_btf(ctx: BtfTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    finish(on_state_change(sk, old, new))
+}
+
+#[tracepoint]
+pub fn tcp_state_tp(ctx: TracePointContext) -> u32 {
+    finish(try_tcp_state_tp(&ctx))
+}
+
+fn try_tcp_state_tp(ctx: &TracePointContext) -> Result<(), i32> {
+    let sk: u64 = unsafe { ctx.read_at(offset!(tp_state_skaddr))? };
+    let old: i32 = unsafe { ctx.read_at(offset!(tp_state_oldstate))? };
+    let new: i32 = unsafe { ctx.read_at(offset!(tp_state_newstate))? };
+    on_state_change(sk, old, new)
+}
+
+#[inline(always)]
+fn on_state_change(sk: u64, old: i32, new: i32) -> Result<(), i32> {
+    if sk == 0 || protocol(sk)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let (old, new) = (old as u8, new as u8);
+    match (old, new) {
+        (tcp_state::CLOSE, tcp_state::SYN_SENT) => start_connect(sk),
+        (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => end_connect(sk, outcome::ESTABLISHED),
+        (tcp_state::SYN_SENT, tcp_state::CLOSE) => end_connect(sk, outcome::FAILED),
+        (_, tcp_state::SYN_RECV) => start_accept(sk),
+        (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) => accepted(sk),
+        (tcp_state::LISTEN | tcp_state::CLOSE, tcp_state::CLOSE) => Ok(()),
+        (_, tcp_state::CLOSE) => closed(sk),
+        _ => Ok(()),
+    }
+}
+
+/// CLOSE -> SYN_SENT runs in the connecting process's `connect()`: the one place the owner is
+/// known for sure.
+#[inline(always)]
+fn start_connect(sk: u64) -> Result<(), i32> {
+    let mut owner = current_owner(side::CLIENT);
+    owner.flags |= owner_flags::START_KNOWN;
+    let rec = SocketRecord {
+        start_ns: now_ns(),
+        established_ns: 0,
+        owner,
+    };
+    let _ = SOCKETS.insert(&sk, &rec, 0);
+    Ok(())
+}
+
+/// SYN_SENT -> ESTABLISHED or CLOSE, in softirq or timer context: identity comes from the record.
+#[inline(always)]
+fn end_connect(sk: u64, result: u8) -> Result<(), i32> {
+    let now = now_ns();
+    let (owner, latency_ns) = match SOCKETS.get_ptr_mut(&sk) {
+        Some(rec) => {
+            // SAFETY: a valid map value pointer for the duration of the program.
+            let rec = unsafe { &mut *rec };
+            if result == outcome::ESTABLISHED {
+                rec.established_ns = now;
+            }
+            (rec.owner, now.saturating_sub(rec.start_ns))
+        }
+        None => {
+            bump(Counter::LostMap);
+            let owner = unknown_owner(side::CLIENT);
+            if result == outcome::ESTABLISHED {
+                let rec = SocketRecord {
+                    start_ns: 0,
+                    established_ns: now,
+                    owner,
+                };
+                let _ = SOCKETS.insert(&sk, &rec, 0);
+            }
+            (owner, 0)
+        }
+    };
+    let sk_err = if result == outcome::FAILED {
+        read::<i32>(sk, offset!(sk_err))? as u32
+    } else {
+        0
+    };
+    let event = ConnectEvent {
+        header: header(EventKind::Connect, now),
+        endpoints: endpoints(sk)?,
+        owner,
+        latency_ns,
+        sk_err,
+        syn_retransmits: read::<u32>(sk, offset!(tcp_total_retrans))?,
+        outcome: result,
+        _pad: [0; 7],
+    };
+    if result == outcome::FAILED {
+        let _ = SOCKETS.remove(&sk);
+    }
+    emit(EventKind::Connect, event);
+    Ok(())
+}
+
+/// A child socket of a listener appears in SYN_RECV when the handshake's last ACK arrives.
+#[inline(always)]
+fn start_accept(sk: u64) -> Result<(), i32> {
+    let rec = SocketRecord {
+        start_ns: now_ns(),
+        established_ns: 0,
+        owner: unknown_owner(side::SERVER),
+    };
+    let _ = SOCKETS.insert(&sk, &rec, 0);
+    Ok(())
+}
+
+/// SYN_RECV -> ESTABLISHED: an accepted connection. The handshake is timed on the side that
+/// starts it, so the server's connect carries no latency.
+#[inline(always)]
+fn accepted(sk: u64) -> Result<(), i32> {
+    let now = now_ns();
+    let owner = match SOCKETS.get_ptr_mut(&sk) {
+        Some(rec) => {
+            // SAFETY: as in end_connect.
+            let rec = unsafe { &mut *rec };
+            rec.established_ns = now;
+            rec.owner
+        }
+        None => {
+            let owner = unknown_owner(side::SERVER);
+            let rec = SocketRecord {
+                start_ns: 0,
+                established_ns: now,
+                owner,
+            };
+            let _ = SOCKETS.insert(&sk, &rec, 0);
+            owner
+        }
+    };
+    let event = ConnectEvent {
+        header: header(EventKind::Connect, now),
+        endpoints: endpoints(sk)?,
+        owner,
+        latency_ns: 0,
+        sk_err: 0,
+        syn_retransmits: 0,
+        outcome: outcome::ESTABLISHED,
+        _pad: [0; 7],
+    };
+    emit(EventKind::Connect, event);
+    Ok(())
+}
+
+/// A connection that got past the handshake reaches CLOSE: its lifetime and counters.
+#[inline(always)]
+fn closed(sk: u64) -> Result<(), i32> {
+    let now = now_ns();
+    let (mut owner, established_ns) = match record(sk) {
+        Some(rec) => (rec.owner, rec.established_ns),
+        None => (unknown_owner(side::UNKNOWN), 0),
+    };
+    let duration_ns = if established_ns != 0 {
+        owner.flags |= owner_flags::START_KNOWN;
+        now.saturating_sub(established_ns)
+    } else {
+        owner.flags &= !owner_flags::START_KNOWN;
+        0
+    };
+    let event = CloseEvent {
+        header: header(EventKind::Close, now),
+        endpoints: endpoints(sk)?,
+        owner,
+        duration_ns,
+        bytes_sent: read::<u64>(sk, offset!(tcp_bytes_sent))?,
+        bytes_received: read::<u64>(sk, offset!(tcp_bytes_received))?,
+        segments_sent: read::<u32>(sk, offset!(tcp_data_segs_out))?,
+        segments_retransmitted: read::<u32>(sk, offset!(tcp_total_retrans))?,
+    };
+    let _ = SOCKETS.remove(&sk);
+    emit(EventKind::Close, event);
+    Ok(())
+}

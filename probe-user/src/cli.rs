@@ -1,0 +1,192 @@
+//! The command line. `connprobe [run] FLAGS` runs the agent; `analyze` and `diagnose` judge
+//! events after the fact or ask a running agent.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Default address of the metrics, health and diagnose endpoints: loopback only.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9977";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "connprobe",
+    version,
+    about = "Traces TCP connections in the kernel with eBPF and says why they fail",
+    long_about = "Traces TCP connections in the kernel with eBPF tracepoints: every connect and \
+                  how it ended, retransmits, resets and connection lifetimes. Writes a JSON event \
+                  log, serves Prometheus metrics, and judges the root cause of failures per \
+                  destination.\n\nWith no subcommand, `connprobe FLAGS` is `connprobe run FLAGS`.",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the eBPF programs and trace until stopped (needs root). The default.
+    Run(RunArgs),
+    /// Judge a JSON event log after the fact (no root needed).
+    Analyze(AnalyzeArgs),
+    /// Ask a running agent for its verdicts on the last window.
+    Diagnose(DiagnoseArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HookMode {
+    /// BTF tracepoints where the kernel has them, classic tracepoints otherwise.
+    Auto,
+    /// BTF tracepoints only (tp_btf): the cheapest, and no tracefs needed.
+    Btf,
+    /// Classic tracepoints only (needs tracefs; the agent mounts it if missing).
+    Classic,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Write one JSON object per event to PATH (`-` for standard output).
+    #[arg(long, value_name = "PATH")]
+    pub json_log: Option<PathBuf>,
+
+    /// Stop cleanly after this long (e.g. `10`, `30s`, `5m`; a bare number is seconds).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Serve /metrics, /healthz and /diagnose on this address.
+    #[arg(long, value_name = "IP:PORT", default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+
+    /// Do not serve metrics at all.
+    #[arg(long, conflicts_with = "metrics_addr")]
+    pub no_metrics: bool,
+
+    /// Destinations that get their own label; the rest fold into destination="other".
+    #[arg(long, value_name = "N", default_value_t = 500)]
+    pub max_destinations: usize,
+
+    /// A destination with no event for this long frees its label slot.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    pub destination_idle: Duration,
+
+    /// Add a `comm` label (the owning process's name) to per-destination metrics.
+    #[arg(long)]
+    pub by_comm: bool,
+
+    /// Which kind of tracepoint to attach.
+    #[arg(long, value_enum, default_value_t = HookMode::Auto)]
+    pub hooks: HookMode,
+
+    /// Size of the kernel-to-agent ring buffer (a power of two, at least one page).
+    #[arg(long, value_name = "BYTES", default_value_t = probe_common::DEFAULT_RING_BYTES)]
+    pub ring_buffer_bytes: u32,
+
+    /// Sockets followed at once in the kernel (LRU; evictions are counted as lost, stage map).
+    #[arg(long, value_name = "N", default_value_t = probe_common::DEFAULT_MAX_SOCKETS)]
+    pub max_sockets: u32,
+
+    /// Write evidence bundles here when a destination crosses a trigger threshold.
+    #[arg(long, value_name = "DIR")]
+    pub evidence_dir: Option<PathBuf>,
+
+    /// Most recent raw events kept in memory for evidence bundles and /diagnose.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    pub recorder_events: usize,
+
+    /// Trigger an evidence bundle when a destination's failure ratio over the last minute
+    /// reaches this (with at least --trigger-min-attempts attempts).
+    #[arg(long, value_name = "RATIO", default_value_t = 0.2)]
+    pub trigger_failure_ratio: f64,
+
+    /// Trigger an evidence bundle when a destination's p99 handshake latency over the last
+    /// minute reaches this.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub trigger_latency: Duration,
+
+    /// Attempts a destination needs in the last minute before a trigger can fire.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub trigger_min_attempts: u64,
+
+    /// More detail on standard error; also prints the event tally every --stats-interval.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// How often the tally (with -v) and the terminal table are printed.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub stats_interval: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AnalyzeArgs {
+    /// The JSON event log (`.gz` is read compressed; `-` is standard input).
+    #[arg(value_name = "EVENTS.jsonl")]
+    pub file: PathBuf,
+
+    /// Judge only this long a window, ending at the log's last event (e.g. `5m`).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub window: Option<Duration>,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DiagnoseArgs {
+    /// Address of the running agent.
+    #[arg(long, value_name = "IP:PORT", default_value = DEFAULT_METRICS_ADDR)]
+    pub addr: SocketAddr,
+
+    /// How far back to look (e.g. `5m`).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub window: Duration,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `10` (seconds), `1.5`, `30s`, `5m`, `1h 30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        return if secs.is_finite() && secs >= 0.0 {
+            Ok(Duration::from_secs_f64(secs))
+        } else {
+            Err(format!("{s:?} is not a duration"))
+        };
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn bare_flags_mean_run() {
+        let cli =
+            Cli::try_parse_from(["connprobe", "--json-log", "-", "--duration", "10"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.run.duration, Some(Duration::from_secs(10)));
+        let cli = Cli::try_parse_from(["connprobe", "run", "--json-log", "x.jsonl"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Run(_))));
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,2 @@
+//! Where events and statistics leave the agent.
+pub mod json_log;

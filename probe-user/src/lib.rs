@@ -1,0 +1,7 @@
+//! connprobe's agent, top to bottom as the data flows:
+//! kernel offsets (`btf`, `offsets`) -> `loader` -> `reader` (ring buffer) -> `decode` -> `event`
+//! -> consumers: `export::json_log`, the aggregator and Prometheus exporter, the verdict engine.
+//! `pipeline` wires them together and handles shutdown; `cli` is the command line.
+pub mod cli;
+pub mod event;
+pub mod export;
