@@ -1,0 +1,106 @@
+//! `cargo xtask test`: everything CI checks, in order, each step reported, then one summary line.
+//!
+//! Setup, `cargo fmt --check`, clippy with warnings denied, the unit tests of the host crates,
+//! then the kernel tests of `tests/` (namespace lab + the real agent), which need root.
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+
+use crate::{build, cmd, setup};
+
+struct Step {
+    name: &'static str,
+    took: Duration,
+    passed: bool,
+}
+
+/// Runs one step, reports it, and records how it went; the step's value if it passed.
+fn step<T>(
+    steps: &mut Vec<Step>,
+    name: &'static str,
+    task: impl FnOnce() -> anyhow::Result<T>,
+) -> Option<T> {
+    println!("test: {name}");
+    let begun = Instant::now();
+    let result = task();
+    if let Err(err) = &result {
+        eprintln!("test: {name} FAILED: {err:#}");
+    }
+    steps.push(Step {
+        name,
+        took: begun.elapsed(),
+        passed: result.is_ok(),
+    });
+    result.ok()
+}
+
+pub fn run() -> anyhow::Result<()> {
+    if !cmd::is_root() {
+        bail!(
+            "the kernel tests load eBPF programs and create network namespaces, so `cargo xtask test` must run as root (e.g. `sudo -E cargo xtask test`)"
+        );
+    }
+    let started = Instant::now();
+    setup::run()?;
+
+    let mut steps = Vec::new();
+    step(&mut steps, "fmt", || {
+        cmd::status(cmd::cargo().args(["fmt", "--all", "--", "--check"]))
+    });
+    step(&mut steps, "clippy", || {
+        cmd::status(cmd::cargo().args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "probe-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    });
+    step(&mut steps, "unit tests", || {
+        cmd::status(cmd::cargo().args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "probe-ebpf",
+            "--exclude",
+            "tests",
+        ]))
+    });
+    let binary = step(&mut steps, "build connprobe", || build::connprobe(false));
+    step(&mut steps, "kernel tests", || match &binary {
+        Some(binary) => cmd::status(
+            cmd::cargo()
+                .args(["test", "--package", "tests", "--", "--test-threads=1"])
+                .env("CONNPROBE_BIN", binary),
+        ),
+        None => bail!("not run: connprobe did not build"),
+    });
+
+    let failed: Vec<&str> = steps.iter().filter(|s| !s.passed).map(|s| s.name).collect();
+    for s in &steps {
+        let verdict = if s.passed { "ok" } else { "FAILED" };
+        println!(
+            "test: {:<36} {verdict:<6} {:>6.1} s",
+            s.name,
+            s.took.as_secs_f64()
+        );
+    }
+    let total = started.elapsed().as_secs_f64();
+    if failed.is_empty() {
+        println!(
+            "xtask test: all {} steps passed in {total:.0} s",
+            steps.len()
+        );
+        Ok(())
+    } else {
+        bail!(
+            "{} of {} steps failed in {total:.0} s: {}",
+            failed.len(),
+            steps.len(),
+            failed.join(", ")
+        )
+    }
+}
