@@ -230,7 +230,7 @@ pub struct CloseEvent {
     pub duration_ns: u64,
     /// `tcp_sock.bytes_sent` (payload bytes, retransmissions included).
     pub bytes_sent: u64,
-    /// `tcp_sock.bytes_received`.
+    /// `tcp_sock.bytes_received`, less the one the peer's FIN counts for.
     pub bytes_received: u64,
     /// `tcp_sock.data_segs_out`: data segments sent, retransmissions included.
     pub segments_sent: u32,
@@ -265,9 +265,14 @@ pub struct KernelOffsets {
     pub skc_num: u32,
     pub skc_v6_daddr: u32,
     pub skc_v6_rcv_saddr: u32,
+    // struct inet_sock: the local port, kept after CLOSE clears `skc_num`
+    pub inet_sport: u32,
     // struct sock
     pub sk_protocol: u32,
     pub sk_err: u32,
+    pub sk_flags: u32,
+    /// Bit of `SOCK_DONE` (a FIN was received) in `sk_flags`, from `enum sock_flags`.
+    pub sock_done_bit: u32,
     // struct tcp_sock
     pub tcp_bytes_sent: u32,
     pub tcp_bytes_received: u32,
@@ -303,7 +308,7 @@ const _: () = {
     assert!(core::mem::size_of::<ResetEvent>() == 88);
     assert!(core::mem::size_of::<CloseEvent>() == 112);
     assert!(core::mem::size_of::<SocketRecord>() == 40);
-    assert!(core::mem::size_of::<KernelOffsets>() == 30 * 4);
+    assert!(core::mem::size_of::<KernelOffsets>() == 33 * 4);
 };
 
 #[cfg(feature = "user")]

@@ -25,13 +25,27 @@ pub fn state(sk: u64) -> Result<u8, i32> {
     read::<u8>(sk, offset!(skc_state))
 }
 
-/// Both ends of a socket, request socket or time-wait socket (all begin with `sock_common`).
+/// Both ends of a full socket. The local port comes from `inet_sport`: on the way to CLOSE the
+/// kernel releases the port (clearing `skc_num`) before the state change is traced.
 #[inline(always)]
 pub fn endpoints(sk: u64) -> Result<Endpoints, i32> {
+    let local_port = u16::from_be(read::<u16>(sk, offset!(inet_sport))?);
+    common_endpoints(sk, local_port)
+}
+
+/// Both ends of a request socket (a pending connection of a listener).
+#[inline(always)]
+pub fn request_endpoints(req: u64) -> Result<Endpoints, i32> {
+    common_endpoints(req, read::<u16>(req, offset!(skc_num))?)
+}
+
+/// Addresses and remote port from `sock_common`, which opens every kind of socket.
+#[inline(always)]
+fn common_endpoints(sk: u64, local_port: u16) -> Result<Endpoints, i32> {
     let family = family(sk)?;
     let mut ep = Endpoints {
         family,
-        local_port: read::<u16>(sk, offset!(skc_num))?,
+        local_port,
         remote_port: u16::from_be(read::<u16>(sk, offset!(skc_dport))?),
         _pad: 0,
         local_addr: [0; 16],
@@ -80,4 +94,17 @@ pub fn packet_endpoints(skb: u64) -> Result<(Endpoints, bool), i32> {
     let flags = read::<u8>(tcp, 13)?;
     let bare_syn = flags & 0x02 != 0 && flags & 0x10 == 0;
     Ok((ep, bare_syn))
+}
+
+/// Payload bytes received: `bytes_received` counts the peer's FIN as one.
+#[inline(always)]
+pub fn payload_bytes_received(sk: u64) -> Result<u64, i32> {
+    let received = read::<u64>(sk, offset!(tcp_bytes_received))?;
+    let flags = read::<u64>(sk, offset!(sk_flags))?;
+    let fin_received = (flags >> (offset!(sock_done_bit) & 63)) & 1 == 1;
+    Ok(if fin_received {
+        received.saturating_sub(1)
+    } else {
+        received
+    })
 }

@@ -8,7 +8,7 @@ use probe_common::{EventKind, RetransmitEvent, side, tcp_state};
 use crate::{
     emit::{emit, finish, header, now_ns, owner_of, unknown_owner},
     maps::offset,
-    sock::{endpoints, read, state},
+    sock::{endpoints, read, request_endpoints, state},
 };
 
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
@@ -80,7 +80,7 @@ fn on_retransmit_synack(req: u64) -> Result<(), i32> {
     }
     let event = RetransmitEvent {
         header: header(EventKind::Retransmit, now_ns()),
-        endpoints: endpoints(req)?,
+        endpoints: request_endpoints(req)?,
         owner: unknown_owner(side::SERVER),
         segments: 1,
         state: tcp_state::SYN_RECV,

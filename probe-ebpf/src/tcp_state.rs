@@ -12,7 +12,7 @@ use probe_common::{
 use crate::{
     emit::{current_owner, emit, finish, header, now_ns, record, unknown_owner},
     maps::{SOCKETS, bump, offset},
-    sock::{endpoints, protocol, read},
+    sock::{endpoints, payload_bytes_received, protocol, read},
 };
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
@@ -187,7 +187,7 @@ fn closed(sk: u64) -> Result<(), i32> {
         owner,
         duration_ns,
         bytes_sent: read::<u64>(sk, offset!(tcp_bytes_sent))?,
-        bytes_received: read::<u64>(sk, offset!(tcp_bytes_received))?,
+        bytes_received: payload_bytes_received(sk)?,
         segments_sent: read::<u32>(sk, offset!(tcp_data_segs_out))?,
         segments_retransmitted: read::<u32>(sk, offset!(tcp_total_retrans))?,
     };

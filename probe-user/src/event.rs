@@ -61,7 +61,9 @@ pub struct Reset {
 pub struct Close {
     /// From ESTABLISHED to CLOSE, where the establishment was seen.
     pub duration: Option<Duration>,
+    /// Payload bytes sent, retransmissions included.
     pub bytes_sent: u64,
+    /// Payload bytes received.
     pub bytes_received: u64,
     /// Data segments sent, retransmissions included.
     pub segments_sent: u32,

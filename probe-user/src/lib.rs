@@ -5,3 +5,8 @@
 pub mod cli;
 pub mod event;
 pub mod export;
+pub mod btf;
+pub mod decode;
+pub mod loader;
+pub mod offsets;
+pub mod pipeline;

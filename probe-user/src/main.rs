@@ -1,1 +1,54 @@
-fn main() {}
+//! `connprobe`: parses the command line, sets up logging, and hands over to the pipeline.
+use std::process::ExitCode;
+
+use clap::Parser;
+use probe_user::{
+    cli::{Cli, Command, RunArgs},
+    pipeline,
+};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let verbose = match &cli.command {
+        Some(Command::Run(args)) => args.verbose,
+        None => cli.run.verbose,
+        _ => 0,
+    };
+    let default_level = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+
+    let result = match cli.command {
+        None => run(cli.run),
+        Some(Command::Run(args)) => run(args),
+        Some(Command::Analyze(_)) | Some(Command::Diagnose(_)) => {
+            Err(anyhow::anyhow!("this subcommand is not built yet"))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("connprobe: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("connprobe")
+        .enable_all()
+        .build()?;
+    runtime.block_on(pipeline::run(args))
+}

@@ -1,0 +1,367 @@
+//! Turns the kernel's records (probe-common layouts, straight from the ring buffer) into typed
+//! events. Length-checked, in place, no allocation.
+use std::{
+    mem::size_of,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::{Duration, SystemTime},
+};
+
+use probe_common::{
+    AF_INET, AF_INET6, CloseEvent, ConnectEvent, Endpoints, EventHeader, EventKind, Owner,
+    ResetEvent, RetransmitEvent, direction, outcome, owner_flags, side, tcp_state,
+};
+
+use crate::event::{
+    Close, Comm, Connect, Direction, Errno, Event, EventDetail, FailureReason, Outcome, Process,
+    Reset, Retransmit, Side, TcpState, canonical_ip,
+};
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {len} bytes is shorter than its {needed}-byte layout")]
+    Truncated { len: usize, needed: usize },
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+    #[error("unknown address family {0}")]
+    Family(u16),
+}
+
+/// Converts the kernel's CLOCK_MONOTONIC timestamps (`bpf_ktime_get_ns`) to wall-clock time.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    /// Wall-clock time at monotonic zero.
+    boot: SystemTime,
+}
+
+impl Clock {
+    /// Reads both clocks now.
+    pub fn now() -> Self {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid timespec; CLOCK_MONOTONIC always exists.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let mono = Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+        Clock {
+            boot: SystemTime::now() - mono,
+        }
+    }
+
+    /// For tests: monotonic zero at `boot`.
+    pub fn at(boot: SystemTime) -> Self {
+        Clock { boot }
+    }
+
+    pub fn wall(&self, monotonic_ns: u64) -> SystemTime {
+        self.boot + Duration::from_nanos(monotonic_ns)
+    }
+}
+
+fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
+    if bytes.len() < size_of::<T>() {
+        return Err(DecodeError::Truncated {
+            len: bytes.len(),
+            needed: size_of::<T>(),
+        });
+    }
+    // SAFETY: the length is checked; T is a plain-data probe-common layout valid for any bytes;
+    // read_unaligned because ring buffer records are only 8-byte aligned.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// Decodes one ring buffer record.
+pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DecodeError> {
+    let header: EventHeader = read(bytes)?;
+    let kind = EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
+    let (endpoints, owner, detail) = match kind {
+        EventKind::Connect => {
+            let raw: ConnectEvent = read(bytes)?;
+            let failed = raw.outcome == outcome::FAILED;
+            let start_known = raw.owner.flags & owner_flags::START_KNOWN != 0;
+            let detail = EventDetail::Connect(Connect {
+                outcome: if failed {
+                    Outcome::Failed
+                } else {
+                    Outcome::Established
+                },
+                reason: failed.then(|| FailureReason::from_sk_err(raw.sk_err)),
+                errno: (failed && raw.sk_err != 0).then_some(Errno(raw.sk_err)),
+                latency: start_known.then(|| Duration::from_nanos(raw.latency_ns)),
+                syn_retransmits: raw.syn_retransmits,
+            });
+            (raw.endpoints, raw.owner, detail)
+        }
+        EventKind::Retransmit => {
+            let raw: RetransmitEvent = read(bytes)?;
+            let detail = EventDetail::Retransmit(Retransmit {
+                state: TcpState(raw.state),
+                segments: raw.segments,
+            });
+            (raw.endpoints, raw.owner, detail)
+        }
+        EventKind::Reset => {
+            let raw: ResetEvent = read(bytes)?;
+            let detail = EventDetail::Reset(Reset {
+                direction: if raw.direction == direction::SENT {
+                    Direction::Sent
+                } else {
+                    Direction::Received
+                },
+                state: (raw.state != tcp_state::NONE).then_some(TcpState(raw.state)),
+            });
+            (raw.endpoints, raw.owner, detail)
+        }
+        EventKind::Close => {
+            let raw: CloseEvent = read(bytes)?;
+            let start_known = raw.owner.flags & owner_flags::START_KNOWN != 0;
+            let detail = EventDetail::Close(Close {
+                duration: start_known.then(|| Duration::from_nanos(raw.duration_ns)),
+                bytes_sent: raw.bytes_sent,
+                bytes_received: raw.bytes_received,
+                segments_sent: raw.segments_sent,
+                segments_retransmitted: raw.segments_retransmitted,
+            });
+            (raw.endpoints, raw.owner, detail)
+        }
+    };
+    let (src, dst) = addresses(&endpoints)?;
+    Ok(Event {
+        time: clock.wall(header.timestamp_ns),
+        process: process(&owner),
+        side: match owner.side {
+            side::CLIENT => Some(Side::Client),
+            side::SERVER => Some(Side::Server),
+            _ => None,
+        },
+        src,
+        dst,
+        detail,
+    })
+}
+
+fn process(owner: &Owner) -> Option<Process> {
+    (owner.flags & owner_flags::PROCESS_KNOWN != 0).then(|| Process {
+        pid: owner.tgid,
+        comm: Comm::from_kernel(&owner.comm),
+    })
+}
+
+fn addresses(ep: &Endpoints) -> Result<(SocketAddr, SocketAddr), DecodeError> {
+    let ip = |raw: &[u8; 16]| -> Result<IpAddr, DecodeError> {
+        match ep.family {
+            AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
+            AF_INET6 => Ok(canonical_ip(IpAddr::V6(Ipv6Addr::from(*raw)))),
+            other => Err(DecodeError::Family(other)),
+        }
+    };
+    Ok((
+        SocketAddr::new(ip(&ep.local_addr)?, ep.local_port),
+        SocketAddr::new(ip(&ep.remote_addr)?, ep.remote_port),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use probe_common::COMM_LEN;
+
+    fn bytes_of<T: Copy>(value: &T) -> Vec<u8> {
+        // SAFETY: T is a plain-data layout without padding.
+        unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
+    }
+
+    fn header(kind: EventKind) -> EventHeader {
+        EventHeader {
+            kind: kind as u32,
+            cpu: 1,
+            timestamp_ns: 5_000_000_123,
+        }
+    }
+
+    fn v4_endpoints() -> Endpoints {
+        let mut ep = Endpoints {
+            family: AF_INET,
+            local_port: 40000,
+            remote_port: 8081,
+            _pad: 0,
+            local_addr: [0; 16],
+            remote_addr: [0; 16],
+        };
+        ep.local_addr[..4].copy_from_slice(&[10, 200, 0, 1]);
+        ep.remote_addr[..4].copy_from_slice(&[10, 200, 0, 2]);
+        ep
+    }
+
+    fn client_owner() -> Owner {
+        let mut comm = [0u8; COMM_LEN];
+        comm[..4].copy_from_slice(b"curl");
+        Owner {
+            tgid: 4242,
+            side: side::CLIENT,
+            flags: owner_flags::PROCESS_KNOWN | owner_flags::START_KNOWN,
+            _pad: [0; 2],
+            comm,
+        }
+    }
+
+    fn clock() -> Clock {
+        Clock::at(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+    }
+
+    #[test]
+    fn refused_connect_decodes() {
+        let raw = ConnectEvent {
+            header: header(EventKind::Connect),
+            endpoints: v4_endpoints(),
+            owner: client_owner(),
+            latency_ns: 153_000,
+            sk_err: 111,
+            syn_retransmits: 0,
+            outcome: outcome::FAILED,
+            _pad: [0; 7],
+        };
+        let event = decode(&bytes_of(&raw), &clock()).unwrap();
+        assert_eq!(
+            event.time,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_005) + Duration::from_nanos(123)
+        );
+        assert_eq!(event.src, "10.200.0.1:40000".parse().unwrap());
+        assert_eq!(event.dst, "10.200.0.2:8081".parse().unwrap());
+        assert_eq!(event.side, Some(Side::Client));
+        let p = event.process.unwrap();
+        assert_eq!((p.pid, p.comm.to_string()), (4242, "curl".to_string()));
+        let EventDetail::Connect(c) = event.detail else {
+            panic!("not a connect")
+        };
+        assert_eq!(c.outcome, Outcome::Failed);
+        assert_eq!(c.reason, Some(FailureReason::Refused));
+        assert_eq!(c.errno, Some(Errno(111)));
+        assert_eq!(c.latency, Some(Duration::from_micros(153)));
+    }
+
+    #[test]
+    fn cancelled_connect_has_no_errno_and_unknown_start_has_no_latency() {
+        let mut owner = client_owner();
+        owner.flags = 0;
+        let raw = ConnectEvent {
+            header: header(EventKind::Connect),
+            endpoints: v4_endpoints(),
+            owner,
+            latency_ns: 0,
+            sk_err: 0,
+            syn_retransmits: 2,
+            outcome: outcome::FAILED,
+            _pad: [0; 7],
+        };
+        let event = decode(&bytes_of(&raw), &clock()).unwrap();
+        assert_eq!(event.process, None);
+        let EventDetail::Connect(c) = event.detail else {
+            panic!("not a connect")
+        };
+        assert_eq!(c.reason, Some(FailureReason::Cancelled));
+        assert_eq!((c.errno, c.latency, c.syn_retransmits), (None, None, 2));
+    }
+
+    #[test]
+    fn socketless_reset_and_ipv6_mapped_decode() {
+        let mut ep = v4_endpoints();
+        ep.family = AF_INET6;
+        ep.local_addr = "::ffff:10.0.0.1".parse::<Ipv6Addr>().unwrap().octets();
+        ep.remote_addr = "fd00::2".parse::<Ipv6Addr>().unwrap().octets();
+        let raw = ResetEvent {
+            header: header(EventKind::Reset),
+            endpoints: ep,
+            owner: Owner {
+                tgid: 0,
+                side: side::SERVER,
+                flags: 0,
+                _pad: [0; 2],
+                comm: [0; COMM_LEN],
+            },
+            direction: direction::SENT,
+            state: tcp_state::NONE,
+            _pad: [0; 6],
+        };
+        let event = decode(&bytes_of(&raw), &clock()).unwrap();
+        assert_eq!(event.src, "10.0.0.1:40000".parse().unwrap());
+        assert_eq!(event.dst, "[fd00::2]:8081".parse().unwrap());
+        assert_eq!(event.side, Some(Side::Server));
+        assert_eq!(
+            event.detail,
+            EventDetail::Reset(Reset {
+                direction: Direction::Sent,
+                state: None
+            })
+        );
+    }
+
+    #[test]
+    fn retransmit_and_close_decode() {
+        let raw = RetransmitEvent {
+            header: header(EventKind::Retransmit),
+            endpoints: v4_endpoints(),
+            owner: client_owner(),
+            segments: 5,
+            state: tcp_state::ESTABLISHED,
+            _pad: [0; 3],
+        };
+        let event = decode(&bytes_of(&raw), &clock()).unwrap();
+        assert_eq!(
+            event.detail,
+            EventDetail::Retransmit(Retransmit {
+                state: TcpState::ESTABLISHED,
+                segments: 5
+            })
+        );
+        let raw = CloseEvent {
+            header: header(EventKind::Close),
+            endpoints: v4_endpoints(),
+            owner: client_owner(),
+            duration_ns: 2_500_000_000,
+            bytes_sent: 10,
+            bytes_received: 20,
+            segments_sent: 3,
+            segments_retransmitted: 1,
+        };
+        let event = decode(&bytes_of(&raw), &clock()).unwrap();
+        assert_eq!(
+            event.detail,
+            EventDetail::Close(Close {
+                duration: Some(Duration::from_millis(2500)),
+                bytes_sent: 10,
+                bytes_received: 20,
+                segments_sent: 3,
+                segments_retransmitted: 1
+            })
+        );
+    }
+
+    #[test]
+    fn short_or_unknown_records_are_errors() {
+        let raw = CloseEvent {
+            header: header(EventKind::Close),
+            endpoints: v4_endpoints(),
+            owner: client_owner(),
+            duration_ns: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            segments_sent: 0,
+            segments_retransmitted: 0,
+        };
+        let bytes = bytes_of(&raw);
+        for len in [0, 15, 16, bytes.len() - 1] {
+            assert!(matches!(
+                decode(&bytes[..len], &clock()),
+                Err(DecodeError::Truncated { .. })
+            ));
+        }
+        let mut unknown = bytes.clone();
+        unknown[0] = 99;
+        assert_eq!(decode(&unknown, &clock()), Err(DecodeError::UnknownKind(99)));
+        let mut bad_family = bytes;
+        bad_family[16] = 7;
+        assert_eq!(decode(&bad_family, &clock()), Err(DecodeError::Family(7)));
+    }
+}

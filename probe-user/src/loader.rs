@@ -1,0 +1,267 @@
+//! Loads the eBPF object with this kernel's offsets and attaches one program per hook family:
+//! the BTF tracepoint where the kernel has it, the classic tracepoint otherwise.
+use std::path::Path;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, TracePoint},
+};
+use probe_common::{COUNTERS_MAP, EVENTS_MAP, KernelOffsets, OFFSETS_GLOBAL, SOCKETS_MAP};
+
+use crate::{
+    btf::Btf,
+    cli::HookMode,
+    offsets::{self, Hook, OffsetsError, Tracefs},
+};
+
+/// The eBPF object built by build.rs (probe-ebpf for bpfel-unknown-none).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "connprobe needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN) to load eBPF programs; \
+         run it with sudo"
+    )]
+    NotPrivileged,
+    #[error(
+        "this kernel exposes no BTF at {0} (it needs CONFIG_DEBUG_INFO_BTF=y); connprobe reads \
+         kernel struct layouts from it"
+    )]
+    NoBtf(String),
+    #[error(transparent)]
+    Offsets(#[from] OffsetsError),
+    #[error("--ring-buffer-bytes must be a power of two of at least 4096, not {0}")]
+    RingSize(u32),
+    #[error("--max-sockets must be at least 1")]
+    MaxSockets,
+    #[error("the kernel refused connprobe's eBPF object: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("the kernel refused program {program} for tracepoint {tracepoint}: {source}")]
+    Program {
+        program: &'static str,
+        tracepoint: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("the eBPF object has no {0}; it does not match this connprobe")]
+    Missing(&'static str),
+    #[error("cannot open map {0}: {1}")]
+    Map(&'static str, #[source] aya::maps::MapError),
+}
+
+/// How one hook is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    Btf,
+    Classic,
+}
+
+impl Attachment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Attachment::Btf => "btf",
+            Attachment::Classic => "classic",
+        }
+    }
+}
+
+pub struct LoaderConfig {
+    pub hooks: HookMode,
+    pub ring_buffer_bytes: u32,
+    pub max_sockets: u32,
+}
+
+/// The maps the agent reads, taken out of the object before the programs are attached.
+pub struct KernelMaps {
+    pub events: RingBuf<MapData>,
+    pub counters: PerCpuArray<MapData, u64>,
+}
+
+/// Loaded and attached programs. Dropping this detaches every program.
+pub struct Probes {
+    // Field order is drop order: programs go before the tracefs mount they were found through.
+    _ebpf: Ebpf,
+    pub plan: Vec<(Hook, Attachment)>,
+    _tracefs: Option<Tracefs>,
+}
+
+/// Checks privileges and kernel support, loads the object and attaches every hook.
+/// `before_attach` runs once the maps exist but before any program fires (start consumers there).
+pub fn load_and_attach(
+    config: &LoaderConfig,
+    mut before_attach: impl FnMut(KernelMaps),
+) -> Result<Probes, LoadError> {
+    check_privileges()?;
+    if !config.ring_buffer_bytes.is_power_of_two() || config.ring_buffer_bytes < 4096 {
+        return Err(LoadError::RingSize(config.ring_buffer_bytes));
+    }
+    if config.max_sockets == 0 {
+        return Err(LoadError::MaxSockets);
+    }
+    if !Path::new(Btf::VMLINUX).exists() {
+        return Err(LoadError::NoBtf(Btf::VMLINUX.into()));
+    }
+    raise_memlock();
+    let btf = Btf::from_file(Btf::VMLINUX).map_err(OffsetsError::from)?;
+    let struct_offsets = offsets::struct_offsets(&btf)?;
+    let aya_btf = aya::Btf::from_sys_fs().map_err(|_| LoadError::NoBtf(Btf::VMLINUX.into()))?;
+
+    let plan = plan_hooks(&btf, config.hooks);
+    let mut maps_handed_over = false;
+    let mut attempt = |plan: Vec<(Hook, Attachment)>| {
+        try_load(config, &aya_btf, struct_offsets, plan, &mut |maps| {
+            maps_handed_over = true;
+            before_attach(maps)
+        })
+    };
+    match attempt(plan.clone()) {
+        Ok(probes) => Ok(probes),
+        Err(e @ LoadError::Program { .. })
+            if config.hooks == HookMode::Auto
+                && plan.iter().any(|(_, a)| *a == Attachment::Btf) =>
+        {
+            tracing::warn!("{e}; falling back to classic tracepoints");
+            let classic = Hook::ALL.map(|h| (h, Attachment::Classic)).to_vec();
+            attempt(classic)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// BTF tracepoints where the kernel's BTF has them with the arguments the programs read.
+fn plan_hooks(btf: &Btf, mode: HookMode) -> Vec<(Hook, Attachment)> {
+    Hook::ALL
+        .iter()
+        .map(|&hook| {
+            let has_btf = btf
+                .tracepoint_args(hook.tracepoint().1)
+                .is_ok_and(|n| n >= hook.btf_args_needed());
+            let how = match mode {
+                HookMode::Classic => Attachment::Classic,
+                HookMode::Btf => Attachment::Btf,
+                HookMode::Auto if has_btf => Attachment::Btf,
+                HookMode::Auto => Attachment::Classic,
+            };
+            (hook, how)
+        })
+        .collect()
+}
+
+fn try_load(
+    config: &LoaderConfig,
+    aya_btf: &aya::Btf,
+    mut offsets: KernelOffsets,
+    plan: Vec<(Hook, Attachment)>,
+    before_attach: &mut dyn FnMut(KernelMaps),
+) -> Result<Probes, LoadError> {
+    let tracefs = if plan.iter().any(|(_, a)| *a == Attachment::Classic) {
+        let tracefs = Tracefs::find_or_mount()?;
+        for (hook, how) in &plan {
+            if *how == Attachment::Classic {
+                offsets::add_classic_fields(&tracefs, *hook, &mut offsets)?;
+            }
+        }
+        Some(tracefs)
+    } else {
+        None
+    };
+
+    let mut ebpf = EbpfLoader::new()
+        .override_global(OFFSETS_GLOBAL, &offsets, true)
+        .map_max_entries(EVENTS_MAP, config.ring_buffer_bytes)
+        .map_max_entries(SOCKETS_MAP, config.max_sockets)
+        .load(OBJECT)
+        .map_err(LoadError::Load)?;
+
+    let events = ebpf
+        .take_map(EVENTS_MAP)
+        .ok_or(LoadError::Missing(EVENTS_MAP))?;
+    let events = RingBuf::try_from(events).map_err(|e| LoadError::Map(EVENTS_MAP, e))?;
+    let counters = ebpf
+        .take_map(COUNTERS_MAP)
+        .ok_or(LoadError::Missing(COUNTERS_MAP))?;
+    let counters = PerCpuArray::try_from(counters).map_err(|e| LoadError::Map(COUNTERS_MAP, e))?;
+    before_attach(KernelMaps { events, counters });
+
+    for (hook, how) in &plan {
+        let (category, name) = hook.tracepoint();
+        let (btf_prog, classic_prog) = hook.programs();
+        let program = match how {
+            Attachment::Btf => btf_prog,
+            Attachment::Classic => classic_prog,
+        };
+        let fail = |source| LoadError::Program {
+            program,
+            tracepoint: format!("{category}/{name}"),
+            source,
+        };
+        let prog = ebpf.program_mut(program).ok_or(LoadError::Missing(program))?;
+        match how {
+            Attachment::Btf => {
+                let prog: &mut BtfTracePoint = prog.try_into().map_err(fail)?;
+                prog.load(name, aya_btf).map_err(fail)?;
+                prog.attach().map_err(fail)?;
+            }
+            Attachment::Classic => {
+                let prog: &mut TracePoint = prog.try_into().map_err(fail)?;
+                prog.load().map_err(fail)?;
+                prog.attach(category, name).map_err(fail)?;
+            }
+        }
+    }
+    Ok(Probes {
+        _ebpf: ebpf,
+        plan,
+        _tracefs: tracefs,
+    })
+}
+
+/// Root, or the three capabilities loading and attaching need.
+fn check_privileges() -> Result<(), LoadError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok(());
+    }
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    if has(CAP_BPF) && has(CAP_PERFMON) && has(CAP_SYS_ADMIN) {
+        Ok(())
+    } else {
+        Err(LoadError::NotPrivileged)
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the cgroup. Raise the
+/// limit where allowed and carry on where not: it is never fatal.
+fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!(
+            "could not raise RLIMIT_MEMLOCK ({}); fine on kernels that charge BPF memory to the \
+             cgroup (5.11 and later)",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Sums a per-CPU counter.
+pub fn read_counter(counters: &PerCpuArray<MapData, u64>, counter: probe_common::Counter) -> u64 {
+    counters
+        .get(&(counter as u32), 0)
+        .map(|per_cpu| per_cpu.iter().sum())
+        .unwrap_or(0)
+}

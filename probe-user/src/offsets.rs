@@ -1,0 +1,356 @@
+//! Offsets the eBPF programs need, read from the running kernel: struct fields from BTF,
+//! classic tracepoint fields from tracefs `format` files. Nothing here is a hard-coded layout.
+use std::{
+    collections::HashMap,
+    ffi::CString,
+    path::{Path, PathBuf},
+};
+
+use probe_common::KernelOffsets;
+
+use crate::btf::{Btf, BtfError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OffsetsError {
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error(
+        "the kernel's {what} is {actual} bytes where connprobe reads {expected}; this kernel's \
+         layout is not supported"
+    )]
+    Size {
+        what: String,
+        actual: u32,
+        expected: u32,
+    },
+    #[error(
+        "the kernel has no tracepoint {0} (looked in {1}); connprobe needs it to trace TCP"
+    )]
+    NoTracepoint(String, String),
+    #[error("tracepoint {0} has no field {1}; this kernel's tracepoint is not supported")]
+    NoField(String, String),
+    #[error(
+        "tracefs is not mounted and mounting it at {path} failed ({source}); mount it with \
+         `mount -t tracefs tracefs {path}` or use `--hooks btf`"
+    )]
+    Mount {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Struct-field offsets from BTF; the classic tracepoint fields are filled in by
+/// [`add_classic_fields`] for the hooks that use them.
+pub fn struct_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetsError> {
+    // sock_common must open sock, request_sock and inet_timewait_sock: the programs read all
+    // three through the same offsets.
+    for (outer, first) in [
+        ("sock", "__sk_common"),
+        ("request_sock", "__req_common"),
+        ("inet_timewait_sock", "__tw_common"),
+    ] {
+        let at = btf.member(outer, &[first])?.offset;
+        if at != 0 {
+            return Err(OffsetsError::Size {
+                what: format!("offset of {outer}.{first}"),
+                actual: at,
+                expected: 0,
+            });
+        }
+    }
+    let field = |outer: &str, path: &[&str], size: u32| -> Result<u32, OffsetsError> {
+        let m = btf.member(outer, path)?;
+        if m.size != size {
+            return Err(OffsetsError::Size {
+                what: format!("{outer}.{}", path.join(".")),
+                actual: m.size,
+                expected: size,
+            });
+        }
+        Ok(m.offset)
+    };
+    let cb = field("sk_buff", &["cb"], 48)?;
+    let gso_segs = field("tcp_skb_cb", &["tcp_gso_segs"], 2)?;
+    Ok(KernelOffsets {
+        skc_family: field("sock_common", &["skc_family"], 2)?,
+        skc_state: field("sock_common", &["skc_state"], 1)?,
+        skc_daddr: field("sock_common", &["skc_daddr"], 4)?,
+        skc_rcv_saddr: field("sock_common", &["skc_rcv_saddr"], 4)?,
+        skc_dport: field("sock_common", &["skc_dport"], 2)?,
+        skc_num: field("sock_common", &["skc_num"], 2)?,
+        skc_v6_daddr: field("sock_common", &["skc_v6_daddr"], 16)?,
+        skc_v6_rcv_saddr: field("sock_common", &["skc_v6_rcv_saddr"], 16)?,
+        inet_sport: field("inet_sock", &["inet_sport"], 2)?,
+        sk_protocol: field("sock", &["sk_protocol"], 2)?,
+        sk_err: field("sock", &["sk_err"], 4)?,
+        sk_flags: field("sock", &["sk_flags"], 8)?,
+        sock_done_bit: btf.enum_value("sock_flags", "SOCK_DONE")?,
+        tcp_bytes_sent: field("tcp_sock", &["bytes_sent"], 8)?,
+        tcp_bytes_received: field("tcp_sock", &["bytes_received"], 8)?,
+        tcp_data_segs_out: field("tcp_sock", &["data_segs_out"], 4)?,
+        tcp_total_retrans: field("tcp_sock", &["total_retrans"], 4)?,
+        skb_head: field("sk_buff", &["head"], 8)?,
+        skb_network_header: field("sk_buff", &["network_header"], 2)?,
+        skb_transport_header: field("sk_buff", &["transport_header"], 2)?,
+        skb_cb_gso_segs: cb + gso_segs,
+        ..KernelOffsets::default()
+    })
+}
+
+/// The hook families, each a tracepoint with a BTF program and a classic fallback.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hook {
+    TcpState,
+    TcpRetransmit,
+    TcpRetransmitSynack,
+    TcpSendReset,
+    TcpReceiveReset,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 5] = [
+        Hook::TcpState,
+        Hook::TcpRetransmit,
+        Hook::TcpRetransmitSynack,
+        Hook::TcpSendReset,
+        Hook::TcpReceiveReset,
+    ];
+
+    /// (category, name) of the kernel tracepoint.
+    pub fn tracepoint(self) -> (&'static str, &'static str) {
+        match self {
+            Hook::TcpState => ("sock", "inet_sock_set_state"),
+            Hook::TcpRetransmit => ("tcp", "tcp_retransmit_skb"),
+            Hook::TcpRetransmitSynack => ("tcp", "tcp_retransmit_synack"),
+            Hook::TcpSendReset => ("tcp", "tcp_send_reset"),
+            Hook::TcpReceiveReset => ("tcp", "tcp_receive_reset"),
+        }
+    }
+
+    /// Names of the (BTF, classic) programs in the eBPF object.
+    pub fn programs(self) -> (&'static str, &'static str) {
+        match self {
+            Hook::TcpState => ("tcp_state_btf", "tcp_state_tp"),
+            Hook::TcpRetransmit => ("tcp_retransmit_btf", "tcp_retransmit_tp"),
+            Hook::TcpRetransmitSynack => {
+                ("tcp_retransmit_synack_btf", "tcp_retransmit_synack_tp")
+            }
+            Hook::TcpSendReset => ("tcp_send_reset_btf", "tcp_send_reset_tp"),
+            Hook::TcpReceiveReset => ("tcp_receive_reset_btf", "tcp_receive_reset_tp"),
+        }
+    }
+
+    /// Arguments the BTF program reads; a kernel whose tracepoint has fewer needs the classic one.
+    pub fn btf_args_needed(self) -> u32 {
+        match self {
+            Hook::TcpState => 3,
+            // `err` came in Linux 6.13; the BTF program reads it.
+            Hook::TcpRetransmit => 3,
+            Hook::TcpRetransmitSynack => 2,
+            Hook::TcpSendReset => 2,
+            Hook::TcpReceiveReset => 1,
+        }
+    }
+
+    /// The classic tracepoint fields the program reads, and where each goes in the offsets.
+    fn classic_fields(self) -> &'static [(&'static str, fn(&mut KernelOffsets) -> &mut u32)] {
+        match self {
+            Hook::TcpState => &[
+                ("skaddr", |o| &mut o.tp_state_skaddr),
+                ("oldstate", |o| &mut o.tp_state_oldstate),
+                ("newstate", |o| &mut o.tp_state_newstate),
+            ],
+            Hook::TcpRetransmit => &[
+                ("skaddr", |o| &mut o.tp_retransmit_skaddr),
+                ("skbaddr", |o| &mut o.tp_retransmit_skbaddr),
+            ],
+            Hook::TcpRetransmitSynack => &[
+                ("skaddr", |o| &mut o.tp_synack_skaddr),
+                ("req", |o| &mut o.tp_synack_req),
+            ],
+            Hook::TcpSendReset => &[
+                ("skaddr", |o| &mut o.tp_send_reset_skaddr),
+                ("skbaddr", |o| &mut o.tp_send_reset_skbaddr),
+            ],
+            Hook::TcpReceiveReset => &[("skaddr", |o| &mut o.tp_receive_reset_skaddr)],
+        }
+    }
+}
+
+/// Fills the classic tracepoint offsets of `hook` from its format file.
+pub fn add_classic_fields(
+    tracefs: &Tracefs,
+    hook: Hook,
+    offsets: &mut KernelOffsets,
+) -> Result<(), OffsetsError> {
+    let (category, name) = hook.tracepoint();
+    let fields = tracefs.format(category, name)?;
+    let full = format!("{category}/{name}");
+    for (field, slot) in hook.classic_fields() {
+        let at = fields
+            .get(*field)
+            .ok_or_else(|| OffsetsError::NoField(full.clone(), field.to_string()))?;
+        *slot(offsets) = at.0;
+    }
+    if hook == Hook::TcpRetransmit
+        && let Some((at, _)) = fields.get("err")
+    {
+        offsets.tp_retransmit_err = *at;
+        offsets.has_retransmit_err = 1;
+    }
+    Ok(())
+}
+
+/// Parses a tracepoint `format` file into field name -> (offset, size).
+pub fn parse_format(text: &str) -> HashMap<String, (u32, u32)> {
+    let mut fields = HashMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.trim().strip_prefix("field:") else {
+            continue;
+        };
+        let mut parts = rest.split(';').map(str::trim);
+        let (Some(decl), Some(offset), Some(size)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let name = decl
+            .rsplit(|c: char| c.is_whitespace() || c == '*')
+            .next()
+            .unwrap_or("");
+        let name = name.split('[').next().unwrap_or(name);
+        let num = |s: &str, key: &str| s.strip_prefix(key).and_then(|v| v.trim().parse().ok());
+        if let (Some(offset), Some(size)) = (num(offset, "offset:"), num(size, "size:")) {
+            fields.insert(name.to_string(), (offset, size));
+        }
+    }
+    fields
+}
+
+/// The tracefs mount, mounted by the agent when it was missing (and unmounted again on drop).
+pub struct Tracefs {
+    root: PathBuf,
+    mounted_by_us: bool,
+}
+
+impl Tracefs {
+    const PATHS: [&'static str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
+    /// Finds tracefs, mounting it at /sys/kernel/tracing if no mount has `events/`.
+    pub fn find_or_mount() -> Result<Self, OffsetsError> {
+        for path in Self::PATHS {
+            if Path::new(path).join("events").is_dir() {
+                return Ok(Tracefs {
+                    root: path.into(),
+                    mounted_by_us: false,
+                });
+            }
+        }
+        let path = Self::PATHS[0];
+        let target = CString::new(path).expect("no NUL in a constant path");
+        let fstype = CString::new("tracefs").expect("no NUL in a constant");
+        // SAFETY: valid NUL-terminated strings; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                fstype.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(OffsetsError::Mount {
+                path: path.into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        tracing::info!("mounted tracefs at {path} (it will be unmounted at exit)");
+        Ok(Tracefs {
+            root: path.into(),
+            mounted_by_us: true,
+        })
+    }
+
+    fn format(&self, category: &str, name: &str) -> Result<HashMap<String, (u32, u32)>, OffsetsError> {
+        let path = self.root.join("events").join(category).join(name).join("format");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(parse_format(&text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(OffsetsError::NoTracepoint(
+                format!("{category}/{name}"),
+                self.root.join("events").display().to_string(),
+            )),
+            Err(source) => Err(OffsetsError::Read {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+}
+
+impl Drop for Tracefs {
+    fn drop(&mut self) {
+        if self.mounted_by_us {
+            let Ok(target) = CString::new(self.root.as_os_str().as_encoded_bytes()) else {
+                return;
+            };
+            // SAFETY: valid NUL-terminated path. A lazy unmount never fails because a reader
+            // still has a file open; the attached programs do not depend on the mount.
+            let rc = unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+            if rc != 0 {
+                tracing::debug!(
+                    "could not unmount tracefs: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEND_RESET: &str = "name: tcp_send_reset
+ID: 1480
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:const void * skbaddr;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:const void * skaddr;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:int state;\toffset:24;\tsize:4;\tsigned:1;
+\tfield:enum sk_rst_reason reason;\toffset:28;\tsize:4;\tsigned:0;
+\tfield:__u8 saddr[28];\toffset:32;\tsize:28;\tsigned:0;
+
+print fmt: \"skbaddr=%p\", REC->skbaddr
+";
+
+    #[test]
+    fn format_files_parse() {
+        let f = parse_format(SEND_RESET);
+        assert_eq!(f["skbaddr"], (8, 8));
+        assert_eq!(f["skaddr"], (16, 8));
+        assert_eq!(f["reason"], (28, 4));
+        assert_eq!(f["saddr"], (32, 28));
+        assert_eq!(f["common_type"], (0, 2));
+    }
+
+    #[test]
+    fn this_kernels_structs_resolve() {
+        let btf = Btf::from_file(Btf::VMLINUX).expect("connprobe's test machines have BTF");
+        let o = struct_offsets(&btf).unwrap();
+        assert_eq!(o.skc_daddr, 0);
+        assert_eq!(o.skc_rcv_saddr, 4);
+        assert!(o.sk_err > o.skc_v6_rcv_saddr);
+        // tcp_skb_cb opens with seq and end_seq; tcp_gso_segs follows in a union.
+        let cb = btf.member("sk_buff", &["cb"]).unwrap().offset;
+        assert_eq!(o.skb_cb_gso_segs, cb + 8);
+        for hook in Hook::ALL {
+            let (_, name) = hook.tracepoint();
+            assert!(btf.tracepoint_args(name).unwrap() >= hook.btf_args_needed(), "{name}");
+        }
+    }
+}
