@@ -88,7 +88,7 @@ pub fn struct_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetsError> {
         inet_sport: field("inet_sock", &["inet_sport"], 2)?,
         sk_protocol: field("sock", &["sk_protocol"], 2)?,
         sk_err: field("sock", &["sk_err"], 4)?,
-        sk_flags: field("sock", &["sk_flags"], 8)?,
+        sk_flags: field("sock_common", &["skc_flags"], 8)?,
         sock_done_bit: btf.enum_value("sock_flags", "SOCK_DONE")?,
         tcp_bytes_sent: field("tcp_sock", &["bytes_sent"], 8)?,
         tcp_bytes_received: field("tcp_sock", &["bytes_received"], 8)?,
