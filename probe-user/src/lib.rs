@@ -3,6 +3,7 @@
 //! -> consumers: `export::json_log`, the aggregator and Prometheus exporter, the verdict engine.
 //! `pipeline` wires them together and handles shutdown; `cli` is the command line.
 pub mod cli;
+pub mod diagnose;
 pub mod event;
 pub mod export;
 pub mod btf;

@@ -1,0 +1,216 @@
+//! `connprobe analyze EVENTS.jsonl`: judges a JSON event log after the fact. Reads plain or
+//! gzip-compressed logs (by content, so `-` and misnamed files work too), line by line.
+use std::{
+    fs::File,
+    io::{self, BufRead, BufReader, Read},
+    path::Path,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context;
+
+use super::{
+    engine::{Judge, Window, judge},
+    render,
+    verdict::Report,
+};
+use crate::{cli::AnalyzeArgs, event::Event, export::json_log::parse_line};
+
+/// The first two bytes of a gzip stream.
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+pub fn run_analyze(args: &AnalyzeArgs) -> anyhow::Result<()> {
+    let name = args.file.display().to_string();
+    let input: Box<dyn Read> = if args.file == Path::new("-") {
+        Box::new(io::stdin().lock())
+    } else {
+        Box::new(File::open(&args.file).with_context(|| format!("cannot open {name}"))?)
+    };
+    let report = analyze_reader(input, &name, args.window)?;
+    let mut text = if args.json {
+        serde_json::to_string_pretty(&report).context("cannot format the report")?
+    } else {
+        render::text(&report)
+    };
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    use std::io::Write;
+    io::stdout()
+        .lock()
+        .write_all(text.as_bytes())
+        .context("cannot write the report")
+}
+
+/// Judges the log in `input` (`name` is for messages): all of it, or the `window` ending at
+/// its last event.
+pub fn analyze_reader<'a, R: Read + 'a>(
+    input: R,
+    name: &str,
+    window: Option<Duration>,
+) -> anyhow::Result<Report> {
+    let mut buffered = BufReader::new(input);
+    let head = buffered
+        .fill_buf()
+        .with_context(|| format!("cannot read {name}"))?;
+    let lines: Box<dyn BufRead + 'a> = if head.starts_with(&GZIP_MAGIC) {
+        Box::new(BufReader::new(flate2::bufread::MultiGzDecoder::new(
+            buffered,
+        )))
+    } else {
+        Box::new(buffered)
+    };
+    match window {
+        None => {
+            let mut judge = Judge::new(None);
+            for_each_event(lines, name, |event| judge.add(&event))?;
+            Ok(judge.finish())
+        }
+        Some(length) => {
+            let mut recent = RecentEvents::new(length);
+            for_each_event(lines, name, |event| recent.push(event))?;
+            let end = recent.newest.unwrap_or(SystemTime::UNIX_EPOCH);
+            Ok(judge(&recent.events, Window::ending_at(end, length)))
+        }
+    }
+}
+
+fn for_each_event(
+    mut lines: impl BufRead,
+    name: &str,
+    mut each: impl FnMut(Event),
+) -> anyhow::Result<()> {
+    let mut line = String::new();
+    let mut number = 0u64;
+    loop {
+        line.clear();
+        number += 1;
+        let read = lines
+            .read_line(&mut line)
+            .with_context(|| format!("cannot read {name} at line {number}"))?;
+        if read == 0 {
+            return Ok(());
+        }
+        let text = line.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let event = parse_line(text)
+            .with_context(|| format!("{name} line {number} is not a connprobe event"))?;
+        each(event);
+    }
+}
+
+/// The events of the last `length` before the newest seen so far, kept without holding the
+/// whole log: anything older than the newest minus `length` can never be in the final window,
+/// whatever the order of the lines.
+struct RecentEvents {
+    length: Duration,
+    newest: Option<SystemTime>,
+    events: Vec<Event>,
+    prune_at: usize,
+}
+
+impl RecentEvents {
+    fn new(length: Duration) -> Self {
+        RecentEvents {
+            length,
+            newest: None,
+            events: Vec::new(),
+            prune_at: 1024,
+        }
+    }
+
+    fn push(&mut self, event: Event) {
+        self.newest = Some(self.newest.map_or(event.time, |t| t.max(event.time)));
+        self.events.push(event);
+        if self.events.len() >= self.prune_at {
+            let cutoff =
+                Window::ending_at(self.newest.unwrap_or(SystemTime::UNIX_EPOCH), self.length).start;
+            self.events.retain(|e| e.time >= cutoff);
+            self.prune_at = (self.events.len() * 2).max(1024);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::diagnose::engine::tests::{at, connect_failed, connect_ok, mixed_log};
+    use crate::event::FailureReason;
+    use crate::export::json_log::write_line;
+
+    fn jsonl(events: &[Event]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for e in events {
+            write_line(&mut out, e).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn a_log_gives_the_same_verdicts_as_the_events() {
+        let events = mixed_log();
+        let direct = judge(
+            &events,
+            Window::ending_at(at(600.0), Duration::from_secs(3600)),
+        );
+        let from_log = analyze_reader(&jsonl(&events)[..], "t.jsonl", None).unwrap();
+        assert_eq!(from_log.verdicts_only(), direct.verdicts_only());
+        assert!(!direct.destinations.is_empty());
+    }
+
+    #[test]
+    fn gzip_is_read_by_content() {
+        let events = mixed_log();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&jsonl(&events)).unwrap();
+        let compressed = gz.finish().unwrap();
+        let plain = analyze_reader(&jsonl(&events)[..], "t.jsonl", None).unwrap();
+        let zipped = analyze_reader(&compressed[..], "t.jsonl.gz", None).unwrap();
+        assert_eq!(zipped, plain);
+    }
+
+    #[test]
+    fn a_window_ends_at_the_last_event() {
+        let mut events = Vec::new();
+        // Refused long ago, healthy in the last minute.
+        for i in 0..20 {
+            events.push(connect_failed(
+                "10.0.0.1:80",
+                at(i as f64),
+                FailureReason::Refused,
+                0,
+            ));
+        }
+        for i in 0..3000 {
+            events.push(connect_ok("10.0.0.1:80", at(1000.0 + i as f64 * 0.02), 400));
+        }
+        let log = jsonl(&events);
+        let all = analyze_reader(&log[..], "t", None).unwrap();
+        assert_eq!(all.destinations[0].verdicts[0].verdict.as_str(), "refused");
+        let last = analyze_reader(&log[..], "t", Some(Duration::from_secs(60))).unwrap();
+        assert_eq!(last.destinations[0].verdicts[0].verdict.as_str(), "healthy");
+        assert_eq!(last.window.end, "2026-11-18T11:24:19.980Z");
+        assert_eq!(last.window.events, 3000);
+        let direct = judge(
+            &events,
+            Window::ending_at(at(1059.98), Duration::from_secs(60)),
+        );
+        assert_eq!(last, direct);
+    }
+
+    #[test]
+    fn a_bad_line_is_named_by_number() {
+        let mut log = jsonl(&[connect_ok("10.0.0.1:80", at(0.0), 1)]);
+        log.extend_from_slice(b"\n{\"type\":\"connect\"}\n");
+        let err = analyze_reader(&log[..], "events.jsonl", None).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("events.jsonl line 3 is not a connprobe event"),
+            "{text}"
+        );
+    }
+}

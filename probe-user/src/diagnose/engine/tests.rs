@@ -1,0 +1,741 @@
+//! Every verdict on synthetic event streams, mixtures, and the boundaries. The builders are
+//! shared with the other diagnose tests.
+use std::{
+    net::SocketAddr,
+    time::{Duration, SystemTime},
+};
+
+use super::*;
+use crate::{
+    diagnose::verdict::Pattern,
+    event::{Close, Comm, Connect, Errno, Process, Reset, Retransmit},
+};
+
+/// Seconds after a fixed epoch, at millisecond precision (what a log keeps exactly).
+pub(crate) fn at(secs: f64) -> SystemTime {
+    SystemTime::UNIX_EPOCH
+        + Duration::from_secs(1_795_000_000)
+        + Duration::from_millis((secs * 1000.0).round() as u64)
+}
+
+pub(crate) fn window(from: f64, to: f64) -> Window {
+    Window {
+        start: at(from),
+        end: at(to),
+    }
+}
+
+const LOCAL: &str = "10.9.9.9:40000";
+
+fn event(side: Option<Side>, src: &str, dst: &str, time: SystemTime, detail: EventDetail) -> Event {
+    Event {
+        time,
+        process: Some(Process {
+            pid: 42,
+            comm: Comm::from_str_lossy("app"),
+        }),
+        side,
+        src: src.parse::<SocketAddr>().unwrap(),
+        dst: dst.parse::<SocketAddr>().unwrap(),
+        detail,
+    }
+}
+
+fn client(dest: &str, time: SystemTime, detail: EventDetail) -> Event {
+    event(Some(Side::Client), LOCAL, dest, time, detail)
+}
+
+pub(crate) fn connect_ok(dest: &str, time: SystemTime, latency_us: u64) -> Event {
+    client(
+        dest,
+        time,
+        EventDetail::Connect(Connect {
+            outcome: Outcome::Established,
+            reason: None,
+            errno: None,
+            latency: Some(Duration::from_micros(latency_us)),
+            syn_retransmits: 0,
+        }),
+    )
+}
+
+pub(crate) fn connect_failed(
+    dest: &str,
+    time: SystemTime,
+    reason: FailureReason,
+    syn_retransmits: u32,
+) -> Event {
+    let errno = match reason {
+        FailureReason::Refused => Some(Errno(Errno::ECONNREFUSED)),
+        FailureReason::Timeout => Some(Errno(Errno::ETIMEDOUT)),
+        FailureReason::Unreachable => Some(Errno(Errno::EHOSTUNREACH)),
+        FailureReason::Cancelled => None,
+        FailureReason::Other => Some(Errno(Errno::EPROTO)),
+    };
+    client(
+        dest,
+        time,
+        EventDetail::Connect(Connect {
+            outcome: Outcome::Failed,
+            reason: Some(reason),
+            errno,
+            latency: Some(Duration::from_millis(1000 * u64::from(syn_retransmits) + 1)),
+            syn_retransmits,
+        }),
+    )
+}
+
+pub(crate) fn close(dest: &str, time: SystemTime, sent: u32, retransmitted: u32) -> Event {
+    client(
+        dest,
+        time,
+        EventDetail::Close(Close {
+            duration: Some(Duration::from_millis(200)),
+            bytes_sent: u64::from(sent) * 1000,
+            bytes_received: 1000,
+            segments_sent: sent,
+            segments_retransmitted: retransmitted,
+        }),
+    )
+}
+
+pub(crate) fn retransmit(dest: &str, time: SystemTime, state: TcpState, segments: u32) -> Event {
+    client(
+        dest,
+        time,
+        EventDetail::Retransmit(Retransmit { state, segments }),
+    )
+}
+
+pub(crate) fn reset_received(dest: &str, time: SystemTime, state: TcpState) -> Event {
+    client(
+        dest,
+        time,
+        EventDetail::Reset(Reset {
+            direction: Direction::Received,
+            state: Some(state),
+        }),
+    )
+}
+
+/// A reset this host's service at `local` sends to a client.
+pub(crate) fn reset_sent_by_service(
+    local: &str,
+    time: SystemTime,
+    side: Option<Side>,
+    state: Option<TcpState>,
+) -> Event {
+    event(
+        side,
+        local,
+        "10.7.7.7:51000",
+        time,
+        EventDetail::Reset(Reset {
+            direction: Direction::Sent,
+            state,
+        }),
+    )
+}
+
+/// A bit of everything over ten minutes: refused, blackholed, lossy, healthy destinations, a
+/// pool with one bad member, a local service resetting.
+pub(crate) fn mixed_log() -> Vec<Event> {
+    let mut events = Vec::new();
+    for i in 0..60 {
+        let t = i as f64 * 10.0;
+        events.push(connect_failed(
+            "10.0.0.1:8081",
+            at(t),
+            FailureReason::Refused,
+            0,
+        ));
+        events.push(connect_failed(
+            "10.0.0.2:8082",
+            at(t + 1.0),
+            FailureReason::Timeout,
+            2,
+        ));
+        events.push(connect_ok("10.0.0.3:443", at(t + 2.0), 900 + i));
+        events.push(close("10.0.0.3:443", at(t + 3.0), 1000, 60));
+        events.push(retransmit(
+            "10.0.0.3:443",
+            at(t + 2.5),
+            TcpState::ESTABLISHED,
+            30,
+        ));
+        events.push(connect_ok("10.0.0.4:80", at(t + 4.0), 300));
+        for b in 1..=3 {
+            let dest = format!("10.0.1.{b}:8080");
+            if b == 2 {
+                events.push(connect_failed(
+                    &dest,
+                    at(t + 5.0),
+                    FailureReason::Refused,
+                    0,
+                ));
+            } else {
+                events.push(connect_ok(&dest, at(t + 5.0), 500));
+            }
+        }
+        events.push(reset_sent_by_service(
+            "10.9.9.9:9000",
+            at(t + 6.0),
+            Some(Side::Server),
+            None,
+        ));
+    }
+    events
+}
+
+fn top(report: &Report, dest: &str) -> Verdict {
+    report
+        .destinations
+        .iter()
+        .find(|d| d.destination == dest)
+        .unwrap_or_else(|| panic!("no {dest} in {report:#?}"))
+        .verdicts[0]
+        .clone()
+}
+
+fn find(report: &Report, dest: &str, id: VerdictId) -> Option<Verdict> {
+    report
+        .destinations
+        .iter()
+        .filter(|d| d.destination == dest)
+        .flat_map(|d| d.verdicts.iter())
+        .find(|v| v.verdict == id)
+        .cloned()
+}
+
+fn judged(events: &[Event]) -> Report {
+    judge(events, window(-10.0, 10_000.0))
+}
+
+/// `n` connects to `dest` over 100 s, `bad` of them produced by `failure`, the rest good.
+fn stream(dest: &str, n: usize, bad: usize, failure: impl Fn(SystemTime) -> Event) -> Vec<Event> {
+    (0..n)
+        .map(|i| {
+            let t = at(i as f64 * 100.0 / n as f64);
+            if i % (n / bad.max(1)).max(1) == 0 && i / (n / bad.max(1)).max(1) < bad {
+                failure(t)
+            } else {
+                connect_ok(dest, t, 500)
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn refused() {
+    let events = stream("10.0.0.1:80", 40, 40, |t| {
+        connect_failed("10.0.0.1:80", t, FailureReason::Refused, 0)
+    });
+    let report = judged(&events);
+    let v = top(&report, "10.0.0.1:80");
+    assert_eq!(v.verdict, VerdictId::Refused);
+    assert!(v.confidence > 0.9, "{v:?}");
+    assert_eq!(v.evidence["matching"], 40);
+    assert_eq!(v.evidence["errnos"]["ECONNREFUSED"], 40);
+    assert!(v.next_step.contains("10.0.0.1:80"));
+    assert_eq!(report.destinations[0].side.as_deref(), Some("client"));
+}
+
+#[test]
+fn blackhole_needs_unanswered_syns() {
+    let mut events = Vec::new();
+    for i in 0..10 {
+        events.push(connect_failed(
+            "10.0.0.2:80",
+            at(i as f64 * 10.0),
+            FailureReason::Timeout,
+            2,
+        ));
+        events.push(connect_failed(
+            "10.0.0.2:80",
+            at(i as f64 * 10.0 + 5.0),
+            FailureReason::Cancelled,
+            1,
+        ));
+    }
+    let v = top(&judged(&events), "10.0.0.2:80");
+    assert_eq!(v.verdict, VerdictId::Blackhole);
+    assert_eq!(v.evidence["timeouts"], 10);
+    assert_eq!(v.evidence["cancelled_after_syn_retransmit"], 10);
+    assert_eq!(v.evidence["syn_retransmits"], 30);
+
+    // The application giving up before any SYN was retransmitted says nothing about the path.
+    let early: Vec<_> = (0..10)
+        .map(|i| connect_failed("10.0.0.2:80", at(i as f64), FailureReason::Cancelled, 0))
+        .collect();
+    assert!(find(&judged(&early), "10.0.0.2:80", VerdictId::Blackhole).is_none());
+}
+
+#[test]
+fn unreachable() {
+    let events = stream("10.0.0.5:22", 30, 15, |t| {
+        connect_failed("10.0.0.5:22", t, FailureReason::Unreachable, 0)
+    });
+    let v = top(&judged(&events), "10.0.0.5:22");
+    assert_eq!(v.verdict, VerdictId::Unreachable);
+    assert_eq!(v.evidence["matching"], 15);
+    assert!(v.next_step.contains("ip route get 10.0.0.5"));
+}
+
+#[test]
+fn lossy_from_close_ratios() {
+    let mut events = Vec::new();
+    for i in 0..30 {
+        events.push(connect_ok("10.0.0.3:443", at(i as f64), 800));
+        events.push(close("10.0.0.3:443", at(i as f64 + 0.5), 200, 10));
+    }
+    let v = top(&judged(&events), "10.0.0.3:443");
+    assert_eq!(v.verdict, VerdictId::Lossy);
+    assert_eq!(v.evidence["retransmit_ratio"], 0.05);
+    assert!(v.confidence > 0.85, "{v:?}");
+
+    // Half a percent is a healthy path.
+    let fine: Vec<_> = (0..30)
+        .flat_map(|i| {
+            [
+                connect_ok("10.0.0.3:443", at(i as f64), 800),
+                close(
+                    "10.0.0.3:443",
+                    at(i as f64 + 0.5),
+                    200,
+                    u32::from(i % 2 == 0),
+                ),
+            ]
+        })
+        .collect();
+    assert_eq!(
+        top(&judged(&fine), "10.0.0.3:443").verdict,
+        VerdictId::Healthy
+    );
+}
+
+#[test]
+fn lossy_from_retransmits_of_open_connections() {
+    let mut events = vec![connect_ok("10.0.0.3:443", at(0.0), 800)];
+    for i in 0..20 {
+        events.push(retransmit(
+            "10.0.0.3:443",
+            at(1.0 + i as f64),
+            TcpState::ESTABLISHED,
+            2,
+        ));
+    }
+    let v = top(&judged(&events), "10.0.0.3:443");
+    assert_eq!(v.verdict, VerdictId::Lossy);
+    assert!(v.confidence <= 0.5, "no ratio, so at most half sure: {v:?}");
+    assert_eq!(v.evidence["established_retransmit_segments"], 40);
+}
+
+#[test]
+fn reset_midstream_on_client_connections() {
+    let mut events = Vec::new();
+    for i in 0..20 {
+        events.push(connect_ok("10.0.0.6:5432", at(i as f64 * 5.0), 700));
+        events.push(reset_received(
+            "10.0.0.6:5432",
+            at(i as f64 * 5.0 + 2.0),
+            TcpState::ESTABLISHED,
+        ));
+        events.push(close("10.0.0.6:5432", at(i as f64 * 5.0 + 2.0), 20, 0));
+    }
+    let v = top(&judged(&events), "10.0.0.6:5432");
+    assert_eq!(v.verdict, VerdictId::ResetMidstream);
+    assert_eq!(v.evidence["resets_received"], 20);
+    assert_eq!(v.evidence["by_state"]["ESTABLISHED"], 20);
+
+    // Resets answering SYNs are refusals, not mid-stream resets.
+    let refused: Vec<_> = (0..10)
+        .flat_map(|i| {
+            [
+                reset_received("10.0.0.6:5432", at(i as f64), TcpState::SYN_SENT),
+                connect_failed("10.0.0.6:5432", at(i as f64), FailureReason::Refused, 0),
+            ]
+        })
+        .collect();
+    let report = judged(&refused);
+    assert_eq!(top(&report, "10.0.0.6:5432").verdict, VerdictId::Refused);
+    assert!(find(&report, "10.0.0.6:5432", VerdictId::ResetMidstream).is_none());
+    assert_eq!(
+        top(&report, "10.0.0.6:5432").evidence["resets_received_in_syn_sent"],
+        10
+    );
+}
+
+#[test]
+fn local_resets_count_against_the_local_service() {
+    let mut events = Vec::new();
+    for i in 0..15 {
+        // Socketless resets answering SYNs: the kernel may or may not say "server".
+        let side = if i % 2 == 0 { Some(Side::Server) } else { None };
+        events.push(reset_sent_by_service(
+            "10.9.9.9:9000",
+            at(i as f64),
+            side,
+            None,
+        ));
+    }
+    let report = judged(&events);
+    assert_eq!(report.destinations.len(), 1, "{report:#?}");
+    let d = &report.destinations[0];
+    assert_eq!(d.destination, "10.9.9.9:9000");
+    assert_eq!(d.side.as_deref(), Some("server"));
+    let v = &d.verdicts[0];
+    assert_eq!(v.verdict, VerdictId::LocalResets);
+    assert_eq!(v.evidence["answering_syn"], 15);
+    assert!(v.next_step.contains("nothing listens"), "{}", v.next_step);
+}
+
+#[test]
+fn slow_handshakes_against_the_destinations_own_baseline() {
+    let mut events = Vec::new();
+    for i in 0..40 {
+        let us = if i >= 30 { 250_000 } else { 1_000 + i };
+        events.push(connect_ok("10.0.0.7:443", at(i as f64), us));
+    }
+    let v = top(&judged(&events), "10.0.0.7:443");
+    assert_eq!(v.verdict, VerdictId::SlowHandshakes);
+    assert_eq!(v.evidence["slow"], 10);
+    assert_eq!(v.evidence["slow_p50_ms"], 250.0);
+    assert!(v.evidence["baseline_p50_ms"].as_f64().unwrap() < 1.1);
+
+    // Uniformly slow is this destination's normal: no baseline to be slow against.
+    let uniform: Vec<_> = (0..40)
+        .map(|i| connect_ok("10.0.0.7:443", at(i as f64), 250_000))
+        .collect();
+    assert_eq!(
+        top(&judged(&uniform), "10.0.0.7:443").verdict,
+        VerdictId::Healthy
+    );
+
+    // Five times slower but only by microseconds: nobody notices.
+    let tiny: Vec<_> = (0..40)
+        .map(|i| {
+            connect_ok(
+                "10.0.0.7:443",
+                at(i as f64),
+                if i >= 30 { 500 } else { 100 },
+            )
+        })
+        .collect();
+    assert_eq!(
+        top(&judged(&tiny), "10.0.0.7:443").verdict,
+        VerdictId::Healthy
+    );
+}
+
+#[test]
+fn pool_partial_failure_names_the_bad_backend() {
+    let report = judge(&mixed_log(), window(0.0, 600.0));
+    assert_eq!(report.groups.len(), 1, "{:#?}", report.groups);
+    let g = &report.groups[0];
+    assert_eq!(g.port, 8080);
+    let v = &g.verdicts[0];
+    assert_eq!(v.verdict, VerdictId::PoolPartialFailure);
+    assert_eq!(v.evidence["failing"][0]["destination"], "10.0.1.2:8080");
+    assert_eq!(v.evidence["healthy"].as_array().unwrap().len(), 2);
+    assert!(
+        v.next_step.contains("10.0.1.2:8080 fail"),
+        "{}",
+        v.next_step
+    );
+    assert!(v.confidence > 0.9);
+
+    // Every member failing is not a bad backend but something common to all.
+    let all_bad: Vec<_> = (1..=3)
+        .flat_map(|b| {
+            (0..10).map(move |i| {
+                connect_failed(
+                    &format!("10.0.1.{b}:8080"),
+                    at(i as f64),
+                    FailureReason::Refused,
+                    0,
+                )
+            })
+        })
+        .collect();
+    assert!(judged(&all_bad).groups.is_empty());
+}
+
+#[test]
+fn mixture_of_lossy_and_occasionally_refused_ranks_both() {
+    let mut events = Vec::new();
+    for i in 0..100 {
+        let t = at(i as f64);
+        if i % 25 == 0 {
+            events.push(connect_failed("10.0.0.8:443", t, FailureReason::Refused, 0));
+        } else {
+            events.push(connect_ok("10.0.0.8:443", t, 900));
+            events.push(close("10.0.0.8:443", at(i as f64 + 0.5), 300, 15));
+        }
+    }
+    let report = judged(&events);
+    let ids = report.verdict_ids("10.0.0.8:443");
+    assert_eq!(
+        ids,
+        vec![VerdictId::Lossy, VerdictId::Refused],
+        "{report:#?}"
+    );
+    let (lossy, refused) = (
+        find(&report, "10.0.0.8:443", VerdictId::Lossy).unwrap(),
+        find(&report, "10.0.0.8:443", VerdictId::Refused).unwrap(),
+    );
+    assert!(lossy.confidence > refused.confidence);
+    assert!(
+        refused.confidence > 0.2,
+        "occasional, but named: {refused:?}"
+    );
+}
+
+#[test]
+fn one_refusal_among_many_good_connects_is_noise() {
+    let events = stream("10.0.0.9:80", 500, 1, |t| {
+        connect_failed("10.0.0.9:80", t, FailureReason::Refused, 0)
+    });
+    let v = top(&judged(&events), "10.0.0.9:80");
+    assert_eq!(v.verdict, VerdictId::Healthy);
+    assert_eq!(v.evidence["failures"], 1);
+}
+
+#[test]
+fn too_few_events_is_not_enough_data() {
+    let events = vec![
+        connect_ok("10.0.0.10:80", at(0.0), 300),
+        connect_ok("10.0.0.10:80", at(1.0), 300),
+    ];
+    let report = judged(&events);
+    let v = top(&report, "10.0.0.10:80");
+    assert_eq!(v.verdict, VerdictId::NotEnoughData);
+    assert!(v.confidence > 0.0 && v.confidence < 1.0);
+    assert_eq!(report.destinations[0].verdicts.len(), 1);
+    assert!(judged(&[]).destinations.is_empty());
+}
+
+#[test]
+fn confidence_grows_with_the_amount_of_evidence() {
+    type Builder = fn(usize) -> (Vec<Event>, &'static str, VerdictId);
+    let builders: [Builder; 8] = [
+        |n| {
+            let e = (0..n)
+                .map(|i| connect_failed("10.0.0.1:80", at(i as f64), FailureReason::Refused, 0))
+                .collect();
+            (e, "10.0.0.1:80", VerdictId::Refused)
+        },
+        |n| {
+            let e = (0..n)
+                .map(|i| connect_failed("10.0.0.1:80", at(i as f64), FailureReason::Timeout, 1))
+                .collect();
+            (e, "10.0.0.1:80", VerdictId::Blackhole)
+        },
+        |n| {
+            let e = (0..n)
+                .map(|i| connect_failed("10.0.0.1:80", at(i as f64), FailureReason::Unreachable, 0))
+                .collect();
+            (e, "10.0.0.1:80", VerdictId::Unreachable)
+        },
+        |n| {
+            let e = (0..n)
+                .map(|i| close("10.0.0.1:80", at(i as f64), 100, 5))
+                .collect();
+            (e, "10.0.0.1:80", VerdictId::Lossy)
+        },
+        |n| {
+            let e = (0..n)
+                .flat_map(|i| {
+                    [
+                        reset_received("10.0.0.1:80", at(i as f64), TcpState::ESTABLISHED),
+                        close("10.0.0.1:80", at(i as f64), 10, 0),
+                    ]
+                })
+                .collect();
+            (e, "10.0.0.1:80", VerdictId::ResetMidstream)
+        },
+        |n| {
+            let e = (0..n)
+                .map(|i| {
+                    reset_sent_by_service("10.9.9.9:9000", at(i as f64), Some(Side::Server), None)
+                })
+                .collect();
+            (e, "10.9.9.9:9000", VerdictId::LocalResets)
+        },
+        |n| {
+            let e = (0..4 * n)
+                .map(|i| {
+                    let slow = i % 4 == 3;
+                    connect_ok(
+                        "10.0.0.1:80",
+                        at(i as f64),
+                        if slow { 300_000 } else { 900 },
+                    )
+                })
+                .collect();
+            (e, "10.0.0.1:80", VerdictId::SlowHandshakes)
+        },
+        |n| {
+            let e = (0..n)
+                .map(|i| connect_ok("10.0.0.1:80", at(i as f64), 900))
+                .collect();
+            (e, "10.0.0.1:80", VerdictId::Healthy)
+        },
+    ];
+    for build in builders {
+        let mut last = 0.0;
+        for n in [4, 12, 60] {
+            let (events, dest, id) = build(n);
+            let report = judged(&events);
+            let v = find(&report, dest, id).unwrap_or_else(|| panic!("{id:?} at n={n}"));
+            assert!(
+                v.confidence > last,
+                "{id:?}: confidence {} at n={n} is not above {last}",
+                v.confidence
+            );
+            assert!(v.confidence < 1.0);
+            last = v.confidence;
+        }
+    }
+}
+
+#[test]
+fn confidence_grows_with_consistency() {
+    // Same number of refusals; fewer of them among other failures means less sure of the cause.
+    let pure: Vec<_> = (0..20)
+        .map(|i| connect_failed("10.0.0.1:80", at(i as f64), FailureReason::Refused, 0))
+        .collect();
+    let mut muddled = pure.clone();
+    muddled.extend(
+        (0..20).map(|i| connect_failed("10.0.0.1:80", at(i as f64 + 0.5), FailureReason::Other, 0)),
+    );
+    let a = find(&judged(&pure), "10.0.0.1:80", VerdictId::Refused).unwrap();
+    let b = find(&judged(&muddled), "10.0.0.1:80", VerdictId::Refused).unwrap();
+    assert!(
+        a.confidence > b.confidence,
+        "{} vs {}",
+        a.confidence,
+        b.confidence
+    );
+}
+
+#[test]
+fn bursts_of_refusals_are_bursty_with_their_times() {
+    let mut events = Vec::new();
+    for i in 0..300 {
+        let t = i as f64;
+        let in_burst = (100..110).contains(&i) || (200..205).contains(&i);
+        if in_burst {
+            events.push(connect_failed(
+                "10.0.0.1:80",
+                at(t),
+                FailureReason::Refused,
+                0,
+            ));
+        } else {
+            events.push(connect_ok("10.0.0.1:80", at(t), 500));
+        }
+    }
+    let v = top(&judged(&events), "10.0.0.1:80");
+    assert_eq!(v.verdict, VerdictId::Refused);
+    assert_eq!(v.pattern, Pattern::Bursty);
+    assert_eq!(v.bursts.len(), 2);
+    assert_eq!(v.bursts[0].failures, 10);
+    assert_eq!(v.bursts[0].duration_seconds, 9.0);
+    assert_eq!(v.bursts[1].failures, 5);
+
+    let steady: Vec<_> = (0..300)
+        .map(|i| {
+            if i % 10 == 0 {
+                connect_failed("10.0.0.1:80", at(i as f64), FailureReason::Refused, 0)
+            } else {
+                connect_ok("10.0.0.1:80", at(i as f64), 500)
+            }
+        })
+        .collect();
+    assert_eq!(
+        top(&judged(&steady), "10.0.0.1:80").pattern,
+        Pattern::Steady
+    );
+}
+
+#[test]
+fn worst_destinations_first() {
+    let report = judge(&mixed_log(), window(0.0, 600.0));
+    let order: Vec<_> = report
+        .destinations
+        .iter()
+        .map(|d| (d.destination.as_str(), d.verdicts[0].verdict))
+        .collect();
+    let first_healthy = order
+        .iter()
+        .position(|(_, v)| !v.is_problem())
+        .expect("some healthy");
+    assert!(order[..first_healthy].iter().all(|(_, v)| v.is_problem()));
+    assert!(
+        order[first_healthy..].iter().all(|(_, v)| !v.is_problem()),
+        "{order:?}"
+    );
+    assert!(order.contains(&("10.0.0.1:8081", VerdictId::Refused)));
+    assert!(order.contains(&("10.0.0.2:8082", VerdictId::Blackhole)));
+    assert!(order.contains(&("10.0.0.3:443", VerdictId::Lossy)));
+    assert!(order.contains(&("10.0.0.4:80", VerdictId::Healthy)));
+    assert!(order.contains(&("10.9.9.9:9000", VerdictId::LocalResets)));
+}
+
+#[test]
+fn only_the_window_counts_and_order_does_not() {
+    let events = mixed_log();
+    let mut reversed = events.clone();
+    reversed.reverse();
+    assert_eq!(
+        judge(&events, window(0.0, 600.0)),
+        judge(&reversed, window(0.0, 600.0))
+    );
+    let early = judge(&events, window(0.0, 59.0));
+    assert_eq!(
+        early.window.events,
+        events.iter().filter(|e| e.time < at(59.5)).count() as u64
+    );
+    assert_eq!(early.window.start, "2026-11-18T11:06:40.000Z");
+    assert_eq!(early.window.seconds, 59.0);
+}
+
+#[test]
+fn mapped_addresses_are_one_destination() {
+    let mut events = vec![connect_ok("10.0.0.1:80", at(0.0), 1)];
+    events.push(connect_ok("[::ffff:10.0.0.1]:80", at(1.0), 1));
+    events.push(connect_ok("10.0.0.1:80", at(2.0), 1));
+    let report = judged(&events);
+    assert_eq!(report.destinations.len(), 1);
+    assert_eq!(report.destinations[0].destination, "10.0.0.1:80");
+}
+
+#[test]
+fn json_has_the_documented_shape() {
+    let report = judge(&mixed_log(), window(0.0, 600.0));
+    let v = serde_json::to_value(&report).unwrap();
+    for key in ["start", "end", "seconds", "events"] {
+        assert!(v["window"].get(key).is_some(), "window.{key}");
+    }
+    let d = &v["destinations"][0];
+    assert!(d["destination"].is_string() && d["side"].is_string());
+    let verdict = &d["verdicts"][0];
+    for key in [
+        "verdict",
+        "confidence",
+        "pattern",
+        "bursts",
+        "evidence",
+        "next_step",
+    ] {
+        assert!(verdict.get(key).is_some(), "verdict.{key}");
+    }
+    assert!(verdict["evidence"].is_object());
+    assert_eq!(v["groups"][0]["port"], 8080);
+    assert_eq!(
+        v["groups"][0]["verdicts"][0]["verdict"],
+        "pool_partial_failure"
+    );
+    let back: Report = serde_json::from_value(v).unwrap();
+    assert_eq!(back, report);
+}

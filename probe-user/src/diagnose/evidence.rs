@@ -1,0 +1,477 @@
+//! Evidence bundles: when a destination's last minute crosses a trigger threshold, one JSON file
+//! with its stats, the verdicts and the raw events around the trigger, written atomically into
+//! `--evidence-dir`. Bounded in number (oldest deleted), in size (events capped), and in rate
+//! (a cool-down per destination, so one incident writes one bundle, not hundreds).
+use std::{
+    collections::HashMap,
+    fs,
+    io::{self, Write},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use serde_json::json;
+
+use super::{
+    engine::{DestinationKey, Window, judge},
+    format_time,
+    recorder::{DestinationStats, FlightRecorder},
+    round,
+};
+use crate::{cli::RunArgs, event::Event};
+
+/// Bundle files start with this and end with `.json`; nothing else in the directory is touched.
+pub const BUNDLE_PREFIX: &str = "connprobe-evidence-";
+
+/// The trigger looks at each destination's last minute: long enough for a ratio over a few
+/// dozen connects, short enough to fire while the incident is on.
+pub const STATS_WINDOW: Duration = Duration::from_secs(60);
+/// A bundle holds the events and verdicts of the five minutes before the trigger, the default
+/// window of `connprobe diagnose`: the lead-up matters as much as the failure.
+pub const LOOKBACK: Duration = Duration::from_secs(300);
+/// After a bundle, a destination stays quiet this long: one incident, one bundle.
+pub const COOLDOWN: Duration = Duration::from_secs(300);
+/// Bundles kept; the oldest are deleted. 20 bundles of at most a few MB each.
+pub const MAX_BUNDLES: usize = 20;
+/// Raw events in a bundle (the newest are kept): about 300 bytes each as JSON, so ~3 MB.
+pub const MAX_EVENTS_PER_BUNDLE: usize = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvidenceError {
+    #[error("cannot create the evidence directory {0}: {1}")]
+    CreateDir(PathBuf, io::Error),
+    #[error("cannot write the evidence bundle {0}: {1}")]
+    Write(PathBuf, io::Error),
+    #[error("cannot list the evidence directory {0}: {1}")]
+    List(PathBuf, io::Error),
+    #[error("the flight recorder's lock is poisoned")]
+    Poisoned,
+}
+
+/// When to write a bundle, where, and how many.
+#[derive(Clone, Debug)]
+pub struct TriggerConfig {
+    pub evidence_dir: PathBuf,
+    /// Failure ratio over the last minute that fires...
+    pub failure_ratio: f64,
+    /// ...or p99 handshake latency that fires...
+    pub latency: Duration,
+    /// ...once a destination made at least this many connects in that minute.
+    pub min_attempts: u64,
+    pub stats_window: Duration,
+    pub lookback: Duration,
+    pub cooldown: Duration,
+    pub max_bundles: usize,
+    pub max_events_per_bundle: usize,
+}
+
+impl TriggerConfig {
+    /// From `connprobe run` flags; `None` without `--evidence-dir`.
+    pub fn from_run_args(args: &RunArgs) -> Option<Self> {
+        Some(TriggerConfig {
+            evidence_dir: args.evidence_dir.clone()?,
+            failure_ratio: args.trigger_failure_ratio,
+            latency: args.trigger_latency,
+            min_attempts: args.trigger_min_attempts,
+            ..TriggerConfig::new(PathBuf::new())
+        })
+    }
+
+    /// The defaults of the flags, writing into `evidence_dir`.
+    pub fn new(evidence_dir: PathBuf) -> Self {
+        TriggerConfig {
+            evidence_dir,
+            failure_ratio: 0.2,
+            latency: Duration::from_secs(1),
+            min_attempts: 10,
+            stats_window: STATS_WINDOW,
+            lookback: LOOKBACK,
+            cooldown: COOLDOWN,
+            max_bundles: MAX_BUNDLES,
+            max_events_per_bundle: MAX_EVENTS_PER_BUNDLE,
+        }
+    }
+}
+
+/// Why a destination fired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TriggerCause {
+    FailureRatio,
+    Latency,
+}
+
+impl TriggerCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TriggerCause::FailureRatio => "failure_ratio",
+            TriggerCause::Latency => "latency",
+        }
+    }
+}
+
+/// Checks the triggers (call `tick` about once a second) and writes the bundles.
+pub struct EvidenceWriter {
+    config: TriggerConfig,
+    last_fired: HashMap<DestinationKey, SystemTime>,
+    written: Arc<AtomicU64>,
+    sequence: u64,
+}
+
+impl EvidenceWriter {
+    /// Creates the evidence directory if needed.
+    pub fn new(config: TriggerConfig) -> Result<Self, EvidenceError> {
+        fs::create_dir_all(&config.evidence_dir)
+            .map_err(|e| EvidenceError::CreateDir(config.evidence_dir.clone(), e))?;
+        Ok(EvidenceWriter {
+            config,
+            last_fired: HashMap::new(),
+            written: Arc::new(AtomicU64::new(0)),
+            sequence: 0,
+        })
+    }
+
+    /// Bundles written since start (for a `_total` metric).
+    pub fn bundles_written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// The same count, shareable with a metrics exporter that lives elsewhere.
+    pub fn bundles_written_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.written)
+    }
+
+    /// Which destinations cross a threshold over the stats window ending `now`, cool-down
+    /// aside.
+    pub fn triggered(
+        &self,
+        stats: &HashMap<DestinationKey, DestinationStats>,
+    ) -> Vec<(DestinationKey, TriggerCause)> {
+        let mut fired: Vec<_> = stats
+            .iter()
+            .filter(|(_, s)| s.attempts >= self.config.min_attempts && s.attempts > 0)
+            .filter_map(|(key, s)| {
+                let latency_us = self.config.latency.as_micros() as u64;
+                if s.failure_ratio >= self.config.failure_ratio {
+                    Some((*key, TriggerCause::FailureRatio))
+                } else if s.latency_p99_us.is_some_and(|p99| p99 >= latency_us) {
+                    Some((*key, TriggerCause::Latency))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        fired.sort_by_key(|(k, _)| *k);
+        fired
+    }
+
+    /// Checks every destination and writes a bundle for each that fired and is not cooling
+    /// down. Holds the recorder's lock only to read from it. Returns the bundles written.
+    pub fn tick(
+        &mut self,
+        recorder: &Mutex<FlightRecorder>,
+        now: SystemTime,
+    ) -> Result<Vec<PathBuf>, EvidenceError> {
+        let cooldown = self.config.cooldown;
+        self.last_fired
+            .retain(|_, t| now.duration_since(*t).unwrap_or_default() < cooldown);
+        let since = now.checked_sub(self.config.stats_window).unwrap_or(now);
+        let (fired, stats, events) = {
+            let recorder = recorder.lock().map_err(|_| EvidenceError::Poisoned)?;
+            let stats = recorder.destination_stats(since);
+            let fired: Vec<_> = self
+                .triggered(&stats)
+                .into_iter()
+                .filter(|(key, _)| !self.last_fired.contains_key(key))
+                .collect();
+            if fired.is_empty() {
+                return Ok(Vec::new());
+            }
+            let window_start = now.checked_sub(self.config.lookback).unwrap_or(now);
+            (fired, stats, recorder.events_since(window_start))
+        };
+        let window = Window::ending_at(now, self.config.lookback);
+        let report = judge(&events, window);
+        let mut paths = Vec::new();
+        for (key, cause) in fired {
+            // Cool down even if writing fails: a full disk must not be retried every second.
+            self.last_fired.insert(key, now);
+            let path = self.write_bundle(&key, cause, &stats[&key], &report, &events, now)?;
+            paths.push(path);
+        }
+        self.prune()?;
+        Ok(paths)
+    }
+
+    fn write_bundle(
+        &mut self,
+        key: &DestinationKey,
+        cause: TriggerCause,
+        stats: &DestinationStats,
+        report: &super::Report,
+        events: &[Event],
+        now: SystemTime,
+    ) -> Result<PathBuf, EvidenceError> {
+        let destination = key.addr.to_string();
+        let mine: Vec<&Event> = events
+            .iter()
+            .filter(|e| DestinationKey::of(e) == *key)
+            .collect();
+        let kept = &mine[mine.len().saturating_sub(self.config.max_events_per_bundle)..];
+        let verdicts = report
+            .destinations
+            .iter()
+            .find(|d| d.destination == destination && d.side == key.side_label())
+            .map(|d| d.verdicts.clone())
+            .unwrap_or_default();
+        let bundle = json!({
+            "trigger": {
+                "destination": destination,
+                "side": key.side_label(),
+                "cause": cause.as_str(),
+                "at": format_time(now),
+                "failure_ratio_threshold": self.config.failure_ratio,
+                "latency_threshold_ms": round(self.config.latency.as_secs_f64() * 1000.0, 3),
+                "min_attempts": self.config.min_attempts,
+                "stats_window_seconds": self.config.stats_window.as_secs_f64(),
+            },
+            "stats": stats,
+            "verdicts": verdicts,
+            "report": report,
+            "events_total": mine.len(),
+            "events_dropped": mine.len() - kept.len(),
+            "events": kept,
+        });
+        let millis = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        self.sequence += 1;
+        let safe: String = destination
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let name = format!(
+            "{BUNDLE_PREFIX}{millis:013}-{:04}-{safe}.json",
+            self.sequence % 10_000
+        );
+        let path = self.config.evidence_dir.join(&name);
+        let body = serde_json::to_vec_pretty(&bundle).map_err(io::Error::other);
+        let written = body.and_then(|b| write_atomically(&self.config.evidence_dir, &name, &b));
+        written.map_err(|e| EvidenceError::Write(path.clone(), e))?;
+        self.written.fetch_add(1, Ordering::Relaxed);
+        Ok(path)
+    }
+
+    /// Deletes the oldest bundles past the bound. Names sort by time (zero-padded millis).
+    fn prune(&self) -> Result<(), EvidenceError> {
+        let dir = &self.config.evidence_dir;
+        let mut bundles = list_bundles(dir).map_err(|e| EvidenceError::List(dir.clone(), e))?;
+        bundles.sort();
+        let excess = bundles.len().saturating_sub(self.config.max_bundles);
+        for old in &bundles[..excess] {
+            // Someone may have removed it already; that is fine.
+            let _ = fs::remove_file(old);
+        }
+        Ok(())
+    }
+}
+
+/// The bundles in `dir`, unsorted.
+pub fn list_bundles(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(BUNDLE_PREFIX) && name.ends_with(".json") {
+            out.push(entry.path());
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `dir/name` so that readers see either nothing or the whole file: a hidden temporary
+/// file in the same directory, flushed to disk, then renamed over.
+fn write_atomically(dir: &Path, name: &str, body: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let result = (|| {
+        let mut file = fs::File::create(&tmp)?;
+        file.write_all(body)?;
+        file.sync_all()?;
+        fs::rename(&tmp, dir.join(name))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diagnose::engine::tests::{at, connect_failed, connect_ok};
+    use crate::event::FailureReason;
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "connprobe-evidence-test-{tag}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = fs::remove_dir_all(&dir);
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn refusing(recorder: &mut FlightRecorder, dest: &str, from: f64, n: usize) {
+        for i in 0..n {
+            recorder.push(&connect_failed(
+                dest,
+                at(from + i as f64 * 0.1),
+                FailureReason::Refused,
+                0,
+            ));
+        }
+    }
+
+    #[test]
+    fn a_failing_destination_gets_one_bundle_per_cooldown() {
+        let dir = TempDir::new("cooldown");
+        let mut writer = EvidenceWriter::new(TriggerConfig::new(dir.0.clone())).unwrap();
+        let recorder = Mutex::new(FlightRecorder::new(1000));
+        {
+            let mut r = recorder.lock().unwrap();
+            for i in 0..20 {
+                r.push(&connect_ok("10.0.0.9:80", at(100.0 + i as f64), 500));
+            }
+            refusing(&mut r, "10.0.0.1:80", 100.0, 15);
+            for i in 0..15 {
+                r.push(&connect_ok("10.0.0.1:80", at(101.0 + i as f64), 500));
+            }
+        }
+        let written = writer.tick(&recorder, at(120.0)).unwrap();
+        assert_eq!(written.len(), 1, "only the failing destination fires");
+        assert_eq!(writer.bundles_written(), 1);
+        for s in 1..30 {
+            assert!(
+                writer
+                    .tick(&recorder, at(120.0 + s as f64))
+                    .unwrap()
+                    .is_empty()
+            );
+        }
+        assert_eq!(list_bundles(&dir.0).unwrap().len(), 1);
+
+        let text = fs::read_to_string(&written[0]).unwrap();
+        let bundle: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(bundle["trigger"]["destination"], "10.0.0.1:80");
+        assert_eq!(bundle["trigger"]["cause"], "failure_ratio");
+        assert_eq!(bundle["stats"]["failures"], 15);
+        assert_eq!(bundle["verdicts"][0]["verdict"], "refused");
+        assert_eq!(bundle["events"].as_array().unwrap().len(), 30);
+        assert_eq!(bundle["events"][0]["type"], "connect");
+        assert!(bundle["report"]["destinations"].is_array());
+        let leftovers: Vec<_> = fs::read_dir(&dir.0)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "no temporary file is left behind");
+
+        // After the cool-down, a still-failing destination fires again.
+        {
+            let mut r = recorder.lock().unwrap();
+            refusing(&mut r, "10.0.0.1:80", 430.0, 15);
+        }
+        assert_eq!(writer.tick(&recorder, at(440.0)).unwrap().len(), 1);
+        assert_eq!(writer.bundles_written(), 2);
+    }
+
+    #[test]
+    fn too_few_attempts_or_a_healthy_minute_do_not_fire() {
+        let dir = TempDir::new("quiet");
+        let mut writer = EvidenceWriter::new(TriggerConfig::new(dir.0.clone())).unwrap();
+        let recorder = Mutex::new(FlightRecorder::new(1000));
+        {
+            let mut r = recorder.lock().unwrap();
+            refusing(&mut r, "10.0.0.1:80", 100.0, 5);
+            for i in 0..50 {
+                r.push(&connect_ok("10.0.0.2:80", at(100.0 + i as f64), 900));
+            }
+        }
+        assert!(writer.tick(&recorder, at(150.0)).unwrap().is_empty());
+        assert_eq!(writer.bundles_written(), 0);
+    }
+
+    #[test]
+    fn slow_p99_fires_on_latency() {
+        let dir = TempDir::new("latency");
+        let mut writer = EvidenceWriter::new(TriggerConfig::new(dir.0.clone())).unwrap();
+        let recorder = Mutex::new(FlightRecorder::new(1000));
+        {
+            let mut r = recorder.lock().unwrap();
+            for i in 0..20 {
+                let us = if i % 5 == 0 { 1_500_000 } else { 800 };
+                r.push(&connect_ok("10.0.0.3:443", at(100.0 + i as f64), us));
+            }
+        }
+        let stats = recorder.lock().unwrap().destination_stats(at(60.0));
+        let fired = writer.triggered(&stats);
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0].1, TriggerCause::Latency);
+        assert_eq!(writer.tick(&recorder, at(125.0)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn bundles_are_bounded_in_number_and_size() {
+        let dir = TempDir::new("bounds");
+        let mut config = TriggerConfig::new(dir.0.clone());
+        config.max_bundles = 3;
+        config.max_events_per_bundle = 7;
+        let mut writer = EvidenceWriter::new(config).unwrap();
+        let recorder = Mutex::new(FlightRecorder::new(10_000));
+        // Ten different failing destinations, each firing once.
+        for d in 0..10 {
+            let dest = format!("10.0.1.{d}:8080");
+            refusing(&mut recorder.lock().unwrap(), &dest, 1000.0 + d as f64, 12);
+            writer.tick(&recorder, at(1001.5 + d as f64)).unwrap();
+        }
+        assert_eq!(writer.bundles_written(), 10);
+        let mut kept = list_bundles(&dir.0).unwrap();
+        kept.sort();
+        assert_eq!(kept.len(), 3, "the oldest are deleted");
+        let newest = kept.last().unwrap().to_string_lossy().into_owned();
+        assert!(newest.contains("10_0_1_9_8080"), "{newest}");
+        let bundle: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(kept.last().unwrap()).unwrap()).unwrap();
+        assert_eq!(bundle["events"].as_array().unwrap().len(), 7);
+        assert_eq!(bundle["events_total"], 12);
+        assert_eq!(bundle["events_dropped"], 5);
+    }
+
+    #[test]
+    fn atomic_write_replaces_whole_files_and_leaves_no_temporary() {
+        let dir = TempDir::new("atomic");
+        fs::create_dir_all(&dir.0).unwrap();
+        write_atomically(&dir.0, "x.json", b"first").unwrap();
+        write_atomically(&dir.0, "x.json", b"second").unwrap();
+        assert_eq!(fs::read(dir.0.join("x.json")).unwrap(), b"second");
+        assert_eq!(fs::read_dir(&dir.0).unwrap().count(), 1);
+        // A directory that is gone fails cleanly, without a stray file.
+        let gone = dir.0.join("missing");
+        assert!(write_atomically(&gone, "y.json", b"z").is_err());
+    }
+}

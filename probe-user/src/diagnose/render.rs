@@ -1,0 +1,288 @@
+//! A report as text for people: worst first, one paragraph per affected destination, the
+//! healthy ones in one line. Works from the report alone (the JSON an agent sends), so
+//! `connprobe diagnose` and `connprobe analyze` print the same thing.
+use std::fmt::Write;
+
+use serde_json::{Map, Value};
+
+use super::verdict::{Burst, Pattern, Report, Verdict, VerdictId};
+
+/// Destinations listed by name in the healthy and not-enough-data lines before "and N more".
+const LISTED_IN_SUMMARY: usize = 8;
+
+pub fn text(report: &Report) -> String {
+    let mut out = String::new();
+    let w = &report.window;
+    let _ = writeln!(
+        out,
+        "connprobe verdicts for {} .. {} ({}, {} events)",
+        w.start,
+        w.end,
+        humantime::format_duration(std::time::Duration::from_secs(w.seconds.round() as u64)),
+        w.events
+    );
+    if w.truncated {
+        out.push_str(
+            "Note: the flight recorder had already forgotten the start of this window; the \
+             verdicts rest on its newer part (raise --recorder-events to keep more).\n",
+        );
+    }
+    if report.destinations.is_empty() {
+        out.push_str("\nNo TCP events in this window: not enough data to judge anything.\n");
+        return out;
+    }
+    let mut healthy = Vec::new();
+    let mut thin = Vec::new();
+    for d in &report.destinations {
+        let Some(top) = d.verdicts.first() else {
+            continue;
+        };
+        let name = match &d.side {
+            Some(side) => format!("{} ({side})", d.destination),
+            None => d.destination.clone(),
+        };
+        match top.verdict {
+            VerdictId::Healthy => healthy.push(d.destination.clone()),
+            VerdictId::NotEnoughData if d.verdicts.len() == 1 => thin.push(d.destination.clone()),
+            _ => {
+                out.push('\n');
+                paragraph(&mut out, &name, &d.verdicts);
+            }
+        }
+    }
+    for g in &report.groups {
+        out.push('\n');
+        paragraph(&mut out, &format!("pool on port {}", g.port), &g.verdicts);
+    }
+    out.push('\n');
+    if !healthy.is_empty() {
+        let _ = writeln!(out, "Healthy: {}.", listing(&healthy));
+    }
+    if !thin.is_empty() {
+        let _ = writeln!(out, "Not enough data: {}.", listing(&thin));
+    }
+    if healthy.is_empty() && thin.is_empty() {
+        out.push_str("No destination is healthy.\n");
+    }
+    out
+}
+
+fn listing(names: &[String]) -> String {
+    let mut text = names
+        .iter()
+        .take(LISTED_IN_SUMMARY)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > LISTED_IN_SUMMARY {
+        let _ = write!(text, " and {} more", names.len() - LISTED_IN_SUMMARY);
+    }
+    text
+}
+
+fn paragraph(out: &mut String, name: &str, verdicts: &[Verdict]) {
+    let Some((top, rest)) = verdicts.split_first() else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "{name}: {} ({:.0}% confidence, {})",
+        top.verdict.as_str(),
+        top.confidence * 100.0,
+        shape(top)
+    );
+    let _ = writeln!(out, "  {}", evidence_sentence(top.verdict, &top.evidence));
+    let _ = writeln!(out, "  Next: {}", top.next_step);
+    for v in rest {
+        let _ = writeln!(
+            out,
+            "  Also {} ({:.0}%, {}): {}",
+            v.verdict.as_str(),
+            v.confidence * 100.0,
+            shape(v),
+            evidence_sentence(v.verdict, &v.evidence)
+        );
+    }
+}
+
+fn shape(v: &Verdict) -> String {
+    match v.pattern {
+        Pattern::Steady => "steady".to_string(),
+        Pattern::Bursty => {
+            let bursts: Vec<String> = v.bursts.iter().take(3).map(burst).collect();
+            let more = v.bursts.len().saturating_sub(3);
+            let mut text = format!("bursty: {}", bursts.join("; "));
+            if more > 0 {
+                let _ = write!(text, "; {more} more");
+            }
+            text
+        }
+    }
+}
+
+fn burst(b: &Burst) -> String {
+    format!(
+        "{} from {} for {:.1}s",
+        b.failures,
+        b.start.get(11..23).unwrap_or(&b.start),
+        b.duration_seconds
+    )
+}
+
+fn u(ev: &Map<String, Value>, key: &str) -> u64 {
+    ev.get(key).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn f(ev: &Map<String, Value>, key: &str) -> Option<f64> {
+    ev.get(key).and_then(Value::as_f64)
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1}%", x * 100.0)
+}
+
+fn errnos(ev: &Map<String, Value>) -> String {
+    match ev.get("errnos").and_then(Value::as_object) {
+        Some(map) if !map.is_empty() => {
+            let list: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{k} x{}", v.as_u64().unwrap_or(0)))
+                .collect();
+            format!(" ({})", list.join(", "))
+        }
+        _ => String::new(),
+    }
+}
+
+/// The evidence of a verdict in one sentence.
+pub fn evidence_sentence(id: VerdictId, ev: &Map<String, Value>) -> String {
+    let attempts = u(ev, "attempts");
+    let matching = u(ev, "matching");
+    match id {
+        VerdictId::Refused => format!(
+            "{matching} of {attempts} connects refused: the SYN was answered with a reset{}.",
+            errnos(ev)
+        ),
+        VerdictId::Blackhole => format!(
+            "{matching} of {attempts} connects got no answer to their SYNs ({} timed out in the \
+             kernel, {} given up by the application; {} SYN retransmits{}){}.",
+            u(ev, "timeouts"),
+            u(ev, "cancelled_after_syn_retransmit"),
+            u(ev, "syn_retransmits"),
+            f(ev, "waited_p50_ms")
+                .map(|w| format!(", median wait {w:.0} ms"))
+                .unwrap_or_default(),
+            errnos(ev)
+        ),
+        VerdictId::Unreachable => format!(
+            "{matching} of {attempts} connects failed with an ICMP unreachable{}.",
+            errnos(ev)
+        ),
+        VerdictId::Lossy => match f(ev, "retransmit_ratio") {
+            Some(r) => format!(
+                "{} of {} segments retransmitted ({}) over {} closed connections, {} of them \
+                 with retransmits.",
+                u(ev, "segments_retransmitted"),
+                u(ev, "segments_sent"),
+                pct(r),
+                u(ev, "connections_closed"),
+                u(ev, "connections_with_retransmits")
+            ),
+            None => format!(
+                "{} segments retransmitted on established connections that are still open.",
+                u(ev, "established_retransmit_segments")
+            ),
+        },
+        VerdictId::ResetMidstream => format!(
+            "{} established connections reset by the peer ({} of connections closed).",
+            u(ev, "resets_received"),
+            pct(f(ev, "reset_share").unwrap_or(0.0))
+        ),
+        VerdictId::LocalResets => format!(
+            "this host sent {} resets, {} of them answering SYNs without a listening socket; \
+             {} connections accepted.",
+            u(ev, "resets_sent"),
+            u(ev, "answering_syn"),
+            u(ev, "connections_accepted")
+        ),
+        VerdictId::SlowHandshakes => format!(
+            "{} of {} handshakes took {:.1} ms or more (median of the slow ones {:.1} ms) \
+             against a baseline of {:.1} ms, with {} failures.",
+            u(ev, "slow"),
+            u(ev, "handshakes"),
+            f(ev, "threshold_ms").unwrap_or(0.0),
+            f(ev, "slow_p50_ms").unwrap_or(0.0),
+            f(ev, "baseline_p50_ms").unwrap_or(0.0),
+            u(ev, "failures")
+        ),
+        VerdictId::PoolPartialFailure => {
+            let names = |key: &str| -> String {
+                ev.get(key)
+                    .and_then(Value::as_array)
+                    .map(|list| {
+                        list.iter()
+                            .map(|m| {
+                                format!(
+                                    "{} ({} failing)",
+                                    m["destination"].as_str().unwrap_or("?"),
+                                    pct(m["failure_ratio"].as_f64().unwrap_or(0.0))
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default()
+            };
+            format!(
+                "failing: {}; healthy: {}.",
+                names("failing"),
+                names("healthy")
+            )
+        }
+        VerdictId::Healthy | VerdictId::NotEnoughData => format!(
+            "{} events, {} connects, {} failed.",
+            u(ev, "events"),
+            attempts,
+            u(ev, "failures")
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diagnose::engine::{
+        judge,
+        tests::{at, connect_failed, connect_ok, window},
+    };
+    use crate::event::FailureReason;
+
+    #[test]
+    fn worst_first_and_healthy_in_one_line() {
+        let mut events = Vec::new();
+        for i in 0..20 {
+            events.push(connect_ok("10.0.0.1:80", at(i as f64), 300));
+            events.push(connect_ok("10.0.0.2:80", at(i as f64), 300));
+            events.push(connect_failed(
+                "10.0.0.3:5432",
+                at(i as f64),
+                FailureReason::Refused,
+                0,
+            ));
+        }
+        let text = text(&judge(&events, window(0.0, 60.0)));
+        let refused = text.find("10.0.0.3:5432 (client): refused").expect(&text);
+        let healthy = text
+            .find("Healthy: 10.0.0.1:80, 10.0.0.2:80.")
+            .expect(&text);
+        assert!(refused < healthy, "{text}");
+        assert!(text.contains("20 of 20 connects refused"), "{text}");
+        assert!(text.contains("Next: SYNs to 10.0.0.3:5432"), "{text}");
+    }
+
+    #[test]
+    fn an_empty_window_says_so() {
+        let text = text(&judge(&[], window(0.0, 60.0)));
+        assert!(text.contains("No TCP events in this window"), "{text}");
+    }
+}
