@@ -14,6 +14,8 @@ pub const SOCKETS_MAP: &str = "SOCKETS";
 pub const COUNTERS_MAP: &str = "COUNTERS";
 /// The global holding [`KernelOffsets`], set before load.
 pub const OFFSETS_GLOBAL: &str = "OFFSETS";
+/// The global holding the unread byte count at which a submit wakes the agent (u64).
+pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
 
 /// Default ring buffer size: 4 MiB holds ~40,000 events, a few seconds of a connect storm.
 pub const DEFAULT_RING_BYTES: u32 = 4 << 20;

@@ -1,10 +1,14 @@
 //! Building event headers and owners, and handing events to the ring buffer.
-use aya_ebpf::helpers::{
-    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id,
+        bpf_ktime_get_ns,
+    },
 };
 use probe_common::{COMM_LEN, Counter, EventHeader, EventKind, Owner, SocketRecord, owner_flags};
 
-use crate::maps::{EVENTS, SOCKETS, bump};
+use crate::maps::{EVENTS, SOCKETS, WAKEUP_BYTES, bump};
 
 #[inline(always)]
 pub fn now_ns() -> u64 {
@@ -63,13 +67,22 @@ pub fn owner_of(sk: u64) -> Owner {
 }
 
 /// Counts the event as produced and writes it to the ring buffer, or counts it lost there.
+/// Submits wake the agent only once a batch has built up: a wakeup per event would cost more
+/// than the event.
 #[inline(always)]
 pub fn emit<T: 'static>(kind: EventKind, event: T) {
     bump(kind.produced_counter());
     match EVENTS.reserve::<T>(0) {
         Some(mut entry) => {
             entry.write(event);
-            entry.submit(0);
+            // SAFETY: a plain read of a load-time constant.
+            let threshold = unsafe { core::ptr::read_volatile(&raw const WAKEUP_BYTES) };
+            let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            };
+            entry.submit(flags as u64);
         }
         None => bump(Counter::LostRingbuf),
     }

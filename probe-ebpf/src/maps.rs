@@ -58,6 +58,11 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     has_retransmit_err: 0,
 };
 
+/// Unread bytes in [`EVENTS`] at which a submit wakes the agent; below it the agent's
+/// periodic poll picks the events up. Set by the agent before load.
+#[unsafe(no_mangle)]
+pub static WAKEUP_BYTES: u64 = 0;
+
 /// Reads one offset. The volatile read keeps the compiler from folding the placeholder zeros.
 macro_rules! offset {
     ($field:ident) => {{

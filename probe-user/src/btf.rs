@@ -121,8 +121,12 @@ impl Btf {
         let str_off = u32_at(data, 16)? as usize;
         let str_len = u32_at(data, 20)? as usize;
         let section = |off: usize, len: usize| {
-            let start = hdr_len.checked_add(off).ok_or(BtfError::Malformed("offset"))?;
-            let end = start.checked_add(len).ok_or(BtfError::Malformed("length"))?;
+            let start = hdr_len
+                .checked_add(off)
+                .ok_or(BtfError::Malformed("offset"))?;
+            let end = start
+                .checked_add(len)
+                .ok_or(BtfError::Malformed("length"))?;
             data.get(start..end)
                 .ok_or(BtfError::Malformed("section out of bounds"))
         };
@@ -192,8 +196,8 @@ impl Btf {
                     vlen * 8
                 }
                 KIND_DATASEC | KIND_ENUM64 => vlen * 12,
-                KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST
-                | KIND_RESTRICT | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => 0,
+                KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
+                | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => 0,
                 _ => return Err(BtfError::Malformed("unknown type kind")),
             };
             at += extra;
@@ -331,7 +335,10 @@ impl Btf {
     pub fn enum_value(&self, name: &str, value: &str) -> Result<u32, BtfError> {
         let missing = || BtfError::NoEnumValue(name.to_string(), value.to_string());
         let id = *self.by_name.get(name).ok_or_else(missing)?;
-        let ty = self.ty(id).filter(|t| t.kind == KIND_ENUM).ok_or_else(missing)?;
+        let ty = self
+            .ty(id)
+            .filter(|t| t.kind == KIND_ENUM)
+            .ok_or_else(missing)?;
         ty.members
             .iter()
             .find(|m| self.name(m.name_off) == value)
@@ -348,7 +355,10 @@ impl Btf {
             .get(&format!("btf_trace_{name}"))
             .ok_or_else(missing)?;
         let ptr = self.resolve(typedef).ok_or_else(missing)?;
-        let ptr = self.ty(ptr).filter(|t| t.kind == KIND_PTR).ok_or_else(missing)?;
+        let ptr = self
+            .ty(ptr)
+            .filter(|t| t.kind == KIND_PTR)
+            .ok_or_else(missing)?;
         let proto = self.resolve(ptr.size_or_type).ok_or_else(missing)?;
         let proto = self
             .ty(proto)
@@ -366,7 +376,8 @@ mod tests {
     /// struct outer { int x; union { int y; struct inner in; }; int arr[3]; int bf:3; }
     /// and typedef btf_trace_demo -> ptr -> proto(void*, int, int).
     fn sample() -> Vec<u8> {
-        let mut strings = b"\0int\0inner\0a\0b\0outer\0x\0y\0in\0arr\0btf_trace_demo\0bf\0".to_vec();
+        let mut strings =
+            b"\0int\0inner\0a\0b\0outer\0x\0y\0in\0arr\0btf_trace_demo\0bf\0".to_vec();
         let s = |name: &str, strings: &[u8]| -> u32 {
             let needle = [name.as_bytes(), b"\0"].concat();
             strings
@@ -399,7 +410,11 @@ mod tests {
         // 6: func proto (void*, int, int); 7: ptr -> 6; 8: typedef btf_trace_demo -> 7
         push(&[0, info(KIND_FUNC_PROTO, 3, false), 0, 0, 0, 0, 1, 0, 1]);
         push(&[0, info(KIND_PTR, 0, false), 6]);
-        push(&[s("btf_trace_demo", &strings), info(KIND_TYPEDEF, 0, false), 7]);
+        push(&[
+            s("btf_trace_demo", &strings),
+            info(KIND_TYPEDEF, 0, false),
+            7,
+        ]);
 
         let mut out = Vec::new();
         out.extend_from_slice(&MAGIC.to_le_bytes());
@@ -417,15 +432,45 @@ mod tests {
     #[test]
     fn finds_members_through_anonymous_unions_and_paths() {
         let btf = Btf::parse(&sample()).unwrap();
-        assert_eq!(btf.member("outer", &["x"]).unwrap(), Member { offset: 0, size: 4 });
-        assert_eq!(btf.member("outer", &["y"]).unwrap(), Member { offset: 8, size: 4 });
-        assert_eq!(btf.member("outer", &["in", "b"]).unwrap(), Member { offset: 12, size: 4 });
-        assert_eq!(btf.member("outer", &["arr"]).unwrap(), Member { offset: 16, size: 12 });
-        assert!(matches!(btf.member("outer", &["bf"]), Err(BtfError::Bitfield(..))));
-        assert!(matches!(btf.member("outer", &["nope"]), Err(BtfError::NoMember(..))));
-        assert!(matches!(btf.member("nothing", &["x"]), Err(BtfError::NoStruct(..))));
+        assert_eq!(
+            btf.member("outer", &["x"]).unwrap(),
+            Member { offset: 0, size: 4 }
+        );
+        assert_eq!(
+            btf.member("outer", &["y"]).unwrap(),
+            Member { offset: 8, size: 4 }
+        );
+        assert_eq!(
+            btf.member("outer", &["in", "b"]).unwrap(),
+            Member {
+                offset: 12,
+                size: 4
+            }
+        );
+        assert_eq!(
+            btf.member("outer", &["arr"]).unwrap(),
+            Member {
+                offset: 16,
+                size: 12
+            }
+        );
+        assert!(matches!(
+            btf.member("outer", &["bf"]),
+            Err(BtfError::Bitfield(..))
+        ));
+        assert!(matches!(
+            btf.member("outer", &["nope"]),
+            Err(BtfError::NoMember(..))
+        ));
+        assert!(matches!(
+            btf.member("nothing", &["x"]),
+            Err(BtfError::NoStruct(..))
+        ));
         assert_eq!(btf.tracepoint_args("demo").unwrap(), 2);
-        assert!(matches!(btf.tracepoint_args("other"), Err(BtfError::NoTracepoint(..))));
+        assert!(matches!(
+            btf.tracepoint_args("other"),
+            Err(BtfError::NoTracepoint(..))
+        ));
     }
 
     #[test]
@@ -441,12 +486,20 @@ mod tests {
     #[test]
     fn reads_this_kernels_sock() {
         let Ok(btf) = Btf::from_file(Btf::VMLINUX) else {
-            panic!("no BTF at {}: connprobe's test machines have it", Btf::VMLINUX);
+            panic!(
+                "no BTF at {}: connprobe's test machines have it",
+                Btf::VMLINUX
+            );
         };
         let family = btf.member("sock", &["__sk_common", "skc_family"]).unwrap();
         assert_eq!(family.size, 2);
         assert_eq!(btf.member("sock_common", &["skc_daddr"]).unwrap().offset, 0);
-        assert_eq!(btf.member("sock_common", &["skc_rcv_saddr"]).unwrap().offset, 4);
+        assert_eq!(
+            btf.member("sock_common", &["skc_rcv_saddr"])
+                .unwrap()
+                .offset,
+            4
+        );
         assert_eq!(btf.member("sock", &["sk_err"]).unwrap().size, 4);
         assert_eq!(btf.tracepoint_args("inet_sock_set_state").unwrap(), 3);
         assert_eq!(btf.enum_value("sock_flags", "SOCK_DEAD").unwrap(), 0);

@@ -359,7 +359,10 @@ mod tests {
         }
         let mut unknown = bytes.clone();
         unknown[0] = 99;
-        assert_eq!(decode(&unknown, &clock()), Err(DecodeError::UnknownKind(99)));
+        assert_eq!(
+            decode(&unknown, &clock()),
+            Err(DecodeError::UnknownKind(99))
+        );
         let mut bad_family = bytes;
         bad_family[16] = 7;
         assert_eq!(decode(&bad_family, &clock()), Err(DecodeError::Family(7)));

@@ -7,7 +7,9 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, TracePoint},
 };
-use probe_common::{COUNTERS_MAP, EVENTS_MAP, KernelOffsets, OFFSETS_GLOBAL, SOCKETS_MAP};
+use probe_common::{
+    COUNTERS_MAP, EVENTS_MAP, KernelOffsets, OFFSETS_GLOBAL, SOCKETS_MAP, WAKEUP_BYTES_GLOBAL,
+};
 
 use crate::{
     btf::Btf,
@@ -168,8 +170,12 @@ fn try_load(
         None
     };
 
+    // Wake the agent once an eighth of the ring is waiting; the reader also polls every
+    // POLL_INTERVAL, so a quiet host still sees its events promptly.
+    let wakeup_bytes = u64::from(config.ring_buffer_bytes / 8);
     let mut ebpf = EbpfLoader::new()
         .override_global(OFFSETS_GLOBAL, &offsets, true)
+        .override_global(WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
         .map_max_entries(EVENTS_MAP, config.ring_buffer_bytes)
         .map_max_entries(SOCKETS_MAP, config.max_sockets)
         .load(OBJECT)
@@ -197,7 +203,9 @@ fn try_load(
             tracepoint: format!("{category}/{name}"),
             source,
         };
-        let prog = ebpf.program_mut(program).ok_or(LoadError::Missing(program))?;
+        let prog = ebpf
+            .program_mut(program)
+            .ok_or(LoadError::Missing(program))?;
         match how {
             Attachment::Btf => {
                 let prog: &mut BtfTracePoint = prog.try_into().map_err(fail)?;

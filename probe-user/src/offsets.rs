@@ -23,9 +23,7 @@ pub enum OffsetsError {
         actual: u32,
         expected: u32,
     },
-    #[error(
-        "the kernel has no tracepoint {0} (looked in {1}); connprobe needs it to trace TCP"
-    )]
+    #[error("the kernel has no tracepoint {0} (looked in {1}); connprobe needs it to trace TCP")]
     NoTracepoint(String, String),
     #[error("tracepoint {0} has no field {1}; this kernel's tracepoint is not supported")]
     NoField(String, String),
@@ -137,9 +135,7 @@ impl Hook {
         match self {
             Hook::TcpState => ("tcp_state_btf", "tcp_state_tp"),
             Hook::TcpRetransmit => ("tcp_retransmit_btf", "tcp_retransmit_tp"),
-            Hook::TcpRetransmitSynack => {
-                ("tcp_retransmit_synack_btf", "tcp_retransmit_synack_tp")
-            }
+            Hook::TcpRetransmitSynack => ("tcp_retransmit_synack_btf", "tcp_retransmit_synack_tp"),
             Hook::TcpSendReset => ("tcp_send_reset_btf", "tcp_send_reset_tp"),
             Hook::TcpReceiveReset => ("tcp_receive_reset_btf", "tcp_receive_reset_tp"),
         }
@@ -276,8 +272,17 @@ impl Tracefs {
         })
     }
 
-    fn format(&self, category: &str, name: &str) -> Result<HashMap<String, (u32, u32)>, OffsetsError> {
-        let path = self.root.join("events").join(category).join(name).join("format");
+    fn format(
+        &self,
+        category: &str,
+        name: &str,
+    ) -> Result<HashMap<String, (u32, u32)>, OffsetsError> {
+        let path = self
+            .root
+            .join("events")
+            .join(category)
+            .join(name)
+            .join("format");
         match std::fs::read_to_string(&path) {
             Ok(text) => Ok(parse_format(&text)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(OffsetsError::NoTracepoint(
@@ -350,7 +355,10 @@ print fmt: \"skbaddr=%p\", REC->skbaddr
         assert_eq!(o.skb_cb_gso_segs, cb + 8);
         for hook in Hook::ALL {
             let (_, name) = hook.tracepoint();
-            assert!(btf.tracepoint_args(name).unwrap() >= hook.btf_args_needed(), "{name}");
+            assert!(
+                btf.tracepoint_args(name).unwrap() >= hook.btf_args_needed(),
+                "{name}"
+            );
         }
     }
 }

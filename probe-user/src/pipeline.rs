@@ -35,6 +35,9 @@ use crate::{
 const LOG_QUEUE: usize = 65_536;
 /// Events the reader decodes before handing them on as one batch.
 const BATCH: usize = 1024;
+/// The kernel wakes the reader only when a batch has built up (see probe-ebpf `emit`); between
+/// wakeups the reader looks this often.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Where events were lost, as `connprobe_events_lost_total{stage}` names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,9 +211,12 @@ fn spawn_reader(
     tokio::spawn(async move {
         // SAFETY: the RingBuf owns its map fd and keeps it open and unchanged while the
         // AsyncFd holds it.
-        let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-            .context("cannot poll the ring buffer")?;
+        let mut fd =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .context("cannot poll the ring buffer")?;
         let mut batch = Vec::with_capacity(BATCH);
+        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 guard = fd.readable_mut() => {
@@ -218,6 +224,7 @@ fn spawn_reader(
                     drain(guard.get_inner_mut(), &clock, &mut batch, &mut consumers);
                     guard.clear_ready();
                 }
+                _ = poll.tick() => drain(fd.get_mut(), &clock, &mut batch, &mut consumers),
                 _ = stop.changed() => break,
             }
         }
@@ -252,7 +259,9 @@ fn spawn_log_writer(
             let mut failing = false;
             let report = |e: io::Error, failing: &mut bool| {
                 if !*failing {
-                    tracing::error!("writing the JSON log failed: {e}; events are counted as lost (stage log)");
+                    tracing::error!(
+                        "writing the JSON log failed: {e}; events are counted as lost (stage log)"
+                    );
                     *failing = true;
                 }
             };
@@ -311,15 +320,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut readers = Vec::new();
     let mut counters = None;
     let probes = tokio::task::block_in_place(|| {
-        loader::load_and_attach(&config, |KernelMaps { events, counters: c }| {
-            let (stop_tx, stop_rx) = watch::channel(false);
-            let consumers = Consumers {
-                tally: tally.clone(),
-                log: log_tx.clone(),
-            };
-            readers.push((stop_tx, spawn_reader(events, clock, consumers, stop_rx)));
-            counters = Some(c);
-        })
+        loader::load_and_attach(
+            &config,
+            |KernelMaps {
+                 events,
+                 counters: c,
+             }| {
+                let (stop_tx, stop_rx) = watch::channel(false);
+                let consumers = Consumers {
+                    tally: tally.clone(),
+                    log: log_tx.clone(),
+                };
+                readers.push((stop_tx, spawn_reader(events, clock, consumers, stop_rx)));
+                counters = Some(c);
+            },
+        )
     })?;
     drop(log_tx);
     // Readers of a failed first attempt (before a fallback) watch maps nothing writes to.
@@ -335,7 +350,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .map(|(hook, how)| format!("{}={}", hook.tracepoint().1, how.as_str()))
         .collect::<Vec<_>>()
         .join(" ");
-    tracing::info!("connprobe is tracing ({} programs attached: {plan})", probes.plan.len());
+    tracing::info!(
+        "connprobe is tracing ({} programs attached: {plan})",
+        probes.plan.len()
+    );
 
     let deadline = async {
         match args.duration {
@@ -403,7 +421,13 @@ mod tests {
         tally.delivered[0].store(3, Relaxed);
         tally.add_lost(LossStage::Queue, 2);
         let line = tally.line();
-        assert!(line.contains("connect=3 retransmit=0 reset=0 close=0"), "{line}");
-        assert!(line.contains("lost: ringbuf=0 map=0 queue=2 log=0"), "{line}");
+        assert!(
+            line.contains("connect=3 retransmit=0 reset=0 close=0"),
+            "{line}"
+        );
+        assert!(
+            line.contains("lost: ringbuf=0 map=0 queue=2 log=0"),
+            "{line}"
+        );
     }
 }
