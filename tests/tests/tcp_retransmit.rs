@@ -1,0 +1,165 @@
+//! Retransmits (probe-ebpf `tcp_retransmit`): bulk transfers through a path that drops 20% of the
+//! client's packets. The kernel's own counters are the ground truth: the client's retransmit
+//! events must add up to the client namespace's TcpRetransSegs, and so must its close events'
+//! `segments_retransmitted`; the same holds for the server.
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use serde_json::json;
+use tests::{
+    Agent, Check, Lab, Pattern, assert_exactly,
+    events::{self, Flow, Opener},
+    expect::{lab_events, sum},
+    socket,
+    traffic::{self, serve},
+};
+
+const CLIENT: Opener<'static> = Opener { comm: "lab-client" };
+const CONNECTIONS: usize = 3;
+const BYTES_EACH: usize = 2 << 20;
+
+#[test]
+fn lossy_path() -> anyhow::Result<()> {
+    let mut lab = Lab::new(31)?;
+    let client_ip = IpAddr::from(lab.client_v4());
+    let server = SocketAddr::new(lab.server_v4().into(), 8083);
+    lab.server_rule("tcp dport 8083 numgen random mod 100 < 20 drop")?;
+    let listener = serve(&lab, server, CONNECTIONS, traffic::sink);
+    let (client_before, server_before) = (lab.client_counters(), lab.server_counters());
+    let agent = Agent::start()?;
+    let clients: Vec<SocketAddr> = lab
+        .client(CLIENT.comm, move || {
+            let payload = vec![0x5au8; BYTES_EACH];
+            (0..CONNECTIONS)
+                .map(|_| {
+                    let attempt = socket::connect(client_ip, server, None);
+                    let mut stream = attempt.result.expect("connect through the lossy path");
+                    traffic::limit_io(&stream);
+                    stream.write_all(&payload).expect("send");
+                    stream
+                        .shutdown(std::net::Shutdown::Write)
+                        .expect("shutdown");
+                    let mut count = [0u8; 8];
+                    stream
+                        .read_exact(&mut count)
+                        .expect("the server's byte count");
+                    assert_eq!(u64::from_be_bytes(count), BYTES_EACH as u64);
+                    attempt.local
+                })
+                .collect()
+        })
+        .join()
+        .expect("client thread");
+    listener.join().expect("server thread");
+    lab.settle(Duration::from_secs(30))?;
+    let log = agent.stop()?;
+    let client_resent = lab.client_counters().retrans_segs - client_before.retrans_segs;
+    let server_resent = lab.server_counters().retrans_segs - server_before.retrans_segs;
+    eprintln!("TcpRetransSegs deltas: client {client_resent}, server {server_resent}");
+    assert!(
+        client_resent > 0,
+        "20% loss made the client retransmit nothing"
+    );
+
+    let lab_log = lab_events(&lab, &log);
+    let client_retransmit = Pattern::new(
+        "client retransmit",
+        json!({"type": "retransmit", "side": "client", "src_ip": client_ip.to_string()}),
+    );
+    let server_retransmit = Pattern::new(
+        "server retransmit",
+        json!({"type": "retransmit", "src_ip": server.ip().to_string()}),
+    );
+    let client_close = Pattern::new(
+        "client close",
+        json!({"type": "close", "src_ip": client_ip.to_string()}),
+    );
+    let server_close = Pattern::new(
+        "server close",
+        json!({"type": "close", "src_ip": server.ip().to_string()}),
+    );
+    let client_segments = sum(&lab_log, &client_retransmit, "segments");
+    let client_closed = sum(&lab_log, &client_close, "segments_retransmitted");
+    let server_segments = sum(&lab_log, &server_retransmit, "segments");
+    let server_closed = sum(&lab_log, &server_close, "segments_retransmitted");
+    eprintln!(
+        "retransmit events' segments: client {client_segments}, server {server_segments}; \
+         close events' segments_retransmitted: client {client_closed}, server {server_closed}"
+    );
+    assert_eq!(
+        client_segments, client_resent,
+        "client retransmit segments vs TcpRetransSegs"
+    );
+    assert_eq!(
+        client_closed, client_resent,
+        "client close segments_retransmitted vs TcpRetransSegs"
+    );
+    assert_eq!(
+        server_segments, server_resent,
+        "server retransmit segments vs TcpRetransSegs"
+    );
+    assert_eq!(
+        server_closed, server_resent,
+        "server close segments_retransmitted vs TcpRetransSegs"
+    );
+
+    // Besides the retransmits, exactly one connect and one close per side and connection.
+    let mut expected = Vec::new();
+    for &client in &clients {
+        let flow = Flow { client, server };
+        expected.push(events::client_established_any_retries(flow, CLIENT));
+        expected.push(events::server_established(flow));
+        expected.push(
+            events::client_close(flow, CLIENT)
+                .check("bytes_sent", Check::AtLeast(BYTES_EACH as u64)),
+        );
+        expected.push(
+            events::server_close(flow).check("bytes_received", Check::AtLeast(BYTES_EACH as u64)),
+        );
+    }
+    let others: Vec<_> = lab_log
+        .iter()
+        .filter(|e| e["type"] != "retransmit")
+        .cloned()
+        .collect();
+    assert_exactly(&others, &expected);
+    // Every retransmit belongs to one of the connections, on its own side.
+    let stray: Vec<_> = lab_log
+        .iter()
+        .filter(|e| e["type"] == "retransmit")
+        .filter(|e| {
+            !clients.iter().any(|&client| {
+                let flow = Flow { client, server };
+                retransmit_of(flow).iter().any(|p| p.matches(e))
+            })
+        })
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "retransmits of no lab connection: {stray:#?}"
+    );
+    Ok(())
+}
+
+/// A retransmit on either side of `flow` (the client's with its owner).
+fn retransmit_of(flow: Flow) -> [Pattern; 2] {
+    [
+        Pattern::new(
+            "client retransmit",
+            json!({"type": "retransmit", "side": "client", "pid": std::process::id(), "comm": CLIENT.comm,
+                   "src_ip": flow.client.ip().to_string(), "src_port": flow.client.port(),
+                   "dst_ip": flow.server.ip().to_string(), "dst_port": flow.server.port()}),
+        )
+        .check("segments", Check::Positive),
+        Pattern::new(
+            "server retransmit",
+            json!({"type": "retransmit", "side": "server",
+                   "src_ip": flow.server.ip().to_string(), "src_port": flow.server.port(),
+                   "dst_ip": flow.client.ip().to_string(), "dst_port": flow.client.port()}),
+        )
+        .check("segments", Check::Positive),
+    ]
+}
