@@ -6,6 +6,7 @@
 #![no_main]
 
 mod emit;
+mod empty;
 mod maps;
 mod sock;
 mod tcp_reset;

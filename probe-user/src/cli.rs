@@ -43,6 +43,9 @@ pub enum HookMode {
     Btf,
     /// Classic tracepoints only (needs tracefs; the agent mounts it if missing).
     Classic,
+    /// Empty BTF programs on the same hooks, emitting nothing: the benchmark's floor.
+    #[value(hide = true)]
+    Empty,
 }
 
 #[derive(Debug, Clone, Args)]

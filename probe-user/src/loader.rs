@@ -42,13 +42,13 @@ pub enum LoadError {
     Load(#[source] aya::EbpfError),
     #[error("the kernel refused program {program} for tracepoint {tracepoint}: {source}")]
     Program {
-        program: &'static str,
+        program: String,
         tracepoint: String,
         #[source]
         source: aya::programs::ProgramError,
     },
     #[error("the eBPF object has no {0}; it does not match this connprobe")]
-    Missing(&'static str),
+    Missing(String),
     #[error("cannot open map {0}: {1}")]
     Map(&'static str, #[source] aya::maps::MapError),
 }
@@ -58,6 +58,8 @@ pub enum LoadError {
 pub enum Attachment {
     Btf,
     Classic,
+    /// Empty BTF programs (benchmark floor).
+    Empty,
 }
 
 impl Attachment {
@@ -65,6 +67,7 @@ impl Attachment {
         match self {
             Attachment::Btf => "btf",
             Attachment::Classic => "classic",
+            Attachment::Empty => "empty",
         }
     }
 }
@@ -143,6 +146,7 @@ fn plan_hooks(btf: &Btf, mode: HookMode) -> Vec<(Hook, Attachment)> {
             let how = match mode {
                 HookMode::Classic => Attachment::Classic,
                 HookMode::Btf => Attachment::Btf,
+                HookMode::Empty => Attachment::Empty,
                 HookMode::Auto if has_btf => Attachment::Btf,
                 HookMode::Auto => Attachment::Classic,
             };
@@ -183,31 +187,32 @@ fn try_load(
 
     let events = ebpf
         .take_map(EVENTS_MAP)
-        .ok_or(LoadError::Missing(EVENTS_MAP))?;
+        .ok_or_else(|| LoadError::Missing(EVENTS_MAP.into()))?;
     let events = RingBuf::try_from(events).map_err(|e| LoadError::Map(EVENTS_MAP, e))?;
     let counters = ebpf
         .take_map(COUNTERS_MAP)
-        .ok_or(LoadError::Missing(COUNTERS_MAP))?;
+        .ok_or_else(|| LoadError::Missing(COUNTERS_MAP.into()))?;
     let counters = PerCpuArray::try_from(counters).map_err(|e| LoadError::Map(COUNTERS_MAP, e))?;
     before_attach(KernelMaps { events, counters });
 
     for (hook, how) in &plan {
         let (category, name) = hook.tracepoint();
-        let (btf_prog, classic_prog) = hook.programs();
-        let program = match how {
-            Attachment::Btf => btf_prog,
-            Attachment::Classic => classic_prog,
+        let suffix = match how {
+            Attachment::Btf => "btf",
+            Attachment::Classic => "tp",
+            Attachment::Empty => "empty",
         };
+        let program = format!("{}_{suffix}", hook.program_stem());
         let fail = |source| LoadError::Program {
-            program,
+            program: program.clone(),
             tracepoint: format!("{category}/{name}"),
             source,
         };
         let prog = ebpf
-            .program_mut(program)
-            .ok_or(LoadError::Missing(program))?;
+            .program_mut(&program)
+            .ok_or_else(|| LoadError::Missing(program.clone()))?;
         match how {
-            Attachment::Btf => {
+            Attachment::Btf | Attachment::Empty => {
                 let prog: &mut BtfTracePoint = prog.try_into().map_err(fail)?;
                 prog.load(name, aya_btf).map_err(fail)?;
                 prog.attach().map_err(fail)?;

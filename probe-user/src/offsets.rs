@@ -130,14 +130,15 @@ impl Hook {
         }
     }
 
-    /// Names of the (BTF, classic) programs in the eBPF object.
-    pub fn programs(self) -> (&'static str, &'static str) {
+    /// The programs for this hook in the eBPF object are `<stem>_btf`, `<stem>_tp` (classic)
+    /// and `<stem>_empty` (benchmark floor).
+    pub fn program_stem(self) -> &'static str {
         match self {
-            Hook::TcpState => ("tcp_state_btf", "tcp_state_tp"),
-            Hook::TcpRetransmit => ("tcp_retransmit_btf", "tcp_retransmit_tp"),
-            Hook::TcpRetransmitSynack => ("tcp_retransmit_synack_btf", "tcp_retransmit_synack_tp"),
-            Hook::TcpSendReset => ("tcp_send_reset_btf", "tcp_send_reset_tp"),
-            Hook::TcpReceiveReset => ("tcp_receive_reset_btf", "tcp_receive_reset_tp"),
+            Hook::TcpState => "tcp_state",
+            Hook::TcpRetransmit => "tcp_retransmit",
+            Hook::TcpRetransmitSynack => "tcp_retransmit_synack",
+            Hook::TcpSendReset => "tcp_send_reset",
+            Hook::TcpReceiveReset => "tcp_receive_reset",
         }
     }
 
