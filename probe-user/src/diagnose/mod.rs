@@ -8,11 +8,13 @@
 //! trigger threshold).
 pub mod analyze;
 pub mod client;
+mod destination;
 pub mod engine;
 pub mod evidence;
 pub mod pattern;
 pub mod recorder;
 pub mod render;
+pub mod rules;
 pub mod verdict;
 
 use std::time::SystemTime;

@@ -46,6 +46,13 @@ impl FlightRecorder {
         self.push_owned(event.clone());
     }
 
+    /// Records a batch (e.g. one ring-buffer drain) under a single lock.
+    pub fn extend<'a>(&mut self, events: impl IntoIterator<Item = &'a Event>) {
+        for event in events {
+            self.push(event);
+        }
+    }
+
     pub fn push_owned(&mut self, event: Event) {
         if self.events.len() == self.capacity
             && let Some(old) = self.events.pop_front()

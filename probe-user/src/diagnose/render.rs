@@ -9,6 +9,9 @@ use super::verdict::{Burst, Pattern, Report, Verdict, VerdictId};
 
 /// Destinations listed by name in the healthy and not-enough-data lines before "and N more".
 const LISTED_IN_SUMMARY: usize = 8;
+/// Paragraph lines are wrapped to fit a terminal.
+const WIDTH: usize = 100;
+const INDENT: &str = "  ";
 
 pub fn text(report: &Report) -> String {
     let mut out = String::new();
@@ -91,18 +94,44 @@ fn paragraph(out: &mut String, name: &str, verdicts: &[Verdict]) {
         top.confidence * 100.0,
         shape(top)
     );
-    let _ = writeln!(out, "  {}", evidence_sentence(top.verdict, &top.evidence));
-    let _ = writeln!(out, "  Next: {}", top.next_step);
+    wrap(out, &evidence_sentence(top.verdict, &top.evidence));
+    wrap(out, &format!("Next: {}", top.next_step));
     for v in rest {
-        let _ = writeln!(
+        wrap(
             out,
-            "  Also {} ({:.0}%, {}): {}",
-            v.verdict.as_str(),
-            v.confidence * 100.0,
-            shape(v),
-            evidence_sentence(v.verdict, &v.evidence)
+            &format!(
+                "Also {} ({:.0}%, {}): {}",
+                v.verdict.as_str(),
+                v.confidence * 100.0,
+                shape(v),
+                evidence_sentence(v.verdict, &v.evidence)
+            ),
         );
     }
+}
+
+/// Writes `text` indented, wrapped at `WIDTH` columns on spaces, continuation lines indented
+/// further.
+fn wrap(out: &mut String, text: &str) {
+    let mut column = 0;
+    for word in text.split(' ').filter(|w| !w.is_empty()) {
+        let len = word.chars().count();
+        if column == 0 {
+            out.push_str(INDENT);
+            column = INDENT.len();
+        } else if column + 1 + len > WIDTH {
+            out.push('\n');
+            out.push_str(INDENT);
+            out.push_str(INDENT);
+            column = 2 * INDENT.len();
+        } else {
+            out.push(' ');
+            column += 1;
+        }
+        out.push_str(word);
+        column += len;
+    }
+    out.push('\n');
 }
 
 fn shape(v: &Verdict) -> String {

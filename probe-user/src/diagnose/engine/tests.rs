@@ -7,8 +7,10 @@ use std::{
 
 use super::*;
 use crate::{
-    diagnose::verdict::Pattern,
-    event::{Close, Comm, Connect, Errno, Process, Reset, Retransmit},
+    diagnose::verdict::{Pattern, Verdict},
+    event::{
+        Close, Comm, Connect, Errno, FailureReason, Outcome, Process, Reset, Retransmit, TcpState,
+    },
 };
 
 /// Seconds after a fixed epoch, at millisecond precision (what a log keeps exactly).
@@ -438,7 +440,7 @@ fn pool_partial_failure_names_the_bad_backend() {
     assert_eq!(v.evidence["failing"][0]["destination"], "10.0.1.2:8080");
     assert_eq!(v.evidence["healthy"].as_array().unwrap().len(), 2);
     assert!(
-        v.next_step.contains("10.0.1.2:8080 fail"),
+        v.next_step.contains("10.0.1.2:8080 fails"),
         "{}",
         v.next_step
     );

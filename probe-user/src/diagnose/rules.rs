@@ -1,0 +1,581 @@
+//! The verdict rules: each looks at one destination's evidence and either names its verdict,
+//! with a confidence, the shape in time, the evidence and a next step, or stays silent. Every
+//! threshold is a named constant with the reason for its value.
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::{Duration, SystemTime},
+};
+
+use serde_json::{Map, Value, json};
+
+use super::{
+    destination::{DestinationEvidence, FailedConnect},
+    engine::DestinationKey,
+    pattern::shape,
+    round,
+    verdict::{GroupReport, Verdict, VerdictId},
+};
+use crate::event::{FailureReason, Side};
+
+/// Confidence from the amount of evidence is n / (n + EVIDENCE_HALF): three matching events
+/// make the engine half sure, ten about 77%, a hundred 97%. One event is an anecdote.
+pub const EVIDENCE_HALF: f64 = 3.0;
+
+/// A kind of failure below this share of a destination's attempts is background noise that a
+/// busy healthy service sees (deploys, clients restarting); it stays in the evidence of
+/// `healthy` instead of becoming a verdict...
+pub const NOISE_RATIO: f64 = 0.01;
+/// ...unless there are at least this many of them: a handful of refusals is worth naming even
+/// among many thousands of good connects.
+pub const NOISE_COUNT: u64 = 3;
+
+/// A failure ratio from which the impact part of confidence is full: one connect in ten
+/// failing is an outage for whoever makes them.
+pub const FULL_IMPACT_RATIO: f64 = 0.1;
+
+/// Retransmitted/sent segments above which a path is lossy. Healthy datacenter and internet
+/// paths stay well under 1%; from 2% TCP throughput falls markedly (throughput ~ 1/sqrt(loss)).
+pub const LOSSY_RETRANSMIT_RATIO: f64 = 0.02;
+/// Segments sent (from close events) a destination needs before its ratio is trusted: a few
+/// short connections with one retransmitted SYN-ACK or tail probe give meaningless ratios.
+pub const LOSSY_MIN_SEGMENTS: u64 = 50;
+/// Without close events (long-lived connections still open), this many retransmit hits in the
+/// established phase are enough to call the path lossy, at lower confidence.
+pub const LOSSY_MIN_RETRANSMITS: u64 = 10;
+
+/// Share of connections ended by a reset from which the reset part of confidence is full.
+pub const FULL_RESET_SHARE: f64 = 0.2;
+
+/// A handshake is slow when it takes SLOW_FACTOR times the destination's own baseline...
+pub const SLOW_FACTOR: f64 = 4.0;
+/// ...and at least this much longer: below 10 ms of extra handshake no user notices, and
+/// scheduling noise on a loaded host reaches a few milliseconds on loopback-fast baselines.
+pub const SLOW_MIN_EXCESS: Duration = Duration::from_millis(10);
+/// Handshakes needed to have a baseline at all.
+pub const SLOW_MIN_HANDSHAKES: usize = 8;
+/// Slow handshakes needed, in count and in share, for the verdict.
+pub const SLOW_MIN_COUNT: u64 = 3;
+pub const SLOW_MIN_SHARE: f64 = 0.05;
+
+/// A pool member failing at least this share of its connects is failing...
+pub const POOL_FAILING_RATIO: f64 = 0.2;
+/// ...one failing at most this share is healthy.
+pub const POOL_HEALTHY_RATIO: f64 = 0.05;
+/// Connects a member needs in the window to count in a pool comparison.
+pub const POOL_MIN_ATTEMPTS: u64 = 3;
+
+/// A destination with fewer events than this (connects, closes, resets) gets `not_enough_data`
+/// rather than `healthy`: two good connects say little.
+pub const MIN_EVENTS_TO_JUDGE: u64 = 3;
+
+/// Every verdict that applies to one destination, most likely first; `healthy` or
+/// `not_enough_data` when none does.
+pub(super) fn destination_verdicts(dest: &str, ev: &DestinationEvidence) -> Vec<Verdict> {
+    let mut verdicts: Vec<Verdict> = [
+        refused(dest, ev),
+        blackhole(dest, ev),
+        unreachable(dest, ev),
+        lossy(dest, ev),
+        reset_midstream(dest, ev),
+        local_resets(dest, ev),
+        slow_handshakes(dest, ev),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if verdicts.is_empty() {
+        verdicts.push(healthy_or_not_enough(dest, ev));
+    }
+    rank(&mut verdicts);
+    verdicts
+}
+
+/// Most confident first; ties broken by the fixed order of the IDs, so output is stable.
+fn rank(verdicts: &mut [Verdict]) {
+    verdicts.sort_by(|a, b| {
+        b.confidence
+            .partial_cmp(&a.confidence)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.verdict.cmp(&b.verdict))
+    });
+}
+
+/// Grows with the amount of matching evidence (`n`) and its consistency (0..1).
+pub fn confidence(n: u64, consistency: f64) -> f64 {
+    let n = n as f64;
+    round(n / (n + EVIDENCE_HALF) * consistency.clamp(0.0, 1.0), 3)
+}
+
+pub(super) fn ratio(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}
+
+/// Whether `n` events out of `population` stand above background noise.
+fn significant(n: u64, population: u64) -> bool {
+    n > 0 && (n >= NOISE_COUNT || ratio(n, population.max(n)) >= NOISE_RATIO)
+}
+
+fn impact(share: f64, full_at: f64) -> f64 {
+    0.5 + 0.5 * (share / full_at).min(1.0)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+fn ms(us: u64) -> f64 {
+    round(us as f64 / 1000.0, 3)
+}
+
+fn verdict(
+    id: VerdictId,
+    confidence: f64,
+    times: &[SystemTime],
+    active: (SystemTime, SystemTime),
+    evidence: Value,
+    next_step: String,
+) -> Verdict {
+    let (pattern, bursts) = shape(times, active);
+    let evidence = match evidence {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    };
+    Verdict {
+        verdict: id,
+        confidence,
+        pattern,
+        bursts,
+        evidence,
+        next_step,
+    }
+}
+
+/// The part of a connect-failure verdict shared by refused, blackhole and unreachable.
+fn failure_verdict(
+    id: VerdictId,
+    ev: &DestinationEvidence,
+    matching: &[FailedConnect],
+    mut evidence: Value,
+    next_step: String,
+) -> Option<Verdict> {
+    let n = matching.len() as u64;
+    if !significant(n, ev.attempts) {
+        return None;
+    }
+    let share_of_failures = ratio(n, ev.failures());
+    let consistency = share_of_failures * impact(ev.failure_ratio(), FULL_IMPACT_RATIO);
+    let times: Vec<SystemTime> = matching.iter().map(|f| f.time).collect();
+    if let Value::Object(map) = &mut evidence {
+        map.insert("attempts".into(), json!(ev.attempts));
+        map.insert("failures".into(), json!(ev.failures()));
+        map.insert("matching".into(), json!(n));
+        map.insert("failure_ratio".into(), json!(round(ev.failure_ratio(), 4)));
+        map.insert("errnos".into(), json!(ev.errnos));
+    }
+    Some(verdict(
+        id,
+        confidence(n, consistency),
+        &times,
+        ev.active(),
+        evidence,
+        next_step,
+    ))
+}
+
+fn refused(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
+    let matching: Vec<_> = ev
+        .failed
+        .iter()
+        .filter(|f| f.reason == FailureReason::Refused)
+        .copied()
+        .collect();
+    failure_verdict(
+        VerdictId::Refused,
+        ev,
+        &matching,
+        json!({ "resets_received_in_syn_sent": ev.resets_received_in_syn_sent }),
+        format!(
+            "SYNs to {dest} are answered with a reset: check that the service runs and listens \
+             there (`ss -ltn`), that the load balancer in front has a healthy backend, and that \
+             no firewall rule rejects with a TCP reset."
+        ),
+    )
+}
+
+fn blackhole(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
+    let matching: Vec<_> = ev
+        .failed
+        .iter()
+        .filter(|f| {
+            f.reason == FailureReason::Timeout
+                || (f.reason == FailureReason::Cancelled && f.syn_retransmits >= 1)
+        })
+        .copied()
+        .collect();
+    let timeouts = matching
+        .iter()
+        .filter(|f| f.reason == FailureReason::Timeout)
+        .count();
+    let syn_retransmits: u64 = matching.iter().map(|f| u64::from(f.syn_retransmits)).sum();
+    let mut waited: Vec<u64> = matching.iter().filter_map(|f| f.waited_us).collect();
+    waited.sort_unstable();
+    failure_verdict(
+        VerdictId::Blackhole,
+        ev,
+        &matching,
+        json!({
+            "timeouts": timeouts,
+            "cancelled_after_syn_retransmit": matching.len() - timeouts,
+            "syn_retransmits": syn_retransmits,
+            "syn_retransmit_segments": ev.syn_retransmit_segments,
+            "established_after_syn_retransmit": ev.established_after_syn_retransmit,
+            "waited_p50_ms": percentile(&waited, 0.5).map(ms),
+        }),
+        format!(
+            "SYNs to {dest} go unanswered: look for a firewall or security group dropping them \
+             and for a routing hole on the path; on the server, check the listen backlog \
+             (`nstat -az TcpExtListenOverflows`, `ss -ltn` Recv-Q)."
+        ),
+    )
+}
+
+fn unreachable(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
+    let matching: Vec<_> = ev
+        .failed
+        .iter()
+        .filter(|f| f.reason == FailureReason::Unreachable)
+        .copied()
+        .collect();
+    let ip = dest.rsplit_once(':').map_or(dest, |(ip, _)| ip);
+    failure_verdict(
+        VerdictId::Unreachable,
+        ev,
+        &matching,
+        json!({}),
+        format!(
+            "An ICMP unreachable comes back for {dest}: check the route (`ip route get {ip}`), \
+             the neighbour table (`ip neigh`), and any firewall rule rejecting with ICMP."
+        ),
+    )
+}
+
+fn lossy(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
+    let affected = ev.closes_with_retransmits.len() as u64;
+    let (n, consistency, times) = match ev.retransmit_ratio() {
+        Some(r) if ev.segments_sent >= LOSSY_MIN_SEGMENTS => {
+            if r < LOSSY_RETRANSMIT_RATIO {
+                return None;
+            }
+            let spread = ratio(affected, ev.closes);
+            let times = if ev.established_retransmit_times.is_empty() {
+                &ev.closes_with_retransmits
+            } else {
+                &ev.established_retransmit_times
+            };
+            (
+                affected.max(ev.established_retransmit_times.len() as u64),
+                (r / (2.0 * LOSSY_RETRANSMIT_RATIO)).min(1.0) * (0.5 + 0.5 * spread),
+                times,
+            )
+        }
+        _ => {
+            let hits = ev.established_retransmit_times.len() as u64;
+            if ev.established_retransmit_segments < LOSSY_MIN_RETRANSMITS {
+                return None;
+            }
+            // No ratio to go by: the connections are still open. Half as sure.
+            (hits, 0.5, &ev.established_retransmit_times)
+        }
+    };
+    Some(verdict(
+        VerdictId::Lossy,
+        confidence(n, consistency),
+        times,
+        ev.active(),
+        json!({
+            "connections_closed": ev.closes,
+            "connections_with_retransmits": affected,
+            "segments_sent": ev.segments_sent,
+            "segments_retransmitted": ev.segments_retransmitted,
+            "retransmit_ratio": ev.retransmit_ratio().map(|r| round(r, 4)),
+            "established_retransmit_segments": ev.established_retransmit_segments,
+            "syn_retransmit_segments": ev.syn_retransmit_segments,
+            "other_retransmit_segments": ev.other_retransmit_segments,
+        }),
+        format!(
+            "Segments to {dest} are lost or queued out: check interface errors and drops on \
+             this host and the path (`ip -s link`, `nstat`), congestion on the links, and MTU \
+             problems; compare with other destinations behind the same path."
+        ),
+    ))
+}
+
+fn reset_midstream(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
+    let n = ev.resets_received_midstream.len() as u64;
+    if !significant(n, ev.closes) {
+        return None;
+    }
+    let share = ratio(n, ev.closes.max(n));
+    Some(verdict(
+        VerdictId::ResetMidstream,
+        confidence(n, impact(share, FULL_RESET_SHARE)),
+        &ev.resets_received_midstream,
+        ev.active(),
+        json!({
+            "resets_received": n,
+            "connections_closed": ev.closes,
+            "reset_share": round(share, 4),
+            "by_state": ev.resets_received_by_state,
+        }),
+        format!(
+            "The peer at {dest} resets established connections: compare the reset times with \
+             idle timeouts of load balancers, proxies and NAT on the path, and with restarts or \
+             crashes of the backend; TCP keepalives shorter than the idle timeout help."
+        ),
+    ))
+}
+
+fn local_resets(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
+    let n = ev.resets_sent.len() as u64;
+    let population = ev.attempts + ev.resets_sent_socketless;
+    if !significant(n, population) {
+        return None;
+    }
+    let share = ratio(n, population.max(n));
+    let cause = if ev.resets_sent_socketless * 2 >= n {
+        "most answer SYNs, so nothing listens there: start the service or stop sending traffic \
+         to it (`ss -ltn`)"
+    } else {
+        "they come from open sockets, so the application closes connections with unread data \
+         or with SO_LINGER 0: check its logs and how it closes"
+    };
+    Some(verdict(
+        VerdictId::LocalResets,
+        confidence(n, impact(share, FULL_RESET_SHARE)),
+        &ev.resets_sent,
+        ev.active(),
+        json!({
+            "resets_sent": n,
+            "answering_syn": ev.resets_sent_socketless,
+            "connections_accepted": ev.established,
+            "by_state": ev.resets_sent_by_state,
+        }),
+        format!("This host resets connections to its own {dest}: {cause}."),
+    ))
+}
+
+fn slow_handshakes(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
+    if ev.handshakes.len() < SLOW_MIN_HANDSHAKES {
+        return None;
+    }
+    let mut by_time = ev.handshakes.clone();
+    by_time.sort_unstable();
+    let half = by_time.len() / 2;
+    let p50_of = |part: &[(SystemTime, u64)]| {
+        let mut us: Vec<u64> = part.iter().map(|(_, us)| *us).collect();
+        us.sort_unstable();
+        percentile(&us, 0.5).unwrap_or(0)
+    };
+    let earlier = p50_of(&by_time[..half]);
+    let recent = p50_of(&by_time[half..]);
+    let baseline = earlier.min(recent);
+    let threshold =
+        ((baseline as f64 * SLOW_FACTOR) as u64).max(baseline + SLOW_MIN_EXCESS.as_micros() as u64);
+    let slow: Vec<(SystemTime, u64)> = by_time
+        .iter()
+        .filter(|(_, us)| *us >= threshold)
+        .copied()
+        .collect();
+    let n = slow.len() as u64;
+    let share = ratio(n, by_time.len() as u64);
+    if n < SLOW_MIN_COUNT || share < SLOW_MIN_SHARE {
+        return None;
+    }
+    let mut slow_us: Vec<u64> = slow.iter().map(|(_, us)| *us).collect();
+    slow_us.sort_unstable();
+    let slow_p50 = percentile(&slow_us, 0.5).unwrap_or(0);
+    let times: Vec<SystemTime> = slow.iter().map(|(t, _)| *t).collect();
+    Some(verdict(
+        VerdictId::SlowHandshakes,
+        confidence(n, impact(share, 0.25) * (1.0 - ev.failure_ratio())),
+        &times,
+        ev.active(),
+        json!({
+            "handshakes": by_time.len(),
+            "slow": n,
+            "baseline_p50_ms": ms(baseline),
+            "earlier_p50_ms": ms(earlier),
+            "recent_p50_ms": ms(recent),
+            "slow_p50_ms": ms(slow_p50),
+            "threshold_ms": ms(threshold),
+            "failures": ev.failures(),
+        }),
+        format!(
+            "Handshakes with {dest} take {} ms against a usual {} ms: the server or something \
+             in between queues SYNs; check the server's load and accept queue (`ss -ltn` \
+             Recv-Q), and CPU or softirq saturation on the path.",
+            ms(slow_p50),
+            ms(baseline)
+        ),
+    ))
+}
+
+fn healthy_or_not_enough(dest: &str, ev: &DestinationEvidence) -> Verdict {
+    let mut latencies = ev.latencies_us.clone();
+    latencies.sort_unstable();
+    let figures = json!({
+        "events": ev.events,
+        "attempts": ev.attempts,
+        "established": ev.established,
+        "failures": ev.failures(),
+        "failure_ratio": round(ev.failure_ratio(), 4),
+        "latency_p50_ms": percentile(&latencies, 0.5).map(ms),
+        "latency_p99_ms": percentile(&latencies, 0.99).map(ms),
+        "retransmit_ratio": ev.retransmit_ratio().map(|r| round(r, 4)),
+        "connections_closed": ev.closes,
+    });
+    let unexplained = significant(ev.failures(), ev.attempts);
+    if ev.events < MIN_EVENTS_TO_JUDGE || unexplained {
+        let next_step = if unexplained {
+            format!(
+                "Connects to {dest} fail in a way no verdict explains (see the errnos): look \
+                 at the application's own errors."
+            )
+        } else {
+            "Too few events to judge: widen the window or wait for more traffic.".to_string()
+        };
+        let mut figures = figures;
+        if let Value::Object(map) = &mut figures {
+            map.insert("min_events".into(), json!(MIN_EVENTS_TO_JUDGE));
+            map.insert("errnos".into(), json!(ev.errnos));
+        }
+        let n = ev.events.min(MIN_EVENTS_TO_JUDGE.saturating_sub(1)).max(1);
+        return verdict(
+            VerdictId::NotEnoughData,
+            confidence(
+                n,
+                1.0 - ratio(ev.events, MIN_EVENTS_TO_JUDGE).min(1.0) * 0.5,
+            ),
+            &[],
+            ev.active(),
+            figures,
+            next_step,
+        );
+    }
+    verdict(
+        VerdictId::Healthy,
+        confidence(
+            ev.events,
+            1.0 - ev.failure_ratio() - ev.retransmit_ratio().unwrap_or(0.0),
+        ),
+        &[],
+        ev.active(),
+        figures,
+        "Nothing to do.".to_string(),
+    )
+}
+
+/// Client destinations sharing a port where one or a few fail while the others work: a bad
+/// backend, not the network.
+pub(super) fn pool_verdicts(
+    destinations: &HashMap<DestinationKey, DestinationEvidence>,
+) -> Vec<GroupReport> {
+    let mut by_port: BTreeMap<u16, Vec<(&DestinationKey, &DestinationEvidence)>> = BTreeMap::new();
+    for (key, ev) in destinations {
+        if key.side != Some(Side::Server) && ev.attempts >= POOL_MIN_ATTEMPTS {
+            by_port.entry(key.addr.port()).or_default().push((key, ev));
+        }
+    }
+    let mut groups = Vec::new();
+    for (port, mut members) in by_port {
+        members.sort_by_key(|(k, _)| **k);
+        let failing: Vec<_> = members
+            .iter()
+            .filter(|(_, ev)| ev.failure_ratio() >= POOL_FAILING_RATIO)
+            .collect();
+        let healthy: Vec<_> = members
+            .iter()
+            .filter(|(_, ev)| ev.failure_ratio() <= POOL_HEALTHY_RATIO)
+            .collect();
+        if failing.is_empty() || healthy.is_empty() || failing.len() > healthy.len() {
+            continue;
+        }
+        let failures: u64 = failing.iter().map(|(_, ev)| ev.failures()).sum();
+        let failing_ratio = failing
+            .iter()
+            .map(|(_, ev)| ev.failure_ratio())
+            .sum::<f64>()
+            / failing.len() as f64;
+        let healthy_ratio = healthy
+            .iter()
+            .map(|(_, ev)| ev.failure_ratio())
+            .sum::<f64>()
+            / healthy.len() as f64;
+        let clean_share = ratio(healthy.len() as u64, (members.len() - failing.len()) as u64);
+        let consistency = failing_ratio * (1.0 - healthy_ratio) * clean_share;
+        let describe = |list: &[&(&DestinationKey, &DestinationEvidence)]| -> Vec<Value> {
+            list.iter()
+                .map(|(k, ev)| {
+                    json!({
+                        "destination": k.addr.to_string(),
+                        "attempts": ev.attempts,
+                        "failures": ev.failures(),
+                        "failure_ratio": round(ev.failure_ratio(), 4),
+                    })
+                })
+                .collect()
+        };
+        let names = |list: &[&(&DestinationKey, &DestinationEvidence)]| -> String {
+            list.iter()
+                .map(|(k, _)| k.addr.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let times: Vec<SystemTime> = failing
+            .iter()
+            .flat_map(|(_, ev)| ev.failed.iter().map(|f| f.time))
+            .collect();
+        let active = members
+            .iter()
+            .fold(None, |acc: Option<(SystemTime, SystemTime)>, (_, ev)| {
+                Some(match acc {
+                    None => ev.active(),
+                    Some((a, b)) => (a.min(ev.first), b.max(ev.last)),
+                })
+            })
+            .unwrap_or((SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH));
+        let v = verdict(
+            VerdictId::PoolPartialFailure,
+            confidence(failures, consistency),
+            &times,
+            active,
+            json!({
+                "port": port,
+                "failing": describe(&failing),
+                "healthy": describe(&healthy),
+                "members": members.len(),
+            }),
+            format!(
+                "Among the destinations on port {port}, {} {} while {} work: the network is \
+                 fine, the failing backend is not; take it out of rotation and check its \
+                 service and health checks.",
+                names(&failing),
+                if failing.len() == 1 { "fails" } else { "fail" },
+                names(&healthy)
+            ),
+        );
+        groups.push(GroupReport {
+            port,
+            verdicts: vec![v],
+        });
+    }
+    groups
+}
