@@ -35,21 +35,40 @@ fn try_tcp_state_tp(ctx: &TracePointContext) -> Result<(), i32> {
     on_state_change(sk, old, new)
 }
 
+/// The transitions connprobe acts on.
+enum Transition {
+    ConnectStart,
+    ConnectEstablished,
+    ConnectFailed,
+    AcceptStart,
+    Accepted,
+    Closed,
+}
+
 #[inline(always)]
 fn on_state_change(sk: u64, old: i32, new: i32) -> Result<(), i32> {
+    // Decide on the transition first: most hits (FIN_WAIT1, CLOSE_WAIT, ...) need nothing, and
+    // then no kernel memory is read at all.
+    let transition = match (old as u8, new as u8) {
+        (tcp_state::CLOSE, tcp_state::SYN_SENT) => Transition::ConnectStart,
+        (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => Transition::ConnectEstablished,
+        (tcp_state::SYN_SENT, tcp_state::CLOSE) => Transition::ConnectFailed,
+        (_, tcp_state::SYN_RECV) => Transition::AcceptStart,
+        (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) => Transition::Accepted,
+        (tcp_state::LISTEN | tcp_state::CLOSE, tcp_state::CLOSE) => return Ok(()),
+        (_, tcp_state::CLOSE) => Transition::Closed,
+        _ => return Ok(()),
+    };
     if sk == 0 || protocol(sk)? != IPPROTO_TCP {
         return Ok(());
     }
-    let (old, new) = (old as u8, new as u8);
-    match (old, new) {
-        (tcp_state::CLOSE, tcp_state::SYN_SENT) => start_connect(sk),
-        (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => end_connect(sk, outcome::ESTABLISHED),
-        (tcp_state::SYN_SENT, tcp_state::CLOSE) => end_connect(sk, outcome::FAILED),
-        (_, tcp_state::SYN_RECV) => start_accept(sk),
-        (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) => accepted(sk),
-        (tcp_state::LISTEN | tcp_state::CLOSE, tcp_state::CLOSE) => Ok(()),
-        (_, tcp_state::CLOSE) => closed(sk),
-        _ => Ok(()),
+    match transition {
+        Transition::ConnectStart => start_connect(sk),
+        Transition::ConnectEstablished => end_connect(sk, outcome::ESTABLISHED),
+        Transition::ConnectFailed => end_connect(sk, outcome::FAILED),
+        Transition::AcceptStart => start_accept(sk),
+        Transition::Accepted => accepted(sk),
+        Transition::Closed => closed(sk),
     }
 }
 

@@ -24,11 +24,20 @@ pub fn format_time(time: SystemTime) -> humantime::Rfc3339Timestamp {
     humantime::format_rfc3339_micros(time)
 }
 
+/// Serializes a `Display` value as a JSON string without an intermediate `String`.
+struct Displayed<T>(T);
+
+impl<T: std::fmt::Display> Serialize for Displayed<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0)
+    }
+}
+
 impl Serialize for Event {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(None)?;
         map.serialize_entry("type", self.kind().as_str())?;
-        map.serialize_entry("time", &format_time(self.time).to_string())?;
+        map.serialize_entry("time", &Displayed(format_time(self.time)))?;
         match &self.process {
             Some(p) => {
                 map.serialize_entry("pid", &p.pid)?;
