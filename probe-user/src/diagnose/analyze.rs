@@ -163,6 +163,39 @@ mod tests {
     }
 
     #[test]
+    fn the_agent_and_its_log_agree_despite_the_logs_coarser_times() {
+        use crate::diagnose::{FlightRecorder, client::diagnose_at};
+        use std::sync::Mutex;
+        // Nanosecond times, some a hair before a millisecond boundary: the log keeps only
+        // microseconds.
+        let mut events = mixed_log();
+        for i in 0..600 {
+            let t = at(i as f64);
+            events.push(if (100..110).contains(&i) || (300..304).contains(&i) {
+                connect_failed("10.0.5.5:80", t, FailureReason::Refused, 0)
+            } else {
+                connect_ok("10.0.5.5:80", t, 700 + i)
+            });
+        }
+        for (i, e) in events.iter_mut().enumerate() {
+            e.time += Duration::from_nanos([999_999, 1, 123_456_789, 500_000_999][i % 4]);
+        }
+        let recorder = Mutex::new(FlightRecorder::new(100_000));
+        recorder.lock().unwrap().extend(&events);
+        let (status, body) = diagnose_at(&recorder, Duration::from_secs(900), at(610.0));
+        assert_eq!(status, 200);
+        let agent: Report = serde_json::from_str(&body).unwrap();
+        let log = analyze_reader(&jsonl(&events)[..], "t.jsonl", None).unwrap();
+        assert_eq!(log.verdicts_only(), agent.verdicts_only());
+        assert!(
+            agent
+                .destinations
+                .iter()
+                .any(|d| d.verdicts[0].verdict.is_problem())
+        );
+    }
+
+    #[test]
     fn gzip_is_read_by_content() {
         let events = mixed_log();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());

@@ -89,6 +89,22 @@ fn parse_response(response: &[u8]) -> anyhow::Result<Report> {
     serde_json::from_slice(body).context("the body is not a connprobe report")
 }
 
+/// The `window` of a `/diagnose` query string (`window=300s`, `window=5m`, `window=90`), for
+/// the agent's HTTP server: `Ok(None)` when absent, `Err` (answer 400) when unreadable.
+pub fn window_from_query(query: Option<&str>) -> Result<Option<Duration>, String> {
+    let Some(query) = query else {
+        return Ok(None);
+    };
+    for pair in query.split('&') {
+        if let Some(value) = pair.strip_prefix("window=") {
+            return crate::cli::parse_duration(&value.replace("%20", " "))
+                .map(Some)
+                .map_err(|e| format!("bad window: {e}"));
+        }
+    }
+    Ok(None)
+}
+
 /// The agent's `/diagnose`: the JSON report of the window (default 5 minutes) ending now,
 /// judged from the flight recorder. Returns the HTTP status and body.
 pub fn diagnose_handler(
@@ -103,7 +119,8 @@ pub fn diagnose_handler(
     }
 }
 
-fn diagnose_at(
+/// `diagnose_handler` at a given time, for tests.
+pub(crate) fn diagnose_at(
     recorder: &Mutex<FlightRecorder>,
     length: Duration,
     now: SystemTime,
@@ -214,6 +231,17 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("start one with `connprobe run` or pass --addr"));
+    }
+
+    #[test]
+    fn window_query() {
+        assert_eq!(window_from_query(None), Ok(None));
+        assert_eq!(window_from_query(Some("x=1")), Ok(None));
+        let five = Some(Duration::from_secs(300));
+        assert_eq!(window_from_query(Some("window=300s")), Ok(five));
+        assert_eq!(window_from_query(Some("a=b&window=5m")), Ok(five));
+        assert_eq!(window_from_query(Some("window=300")), Ok(five));
+        assert!(window_from_query(Some("window=soon")).is_err());
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub mod verdict;
 use std::time::SystemTime;
 
 pub use analyze::run_analyze;
-pub use client::{diagnose_handler, run_diagnose};
+pub use client::{diagnose_handler, run_diagnose, window_from_query};
 pub use engine::{Judge, Window, judge};
 pub use evidence::{EvidenceError, EvidenceWriter, TriggerConfig};
 pub use recorder::FlightRecorder;
