@@ -1,11 +1,13 @@
 //! Building event headers and owners, and handing events to the ring buffer.
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id,
         bpf_ktime_get_ns,
     },
 };
+use aya_log_ebpf::warn;
 use probe_common::{COMM_LEN, Counter, EventHeader, EventKind, Owner, SocketRecord, owner_flags};
 
 use crate::maps::{EVENTS, SOCKETS, WAKEUP_BYTES, bump};
@@ -88,11 +90,12 @@ pub fn emit<T: 'static>(kind: EventKind, event: T) {
     }
 }
 
-/// Common tail of every program: a failed kernel read is counted, never fatal.
+/// Common tail of every program: a failed kernel read is counted and logged, never fatal.
 #[inline(always)]
-pub fn finish(result: Result<(), i32>) -> u32 {
-    if result.is_err() {
+pub fn finish<C: EbpfContext>(ctx: &C, hook: &'static str, result: Result<(), i32>) -> u32 {
+    if let Err(err) = result {
         bump(Counter::ReadError);
+        warn!(ctx, "{}: reading kernel memory failed (error {})", hook, err);
     }
     0
 }

@@ -15,12 +15,12 @@ use crate::{
 pub fn tcp_send_reset_btf(ctx: BtfTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
     let skb: u64 = ctx.arg(1);
-    finish(on_send_reset(sk, skb))
+    finish(&ctx, "tcp_send_reset", on_send_reset(sk, skb))
 }
 
 #[tracepoint]
 pub fn tcp_send_reset_tp(ctx: TracePointContext) -> u32 {
-    finish(try_tcp_send_reset_tp(&ctx))
+    finish(&ctx, "tcp_send_reset", try_tcp_send_reset_tp(&ctx))
 }
 
 fn try_tcp_send_reset_tp(ctx: &TracePointContext) -> Result<(), i32> {
@@ -63,12 +63,12 @@ fn on_send_reset(sk: u64, skb: u64) -> Result<(), i32> {
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn tcp_receive_reset_btf(ctx: BtfTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
-    finish(on_receive_reset(sk))
+    finish(&ctx, "tcp_receive_reset", on_receive_reset(sk))
 }
 
 #[tracepoint]
 pub fn tcp_receive_reset_tp(ctx: TracePointContext) -> u32 {
-    finish(try_tcp_receive_reset_tp(&ctx))
+    finish(&ctx, "tcp_receive_reset", try_tcp_receive_reset_tp(&ctx))
 }
 
 fn try_tcp_receive_reset_tp(ctx: &TracePointContext) -> Result<(), i32> {

@@ -17,12 +17,12 @@ pub fn tcp_retransmit_btf(ctx: BtfTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
     let skb: u64 = ctx.arg(1);
     let err: i32 = ctx.arg(2);
-    finish(on_retransmit(sk, skb, err))
+    finish(&ctx, "tcp_retransmit_skb", on_retransmit(sk, skb, err))
 }
 
 #[tracepoint]
 pub fn tcp_retransmit_tp(ctx: TracePointContext) -> u32 {
-    finish(try_tcp_retransmit_tp(&ctx))
+    finish(&ctx, "tcp_retransmit_skb", try_tcp_retransmit_tp(&ctx))
 }
 
 fn try_tcp_retransmit_tp(ctx: &TracePointContext) -> Result<(), i32> {
@@ -59,12 +59,12 @@ fn on_retransmit(sk: u64, skb: u64, err: i32) -> Result<(), i32> {
 #[btf_tracepoint(function = "tcp_retransmit_synack")]
 pub fn tcp_retransmit_synack_btf(ctx: BtfTracePointContext) -> u32 {
     let req: u64 = ctx.arg(1);
-    finish(on_retransmit_synack(req))
+    finish(&ctx, "tcp_retransmit_synack", on_retransmit_synack(req))
 }
 
 #[tracepoint]
 pub fn tcp_retransmit_synack_tp(ctx: TracePointContext) -> u32 {
-    finish(try_tcp_retransmit_synack_tp(&ctx))
+    finish(&ctx, "tcp_retransmit_synack", try_tcp_retransmit_synack_tp(&ctx))
 }
 
 fn try_tcp_retransmit_synack_tp(ctx: &TracePointContext) -> Result<(), i32> {

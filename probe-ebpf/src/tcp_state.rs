@@ -20,12 +20,12 @@ pub fn tcp_state_btf(ctx: BtfTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
-    finish(on_state_change(sk, old, new))
+    finish(&ctx, "inet_sock_set_state", on_state_change(sk, old, new))
 }
 
 #[tracepoint]
 pub fn tcp_state_tp(ctx: TracePointContext) -> u32 {
-    finish(try_tcp_state_tp(&ctx))
+    finish(&ctx, "inet_sock_set_state", try_tcp_state_tp(&ctx))
 }
 
 fn try_tcp_state_tp(ctx: &TracePointContext) -> Result<(), i32> {

@@ -49,6 +49,8 @@ pub enum LoadError {
     },
     #[error("the eBPF object has no {0}; it does not match this connprobe")]
     Missing(String),
+    #[error("cannot read the eBPF programs' log: {0}")]
+    Logger(#[source] aya_log::Error),
     #[error("cannot open map {0}: {1}")]
     Map(&'static str, #[source] aya::maps::MapError),
 }
@@ -82,6 +84,9 @@ pub struct LoaderConfig {
 pub struct KernelMaps {
     pub events: RingBuf<MapData>,
     pub counters: PerCpuArray<MapData, u64>,
+    /// The programs' own log (kernel read failures). Keep it alive and drained: dropping it
+    /// closes the map the programs write their logs to.
+    pub logger: aya_log::EbpfLogger<&'static dyn log::Log>,
 }
 
 /// Loaded and attached programs. Dropping this detaches every program.
@@ -193,7 +198,12 @@ fn try_load(
         .take_map(COUNTERS_MAP)
         .ok_or_else(|| LoadError::Missing(COUNTERS_MAP.into()))?;
     let counters = PerCpuArray::try_from(counters).map_err(|e| LoadError::Map(COUNTERS_MAP, e))?;
-    before_attach(KernelMaps { events, counters });
+    let logger = aya_log::EbpfLogger::init(&mut ebpf).map_err(LoadError::Logger)?;
+    before_attach(KernelMaps {
+        events,
+        counters,
+        logger,
+    });
 
     for (hook, how) in &plan {
         let (category, name) = hook.tracepoint();

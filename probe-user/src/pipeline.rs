@@ -233,6 +233,35 @@ fn spawn_reader(
     })
 }
 
+/// Forwards what the eBPF programs log (through aya-log, to `tracing`) until told to stop.
+fn spawn_program_log(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        // SAFETY: the logger owns its ring buffer fd and keeps it open while the AsyncFd holds it.
+        let Ok(mut fd) =
+            (unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) })
+        else {
+            tracing::warn!("cannot poll the eBPF programs' log; their warnings will not be shown");
+            return;
+        };
+        loop {
+            tokio::select! {
+                guard = fd.readable_mut() => {
+                    let Ok(mut guard) = guard else { return };
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+                _ = stop.changed() => {
+                    fd.get_mut().flush();
+                    return;
+                }
+            }
+        }
+    });
+}
+
 /// Opens the log before anything is loaded, so a bad path fails at once.
 fn open_log(path: &Path) -> anyhow::Result<Box<dyn Write + Send>> {
     if path == Path::new("-") {
@@ -325,8 +354,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             |KernelMaps {
                  events,
                  counters: c,
+                 logger,
              }| {
                 let (stop_tx, stop_rx) = watch::channel(false);
+                spawn_program_log(logger, stop_rx.clone());
                 let consumers = Consumers {
                     tally: tally.clone(),
                     log: log_tx.clone(),
