@@ -81,9 +81,6 @@ fn parse_response(response: &[u8]) -> anyhow::Result<Report> {
         .context("no HTTP status")?;
     if status != 200 {
         let detail = String::from_utf8_lossy(body);
-        if status == 404 {
-            bail!("HTTP 404: is this a connprobe agent, and a version that serves /diagnose?");
-        }
         bail!("HTTP {status}: {}", detail.trim());
     }
     serde_json::from_slice(body).context("the body is not a connprobe report")

@@ -21,6 +21,7 @@ use super::{
     format_time,
     recorder::{DestinationStats, FlightRecorder},
     round,
+    verdict::Report,
 };
 use crate::{cli::RunArgs, event::Event};
 
@@ -37,6 +38,9 @@ pub const LOOKBACK: Duration = Duration::from_secs(300);
 pub const COOLDOWN: Duration = Duration::from_secs(300);
 /// Bundles kept; the oldest are deleted. 20 bundles of at most a few MB each.
 pub const MAX_BUNDLES: usize = 20;
+/// Destinations with a problem verdict that a bundle's report lists besides the triggered one
+/// (healthy ones are left out): context such as a failing pool, at a bounded size.
+pub const MAX_REPORT_DESTINATIONS: usize = 50;
 /// Raw events in a bundle (the newest are kept): about 300 bytes each as JSON, so ~3 MB.
 pub const MAX_EVENTS_PER_BUNDLE: usize = 10_000;
 
@@ -194,11 +198,12 @@ impl EvidenceWriter {
             (fired, stats, recorder.events_since(window_start))
         };
         let window = Window::ending_at(now, self.config.lookback);
-        let report = judge(&events, window);
+        let full = judge(&events, window);
         let mut paths = Vec::new();
         for (key, cause) in fired {
             // Cool down even if writing fails: a full disk must not be retried every second.
             self.last_fired.insert(key, now);
+            let report = bundle_report(&full, &key);
             let path = self.write_bundle(&key, cause, &stats[&key], &report, &events, now)?;
             paths.push(path);
         }
@@ -211,7 +216,7 @@ impl EvidenceWriter {
         key: &DestinationKey,
         cause: TriggerCause,
         stats: &DestinationStats,
-        report: &super::Report,
+        report: &Report,
         events: &[Event],
         now: SystemTime,
     ) -> Result<PathBuf, EvidenceError> {
@@ -278,6 +283,25 @@ impl EvidenceWriter {
         }
         Ok(())
     }
+}
+
+/// The report a bundle carries: the triggered destination, other destinations with a problem
+/// (worst first, bounded), and the pools.
+fn bundle_report(full: &Report, key: &DestinationKey) -> Report {
+    let destination = key.addr.to_string();
+    let side = key.side_label();
+    let mut report = full.clone();
+    let mut others = 0;
+    report.destinations.retain(|d| {
+        if d.destination == destination && d.side == side {
+            return true;
+        }
+        let keep = others < MAX_REPORT_DESTINATIONS
+            && d.verdicts.first().is_some_and(|v| v.verdict.is_problem());
+        others += usize::from(keep);
+        keep
+    });
+    report
 }
 
 /// The bundles in `dir`, unsorted.
@@ -383,7 +407,12 @@ mod tests {
         assert_eq!(bundle["verdicts"][0]["verdict"], "refused");
         assert_eq!(bundle["events"].as_array().unwrap().len(), 30);
         assert_eq!(bundle["events"][0]["type"], "connect");
-        assert!(bundle["report"]["destinations"].is_array());
+        let listed = bundle["report"]["destinations"].as_array().unwrap();
+        assert_eq!(
+            listed.len(),
+            1,
+            "the healthy destination is left out: {listed:?}"
+        );
         let leftovers: Vec<_> = fs::read_dir(&dir.0)
             .unwrap()
             .filter_map(|e| e.ok())
