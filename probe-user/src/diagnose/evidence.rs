@@ -9,8 +9,9 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    thread,
     time::{Duration, SystemTime},
 };
 
@@ -285,6 +286,44 @@ impl EvidenceWriter {
     }
 }
 
+/// How often [`EvidenceWriter::spawn`] checks the triggers.
+pub const TICK: Duration = Duration::from_secs(1);
+
+impl EvidenceWriter {
+    /// Runs the triggers on their own thread, every [`TICK`], until `stop` turns true. Returns
+    /// the bundle counter (for the metric) and the thread. A failure to write is logged once
+    /// per run of failures, not every second.
+    pub fn spawn(
+        mut self,
+        recorder: Arc<Mutex<FlightRecorder>>,
+        stop: Arc<AtomicBool>,
+    ) -> io::Result<(Arc<AtomicU64>, thread::JoinHandle<()>)> {
+        let counter = self.bundles_written_counter();
+        let handle = thread::Builder::new()
+            .name("connprobe-evidence".into())
+            .spawn(move || {
+                let mut failing = false;
+                while !stop.load(Ordering::Relaxed) {
+                    thread::sleep(TICK);
+                    match self.tick(&recorder, SystemTime::now()) {
+                        Ok(paths) => {
+                            failing = false;
+                            for path in paths {
+                                tracing::info!("evidence bundle written: {}", path.display());
+                            }
+                        }
+                        Err(e) if !failing => {
+                            failing = true;
+                            tracing::warn!("{e}");
+                        }
+                        Err(_) => {}
+                    }
+                }
+            })?;
+        Ok((counter, handle))
+    }
+}
+
 /// The report a bundle carries: the triggered destination, other destinations with a problem
 /// (worst first, bounded), and the pools.
 fn bundle_report(full: &Report, key: &DestinationKey) -> Report {
@@ -489,6 +528,18 @@ mod tests {
         assert_eq!(bundle["events"].as_array().unwrap().len(), 7);
         assert_eq!(bundle["events_total"], 12);
         assert_eq!(bundle["events_dropped"], 5);
+    }
+
+    #[test]
+    fn the_trigger_thread_stops_when_told() {
+        let dir = TempDir::new("thread");
+        let writer = EvidenceWriter::new(TriggerConfig::new(dir.0.clone())).unwrap();
+        let recorder = Arc::new(Mutex::new(FlightRecorder::new(100)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (counter, handle) = writer.spawn(recorder, Arc::clone(&stop)).unwrap();
+        stop.store(true, Ordering::Relaxed);
+        handle.join().unwrap();
+        assert_eq!(counter.load(Ordering::Relaxed), 0);
     }
 
     #[test]
