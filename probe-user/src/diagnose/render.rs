@@ -46,7 +46,10 @@ pub fn text(report: &Report) -> String {
         };
         match top.verdict {
             VerdictId::Healthy => healthy.push(d.destination.clone()),
-            VerdictId::NotEnoughData if d.verdicts.len() == 1 => thin.push(d.destination.clone()),
+            // Failures that no verdict explains get a paragraph; few events only a mention.
+            VerdictId::NotEnoughData if u(&top.evidence, "failures") == 0 => {
+                thin.push(d.destination.clone())
+            }
             _ => {
                 out.push('\n');
                 paragraph(&mut out, &name, &d.verdicts);
@@ -269,10 +272,11 @@ pub fn evidence_sentence(id: VerdictId, ev: &Map<String, Value>) -> String {
             )
         }
         VerdictId::Healthy | VerdictId::NotEnoughData => format!(
-            "{} events, {} connects, {} failed.",
+            "{} events, {} connects, {} failed{}.",
             u(ev, "events"),
             attempts,
-            u(ev, "failures")
+            u(ev, "failures"),
+            errnos(ev)
         ),
     }
 }
@@ -307,6 +311,20 @@ mod tests {
         assert!(refused < healthy, "{text}");
         assert!(text.contains("20 of 20 connects refused"), "{text}");
         assert!(text.contains("Next: SYNs to 10.0.0.3:5432"), "{text}");
+    }
+
+    #[test]
+    fn unexplained_failures_get_a_paragraph() {
+        let events: Vec<_> = (0..10)
+            .map(|i| connect_failed("10.0.0.4:80", at(i as f64), FailureReason::Other, 0))
+            .collect();
+        let text = text(&judge(&events, window(0.0, 60.0)));
+        assert!(
+            text.contains("10.0.0.4:80 (client): not_enough_data"),
+            "{text}"
+        );
+        assert!(text.contains("10 failed (EPROTO x10)"), "{text}");
+        assert!(!text.contains("Not enough data:"), "{text}");
     }
 
     #[test]

@@ -441,8 +441,19 @@ fn healthy_or_not_enough(dest: &str, ev: &DestinationEvidence) -> Verdict {
         "latency_p99_ms": percentile(&latencies, 0.99).map(ms),
         "retransmit_ratio": ev.retransmit_ratio().map(|r| round(r, 4)),
         "connections_closed": ev.closes,
+        "errnos": ev.errnos,
     });
-    let unexplained = significant(ev.failures(), ev.attempts);
+    // Failures that match no verdict's mapping: errors other than refused, timeout and
+    // unreachable, and applications giving up before any SYN was retransmitted.
+    let unmatched = ev
+        .failed
+        .iter()
+        .filter(|f| {
+            f.reason == FailureReason::Other
+                || (f.reason == FailureReason::Cancelled && f.syn_retransmits == 0)
+        })
+        .count() as u64;
+    let unexplained = significant(unmatched, ev.attempts);
     if ev.events < MIN_EVENTS_TO_JUDGE || unexplained {
         let next_step = if unexplained {
             format!(
@@ -455,7 +466,6 @@ fn healthy_or_not_enough(dest: &str, ev: &DestinationEvidence) -> Verdict {
         let mut figures = figures;
         if let Value::Object(map) = &mut figures {
             map.insert("min_events".into(), json!(MIN_EVENTS_TO_JUDGE));
-            map.insert("errnos".into(), json!(ev.errnos));
         }
         let n = ev.events.min(MIN_EVENTS_TO_JUDGE.saturating_sub(1)).max(1);
         return verdict(

@@ -503,6 +503,29 @@ fn one_refusal_among_many_good_connects_is_noise() {
 }
 
 #[test]
+fn a_little_noise_of_several_kinds_is_still_healthy() {
+    let mut events = stream("10.0.0.9:80", 1000, 2, |t| {
+        connect_failed("10.0.0.9:80", t, FailureReason::Refused, 0)
+    });
+    events.push(connect_failed(
+        "10.0.0.9:80",
+        at(50.5),
+        FailureReason::Timeout,
+        1,
+    ));
+    events.push(connect_failed(
+        "10.0.0.9:80",
+        at(70.5),
+        FailureReason::Timeout,
+        1,
+    ));
+    let v = top(&judged(&events), "10.0.0.9:80");
+    assert_eq!(v.verdict, VerdictId::Healthy, "{v:?}");
+    assert_eq!(v.evidence["failures"], 4);
+    assert_eq!(v.evidence["errnos"]["ETIMEDOUT"], 2);
+}
+
+#[test]
 fn too_few_events_is_not_enough_data() {
     let events = vec![
         connect_ok("10.0.0.10:80", at(0.0), 300),
