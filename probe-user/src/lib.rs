@@ -2,6 +2,7 @@
 //! kernel offsets (`btf`, `offsets`) -> `loader` -> `reader` (ring buffer) -> `decode` -> `event`
 //! -> consumers: `export::json_log`, the aggregator and Prometheus exporter, the verdict engine.
 //! `pipeline` wires them together and handles shutdown; `cli` is the command line.
+pub mod aggregate;
 pub mod cli;
 pub mod diagnose;
 pub mod event;

@@ -1,2 +1,5 @@
 //! Where events and statistics leave the agent.
+pub mod http;
 pub mod json_log;
+pub mod prometheus;
+pub mod table;

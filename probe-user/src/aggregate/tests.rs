@@ -1,0 +1,590 @@
+use std::time::{Duration, SystemTime};
+
+use super::*;
+use crate::event::{Close, Connect, Errno, Process, Reset, Retransmit};
+
+pub(crate) fn at(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000 + secs)
+}
+
+pub(crate) fn event(time: SystemTime, side: Option<Side>, dst: &str, detail: EventDetail) -> Event {
+    Event {
+        time,
+        process: Some(Process {
+            pid: 42,
+            comm: Comm::from_str_lossy("curl"),
+        }),
+        side,
+        src: "10.200.0.1:40000".parse().unwrap(),
+        dst: dst.parse().unwrap(),
+        detail,
+    }
+}
+
+pub(crate) fn established(time: SystemTime, dst: &str, latency_us: u64) -> Event {
+    event(
+        time,
+        Some(Side::Client),
+        dst,
+        EventDetail::Connect(Connect {
+            outcome: Outcome::Established,
+            reason: None,
+            errno: None,
+            latency: Some(Duration::from_micros(latency_us)),
+            syn_retransmits: 0,
+        }),
+    )
+}
+
+pub(crate) fn failed(time: SystemTime, dst: &str, reason: FailureReason) -> Event {
+    event(
+        time,
+        Some(Side::Client),
+        dst,
+        EventDetail::Connect(Connect {
+            outcome: Outcome::Failed,
+            reason: Some(reason),
+            errno: Some(Errno(Errno::ECONNREFUSED)),
+            latency: Some(Duration::from_micros(150)),
+            syn_retransmits: 0,
+        }),
+    )
+}
+
+fn retransmit(time: SystemTime, dst: &str, state: TcpState, segments: u32) -> Event {
+    event(
+        time,
+        Some(Side::Client),
+        dst,
+        EventDetail::Retransmit(Retransmit { state, segments }),
+    )
+}
+
+fn reset(
+    time: SystemTime,
+    side: Option<Side>,
+    direction: Direction,
+    state: Option<TcpState>,
+) -> Event {
+    event(
+        time,
+        side,
+        "10.200.0.2:8081",
+        EventDetail::Reset(Reset { direction, state }),
+    )
+}
+
+fn close(time: SystemTime, dst: &str, sent: u32, retransmitted: u32) -> Event {
+    event(
+        time,
+        Some(Side::Client),
+        dst,
+        EventDetail::Close(Close {
+            duration: Some(Duration::from_secs(1)),
+            bytes_sent: 1000,
+            bytes_received: 1000,
+            segments_sent: sent,
+            segments_retransmitted: retransmitted,
+        }),
+    )
+}
+
+/// One event of each kind other than connect, for a destination's every family to appear.
+pub(crate) fn every_other_kind() -> Vec<EventDetail> {
+    vec![
+        EventDetail::Retransmit(Retransmit {
+            state: TcpState::SYN_SENT,
+            segments: 1,
+        }),
+        EventDetail::Retransmit(Retransmit {
+            state: TcpState::ESTABLISHED,
+            segments: 4,
+        }),
+        EventDetail::Reset(Reset {
+            direction: Direction::Received,
+            state: Some(TcpState::ESTABLISHED),
+        }),
+        EventDetail::Close(Close {
+            duration: None,
+            bytes_sent: 10,
+            bytes_received: 10,
+            segments_sent: 9,
+            segments_retransmitted: 4,
+        }),
+    ]
+}
+
+fn config(max: usize) -> AggregatorConfig {
+    AggregatorConfig {
+        max_destinations: max,
+        destination_idle: Duration::from_secs(600),
+        by_comm: false,
+    }
+}
+
+fn new(max: usize) -> (Aggregator, Metrics) {
+    let metrics = Metrics::new(false);
+    (Aggregator::new(config(max), &metrics), metrics)
+}
+
+/// The value of the sample line that starts with `series` (name and labels), if any.
+pub(crate) fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.parse().unwrap())
+}
+
+/// Distinct destination label values in the exposition.
+fn destinations(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split("destination=\"").nth(1))
+        .map(|rest| rest.split('"').next().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn destination_is_remote_for_clients_and_local_for_servers() {
+    let (mut agg, metrics) = new(10);
+    let t = at(0);
+    agg.record(&reset(
+        t,
+        Some(Side::Client),
+        Direction::Received,
+        Some(TcpState::SYN_SENT),
+    ));
+    agg.record(&reset(
+        t,
+        Some(Side::Server),
+        Direction::Sent,
+        Some(TcpState::ESTABLISHED),
+    ));
+    // A reset sent without a socket answers a SYN: server side.
+    agg.record(&reset(t, None, Direction::Sent, None));
+    // Side unknown otherwise: the client view, labelled side="unknown".
+    agg.record(&reset(
+        t,
+        None,
+        Direction::Received,
+        Some(TcpState::ESTABLISHED),
+    ));
+    let text = metrics.encode();
+    let expect = [
+        r#"connprobe_resets_total{destination="10.200.0.2:8081",direction="received",side="client"}"#,
+        r#"connprobe_resets_total{destination="10.200.0.1:40000",direction="sent",side="server"}"#,
+        r#"connprobe_resets_total{destination="10.200.0.2:8081",direction="received",side="unknown"}"#,
+    ];
+    assert_eq!(sample(&text, expect[0]), Some(1.0), "{text}");
+    assert_eq!(sample(&text, expect[1]), Some(2.0), "{text}");
+    assert_eq!(sample(&text, expect[2]), Some(1.0), "{text}");
+    assert_eq!(agg.tracked(), 2);
+    // IPv4-mapped addresses are the IPv4 destination.
+    agg.record(&established(t, "[::ffff:10.200.0.2]:8081", 100));
+    assert_eq!(agg.tracked(), 2);
+}
+
+#[test]
+fn counters_follow_the_events() {
+    let (mut agg, metrics) = new(10);
+    let d = "10.200.0.2:8080";
+    let t = at(0);
+    for us in [100, 200, 300] {
+        agg.record(&established(t, d, us));
+    }
+    agg.record(&failed(t, d, FailureReason::Refused));
+    agg.record(&failed(t, d, FailureReason::Timeout));
+    agg.record(&retransmit(t, d, TcpState::SYN_SENT, 1));
+    agg.record(&retransmit(t, d, TcpState::ESTABLISHED, 7));
+    agg.record(&retransmit(t, d, TcpState::ESTABLISHED, 3));
+    agg.record(&retransmit(t, d, TcpState(8), 2));
+    agg.record(&close(t, d, 100, 10));
+    agg.record(&close(t, d, 50, 0));
+    // Accepted by this host: not an attempt.
+    let mut accepted = established(t, d, 100);
+    accepted.side = Some(Side::Server);
+    accepted.src = d.parse().unwrap();
+    agg.record(&accepted);
+
+    let text = metrics.encode();
+    let s = |series: &str| sample(&text, series).unwrap_or_else(|| panic!("{series}\n{text}"));
+    let dl = r#"destination="10.200.0.2:8080""#;
+    assert_eq!(s(&format!("connprobe_connect_attempts_total{{{dl}}}")), 5.0);
+    assert_eq!(
+        s(&format!(
+            r#"connprobe_connect_failures_total{{{dl},reason="refused"}}"#
+        )),
+        1.0
+    );
+    assert_eq!(
+        s(&format!(
+            r#"connprobe_connect_failures_total{{{dl},reason="timeout"}}"#
+        )),
+        1.0
+    );
+    assert_eq!(
+        s(&format!("connprobe_connect_duration_seconds_count{{{dl}}}")),
+        3.0
+    );
+    assert_eq!(
+        s(&format!(
+            r#"connprobe_connect_duration_seconds_bucket{{{dl},le="0.00025"}}"#
+        )),
+        2.0
+    );
+    assert!((s(&format!("connprobe_connect_duration_seconds_sum{{{dl}}}")) - 0.0006).abs() < 1e-9);
+    let retx = |phase: &str| {
+        s(&format!(
+            r#"connprobe_retransmits_total{{{dl},phase="{phase}",side="client"}}"#
+        ))
+    };
+    assert_eq!(retx("syn"), 1.0);
+    assert_eq!(retx("established"), 10.0);
+    assert_eq!(retx("close_wait"), 2.0);
+    assert_eq!(
+        s(&format!(
+            r#"connprobe_segments_sent_total{{{dl},side="client"}}"#
+        )),
+        150.0
+    );
+    assert_eq!(s(r#"connprobe_events_total{type="connect"}"#), 6.0);
+    assert_eq!(s(r#"connprobe_events_total{type="retransmit"}"#), 4.0);
+    assert_eq!(s(r#"connprobe_events_total{type="close"}"#), 2.0);
+    assert_eq!(s(r#"connprobe_events_total{type="reset"}"#), 0.0);
+    assert_eq!(s("connprobe_destinations_tracked"), 1.0);
+    // No failure series for reasons that never happened.
+    assert!(!text.contains(r#"reason="cancelled""#));
+
+    let sum = &agg.summaries(t)[0];
+    assert_eq!(sum.destination, Some(d.parse().unwrap()));
+    let life = sum.lifetime;
+    assert_eq!((life.attempts, life.established, life.accepted), (5, 3, 1));
+    assert_eq!(life.failure(FailureReason::Refused), 1);
+    assert_eq!(life.failures_total(), 2);
+    assert_eq!(life.retransmitted_segments, 13);
+    assert_eq!(
+        (life.close_segments_sent, life.close_segments_retransmitted),
+        (150, 10)
+    );
+    assert_eq!(sum.last_1m.counts, life);
+    assert_eq!(sum.last_1m.failure_ratio(), Some(0.4));
+    assert_eq!(sum.last_1m.retransmit_ratio(), Some(10.0 / 150.0));
+}
+
+#[test]
+fn table_is_capped_and_overflow_folds_into_other() {
+    // 10 slots, 1 kept for failing destinations: 9 for healthy ones.
+    let (mut agg, metrics) = new(10);
+    for port in 0..30u16 {
+        let d = format!("10.0.0.1:{}", 1000 + port);
+        // Several events each: a folded destination counts once.
+        for s in 0..3 {
+            agg.record(&established(at(s), &d, 100));
+        }
+    }
+    let text = metrics.encode();
+    assert_eq!(agg.tracked(), 9);
+    assert_eq!(sample(&text, "connprobe_destinations_tracked"), Some(9.0));
+    assert_eq!(
+        sample(&text, "connprobe_destinations_folded_total"),
+        Some(21.0)
+    );
+    let labels = destinations(&text);
+    assert_eq!(labels.len(), 10, "{labels:?}");
+    assert!(labels.contains("other"));
+    assert_eq!(
+        sample(
+            &text,
+            r#"connprobe_connect_attempts_total{destination="other"}"#
+        ),
+        Some(63.0)
+    );
+    let summaries = agg.summaries(at(3));
+    assert_eq!(summaries.len(), 10);
+    assert_eq!(
+        summaries.iter().filter(|s| s.destination.is_none()).count(),
+        1
+    );
+}
+
+#[test]
+fn failing_destination_gets_a_reserved_slot_after_healthy_ones_filled_the_table() {
+    let (mut agg, metrics) = new(10);
+    for port in 0..20u16 {
+        agg.record(&established(
+            at(0),
+            &format!("10.0.0.1:{}", 1000 + port),
+            100,
+        ));
+    }
+    assert_eq!(agg.tracked(), 9);
+    agg.record(&failed(at(1), "10.0.0.9:8081", FailureReason::Refused));
+    assert_eq!(agg.tracked(), 10);
+    let text = metrics.encode();
+    assert_eq!(
+        sample(
+            &text,
+            r#"connprobe_connect_failures_total{destination="10.0.0.9:8081",reason="refused"}"#
+        ),
+        Some(1.0)
+    );
+    // Its later healthy events stay on its own label.
+    agg.record(&established(at(2), "10.0.0.9:8081", 100));
+    // The reserve is used up: the next failing destination folds.
+    agg.record(&failed(at(2), "10.0.0.9:8082", FailureReason::Refused));
+    assert_eq!(agg.tracked(), 10);
+    let text = metrics.encode();
+    assert_eq!(
+        sample(
+            &text,
+            r#"connprobe_connect_attempts_total{destination="10.0.0.9:8081"}"#
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"connprobe_connect_failures_total{destination="other",reason="refused"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "connprobe_destinations_folded_total"),
+        Some(12.0)
+    );
+}
+
+#[test]
+fn idle_destinations_free_their_slot_and_series() {
+    let metrics = Metrics::new(false);
+    let mut agg = Aggregator::new(
+        AggregatorConfig {
+            max_destinations: 2,
+            destination_idle: Duration::from_secs(30),
+            by_comm: false,
+        },
+        &metrics,
+    );
+    agg.record(&established(at(0), "10.0.0.1:80", 100));
+    agg.record(&established(at(0), "10.0.0.2:80", 100));
+    agg.record(&established(at(20), "10.0.0.2:80", 100));
+    // Full (2 slots, no reserve below 10): the third folds.
+    agg.record(&established(at(20), "10.0.0.3:80", 100));
+    assert_eq!(agg.tracked(), 2);
+    agg.expire_idle(at(29));
+    assert_eq!(agg.tracked(), 2);
+    agg.expire_idle(at(30));
+    assert_eq!(agg.tracked(), 1);
+    let text = metrics.encode();
+    assert!(!text.contains("10.0.0.1:80"), "{text}");
+    assert!(text.contains("10.0.0.2:80"));
+    assert_eq!(sample(&text, "connprobe_destinations_tracked"), Some(1.0));
+    // The folded destination takes the free slot on its next event; it is no longer folded.
+    agg.record(&established(at(31), "10.0.0.3:80", 100));
+    assert_eq!(agg.tracked(), 2);
+    // The first one returns: its counter restarts, but the table is full again, so it folds.
+    agg.record(&established(at(32), "10.0.0.1:80", 100));
+    let text = metrics.encode();
+    assert_eq!(
+        sample(
+            &text,
+            r#"connprobe_connect_attempts_total{destination="10.0.0.3:80"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "connprobe_destinations_folded_total"),
+        Some(2.0)
+    );
+    // Everything idle: every slot and `other` go, and the folded set forgets.
+    agg.expire_idle(at(100));
+    assert_eq!(agg.tracked(), 0);
+    assert!(agg.summaries(at(100)).is_empty());
+    let text = metrics.encode();
+    assert!(destinations(&text).is_empty(), "{text}");
+    // A destination folded before and idle since counts again when folded again.
+    agg.record(&established(at(101), "10.0.0.4:80", 100));
+    agg.record(&established(at(101), "10.0.0.5:80", 100));
+    agg.record(&established(at(101), "10.0.0.1:80", 100));
+    assert_eq!(
+        sample(&metrics.encode(), "connprobe_destinations_folded_total"),
+        Some(3.0)
+    );
+}
+
+#[test]
+fn windows_give_ratios_and_percentiles_by_event_time() {
+    let (mut agg, _metrics) = new(10);
+    let d = "10.0.0.1:443";
+    // Four minutes ago: 10 established at 10 ms, 10 refused.
+    for _ in 0..10 {
+        agg.record(&established(at(0), d, 10_000));
+        agg.record(&failed(at(0), d, FailureReason::Refused));
+    }
+    agg.record(&close(at(0), d, 1000, 100));
+    // In the last minute: 99 established at 100 us, 1 at 1 s, 1 timeout.
+    for _ in 0..99 {
+        agg.record(&established(at(240), d, 100));
+    }
+    agg.record(&established(at(241), d, 1_000_000));
+    agg.record(&failed(at(242), d, FailureReason::Timeout));
+    agg.record(&close(at(242), d, 1000, 10));
+    let s = &agg.summaries(at(245))[0];
+    let m1 = &s.last_1m;
+    assert_eq!(m1.length, Duration::from_secs(60));
+    assert_eq!(m1.counts.attempts, 101);
+    assert_eq!(m1.counts.failure(FailureReason::Timeout), 1);
+    assert_eq!(m1.counts.failure(FailureReason::Refused), 0);
+    assert_eq!(m1.failure_ratio(), Some(1.0 / 101.0));
+    assert_eq!(m1.retransmit_ratio(), Some(0.01));
+    let l = m1.latency.unwrap();
+    assert_eq!(l.samples, 100);
+    assert_eq!(l.p50, Duration::from_micros(104));
+    assert_eq!(l.p90, Duration::from_micros(104));
+    assert_eq!(l.p99, Duration::from_micros(104));
+    let m5 = &s.last_5m;
+    assert_eq!(m5.length, Duration::from_secs(300));
+    assert_eq!(m5.counts.attempts, 121);
+    assert_eq!(m5.failure_ratio(), Some(11.0 / 121.0));
+    assert_eq!(m5.retransmit_ratio(), Some(110.0 / 2000.0));
+    let l = m5.latency.unwrap();
+    assert_eq!(l.samples, 110);
+    assert_eq!(l.p50, Duration::from_micros(104));
+    assert_eq!(l.p90, Duration::from_micros(104));
+    assert_eq!(l.p99, Duration::from_micros(9_216));
+    // Five minutes on, the windows are empty but the lifetime counts stay.
+    let s = &agg.summaries(at(600))[0];
+    assert_eq!(s.last_5m.counts.attempts, 0);
+    assert_eq!(s.last_5m.latency, None);
+    assert_eq!(s.last_5m.failure_ratio(), None);
+    assert_eq!(s.lifetime.attempts, 121);
+}
+
+#[test]
+fn summaries_are_worst_first() {
+    let (mut agg, _metrics) = new(10);
+    let t = at(0);
+    agg.record(&established(t, "10.0.0.1:80", 100));
+    agg.record(&established(t, "10.0.0.1:80", 100));
+    agg.record(&failed(t, "10.0.0.2:80", FailureReason::Refused));
+    for _ in 0..3 {
+        agg.record(&failed(t, "10.0.0.3:80", FailureReason::Timeout));
+    }
+    agg.record(&established(t, "10.0.0.4:80", 100));
+    agg.record(&close(t, "10.0.0.4:80", 100, 5));
+    let order: Vec<_> = agg.summaries(t).iter().map(|s| s.label()).collect();
+    assert_eq!(
+        order,
+        ["10.0.0.3:80", "10.0.0.2:80", "10.0.0.4:80", "10.0.0.1:80"]
+    );
+}
+
+#[test]
+fn by_comm_adds_a_bounded_comm_label() {
+    let metrics = Metrics::new(true);
+    let mut agg = Aggregator::new(
+        AggregatorConfig {
+            by_comm: true,
+            ..config(10)
+        },
+        &metrics,
+    );
+    let d = "10.0.0.1:80";
+    agg.record(&established(at(0), d, 100));
+    let mut wget = established(at(0), d, 100);
+    wget.process.as_mut().unwrap().comm = Comm::from_str_lossy("wget");
+    agg.record(&wget);
+    let mut nobody = established(at(0), d, 100);
+    nobody.process = None;
+    agg.record(&nobody);
+    for port in 0..20u16 {
+        agg.record(&established(at(0), &format!("10.0.0.2:{port}"), 100));
+    }
+    assert_eq!(agg.tracked(), 9);
+    let text = metrics.encode();
+    for comm in ["curl", "wget", "unknown"] {
+        let series =
+            format!(r#"connprobe_connect_attempts_total{{comm="{comm}",destination="{d}"}}"#);
+        assert_eq!(sample(&text, &series), Some(1.0), "{series}\n{text}");
+    }
+    assert_eq!(
+        sample(
+            &text,
+            r#"connprobe_connect_attempts_total{comm="other",destination="other"}"#
+        ),
+        Some(14.0)
+    );
+    let labels: Vec<_> = agg.summaries(at(0)).iter().map(|s| s.label()).collect();
+    assert!(
+        labels.contains(&"10.0.0.1:80 (wget)".to_string()),
+        "{labels:?}"
+    );
+}
+
+#[test]
+fn memory_stays_flat_whatever_the_number_of_destinations() {
+    let (mut agg, metrics) = new(500);
+    for i in 0..200_000u32 {
+        let d = format!("10.{}.{}.{}:80", (i >> 16) & 255, (i >> 8) & 255, i & 255);
+        agg.record(&established(at(u64::from(i) / 1000), &d, 100));
+    }
+    assert_eq!(agg.tracked(), 450);
+    assert!(agg.slots.len() <= 500);
+    assert!(agg.index.capacity() < 2048);
+    assert_eq!(agg.folded.len(), folded::CAPACITY);
+    // Every destination past the table counts, remembered or not.
+    assert_eq!(
+        sample(&metrics.encode(), "connprobe_destinations_folded_total"),
+        Some(199_550.0)
+    );
+}
+
+/// A micro-benchmark, run by hand:
+/// `cargo test --release -p probe-user --lib record_cost -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn record_cost() {
+    let (mut agg, _metrics) = new(500);
+    let events: Vec<Event> = (0..400u16)
+        .flat_map(|p| {
+            let d = format!("10.0.0.1:{}", 1000 + p);
+            [
+                established(at(0), &d, 120),
+                retransmit(at(0), &d, TcpState::ESTABLISHED, 2),
+                close(at(0), &d, 100, 2),
+                failed(at(0), &d, FailureReason::Refused),
+            ]
+        })
+        .collect();
+    for e in &events {
+        agg.record(e);
+    }
+    let rounds = 2_000;
+    let start = std::time::Instant::now();
+    for round in 0..rounds {
+        for e in &events {
+            let mut e = e.clone();
+            e.time = at(round / 20);
+            agg.record(std::hint::black_box(&e));
+        }
+    }
+    let n = rounds as usize * events.len();
+    let per = start.elapsed() / n as u32;
+    // Folded path: a full table and a new destination on every event.
+    let (mut full, _m) = new(10);
+    let folded: Vec<Event> = (0..50_000u32)
+        .map(|i| established(at(0), &format!("10.1.{}.{}:80", i >> 8 & 255, i & 255), 100))
+        .collect();
+    let start = std::time::Instant::now();
+    for e in &folded {
+        full.record(std::hint::black_box(e));
+    }
+    let per_folded = start.elapsed() / folded.len() as u32;
+    let start = std::time::Instant::now();
+    let summaries = agg.summaries(at(100));
+    let summarise = start.elapsed();
+    eprintln!(
+        "record: {per:?}/event over {n} events (known destinations, incl. an event clone); \
+         folded: {per_folded:?}/event; summaries of {}: {summarise:?}",
+        summaries.len()
+    );
+}

@@ -1,0 +1,424 @@
+//! The HTTP endpoints: `GET /metrics` (Prometheus text format), `/healthz`, `/diagnose`.
+//!
+//! hyper 1 (HTTP/1.1 only) on the agent's tokio runtime: a maintained parser is safer than a
+//! hand-written one on a port other programs can reach, and it gives header size limits and
+//! a header read timeout. On top of that: at most [`MAX_CONNECTIONS`] connections at once
+//! (more are closed on accept), and each connection lives at most [`MAX_CONNECTION_AGE`].
+//! `/metrics` encodes on request from atomics: it takes no lock the pipeline holds.
+use std::{
+    convert::Infallible,
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::Incoming,
+    header::{ALLOW, CONTENT_TYPE, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+};
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::export::prometheus::{CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics};
+
+/// Connections served at once; further ones are closed as soon as they are accepted.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A client must send a request's headers within this.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Request headers larger than this are answered 431.
+pub const MAX_HEADER_BYTES: usize = 8 * 1024;
+/// A kept-alive connection is closed after this long (scrapers reconnect).
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
+/// In-flight requests get this long to finish at shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Answers `/diagnose?window=DURATION`: an HTTP status and a body (JSON if it starts with `{`
+/// or `[`, else plain text). Runs on a blocking thread.
+pub type DiagnoseFn = dyn Fn(Option<Duration>) -> (u16, String) + Send + Sync;
+
+/// What the endpoints serve.
+pub struct HttpState {
+    pub metrics: Arc<Metrics>,
+    /// `/healthz` answers 200 once this is true (the programs are attached and events flow),
+    /// 503 before.
+    pub ready: AtomicBool,
+    /// `/diagnose`; 404 when `None`.
+    pub diagnose: Option<Arc<DiagnoseFn>>,
+}
+
+impl HttpState {
+    /// Not ready yet; see [`HttpState::set_ready`].
+    pub fn new(metrics: Arc<Metrics>, diagnose: Option<Arc<DiagnoseFn>>) -> Self {
+        HttpState {
+            metrics,
+            ready: AtomicBool::new(false),
+            diagnose,
+        }
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("cannot listen on {addr}: {reason} ({hint})")]
+    Bind {
+        addr: SocketAddr,
+        reason: String,
+        hint: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Binds the metrics address, with an error that says what to do about it.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| bind_error(addr, source))
+}
+
+fn bind_error(addr: SocketAddr, source: io::Error) -> HttpError {
+    let (reason, hint) = match source.kind() {
+        io::ErrorKind::AddrInUse => (
+            "address already in use".to_string(),
+            "another connprobe? pick another --metrics-addr, or --no-metrics",
+        ),
+        io::ErrorKind::PermissionDenied => (
+            "permission denied".to_string(),
+            "ports below 1024 need CAP_NET_BIND_SERVICE; pick another --metrics-addr",
+        ),
+        io::ErrorKind::AddrNotAvailable => (
+            "no interface has this address".to_string(),
+            "pick an address of this host for --metrics-addr",
+        ),
+        _ => (
+            source.to_string(),
+            "pick another --metrics-addr, or --no-metrics",
+        ),
+    };
+    HttpError::Bind {
+        addr,
+        reason,
+        hint,
+        source,
+    }
+}
+
+/// Serves until `shutdown` turns true (or its sender is dropped), then gives in-flight
+/// requests [`SHUTDOWN_GRACE`] to finish.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<HttpState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        if *shutdown.borrow_and_update() {
+            break;
+        }
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("metrics endpoint: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            changed = shutdown.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::debug!("metrics endpoint: too many connections, closing one from {peer}");
+            continue;
+        };
+        let state = Arc::clone(&state);
+        let service = service_fn(move |request| {
+            let state = Arc::clone(&state);
+            async move { Ok::<_, Infallible>(respond(&state, request).await) }
+        });
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(MAX_HEADER_BYTES)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // Past its age the connection is dropped: a scraper just reconnects.
+            if let Ok(Err(e)) = tokio::time::timeout(MAX_CONNECTION_AGE, conn).await {
+                tracing::debug!("metrics endpoint: connection from {peer}: {e}");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::debug!("metrics endpoint: connections still open at shutdown were dropped");
+    }
+}
+
+fn reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+const JSON: &str = "application/json";
+
+async fn respond(state: &HttpState, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        let mut response = reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            TEXT,
+            "only GET and HEAD are served\n",
+        );
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    match request.uri().path() {
+        "/metrics" => reply(StatusCode::OK, METRICS_CONTENT_TYPE, state.metrics.encode()),
+        "/healthz" => {
+            if state.ready.load(Ordering::Acquire) {
+                reply(StatusCode::OK, TEXT, "ok\n")
+            } else {
+                reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, "starting\n")
+            }
+        }
+        "/diagnose" => {
+            let Some(diagnose) = state.diagnose.clone() else {
+                return reply(StatusCode::NOT_FOUND, TEXT, "diagnose is not enabled\n");
+            };
+            let window = match window_param(request.uri().query()) {
+                Ok(window) => window,
+                Err(message) => return reply(StatusCode::BAD_REQUEST, TEXT, message + "\n"),
+            };
+            match tokio::task::spawn_blocking(move || diagnose(window)).await {
+                Ok((status, body)) => {
+                    let status =
+                        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                    let trimmed = body.trim_start();
+                    let kind = if trimmed.starts_with('{') || trimmed.starts_with('[') {
+                        JSON
+                    } else {
+                        TEXT
+                    };
+                    reply(status, kind, body)
+                }
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    TEXT,
+                    format!("diagnose failed: {e}\n"),
+                ),
+            }
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "not found: try /metrics, /healthz or /diagnose\n",
+        ),
+    }
+}
+
+/// `window=DURATION` from a query string (`5m`, `90`, `1h%2030m`); `None` when absent.
+fn window_param(query: Option<&str>) -> Result<Option<Duration>, String> {
+    let Some(query) = query else { return Ok(None) };
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key == "window" {
+            let value = percent_decode(value).ok_or_else(|| format!("bad window {value:?}"))?;
+            return crate::cli::parse_duration(&value)
+                .map(Some)
+                .map_err(|e| format!("bad window: {e}"));
+        }
+    }
+    Ok(None)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+            }
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn start(
+        state: HttpState,
+    ) -> (SocketAddr, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, Arc::new(state), rx));
+        (addr, tx, task)
+    }
+
+    /// One request on its own connection; returns the status line, headers and body.
+    async fn get(addr: SocketAddr, request_line: &str) -> (u16, String, String) {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("{request_line} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        let status = head[9..12].parse().unwrap();
+        (status, head.to_string(), body.to_string())
+    }
+
+    fn state(diagnose: Option<Arc<DiagnoseFn>>) -> HttpState {
+        HttpState::new(Arc::new(Metrics::new(false)), diagnose)
+    }
+
+    #[tokio::test]
+    async fn endpoints() {
+        let diagnose: Arc<DiagnoseFn> = Arc::new(|window: Option<Duration>| match window {
+            Some(w) => (200, format!("{{\"window_s\":{}}}", w.as_secs())),
+            None => (200, "no window".to_string()),
+        });
+        let (addr, shutdown, task) = start(state(Some(diagnose))).await;
+
+        let (status, head, body) = get(addr, "GET /metrics").await;
+        assert_eq!(status, 200);
+        assert!(
+            head.contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+            "{head}"
+        );
+        assert!(body.contains("connprobe_events_lost_total{stage=\"ringbuf\"} 0"));
+
+        assert_eq!(get(addr, "GET /healthz").await.0, 503);
+        assert_eq!(get(addr, "GET /nope").await.0, 404);
+        assert_eq!(get(addr, "POST /metrics").await.0, 405);
+
+        let (status, head, body) = get(addr, "GET /diagnose?window=1h%2030m").await;
+        assert_eq!((status, body.as_str()), (200, "{\"window_s\":5400}"));
+        assert!(head.contains("content-type: application/json"), "{head}");
+        let (status, _, body) = get(addr, "GET /diagnose?x=1&window=5m").await;
+        assert_eq!((status, body.as_str()), (200, "{\"window_s\":300}"));
+        let (status, _, body) = get(addr, "GET /diagnose").await;
+        assert_eq!((status, body.as_str()), (200, "no window"));
+        assert_eq!(get(addr, "GET /diagnose?window=soon").await.0, 400);
+
+        shutdown.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("serve stops on shutdown")
+            .unwrap();
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn healthz_follows_readiness_and_diagnose_may_be_absent() {
+        let state = Arc::new(state(None));
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, Arc::clone(&state), rx));
+        assert_eq!(get(addr, "GET /healthz").await.0, 503);
+        state.set_ready(true);
+        let (status, _, body) = get(addr, "GET /healthz").await;
+        assert_eq!((status, body.as_str()), (200, "ok\n"));
+        assert_eq!(get(addr, "GET /diagnose?window=5m").await.0, 404);
+        drop(tx);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("serve stops when the shutdown sender is gone")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn oversized_and_silent_requests_are_cut_off() {
+        let (addr, _shutdown, _task) = start(state(None)).await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let huge = format!(
+            "GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n",
+            "a".repeat(64 * 1024)
+        );
+        // The server may close while we are still writing.
+        let _ = stream.write_all(huge.as_bytes()).await;
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response).await;
+        let response = String::from_utf8_lossy(&response);
+        assert!(
+            response.is_empty() || response.starts_with("HTTP/1.1 431"),
+            "{response}"
+        );
+        // Still serving.
+        assert_eq!(get(addr, "GET /metrics").await.0, 200);
+    }
+
+    #[tokio::test]
+    async fn bind_errors_say_what_to_do() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let err = bind(addr).await.unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "cannot listen on {addr}: address already in use (another connprobe? pick \
+                 another --metrics-addr, or --no-metrics)"
+            )
+        );
+    }
+
+    #[test]
+    fn query_parsing() {
+        assert_eq!(window_param(None), Ok(None));
+        assert_eq!(window_param(Some("a=b")), Ok(None));
+        assert_eq!(
+            window_param(Some("window=90")),
+            Ok(Some(Duration::from_secs(90)))
+        );
+        assert_eq!(
+            window_param(Some("window=1h+30m")),
+            Ok(Some(Duration::from_secs(5400)))
+        );
+        assert!(window_param(Some("window=%zz")).is_err());
+        assert!(window_param(Some("window=")).is_err());
+    }
+}
