@@ -2,6 +2,7 @@
 //!
 //! `setup` installs the eBPF toolchain where it is missing, `build` builds the agent (its build
 //! script builds and embeds the eBPF object), `run` runs it, `test` runs every check CI runs.
+mod bench;
 mod build;
 mod cmd;
 mod run;
@@ -38,6 +39,9 @@ enum Task {
     },
     /// Set up, then run what CI runs: fmt, clippy, unit tests, and the kernel tests (needs root).
     Test,
+    /// Set up, build (release), then measure connprobe's cost side by side with the peers
+    /// (needs root; several minutes, `--quick` for a smoke run).
+    Bench(bench::Options),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         Task::Build { release } => build::run(release).map(|_| ()),
         Task::Run { args } => run::run(&args),
         Task::Test => test::run(),
+        Task::Bench(options) => bench::run(&options),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,243 @@
+//! What the bench reads from and sets in the kernel: CPU time (/proc/stat, /proc/PID),
+//! RSS, eBPF program run time (fdinfo, with `kernel.bpf_stats_enabled`), tracefs, packages.
+use std::{fs, path::Path, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::cmd;
+
+/// Busy time of the whole machine (all CPUs) in seconds: /proc/stat's `cpu` line without idle
+/// and iowait.
+pub fn machine_busy_seconds() -> f64 {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal [guest guest_nice: already in user]
+    let busy: u64 = fields
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum();
+    busy as f64 / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// CPU time of process `pid`, all its threads, in seconds: the sum of each live thread's
+/// `schedstat` run time (nanoseconds), or `utime + stime` of /proc/PID/stat where schedstat is
+/// missing.
+pub fn process_cpu_seconds(pid: u32) -> f64 {
+    let mut total_ns = 0u64;
+    let mut any = false;
+    if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            if let Some(ns) = fs::read_to_string(task.path().join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            {
+                total_ns += ns;
+                any = true;
+            }
+        }
+    }
+    if any {
+        return total_ns as f64 / 1e9;
+    }
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the `(comm)`: state is field 3, utime 14, stime 15.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / clock_ticks()
+}
+
+/// CPU time of this process (every thread, exited ones too), in seconds.
+pub fn own_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// Resident memory of `pid` in bytes (VmRSS), if it still runs.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Run time and run count, summed over the eBPF programs process `pid` holds open (read from
+/// each program fd's fdinfo: the same numbers `bpftool prog show` prints).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProgStats {
+    pub programs: u32,
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
+}
+
+pub fn prog_stats(pid: u32) -> ProgStats {
+    let mut stats = ProgStats::default();
+    let mut seen = Vec::new();
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return stats;
+    };
+    for fd in fds.flatten() {
+        let Ok(info) = fs::read_to_string(fd.path()) else {
+            continue;
+        };
+        // A program fd has `prog_type`; link fds name the program too, but without run times.
+        if !info.lines().any(|l| l.starts_with("prog_type:")) {
+            continue;
+        }
+        let field = |name: &str| -> Option<u64> {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        let id = field("prog_id:");
+        if seen.contains(&id) {
+            continue;
+        }
+        seen.push(id);
+        stats.programs += 1;
+        stats.run_time_ns += field("run_time_ns:").unwrap_or(0);
+        stats.run_cnt += field("run_cnt:").unwrap_or(0);
+    }
+    stats
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// `kernel.bpf_stats_enabled=1` while alive; the previous value is put back on drop.
+pub struct BpfStatsOn {
+    previous: String,
+}
+
+impl BpfStatsOn {
+    pub fn enable() -> anyhow::Result<Self> {
+        let previous = fs::read_to_string(BPF_STATS)
+            .with_context(|| format!("cannot read {BPF_STATS}"))?
+            .trim()
+            .to_owned();
+        fs::write(BPF_STATS, "1").with_context(|| format!("cannot enable {BPF_STATS}"))?;
+        Ok(Self { previous })
+    }
+}
+
+impl Drop for BpfStatsOn {
+    fn drop(&mut self) {
+        let _ = fs::write(BPF_STATS, &self.previous);
+    }
+}
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// tracefs mounted for the peers (classic tracepoints need it); unmounted on drop only if the
+/// bench mounted it.
+pub struct Tracefs {
+    mounted_here: bool,
+}
+
+impl Tracefs {
+    pub fn ensure() -> anyhow::Result<Self> {
+        if Path::new(TRACEFS).join("events").is_dir() {
+            return Ok(Self {
+                mounted_here: false,
+            });
+        }
+        cmd::status(Command::new("mount").args(["-t", "tracefs", "tracefs", TRACEFS])).context(
+            "tracefs is not mounted and mounting it failed; the peers' classic tracepoints need it",
+        )?;
+        Ok(Self { mounted_here: true })
+    }
+}
+
+impl Drop for Tracefs {
+    fn drop(&mut self) {
+        if self.mounted_here {
+            let _ = Command::new("umount").arg(TRACEFS).status();
+        }
+    }
+}
+
+/// Where a peer tool lives: on PATH, or in /usr/sbin (Debian's libbpf-tools).
+pub fn find_program(name: &str) -> Option<String> {
+    if cmd::on_path(name) {
+        return Some(name.to_owned());
+    }
+    ["/usr/sbin", "/sbin", "/usr/bin"]
+        .iter()
+        .map(|dir| format!("{dir}/{name}"))
+        .find(|p| Path::new(p).is_file())
+}
+
+/// Installs the Debian packages of the peers and the lab where their programs are missing.
+pub fn install_missing() -> anyhow::Result<()> {
+    let wanted = [
+        ("tcpstates", "libbpf-tools"),
+        ("tcplife", "libbpf-tools"),
+        ("bpftrace", "bpftrace"),
+        ("nft", "nftables"),
+        ("nstat", "iproute2"),
+        ("ip", "iproute2"),
+    ];
+    let mut packages: Vec<&str> = wanted
+        .iter()
+        .filter(|(program, _)| find_program(program).is_none())
+        .map(|(_, package)| *package)
+        .collect();
+    packages.dedup();
+    if packages.is_empty() {
+        return Ok(());
+    }
+    if !cmd::on_path("apt-get") {
+        bail!(
+            "the bench needs {} and cannot install them without apt-get; install them and rerun",
+            packages.join(", ")
+        );
+    }
+    eprintln!("bench: installing {}", packages.join(" "));
+    cmd::status(Command::new("apt-get").arg("update"))?;
+    cmd::status(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// A command's stdout, or an error naming it.
+pub fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !output.status.success() {
+        bail!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
