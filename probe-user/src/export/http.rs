@@ -4,7 +4,9 @@
 //! hand-written one on a port other programs can reach, and it gives header size limits and
 //! a header read timeout. On top of that: at most [`MAX_CONNECTIONS`] connections at once
 //! (more are closed on accept), and each connection lives at most [`MAX_CONNECTION_AGE`].
-//! `/metrics` encodes on request from atomics: it takes no lock the pipeline holds.
+//! `/metrics` encodes on request from atomics, on a blocking thread: it takes no lock the
+//! pipeline holds (the registry's own per-family locks are held only while one family is
+//! copied).
 use std::{
     convert::Infallible,
     io,
@@ -210,7 +212,19 @@ async fn respond(state: &HttpState, request: Request<Incoming>) -> Response<Full
         return response;
     }
     match request.uri().path() {
-        "/metrics" => reply(StatusCode::OK, METRICS_CONTENT_TYPE, state.metrics.encode()),
+        "/metrics" => {
+            // Encoding 500 destinations takes milliseconds: keep it off the runtime's workers,
+            // which also run the ring buffer reader.
+            let metrics = Arc::clone(&state.metrics);
+            match tokio::task::spawn_blocking(move || metrics.encode()).await {
+                Ok(text) => reply(StatusCode::OK, METRICS_CONTENT_TYPE, text),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    TEXT,
+                    format!("encoding the metrics failed: {e}\n"),
+                ),
+            }
+        }
         "/healthz" => {
             if state.ready.load(Ordering::Acquire) {
                 reply(StatusCode::OK, TEXT, "ok\n")
