@@ -238,24 +238,33 @@ fn lock_file() -> anyhow::Result<File> {
     Ok(file)
 }
 
-/// Deletes `cp-*` namespaces left by a test process that died without cleaning up.
+/// Deletes lab namespaces (`cp-c-<pid>-<n>`, `cp-s-<pid>-<n>`) left by a test process that died
+/// without cleaning up. Other names are never touched.
 fn sweep_stale_namespaces() {
     let Ok(list) = netns::run("ip", &["netns", "list"]) else {
         return;
     };
     for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-        let Some(rest) = name.strip_prefix(NS_PREFIX) else {
+        let Some(owner) = lab_namespace_owner(name) else {
             continue;
         };
-        let owner = rest.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
-        let alive = owner.is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
-        if !alive {
+        if !std::path::Path::new(&format!("/proc/{owner}")).exists() {
             eprintln!("lab: deleting stale namespace {name}");
             if let Err(e) = netns::run("ip", &["netns", "del", name]) {
                 eprintln!("lab: {e:#}");
             }
         }
     }
+}
+
+/// The pid in a lab namespace's name, `None` for any other name.
+fn lab_namespace_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(NS_PREFIX)?;
+    let mut parts = rest.split('-');
+    let (role, pid, n) = (parts.next()?, parts.next()?, parts.next()?);
+    let well_formed =
+        matches!(role, "c" | "s") && parts.next().is_none() && n.parse::<u32>().is_ok();
+    well_formed.then(|| pid.parse().ok()).flatten()
 }
 
 /// Reads `Tcp: RetransSegs` and `OutRsts` of the calling thread's namespace.
@@ -299,4 +308,18 @@ fn sockets_in_flight() -> Vec<String> {
         }
     }
     busy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lab_namespace_owner;
+
+    #[test]
+    fn only_lab_namespaces_are_swept() {
+        assert_eq!(lab_namespace_owner("cp-c-4242-0"), Some(4242));
+        assert_eq!(lab_namespace_owner("cp-s-7-12"), Some(7));
+        assert_eq!(lab_namespace_owner("cpbench-c-4242"), None);
+        assert_eq!(lab_namespace_owner("cp-client"), None);
+        assert_eq!(lab_namespace_owner("cp-c-4242-0-x"), None);
+    }
 }
