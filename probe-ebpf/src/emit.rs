@@ -3,8 +3,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id,
-        bpf_ktime_get_ns,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
     },
 };
 use aya_log_ebpf::warn;
@@ -95,7 +94,10 @@ pub fn emit<T: 'static>(kind: EventKind, event: T) {
 pub fn finish<C: EbpfContext>(ctx: &C, hook: &'static str, result: Result<(), i32>) -> u32 {
     if let Err(err) = result {
         bump(Counter::ReadError);
-        warn!(ctx, "{}: reading kernel memory failed (error {})", hook, err);
+        warn!(
+            ctx,
+            "{}: reading kernel memory failed (error {})", hook, err
+        );
     }
     0
 }

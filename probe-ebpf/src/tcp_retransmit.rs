@@ -64,7 +64,11 @@ pub fn tcp_retransmit_synack_btf(ctx: BtfTracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn tcp_retransmit_synack_tp(ctx: TracePointContext) -> u32 {
-    finish(&ctx, "tcp_retransmit_synack", try_tcp_retransmit_synack_tp(&ctx))
+    finish(
+        &ctx,
+        "tcp_retransmit_synack",
+        try_tcp_retransmit_synack_tp(&ctx),
+    )
 }
 
 fn try_tcp_retransmit_synack_tp(ctx: &TracePointContext) -> Result<(), i32> {

@@ -3,12 +3,13 @@
 //! -> consumers: `export::json_log`, the aggregator and Prometheus exporter, the verdict engine.
 //! `pipeline` wires them together and handles shutdown; `cli` is the command line.
 pub mod aggregate;
+pub mod btf;
 pub mod cli;
+pub mod decode;
 pub mod diagnose;
 pub mod event;
 pub mod export;
-pub mod btf;
-pub mod decode;
 pub mod loader;
 pub mod offsets;
 pub mod pipeline;
+pub mod reader;

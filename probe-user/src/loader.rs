@@ -39,20 +39,20 @@ pub enum LoadError {
     #[error("--max-sockets must be at least 1")]
     MaxSockets,
     #[error("the kernel refused connprobe's eBPF object: {0}")]
-    Load(#[source] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     #[error("the kernel refused program {program} for tracepoint {tracepoint}: {source}")]
     Program {
         program: String,
         tracepoint: String,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("the eBPF object has no {0}; it does not match this connprobe")]
     Missing(String),
     #[error("cannot read the eBPF programs' log: {0}")]
     Logger(#[source] aya_log::Error),
     #[error("cannot open map {0}: {1}")]
-    Map(&'static str, #[source] aya::maps::MapError),
+    Map(&'static str, #[source] Box<aya::maps::MapError>),
 }
 
 /// How one hook is attached.
@@ -188,16 +188,17 @@ fn try_load(
         .map_max_entries(EVENTS_MAP, config.ring_buffer_bytes)
         .map_max_entries(SOCKETS_MAP, config.max_sockets)
         .load(OBJECT)
-        .map_err(LoadError::Load)?;
+        .map_err(|e| LoadError::Load(Box::new(e)))?;
 
     let events = ebpf
         .take_map(EVENTS_MAP)
         .ok_or_else(|| LoadError::Missing(EVENTS_MAP.into()))?;
-    let events = RingBuf::try_from(events).map_err(|e| LoadError::Map(EVENTS_MAP, e))?;
+    let events = RingBuf::try_from(events).map_err(|e| LoadError::Map(EVENTS_MAP, Box::new(e)))?;
     let counters = ebpf
         .take_map(COUNTERS_MAP)
         .ok_or_else(|| LoadError::Missing(COUNTERS_MAP.into()))?;
-    let counters = PerCpuArray::try_from(counters).map_err(|e| LoadError::Map(COUNTERS_MAP, e))?;
+    let counters =
+        PerCpuArray::try_from(counters).map_err(|e| LoadError::Map(COUNTERS_MAP, Box::new(e)))?;
     let logger = aya_log::EbpfLogger::init(&mut ebpf).map_err(LoadError::Logger)?;
     before_attach(KernelMaps {
         events,
@@ -216,7 +217,7 @@ fn try_load(
         let fail = |source| LoadError::Program {
             program: program.clone(),
             tracepoint: format!("{category}/{name}"),
-            source,
+            source: Box::new(source),
         };
         let prog = ebpf
             .program_mut(&program)

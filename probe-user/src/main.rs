@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use probe_user::{
     cli::{Cli, Command, RunArgs},
-    pipeline,
+    diagnose, pipeline,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -31,9 +31,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         None => run(cli.run),
         Some(Command::Run(args)) => run(args),
-        Some(Command::Analyze(_)) | Some(Command::Diagnose(_)) => {
-            Err(anyhow::anyhow!("this subcommand is not built yet"))
-        }
+        Some(Command::Analyze(args)) => diagnose::run_analyze(&args),
+        Some(Command::Diagnose(args)) => diagnose::run_diagnose(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -100,6 +100,9 @@ pub fn struct_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetsError> {
     })
 }
 
+/// Where a classic tracepoint field's offset goes in [`KernelOffsets`].
+type OffsetSlot = fn(&mut KernelOffsets) -> &mut u32;
+
 /// The hook families, each a tracepoint with a BTF program and a classic fallback.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Hook {
@@ -155,7 +158,7 @@ impl Hook {
     }
 
     /// The classic tracepoint fields the program reads, and where each goes in the offsets.
-    fn classic_fields(self) -> &'static [(&'static str, fn(&mut KernelOffsets) -> &mut u32)] {
+    fn classic_fields(self) -> &'static [(&'static str, OffsetSlot)] {
         match self {
             Hook::TcpState => &[
                 ("skaddr", |o| &mut o.tp_state_skaddr),

@@ -1,119 +1,64 @@
-//! Wiring and shutdown: kernel programs -> ring buffer reader -> decoder -> consumers (JSON log
-//! writer thread, aggregator, flight recorder) and the periodic tasks around them.
+//! Wiring and shutdown. Everything that can fail on bad input (log path, metrics port,
+//! privileges, kernel support) fails before the first event; after that the agent runs until a
+//! signal or `--duration`, then detaches, drains, flushes and prints its tally.
 use std::{
-    fs::OpenOptions,
-    io::{self, IsTerminal, Write},
-    path::Path,
+    io::{self, IsTerminal},
     sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering::Relaxed},
-        mpsc::{self, RecvTimeoutError, SyncSender, TrySendError},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
-    thread,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::Context as _;
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::maps::{MapData, PerCpuArray};
 use probe_common::Counter;
 use tokio::{
-    io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
     sync::watch,
-    task::JoinHandle,
 };
 
 use crate::{
+    aggregate::{Aggregator, AggregatorConfig},
     cli::RunArgs,
-    decode::{Clock, decode},
-    event::{Event, EventType},
-    export::json_log,
+    decode::Clock,
+    diagnose::{EvidenceWriter, FlightRecorder, TriggerConfig, diagnose_handler},
+    event::EventType,
+    export::{
+        http::{self, DiagnoseFn, HttpState},
+        json_log,
+        prometheus::{LossStage, Metrics},
+        table,
+    },
     loader::{self, KernelMaps, LoaderConfig, read_counter},
+    reader::{Consumers, spawn_program_log, spawn_reader},
 };
 
-/// Events waiting for the log writer; past this the newest are dropped and counted (stage queue).
-const LOG_QUEUE: usize = 65_536;
-/// Events the reader decodes before handing them on as one batch.
-const BATCH: usize = 1024;
-/// The kernel wakes the reader only when a batch has built up (see probe-ebpf `emit`); between
-/// wakeups the reader looks this often.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often idle destinations are expired and the kernel's counters read.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
-/// Where events were lost, as `connprobe_events_lost_total{stage}` names them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LossStage {
-    /// The kernel could not reserve room in the ring buffer: the reader fell behind.
-    Ringbuf,
-    /// A connect's start record was evicted from the kernel's socket map.
-    Map,
-    /// The log writer's queue was full.
-    Queue,
-    /// Writing the JSON log failed.
-    Log,
-}
-
-impl LossStage {
-    pub const ALL: [LossStage; 4] = [
-        LossStage::Ringbuf,
-        LossStage::Map,
-        LossStage::Queue,
-        LossStage::Log,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LossStage::Ringbuf => "ringbuf",
-            LossStage::Map => "map",
-            LossStage::Queue => "queue",
-            LossStage::Log => "log",
-        }
-    }
-}
-
-/// Counts of everything that went through, or was lost on the way.
-#[derive(Default)]
+/// What the agent counted: delivered and lost come from the metrics (one set of counters),
+/// the rest from the kernel and the decoder.
 pub struct Tally {
-    delivered: [AtomicU64; 4],
-    lost: [AtomicU64; 4],
-    /// Produced by the kernel programs, all kinds (delivered + lost in the ring buffer).
+    metrics: Arc<Metrics>,
+    /// Events the kernel programs tried to emit, all kinds (delivered + lost in the ring).
     produced: AtomicU64,
-    decode_errors: AtomicU64,
     kernel_read_errors: AtomicU64,
+    undecodable: Arc<AtomicU64>,
 }
 
 impl Tally {
-    fn type_index(kind: EventType) -> usize {
-        match kind {
-            EventType::Connect => 0,
-            EventType::Retransmit => 1,
-            EventType::Reset => 2,
-            EventType::Close => 3,
+    fn new(metrics: Arc<Metrics>) -> Self {
+        Tally {
+            metrics,
+            produced: AtomicU64::new(0),
+            kernel_read_errors: AtomicU64::new(0),
+            undecodable: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    fn stage_index(stage: LossStage) -> usize {
-        match stage {
-            LossStage::Ringbuf => 0,
-            LossStage::Map => 1,
-            LossStage::Queue => 2,
-            LossStage::Log => 3,
-        }
-    }
-
-    pub fn delivered(&self, kind: EventType) -> u64 {
-        self.delivered[Self::type_index(kind)].load(Relaxed)
-    }
-
-    pub fn lost(&self, stage: LossStage) -> u64 {
-        self.lost[Self::stage_index(stage)].load(Relaxed)
-    }
-
-    fn add_lost(&self, stage: LossStage, n: u64) {
-        self.lost[Self::stage_index(stage)].fetch_add(n, Relaxed);
-    }
-
-    /// Copies the kernel's cumulative counters in; returns the increase of each lost stage.
-    fn update_from_kernel(&self, counters: &PerCpuArray<MapData, u64>) -> [(LossStage, u64); 2] {
+    /// Copies the kernel's cumulative per-CPU counters into the tally and the metrics.
+    fn update_from_kernel(&self, counters: &PerCpuArray<MapData, u64>) {
         let produced = [
             Counter::ProducedConnect,
             Counter::ProducedRetransmit,
@@ -126,196 +71,30 @@ impl Tally {
         self.produced.store(produced, Relaxed);
         self.kernel_read_errors
             .store(read_counter(counters, Counter::ReadError), Relaxed);
-        [
-            (LossStage::Ringbuf, Counter::LostRingbuf),
-            (LossStage::Map, Counter::LostMap),
-        ]
-        .map(|(stage, counter)| {
-            let now = read_counter(counters, counter);
-            let before = self.lost[Self::stage_index(stage)].swap(now, Relaxed);
-            (stage, now.saturating_sub(before))
-        })
+        self.metrics.sync_lost(
+            LossStage::Ringbuf,
+            read_counter(counters, Counter::LostRingbuf),
+        );
+        self.metrics
+            .sync_lost(LossStage::Map, read_counter(counters, Counter::LostMap));
     }
 
     /// One line: events by kind, lost by stage.
     pub fn line(&self) -> String {
         let kinds = EventType::ALL
-            .map(|k| format!("{}={}", k.as_str(), self.delivered(k)))
+            .map(|k| format!("{}={}", k.as_str(), self.metrics.delivered(k)))
             .join(" ");
         let lost = LossStage::ALL
-            .map(|s| format!("{}={}", s.as_str(), self.lost(s)))
+            .map(|s| format!("{}={}", s.as_str(), self.metrics.lost(s)))
             .join(" ");
         format!(
-            "events: {kinds}; produced in kernel={}; lost: {lost}; undecodable={} kernel_read_errors={}",
+            "events: {kinds}; produced in kernel={}; lost: {lost}; undecodable={} \
+             kernel_read_errors={}",
             self.produced.load(Relaxed),
-            self.decode_errors.load(Relaxed),
+            self.undecodable.load(Relaxed),
             self.kernel_read_errors.load(Relaxed),
         )
     }
-}
-
-/// What the reader hands each batch of events to.
-struct Consumers {
-    tally: Arc<Tally>,
-    log: Option<SyncSender<Event>>,
-}
-
-impl Consumers {
-    fn consume(&mut self, batch: &mut Vec<Event>) {
-        for event in batch.drain(..) {
-            self.tally.delivered[Tally::type_index(event.kind())].fetch_add(1, Relaxed);
-            if let Some(log) = &self.log {
-                match log.try_send(event) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(_)) => self.tally.add_lost(LossStage::Queue, 1),
-                    Err(TrySendError::Disconnected(_)) => self.tally.add_lost(LossStage::Log, 1),
-                }
-            }
-        }
-    }
-}
-
-/// Drains everything in the ring buffer into `consumers`, in batches.
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    clock: &Clock,
-    batch: &mut Vec<Event>,
-    consumers: &mut Consumers,
-) {
-    while let Some(item) = ring.next() {
-        match decode(&item, clock) {
-            Ok(event) => batch.push(event),
-            Err(e) => {
-                if consumers.tally.decode_errors.fetch_add(1, Relaxed) == 0 {
-                    tracing::warn!("undecodable event from the kernel: {e}");
-                }
-            }
-        }
-        drop(item);
-        if batch.len() >= BATCH {
-            consumers.consume(batch);
-        }
-    }
-    if !batch.is_empty() {
-        consumers.consume(batch);
-    }
-}
-
-/// Reads the ring buffer until told to stop, then drains what is left.
-fn spawn_reader(
-    ring: RingBuf<MapData>,
-    clock: Clock,
-    mut consumers: Consumers,
-    mut stop: watch::Receiver<bool>,
-) -> JoinHandle<anyhow::Result<()>> {
-    tokio::spawn(async move {
-        // SAFETY: the RingBuf owns its map fd and keeps it open and unchanged while the
-        // AsyncFd holds it.
-        let mut fd =
-            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-                .context("cannot poll the ring buffer")?;
-        let mut batch = Vec::with_capacity(BATCH);
-        let mut poll = tokio::time::interval(POLL_INTERVAL);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                guard = fd.readable_mut() => {
-                    let mut guard = guard.context("polling the ring buffer failed")?;
-                    drain(guard.get_inner_mut(), &clock, &mut batch, &mut consumers);
-                    guard.clear_ready();
-                }
-                _ = poll.tick() => drain(fd.get_mut(), &clock, &mut batch, &mut consumers),
-                _ = stop.changed() => break,
-            }
-        }
-        drain(fd.get_mut(), &clock, &mut batch, &mut consumers);
-        Ok(())
-    })
-}
-
-/// Forwards what the eBPF programs log (through aya-log, to `tracing`) until told to stop.
-fn spawn_program_log(
-    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
-    mut stop: watch::Receiver<bool>,
-) {
-    tokio::spawn(async move {
-        // SAFETY: the logger owns its ring buffer fd and keeps it open while the AsyncFd holds it.
-        let Ok(mut fd) =
-            (unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) })
-        else {
-            tracing::warn!("cannot poll the eBPF programs' log; their warnings will not be shown");
-            return;
-        };
-        loop {
-            tokio::select! {
-                guard = fd.readable_mut() => {
-                    let Ok(mut guard) = guard else { return };
-                    guard.get_inner_mut().flush();
-                    guard.clear_ready();
-                }
-                _ = stop.changed() => {
-                    fd.get_mut().flush();
-                    return;
-                }
-            }
-        }
-    });
-}
-
-/// Opens the log before anything is loaded, so a bad path fails at once.
-fn open_log(path: &Path) -> anyhow::Result<Box<dyn Write + Send>> {
-    if path == Path::new("-") {
-        return Ok(Box::new(io::stdout()));
-    }
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("cannot write the JSON log to {}", path.display()))?;
-    Ok(Box::new(file))
-}
-
-/// Writes queued events as JSON lines; flushes whenever the queue runs dry for a moment.
-fn spawn_log_writer(
-    out: Box<dyn Write + Send>,
-    tally: Arc<Tally>,
-) -> (SyncSender<Event>, thread::JoinHandle<()>) {
-    let (tx, rx) = mpsc::sync_channel::<Event>(LOG_QUEUE);
-    let handle = thread::Builder::new()
-        .name("json-log".into())
-        .spawn(move || {
-            let mut out = io::BufWriter::with_capacity(256 * 1024, out);
-            let mut failing = false;
-            let report = |e: io::Error, failing: &mut bool| {
-                if !*failing {
-                    tracing::error!(
-                        "writing the JSON log failed: {e}; events are counted as lost (stage log)"
-                    );
-                    *failing = true;
-                }
-            };
-            loop {
-                match rx.recv_timeout(Duration::from_millis(200)) {
-                    Ok(event) => {
-                        if let Err(e) = json_log::write_line(&mut out, &event) {
-                            tally.add_lost(LossStage::Log, 1);
-                            report(e, &mut failing);
-                        }
-                    }
-                    Err(RecvTimeoutError::Timeout) => {
-                        if let Err(e) = out.flush() {
-                            report(e, &mut failing);
-                        }
-                    }
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            }
-            if let Err(e) = out.flush() {
-                report(e, &mut failing);
-            }
-        })
-        .expect("spawning a thread");
-    (tx, handle)
 }
 
 /// Why the agent stopped.
@@ -328,18 +107,43 @@ enum Stop {
 /// `connprobe run`.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let clock = Clock::now();
-    let tally = Arc::new(Tally::default());
-    let log_out = args.json_log.as_deref().map(open_log).transpose()?;
+    let metrics = Arc::new(Metrics::new(args.by_comm));
+    let tally = Arc::new(Tally::new(metrics.clone()));
+    let aggregator = Arc::new(Mutex::new(Aggregator::new(
+        AggregatorConfig {
+            max_destinations: args.max_destinations,
+            destination_idle: args.destination_idle,
+            by_comm: args.by_comm,
+        },
+        &metrics,
+    )));
+    let recorder = Arc::new(Mutex::new(FlightRecorder::new(args.recorder_events)));
+
+    // Bad input fails here, before anything is loaded.
+    let log_out = args.json_log.as_deref().map(json_log::open).transpose()?;
+    let listener = match args.no_metrics {
+        true => None,
+        false => Some(http::bind(args.metrics_addr).await?),
+    };
+    let evidence = TriggerConfig::from_run_args(&args)
+        .map(EvidenceWriter::new)
+        .transpose()?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+
     let (log_tx, log_thread) = match log_out {
         Some(out) => {
-            let (tx, handle) = spawn_log_writer(out, tally.clone());
+            let (tx, handle) = json_log::spawn_writer(out, metrics.clone())
+                .context("cannot start the JSON log writer")?;
             (Some(tx), Some(handle))
         }
         None => (None, None),
     };
-
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let (stop_http, http_stopped) = watch::channel(false);
+    let diagnose: Arc<DiagnoseFn> = Arc::new(diagnose_handler(recorder.clone()));
+    let http_state = Arc::new(HttpState::new(metrics.clone(), Some(diagnose)));
+    let http_task =
+        listener.map(|l| tokio::spawn(http::serve(l, http_state.clone(), http_stopped)));
 
     let config = LoaderConfig {
         hooks: args.hooks,
@@ -349,23 +153,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut readers = Vec::new();
     let mut counters = None;
     let probes = tokio::task::block_in_place(|| {
-        loader::load_and_attach(
-            &config,
-            |KernelMaps {
-                 events,
-                 counters: c,
-                 logger,
-             }| {
-                let (stop_tx, stop_rx) = watch::channel(false);
-                spawn_program_log(logger, stop_rx.clone());
-                let consumers = Consumers {
-                    tally: tally.clone(),
-                    log: log_tx.clone(),
-                };
-                readers.push((stop_tx, spawn_reader(events, clock, consumers, stop_rx)));
-                counters = Some(c);
-            },
-        )
+        loader::load_and_attach(&config, |maps: KernelMaps| {
+            let (stop_tx, stop_rx) = watch::channel(false);
+            spawn_program_log(maps.logger, stop_rx.clone());
+            let consumers = Consumers {
+                metrics: metrics.clone(),
+                aggregator: aggregator.clone(),
+                recorder: recorder.clone(),
+                log: log_tx.clone(),
+                undecodable: tally.undecodable.clone(),
+            };
+            readers.push((
+                stop_tx,
+                spawn_reader(maps.events, clock, consumers, stop_rx),
+            ));
+            counters = Some(maps.counters);
+        })
     })?;
     drop(log_tx);
     // Readers of a failed first attempt (before a fallback) watch maps nothing writes to.
@@ -385,7 +188,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "connprobe is tracing ({} programs attached: {plan})",
         probes.plan.len()
     );
+    http_state.set_ready(true);
+    if !args.no_metrics {
+        tracing::info!("metrics on http://{}/metrics", args.metrics_addr);
+    }
 
+    let stop_evidence = Arc::new(AtomicBool::new(false));
+    let (bundles_written, evidence_thread) = match evidence {
+        Some(writer) => {
+            let (bundles, handle) = writer
+                .spawn(recorder.clone(), stop_evidence.clone())
+                .context("cannot start the evidence writer")?;
+            (Some(bundles), Some(handle))
+        }
+        None => (None, None),
+    };
+
+    // The live table: on a terminal, when the events are not going to the terminal too.
+    let show_table =
+        io::stdout().is_terminal() && args.json_log.as_deref() != Some(std::path::Path::new("-"));
     let deadline = async {
         match args.duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -393,6 +214,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     tokio::pin!(deadline);
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
     let mut stats = tokio::time::interval(args.stats_interval.max(Duration::from_millis(100)));
     stats.tick().await;
     let stop = loop {
@@ -408,10 +230,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 };
                 break Stop::ReaderFailed(err);
             }
-            _ = stats.tick() => {
+            _ = housekeeping.tick() => {
                 tally.update_from_kernel(&counters);
+                if let Some(bundles) = &bundles_written {
+                    metrics.sync_evidence_bundles(bundles.load(Relaxed));
+                }
+                aggregator
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .expire_idle(SystemTime::now());
+            }
+            _ = stats.tick() => {
                 if args.verbose > 0 {
                     eprintln!("connprobe: {}", tally.line());
+                }
+                if show_table {
+                    print_table(&aggregator);
                 }
             }
         }
@@ -432,14 +266,39 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(handle) = log_thread {
         let _ = tokio::task::spawn_blocking(move || handle.join()).await;
     }
+    stop_evidence.store(true, Relaxed);
+    if let Some(handle) = evidence_thread {
+        let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+    }
+    let _ = stop_http.send(true);
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
     tally.update_from_kernel(&counters);
     eprintln!("connprobe: {}", tally.line());
     reader_result
 }
 
-/// Whether standard output is a terminal (for the live table).
-pub fn stdout_is_terminal() -> bool {
-    io::stdout().is_terminal()
+/// Redraws the worst-first destination table on the terminal.
+fn print_table(aggregator: &Mutex<Aggregator>) {
+    let summaries = aggregator
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .summaries(SystemTime::now());
+    let width = terminal_width();
+    // Clear the screen and home the cursor, then draw.
+    print!("\x1b[2J\x1b[H{}", table::render(&summaries, width));
+}
+
+fn terminal_width() -> usize {
+    // SAFETY: TIOCGWINSZ fills a winsize struct; on failure it is left zeroed.
+    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
+    if ok && size.ws_col >= 40 {
+        size.ws_col as usize
+    } else {
+        100
+    }
 }
 
 #[cfg(test)]
@@ -448,12 +307,13 @@ mod tests {
 
     #[test]
     fn tally_line_names_every_kind_and_stage() {
-        let tally = Tally::default();
-        tally.delivered[0].store(3, Relaxed);
-        tally.add_lost(LossStage::Queue, 2);
+        let metrics = Arc::new(Metrics::new(false));
+        metrics.event_delivered(EventType::Connect);
+        metrics.add_lost(LossStage::Queue, 2);
+        let tally = Tally::new(metrics);
         let line = tally.line();
         assert!(
-            line.contains("connect=3 retransmit=0 reset=0 close=0"),
+            line.contains("connect=1 retransmit=0 reset=0 close=0"),
             "{line}"
         );
         assert!(

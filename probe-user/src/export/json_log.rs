@@ -1,10 +1,19 @@
 //! The JSON event log: one flat object per line (NDJSON), and the parser that reads it back for
 //! `connprobe analyze`.
 use std::{
+    fs::OpenOptions,
     io::{self, Write},
     net::{IpAddr, SocketAddr},
+    path::Path,
+    sync::{
+        Arc,
+        mpsc::{self, RecvTimeoutError, SyncSender},
+    },
+    thread,
     time::{Duration, SystemTime},
 };
+
+use anyhow::Context as _;
 
 use serde::{Deserialize, Serialize, Serializer, ser::SerializeMap};
 
@@ -12,6 +21,70 @@ use crate::event::{
     Close, Comm, Connect, Direction, Errno, Event, EventDetail, EventType, FailureReason, Outcome,
     Process, Reset, Retransmit, Side, TcpState, canonical_ip,
 };
+use crate::export::prometheus::{LossStage, Metrics};
+
+/// Events waiting for the writer; past this the newest are dropped and counted (stage queue).
+pub const QUEUE: usize = 65_536;
+/// The writer flushes whenever no event came for this long.
+const IDLE_FLUSH: Duration = Duration::from_millis(200);
+
+/// Opens the log (`-` is standard output) before anything is loaded, so a bad path fails at
+/// once. Files are appended to.
+pub fn open(path: &Path) -> anyhow::Result<Box<dyn Write + Send>> {
+    if path == Path::new("-") {
+        return Ok(Box::new(io::stdout()));
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot write the JSON log to {}", path.display()))?;
+    Ok(Box::new(file))
+}
+
+/// Writes queued events as JSON lines on a thread of its own, so a slow disk never stalls the
+/// ring buffer reader. Flushes whenever the queue runs dry for a moment, and at the end, when
+/// every sender is gone. Write errors count every event they cost (stage log).
+pub fn spawn_writer(
+    out: Box<dyn Write + Send>,
+    metrics: Arc<Metrics>,
+) -> io::Result<(SyncSender<Event>, thread::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::sync_channel::<Event>(QUEUE);
+    let handle = thread::Builder::new()
+        .name("connprobe-log".into())
+        .spawn(move || {
+            let mut out = io::BufWriter::with_capacity(256 * 1024, out);
+            let mut failing = false;
+            let report = |e: io::Error, failing: &mut bool| {
+                if !*failing {
+                    tracing::error!(
+                        "writing the JSON log failed: {e}; events are counted as lost (stage log)"
+                    );
+                    *failing = true;
+                }
+            };
+            loop {
+                match rx.recv_timeout(IDLE_FLUSH) {
+                    Ok(event) => {
+                        if let Err(e) = write_line(&mut out, &event) {
+                            metrics.add_lost(LossStage::Log, 1);
+                            report(e, &mut failing);
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        if let Err(e) = out.flush() {
+                            report(e, &mut failing);
+                        }
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            if let Err(e) = out.flush() {
+                report(e, &mut failing);
+            }
+        })?;
+    Ok((tx, handle))
+}
 
 /// Writes one event as a JSON line.
 pub fn write_line<W: Write>(out: &mut W, event: &Event) -> io::Result<()> {

@@ -87,6 +87,7 @@ pub struct Metrics {
     lost: [IntCounter; 4],
     pub(crate) destinations_tracked: IntGauge,
     pub(crate) destinations_folded: IntCounter,
+    evidence_bundles: IntCounter,
 }
 
 impl Metrics {
@@ -175,6 +176,12 @@ impl Metrics {
              was taken; one that stays idle for --destination-idle counts again if it returns.",
         )
         .expect("counter definition is valid");
+        let evidence_bundles = IntCounter::new(
+            "connprobe_evidence_bundles_total",
+            "Evidence bundles written to --evidence-dir because a destination crossed a trigger \
+             threshold.",
+        )
+        .expect("counter definition is valid");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "connprobe_build_info",
@@ -186,6 +193,7 @@ impl Metrics {
         for collector in [
             Box::new(destinations_tracked.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(destinations_folded.clone()),
+            Box::new(evidence_bundles.clone()),
             Box::new(build_info.clone()),
         ] {
             registry
@@ -209,6 +217,15 @@ impl Metrics {
             lost: LossStage::ALL.map(|s| lost_vec.with_label_values(&[s.as_str()])),
             destinations_tracked,
             destinations_folded,
+            evidence_bundles,
+        }
+    }
+
+    /// Raises `connprobe_evidence_bundles_total` to the evidence writer's running total.
+    pub fn sync_evidence_bundles(&self, total: u64) {
+        let current = self.evidence_bundles.get();
+        if total > current {
+            self.evidence_bundles.inc_by(total - current);
         }
     }
 
@@ -355,6 +372,7 @@ mod tests {
             ("connprobe_events_lost_total", "counter"),
             ("connprobe_destinations_tracked", "gauge"),
             ("connprobe_destinations_folded_total", "counter"),
+            ("connprobe_evidence_bundles_total", "counter"),
             ("connprobe_build_info", "gauge"),
         ];
         for (name, kind) in expected {
