@@ -45,11 +45,11 @@ pub fn text(report: &Report) -> String {
             None => d.destination.clone(),
         };
         match top.verdict {
-            VerdictId::Healthy => healthy.push(d.destination.clone()),
+            // Named with their side: a service this host calls and one it offers on the same
+            // address are two rows.
+            VerdictId::Healthy => healthy.push(name),
             // Failures that no verdict explains get a paragraph; few events only a mention.
-            VerdictId::NotEnoughData if u(&top.evidence, "failures") == 0 => {
-                thin.push(d.destination.clone())
-            }
+            VerdictId::NotEnoughData if u(&top.evidence, "failures") == 0 => thin.push(name),
             _ => {
                 out.push('\n');
                 paragraph(&mut out, &name, &d.verdicts);
@@ -306,7 +306,7 @@ mod tests {
         let text = text(&judge(&events, window(0.0, 60.0)));
         let refused = text.find("10.0.0.3:5432 (client): refused").expect(&text);
         let healthy = text
-            .find("Healthy: 10.0.0.1:80, 10.0.0.2:80.")
+            .find("Healthy: 10.0.0.1:80 (client), 10.0.0.2:80 (client).")
             .expect(&text);
         assert!(refused < healthy, "{text}");
         assert!(text.contains("20 of 20 connects refused"), "{text}");
