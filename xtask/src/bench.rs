@@ -387,13 +387,14 @@ fn failure_storm(plan: &Plan, connprobe: &Path, work: &Path) -> anyhow::Result<V
     let listener = lab.listen()?;
     let client_before = lab.client_retrans_segs()?;
     let server_before = lab.server_retrans_segs()?;
+    // Found before the agent starts: the probe connect must not count.
+    let port = load::refused_port()?;
     let session = Session::start(Tool::Connprobe, connprobe, work, &[])?;
     let log = session
         .output_path()
         .context("connprobe has a log")?
         .to_owned();
 
-    let port = load::refused_port()?;
     let refused = load::refused_connects(vec![
         SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
         plan.refused_connects as usize
@@ -438,6 +439,7 @@ fn failure_storm(plan: &Plan, connprobe: &Path, work: &Path) -> anyhow::Result<V
             "refused_seen_by_client": refused.completed,
             "connprobe_failed_connects_reason_refused": counted.refused,
             "match": counted.refused == refused.completed,
+            "logged_twice_for_one_client_port": counted.refused_repeats,
         },
         "lossy": {
             "path": "veth between two namespaces, nftables drops 20% of segments to the server port",
@@ -458,6 +460,8 @@ fn failure_storm(plan: &Plan, connprobe: &Path, work: &Path) -> anyhow::Result<V
 #[derive(Default)]
 struct LogCounts {
     refused: u64,
+    /// Refused connects logged more than once for the same client port, as logged.
+    refused_repeats: Vec<Value>,
     client_segments: u64,
     server_segments: u64,
 }
@@ -468,6 +472,7 @@ fn count_log(log: &Path, port: u16) -> anyhow::Result<LogCounts> {
     let file = fs::File::open(log).with_context(|| format!("cannot read {}", log.display()))?;
     let mut counts = LogCounts::default();
     let (client, server) = (lab::CLIENT_IP.to_string(), lab::SERVER_IP.to_string());
+    let mut refused_ports: BTreeMap<u64, Value> = BTreeMap::new();
     for line in std::io::BufReader::new(file).lines() {
         let Ok(event) = serde_json::from_str::<Value>(&line?) else {
             continue;
@@ -481,6 +486,13 @@ fn count_log(log: &Path, port: u16) -> anyhow::Result<LogCounts> {
                     && event["dst_port"] == port =>
             {
                 counts.refused += 1;
+                let src_port = event["src_port"].as_u64().unwrap_or(0);
+                if let Some(first) = refused_ports.insert(src_port, event.clone())
+                    && counts.refused_repeats.len() < 6
+                {
+                    counts.refused_repeats.push(first);
+                    counts.refused_repeats.push(event);
+                }
             }
             Some("retransmit") => {
                 let segments = event["segments"].as_u64().unwrap_or(0);
