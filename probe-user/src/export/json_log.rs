@@ -185,8 +185,9 @@ struct Line {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
-    #[error("not a connprobe event: {0}")]
-    Json(#[from] serde_json::Error),
+    /// Not JSON, or not the shape of an event (the message names the field).
+    #[error("{0}")]
+    Json(serde_json::Error),
     #[error("bad time {0:?}: {1}")]
     Time(String, humantime::TimestampError),
     #[error("unknown event type {0:?}")]
@@ -197,7 +198,7 @@ pub enum ParseError {
 
 /// Parses one line of the log.
 pub fn parse_line(line: &str) -> Result<Event, ParseError> {
-    let l: Line = serde_json::from_str(line)?;
+    let l: Line = serde_json::from_str(line).map_err(ParseError::Json)?;
     let time =
         humantime::parse_rfc3339(&l.time).map_err(|e| ParseError::Time(l.time.clone(), e))?;
     let kind = EventType::parse(&l.kind).ok_or_else(|| ParseError::Type(l.kind.clone()))?;
