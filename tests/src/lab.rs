@@ -228,6 +228,11 @@ fn lock_file() -> anyhow::Result<File> {
         .write(true)
         .open(LOCK_PATH)
         .with_context(|| format!("cannot open {LOCK_PATH} (the lab needs root)"))?;
+    // SAFETY: a valid fd; a non-blocking try first, to say why we wait.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(file);
+    }
+    eprintln!("lab: another test process holds {LOCK_PATH}; waiting for its lab to go");
     // SAFETY: a valid fd; flock blocks until the other lab is gone.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
         bail!(

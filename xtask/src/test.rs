@@ -68,6 +68,7 @@ pub fn run() -> anyhow::Result<()> {
     step(&mut steps, "unit tests", || {
         cmd::status(cmd::cargo().args([
             "test",
+            "--no-fail-fast",
             "--workspace",
             "--exclude",
             "probe-ebpf",
@@ -79,7 +80,14 @@ pub fn run() -> anyhow::Result<()> {
     step(&mut steps, "kernel tests", || match &binary {
         Some(binary) => cmd::status(
             cmd::cargo()
-                .args(["test", "--package", "tests", "--", "--test-threads=1"])
+                .args([
+                    "test",
+                    "--no-fail-fast",
+                    "--package",
+                    "tests",
+                    "--",
+                    "--test-threads=1",
+                ])
                 .env("CONNPROBE_BIN", binary),
         ),
         None => bail!("not run: connprobe did not build"),
