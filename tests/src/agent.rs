@@ -31,6 +31,12 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent and waits until it says it is tracing.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with_args(&["--no-metrics"])
+    }
+
+    /// Starts `connprobe run --json-log FILE EXTRA...` (e.g. `--metrics-addr`,
+    /// `--evidence-dir`) and waits until it says it is tracing.
+    pub fn start_with_args(extra: &[&str]) -> anyhow::Result<Self> {
         let binary = std::env::var_os("CONNPROBE_BIN").ok_or_else(|| {
             anyhow!("CONNPROBE_BIN is not set: run the kernel tests through `cargo xtask test`, or set it to a built connprobe")
         })?;
@@ -44,7 +50,7 @@ impl Agent {
             .arg("run")
             .arg("--json-log")
             .arg(&log)
-            .arg("--no-metrics")
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

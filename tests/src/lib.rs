@@ -16,6 +16,7 @@ pub mod lab;
 pub mod netns;
 pub mod socket;
 pub mod traffic;
+pub mod verdict_lab;
 
 pub use agent::Agent;
 pub use expect::{Check, Pattern, assert_exactly};
