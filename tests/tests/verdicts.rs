@@ -103,10 +103,19 @@ impl FaultRun {
     }
 }
 
-/// The run, made once per test process; a failure is reported by every test that needs it.
+/// The run, made once per test process; a failure (an error or a panic of the scenario) is
+/// reported by every test that needs it, without running the scenario again.
 fn fault_run() -> &'static FaultRun {
     static RUN: OnceLock<Result<FaultRun, String>> = OnceLock::new();
-    match RUN.get_or_init(|| run_faults().map_err(|e| format!("{e:#}"))) {
+    let run = || match std::panic::catch_unwind(run_faults) {
+        Ok(result) => result.map_err(|e| format!("{e:#}")),
+        Err(panic) => Err(panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_else(|| "a panic".to_owned())),
+    };
+    match RUN.get_or_init(run) {
         Ok(run) => run,
         Err(e) => panic!("the fault run failed: {e}"),
     }
@@ -342,7 +351,7 @@ fn run_faults() -> anyhow::Result<FaultRun> {
     verdict_lab::write_log(&log, &events)?;
     let analyze = verdict_lab::analyze(&log)?;
     eprintln!(
-        "agent stopped and {} events analyzed in {:?}",
+        "{} events written back and analyzed in {:?}",
         events.len(),
         phase.elapsed()
     );
@@ -391,9 +400,10 @@ fn run_faults() -> anyhow::Result<FaultRun> {
 
 impl FaultRun {
     /// `/diagnose` judged the whole run: its flight recorder forgot nothing. (Events the
-    /// kernel could not hand over show up as wrong counts in the verdicts' evidence; the
-    /// messages carry the agent's loss counters for that case.)
+    /// kernel could not hand over show up as wrong counts in the verdicts' evidence: the
+    /// agent's loss counters go to the test's output for that case.)
     fn assert_complete(&self) {
+        eprintln!("events the agent lost, by stage: {:?}", self.lost);
         assert_eq!(
             self.diagnose["window"]["truncated"], false,
             "the flight recorder forgot part of the run: {}",
