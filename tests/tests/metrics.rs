@@ -1,0 +1,621 @@
+//! Issue 3 through `/metrics` of the real agent: the lab scenarios' ground truth in the
+//! per-destination counters, a real Prometheus server scraping the agent, and the cardinality
+//! policy (label cap, fold counter, the reserve for failing destinations, idle expiry).
+use std::{
+    collections::BTreeSet,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use tests::{
+    Lab, netns, socket,
+    traffic::{self, serve},
+};
+
+const CLIENT_COMM: &str = "lab-client";
+/// What the agent prints once its programs are attached.
+const READY: &str = "connprobe is tracing";
+
+/// The agent with its metrics endpoint on a free loopback port and `extra` flags.
+struct MetricsAgent {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl MetricsAgent {
+    fn start(extra: &[&str]) -> anyhow::Result<Self> {
+        let binary = std::env::var_os("CONNPROBE_BIN").ok_or_else(|| {
+            anyhow!("CONNPROBE_BIN is not set: run the kernel tests through `cargo xtask test`")
+        })?;
+        let addr = free_loopback_addr()?;
+        let mut child = Command::new(&binary)
+            .args(["run", "--metrics-addr", &addr.to_string()])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.to_string_lossy()))?;
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr is piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("agent: {line}");
+                if line.contains(READY) {
+                    let _ = ready_tx.send(());
+                }
+            }
+        });
+        let agent = MetricsAgent { child, addr };
+        ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| anyhow!("connprobe did not say {READY:?} within 30 s"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while http_get(addr, "/healthz")?.0 != 200 {
+            if Instant::now() > deadline {
+                bail!("/healthz did not answer 200 within 10 s of {READY:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(agent)
+    }
+
+    fn metrics(&self) -> anyhow::Result<Metrics> {
+        let (status, body) = http_get(self.addr, "/metrics")?;
+        if status != 200 {
+            bail!("/metrics answered {status}: {body}");
+        }
+        Ok(Metrics(body))
+    }
+
+    /// Scrapes until `check` holds, at most `limit`; returns the last scrape.
+    fn wait_until(
+        &self,
+        limit: Duration,
+        what: &str,
+        check: impl Fn(&Metrics) -> bool,
+    ) -> anyhow::Result<Metrics> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let metrics = self.metrics()?;
+            if check(&metrics) {
+                return Ok(metrics);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{what} not seen within {limit:?}; last scrape:\n{}",
+                    metrics.0
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for MetricsAgent {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(listener.local_addr()?)
+}
+
+/// A GET on its own connection: status and body.
+fn http_get(addr: SocketAddr, target: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("not an HTTP response: {response:?}"))?;
+    let status = head
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("no status in {head:?}"))?;
+    Ok((status, body.to_string()))
+}
+
+/// One scrape of `/metrics`.
+struct Metrics(String);
+
+impl Metrics {
+    /// The value of the series `name{labels}` exactly as exposed (labels sorted by name).
+    fn value(&self, series: &str) -> Option<f64> {
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+    }
+
+    fn get(&self, series: &str) -> f64 {
+        self.value(series).unwrap_or(0.0)
+    }
+
+    /// The sum of every sample of `name` whose labels contain all of `labels`.
+    fn sum(&self, name: &str, labels: &[&str]) -> f64 {
+        self.0
+            .lines()
+            .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+            .filter_map(|l| l.split_once("} "))
+            .filter(|(l, _)| {
+                labels
+                    .iter()
+                    .all(|want| l.split(',').any(|have| have == *want))
+            })
+            .filter_map(|(_, v)| v.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Every `destination` label value exposed.
+    fn destinations(&self) -> BTreeSet<String> {
+        self.0
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split("destination=\"").nth(1))
+            .filter_map(|rest| rest.split('"').next())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+fn d(addr: SocketAddr) -> String {
+    format!("destination=\"{addr}\"")
+}
+
+/// `count` connects from the client namespace to `server`, one after another; each is closed
+/// at once. Returns how many failed.
+fn connects(lab: &Lab, server: SocketAddr, count: usize) -> usize {
+    let client_ip = IpAddr::from(lab.client_v4());
+    lab.client(CLIENT_COMM, move || {
+        (0..count)
+            .filter(|_| socket::connect(client_ip, server, None).result.is_err())
+            .count()
+    })
+    .join()
+    .expect("client thread")
+}
+
+fn accept_and_close(_stream: TcpStream) -> std::io::Result<()> {
+    Ok(())
+}
+
+#[test]
+fn lab_scenarios_add_up_in_the_metrics() -> anyhow::Result<()> {
+    let mut lab = Lab::new(41)?;
+    let server_ip = IpAddr::from(lab.server_v4());
+    let ok = SocketAddr::new(server_ip, 8080);
+    let refused = SocketAddr::new(server_ip, 8081);
+    let lossy = SocketAddr::new(server_ip, 8083);
+    let no_listener = SocketAddr::new(server_ip, 8084);
+    let unreachable = SocketAddr::new(server_ip, 8085);
+    lab.server_rule("tcp dport 8081 reject with tcp reset")?;
+    lab.server_rule("tcp dport 8083 numgen random mod 100 < 20 drop")?;
+    lab.server_rule("tcp dport 8085 reject with icmpx type host-unreachable")?;
+    let agent = MetricsAgent::start(&[])?;
+
+    let echo = serve(&lab, ok, 5, traffic::echo);
+    let client_ip = IpAddr::from(lab.client_v4());
+    lab.client(CLIENT_COMM, move || {
+        for i in 0..5 {
+            let stream = socket::connect(client_ip, ok, None)
+                .result
+                .expect("connect");
+            let message = format!("hello {i}");
+            assert_eq!(
+                traffic::exchange(stream, message.as_bytes()).expect("echo"),
+                message.as_bytes()
+            );
+        }
+    })
+    .join()
+    .expect("client thread");
+    echo.join().expect("server thread");
+    assert_eq!(connects(&lab, refused, 3), 3);
+    assert_eq!(connects(&lab, no_listener, 2), 2);
+    assert_eq!(connects(&lab, unreachable, 4), 4);
+
+    let sink = serve(&lab, lossy, 2, traffic::sink);
+    let (client_before, server_before) = (lab.client_counters(), lab.server_counters());
+    lab.client(CLIENT_COMM, move || {
+        let payload = vec![0x5au8; 1 << 20];
+        for _ in 0..2 {
+            let mut stream = socket::connect(client_ip, lossy, None)
+                .result
+                .expect("connect through the lossy path");
+            traffic::limit_io(&stream);
+            stream.write_all(&payload).expect("send");
+            stream
+                .shutdown(std::net::Shutdown::Write)
+                .expect("shutdown");
+            let mut count = [0u8; 8];
+            stream.read_exact(&mut count).expect("the byte count");
+        }
+    })
+    .join()
+    .expect("client thread");
+    sink.join().expect("server thread");
+    lab.settle(Duration::from_secs(30))?;
+    let client_resent = lab.client_counters().retrans_segs - client_before.retrans_segs;
+    let server_resent = lab.server_counters().retrans_segs - server_before.retrans_segs;
+
+    let (dok, dref, dlossy, dnl, dun) =
+        (d(ok), d(refused), d(lossy), d(no_listener), d(unreachable));
+    let m = agent.wait_until(Duration::from_secs(10), "every lab event", |m| {
+        m.get(&format!("connprobe_connect_attempts_total{{{dlossy}}}")) >= 2.0
+            && m.sum("connprobe_segments_sent_total", &[&dlossy]) > 0.0
+            && m.sum(
+                "connprobe_retransmits_total",
+                &[&dlossy, r#"side="client""#],
+            ) >= client_resent as f64
+    })?;
+    let attempts = |dest: &str| m.get(&format!("connprobe_connect_attempts_total{{{dest}}}"));
+    let failures = |dest: &str, reason: &str| {
+        m.get(&format!(
+            "connprobe_connect_failures_total{{{dest},reason=\"{reason}\"}}"
+        ))
+    };
+    assert_eq!(attempts(&dok), 5.0, "{}", m.0);
+    assert_eq!(
+        m.get(&format!(
+            "connprobe_connect_duration_seconds_count{{{dok}}}"
+        )),
+        5.0
+    );
+    assert_eq!(m.sum("connprobe_connect_failures_total", &[&dok]), 0.0);
+    assert!(
+        m.get(&format!(
+            "connprobe_segments_sent_total{{{dok},side=\"client\"}}"
+        )) >= 5.0
+    );
+    assert!(
+        m.get(&format!(
+            "connprobe_segments_sent_total{{{dok},side=\"server\"}}"
+        )) >= 5.0
+    );
+
+    assert_eq!(attempts(&dref), 3.0);
+    assert_eq!(failures(&dref, "refused"), 3.0);
+    assert_eq!(
+        m.value(&format!(
+            "connprobe_connect_duration_seconds_count{{{dref}}}"
+        )),
+        None,
+        "failed connects are not in the handshake histogram"
+    );
+    assert_eq!(
+        m.get(&format!(
+            "connprobe_resets_total{{{dref},direction=\"received\",side=\"client\"}}"
+        )),
+        3.0
+    );
+    assert_eq!(failures(&dnl, "refused"), 2.0);
+    assert_eq!(
+        m.get(&format!(
+            "connprobe_resets_total{{{dnl},direction=\"sent\",side=\"server\"}}"
+        )),
+        2.0,
+        "the server answers a SYN to a closed port with a reset"
+    );
+    assert_eq!(attempts(&dun), 4.0);
+    assert_eq!(failures(&dun, "unreachable"), 4.0);
+
+    assert_eq!(attempts(&dlossy), 2.0);
+    assert_eq!(
+        m.sum(
+            "connprobe_retransmits_total",
+            &[&dlossy, r#"side="client""#]
+        ),
+        client_resent as f64,
+        "client retransmitted segments vs its TcpRetransSegs"
+    );
+    assert_eq!(
+        m.sum(
+            "connprobe_retransmits_total",
+            &[&dlossy, r#"side="server""#]
+        ),
+        server_resent as f64,
+        "server retransmitted segments vs its TcpRetransSegs"
+    );
+    for stage in ["ringbuf", "map", "queue", "log"] {
+        assert_eq!(
+            m.value(&format!("connprobe_events_lost_total{{stage=\"{stage}\"}}")),
+            Some(0.0),
+            "stage {stage}"
+        );
+    }
+    assert!(m.get(r#"connprobe_events_total{type="connect"}"#) >= 16.0);
+    Ok(())
+}
+
+/// A real Prometheus server, on loopback, scraping the agent every second.
+struct PrometheusServer {
+    child: Child,
+    dir: PathBuf,
+    addr: SocketAddr,
+}
+
+impl PrometheusServer {
+    fn start(target: SocketAddr) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("connprobe-prometheus-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: connprobe\n    static_configs:\n      \
+                 - targets: ['{target}']\n"
+            ),
+        )?;
+        let addr = free_loopback_addr()?;
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start prometheus (Debian package `prometheus`)")?;
+        let server = PrometheusServer { child, dir, addr };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !matches!(http_get(addr, "/-/ready"), Ok((200, _))) {
+            if Instant::now() > deadline {
+                bail!("prometheus was not ready within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(server)
+    }
+
+    /// The value of an instant query that returns one sample, or `None` for no sample.
+    fn query(&self, promql: &str) -> anyhow::Result<Option<f64>> {
+        let encoded: String = promql
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let (status, body) = http_get(self.addr, &format!("/api/v1/query?query={encoded}"))?;
+        if status != 200 {
+            bail!("prometheus answered {status}: {body}");
+        }
+        let json: serde_json::Value = serde_json::from_str(&body)?;
+        let result = json["data"]["result"]
+            .as_array()
+            .ok_or_else(|| anyhow!("unexpected answer {body}"))?;
+        match result.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(one["value"][1].as_str().and_then(|v| v.parse().ok())),
+            _ => bail!("more than one series: {body}"),
+        }
+    }
+}
+
+impl Drop for PrometheusServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn prometheus_counts_the_refused_connects() -> anyhow::Result<()> {
+    let mut lab = Lab::new(42)?;
+    let refused = SocketAddr::new(lab.server_v4().into(), 8081);
+    lab.server_rule("tcp dport 8081 reject with tcp reset")?;
+    let agent = MetricsAgent::start(&[])?;
+    let prometheus = PrometheusServer::start(agent.addr)?;
+    assert_eq!(connects(&lab, refused, 4), 4);
+    let query =
+        format!("connprobe_connect_failures_total{{destination=\"{refused}\",reason=\"refused\"}}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let value = prometheus.query(&query)?;
+        if value == Some(4.0) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{query} is {value:?} in prometheus after 30 s, expected 4");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let ratio = prometheus.query(&format!(
+        "sum(connprobe_connect_failures_total{{destination=\"{refused}\"}}) / \
+         sum(connprobe_connect_attempts_total{{destination=\"{refused}\"}})"
+    ))?;
+    assert_eq!(ratio, Some(1.0));
+    Ok(())
+}
+
+const PORTS: u16 = 5_000;
+const FIRST_PORT: u16 = 20_000;
+const CAP: usize = 100;
+
+#[test]
+fn destinations_stay_within_the_cap() -> anyhow::Result<()> {
+    let mut lab = Lab::new(43)?;
+    let server_ip = IpAddr::from(lab.server_v4());
+    let listener_addr = SocketAddr::new(server_ip, 8080);
+    // Every port of the range reaches the one listener: 5,000 healthy destinations.
+    let ns = lab.server_ns().name().to_string();
+    let last = FIRST_PORT + PORTS - 1;
+    netns::run_with_input(
+        "ip",
+        &["netns", "exec", &ns, "nft", "-f", "-"],
+        &format!(
+            "add table ip connprobe_spread\n\
+             add chain ip connprobe_spread pre {{ type nat hook prerouting priority -100; }}\n\
+             add rule ip connprobe_spread pre tcp dport {FIRST_PORT}-{last} redirect to :8080\n"
+        ),
+    )?;
+    lab.server_rule("tcp dport 8081 reject with tcp reset")?;
+    let log = std::env::temp_dir().join(format!("connprobe-cap-{}.ndjson", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let log_arg = log.display().to_string();
+    let agent = MetricsAgent::start(&[
+        "--max-destinations",
+        &CAP.to_string(),
+        "--json-log",
+        &log_arg,
+    ])?;
+    let before = agent.metrics()?;
+    assert_eq!(before.get("connprobe_destinations_folded_total"), 0.0);
+
+    let listener = serve(&lab, listener_addr, PORTS.into(), accept_and_close);
+    let client_ip = IpAddr::from(lab.client_v4());
+    lab.client(CLIENT_COMM, move || {
+        for port in FIRST_PORT..=last {
+            let server = SocketAddr::new(server_ip, port);
+            socket::connect(client_ip, server, None)
+                .result
+                .unwrap_or_else(|e| panic!("connect {server}: {e}"));
+        }
+    })
+    .join()
+    .expect("client thread");
+    listener.join().expect("server thread");
+
+    let is_spread = |dest: &str| {
+        dest.parse::<SocketAddr>()
+            .is_ok_and(|a| a.ip() == server_ip && (FIRST_PORT..=last).contains(&a.port()))
+    };
+    let attempts_seen = |m: &Metrics| {
+        let own: f64 = m
+            .destinations()
+            .iter()
+            .filter(|dest| is_spread(dest))
+            .map(|dest| {
+                m.get(&format!(
+                    "connprobe_connect_attempts_total{{destination=\"{dest}\"}}"
+                ))
+            })
+            .sum();
+        own + m.get(r#"connprobe_connect_attempts_total{destination="other"}"#)
+    };
+    let m = agent.wait_until(Duration::from_secs(20), "5,000 attempts", |m| {
+        attempts_seen(m) >= f64::from(PORTS)
+    })?;
+    assert_eq!(attempts_seen(&m), f64::from(PORTS), "{}", m.0);
+    let labels = m.destinations();
+    assert!(
+        labels.len() <= CAP + 1,
+        "{} labels: {labels:?}",
+        labels.len()
+    );
+    assert!(labels.contains("other"));
+    let tracked = m.get("connprobe_destinations_tracked");
+    assert!(tracked <= (CAP - CAP / 10) as f64, "tracked {tracked}");
+    let own = labels.iter().filter(|dest| is_spread(dest)).count();
+    assert!(own > 0 && own < usize::from(PORTS));
+    // Other traffic on the host (if any) folds too: count every destination the agent saw, from
+    // its JSON log, by the aggregator's rule. The lab's overflow alone is PORTS - own.
+    std::thread::sleep(Duration::from_millis(500));
+    let m = agent.metrics()?;
+    let seen = destinations_in_log(&log)?;
+    let _ = std::fs::remove_file(&log);
+    let labelled = m
+        .destinations()
+        .into_iter()
+        .filter(|l| l != "other")
+        .count();
+    eprintln!(
+        "{} destinations seen, {labelled} labelled, {own} of the {PORTS} lab ports",
+        seen.len()
+    );
+    assert_eq!(
+        m.get("connprobe_destinations_folded_total"),
+        (seen.len() - labelled) as f64,
+        "the folded counter is the overflow ({own} of the {PORTS} lab ports got a label, \
+         {} other destinations were seen)",
+        seen.len() - usize::from(PORTS)
+    );
+
+    // A failing destination after healthy ones filled the table still gets its label.
+    let refused = SocketAddr::new(server_ip, 8081);
+    assert_eq!(connects(&lab, refused, 3), 3);
+    let series = format!(
+        "connprobe_connect_failures_total{{{},reason=\"refused\"}}",
+        d(refused)
+    );
+    agent.wait_until(Duration::from_secs(10), &series, |m| m.get(&series) == 3.0)?;
+    Ok(())
+}
+
+/// Every destination in a JSON log: the remote end for side client or unknown, this host's end
+/// for side server and for resets sent without a socket.
+fn destinations_in_log(path: &std::path::Path) -> anyhow::Result<BTreeSet<String>> {
+    let text = std::fs::read_to_string(path)?;
+    let mut seen = BTreeSet::new();
+    for line in text.lines() {
+        let e: serde_json::Value = serde_json::from_str(line)?;
+        let socketless_reset =
+            e["type"] == "reset" && e["direction"] == "sent" && e["state"].is_null();
+        let server = e["side"] == "server" || (e["side"].is_null() && socketless_reset);
+        let (ip, port) = if server {
+            ("src_ip", "src_port")
+        } else {
+            ("dst_ip", "dst_port")
+        };
+        let ip: IpAddr = e[ip].as_str().context("an address")?.parse()?;
+        let port = e[port].as_u64().context("a port")? as u16;
+        seen.insert(SocketAddr::new(ip, port).to_string());
+    }
+    Ok(seen)
+}
+
+#[test]
+fn an_idle_destination_frees_its_slot() -> anyhow::Result<()> {
+    let lab = Lab::new(44)?;
+    let server = SocketAddr::new(lab.server_v4().into(), 8080);
+    let agent = MetricsAgent::start(&["--destination-idle", "3s"])?;
+    let listener = serve(&lab, server, 1, accept_and_close);
+    assert_eq!(connects(&lab, server, 1), 0);
+    listener.join().expect("server thread");
+    let series = format!("connprobe_connect_attempts_total{{{}}}", d(server));
+    let m = agent.wait_until(Duration::from_secs(10), &series, |m| m.get(&series) == 1.0)?;
+    let tracked = m.get("connprobe_destinations_tracked");
+    let started = Instant::now();
+    let m = agent.wait_until(Duration::from_secs(15), "the idle destination gone", |m| {
+        m.value(&series).is_none()
+    })?;
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "gone before the idle time"
+    );
+    assert!(!m.destinations().contains(&server.to_string()), "{}", m.0);
+    assert!(m.get("connprobe_destinations_tracked") < tracked);
+    Ok(())
+}
