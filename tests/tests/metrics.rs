@@ -541,10 +541,23 @@ fn destinations_stay_within_the_cap() -> anyhow::Result<()> {
     let own = labels.iter().filter(|dest| is_spread(dest)).count();
     assert!(own > 0 && own < usize::from(PORTS));
     // Other traffic on the host (if any) folds too: count every destination the agent saw, from
-    // its JSON log, by the aggregator's rule. The lab's overflow alone is PORTS - own.
-    std::thread::sleep(Duration::from_millis(500));
-    let m = agent.metrics()?;
-    let seen = destinations_in_log(&log)?;
+    // its JSON log, by the aggregator's rule, between two scrapes that agree (nothing new came
+    // in while the log was read). The lab's own overflow is PORTS - own.
+    let mut tries = 0;
+    let (m, seen) = loop {
+        let before = agent.metrics()?;
+        std::thread::sleep(Duration::from_millis(500)); // the log writer flushes when idle
+        let seen = destinations_in_log(&log)?;
+        let after = agent.metrics()?;
+        let folded = |m: &Metrics| m.get("connprobe_destinations_folded_total");
+        if folded(&before) == folded(&after) && before.destinations() == after.destinations() {
+            break (after, seen);
+        }
+        tries += 1;
+        if tries == 10 {
+            bail!("other traffic on this host kept adding destinations; cannot compare");
+        }
+    };
     let _ = std::fs::remove_file(&log);
     let labelled = m
         .destinations()
@@ -555,6 +568,7 @@ fn destinations_stay_within_the_cap() -> anyhow::Result<()> {
         "{} destinations seen, {labelled} labelled, {own} of the {PORTS} lab ports",
         seen.len()
     );
+    assert!(m.get("connprobe_destinations_folded_total") >= f64::from(PORTS) - own as f64);
     assert_eq!(
         m.get("connprobe_destinations_folded_total"),
         (seen.len() - labelled) as f64,
