@@ -212,7 +212,11 @@ fn lab_scenarios_add_up_in_the_metrics() -> anyhow::Result<()> {
     let lossy = SocketAddr::new(server_ip, 8083);
     let no_listener = SocketAddr::new(server_ip, 8084);
     let unreachable = SocketAddr::new(server_ip, 8085);
+    let blackhole = SocketAddr::new(server_ip, 8082);
+    let slow = SocketAddr::new(server_ip, 8087);
+    let ok6 = SocketAddr::new(lab.server_v6().into(), 8080);
     lab.server_rule("tcp dport 8081 reject with tcp reset")?;
+    lab.server_rule("tcp dport { 8082, 8087 } drop")?;
     lab.server_rule("tcp dport 8083 numgen random mod 100 < 20 drop")?;
     lab.server_rule("tcp dport 8085 reject with icmpx type host-unreachable")?;
     let agent = MetricsAgent::start(&[])?;
@@ -262,8 +266,34 @@ fn lab_scenarios_add_up_in_the_metrics() -> anyhow::Result<()> {
     let client_resent = lab.client_counters().retrans_segs - client_before.retrans_segs;
     let server_resent = lab.server_counters().retrans_segs - server_before.retrans_segs;
 
+    // After the lossy path, whose SYNs must not time out: the kernel gives up after one SYN
+    // retransmit (see tcp_state.rs), and an application gives up after 1.5 s (cancelled).
+    lab.client_sysctl("net.ipv4.tcp_syn_retries=1")?;
+    lab.client_sysctl("net.ipv4.tcp_syn_linear_timeouts=0")?;
+    let client6 = IpAddr::from(lab.client_v6());
+    let echo6 = serve(&lab, ok6, 1, traffic::echo);
+    let (timed_out, cancelled) = lab
+        .client(CLIENT_COMM, move || {
+            let stream = socket::connect(client6, ok6, None)
+                .result
+                .expect("connect v6");
+            traffic::exchange(stream, b"v6").expect("echo v6");
+            (
+                socket::connect(client_ip, blackhole, None).errno(),
+                socket::connect(client_ip, slow, Some(Duration::from_millis(1500)))
+                    .result
+                    .is_err(),
+            )
+        })
+        .join()
+        .expect("client thread");
+    echo6.join().expect("server thread");
+    assert_eq!(timed_out, Some(libc::ETIMEDOUT));
+    assert!(cancelled);
+
     let (dok, dref, dlossy, dnl, dun) =
         (d(ok), d(refused), d(lossy), d(no_listener), d(unreachable));
+    let (dbh, dslow, dok6) = (d(blackhole), d(slow), d(ok6));
     let m = agent.wait_until(Duration::from_secs(10), "every lab event", |m| {
         m.get(&format!("connprobe_connect_attempts_total{{{dlossy}}}")) >= 2.0
             && m.sum("connprobe_segments_sent_total", &[&dlossy]) > 0.0
@@ -271,6 +301,7 @@ fn lab_scenarios_add_up_in_the_metrics() -> anyhow::Result<()> {
                 "connprobe_retransmits_total",
                 &[&dlossy, r#"side="client""#],
             ) >= client_resent as f64
+            && m.get(&format!("connprobe_connect_attempts_total{{{dslow}}}")) >= 1.0
     })?;
     let attempts = |dest: &str| m.get(&format!("connprobe_connect_attempts_total{{{dest}}}"));
     let failures = |dest: &str, reason: &str| {
@@ -323,6 +354,24 @@ fn lab_scenarios_add_up_in_the_metrics() -> anyhow::Result<()> {
     assert_eq!(attempts(&dun), 4.0);
     assert_eq!(failures(&dun, "unreachable"), 4.0);
 
+    assert_eq!(attempts(&dbh), 1.0);
+    assert_eq!(failures(&dbh, "timeout"), 1.0);
+    assert_eq!(
+        m.get(&format!(
+            "connprobe_retransmits_total{{{dbh},phase=\"syn\",side=\"client\"}}"
+        )),
+        1.0,
+        "one SYN retransmit with tcp_syn_retries=1"
+    );
+    assert_eq!(failures(&dslow, "cancelled"), 1.0);
+    assert_eq!(attempts(&dok6), 1.0);
+    assert_eq!(
+        m.get(&format!(
+            "connprobe_connect_duration_seconds_count{{{dok6}}}"
+        )),
+        1.0
+    );
+
     assert_eq!(attempts(&dlossy), 2.0);
     assert_eq!(
         m.sum(
@@ -347,7 +396,7 @@ fn lab_scenarios_add_up_in_the_metrics() -> anyhow::Result<()> {
             "stage {stage}"
         );
     }
-    assert!(m.get(r#"connprobe_events_total{type="connect"}"#) >= 16.0);
+    assert!(m.get(r#"connprobe_events_total{type="connect"}"#) >= 19.0);
     Ok(())
 }
 
