@@ -25,6 +25,6 @@ pub fn connprobe(release: bool) -> anyhow::Result<PathBuf> {
         "the build left no binary at {}",
         binary.display()
     );
-    println!("build: {}", binary.display());
+    eprintln!("build: {}", binary.display());
     Ok(binary)
 }

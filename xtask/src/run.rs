@@ -10,7 +10,7 @@ pub fn run(args: &[OsString]) -> anyhow::Result<()> {
     let mut command = if cmd::is_root() {
         Command::new(&binary)
     } else if cmd::on_path("sudo") {
-        println!("run: connprobe needs root, running it through sudo");
+        eprintln!("run: connprobe needs root, running it through sudo");
         let mut sudo = Command::new("sudo");
         sudo.arg("-E").arg(&binary);
         sudo

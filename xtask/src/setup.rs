@@ -40,10 +40,10 @@ fn ensure_nightly() -> anyhow::Result<()> {
         .lines()
         .any(|line| line.split_whitespace().next() == Some(wanted.as_str()));
     if installed {
-        println!("setup: {NIGHTLY} toolchain: found ({})", nightly_release()?);
+        eprintln!("setup: {NIGHTLY} toolchain: found ({})", nightly_release()?);
         return Ok(());
     }
-    println!("setup: {NIGHTLY} toolchain: missing, installing it");
+    eprintln!("setup: {NIGHTLY} toolchain: missing, installing it");
     cmd::status(Command::new("rustup").args([
         "toolchain",
         "install",
@@ -51,7 +51,7 @@ fn ensure_nightly() -> anyhow::Result<()> {
         "--profile",
         "minimal",
     ]))?;
-    println!(
+    eprintln!(
         "setup: {NIGHTLY} toolchain: installed ({})",
         nightly_release()?
     );
@@ -65,10 +65,10 @@ fn ensure_rust_src() -> anyhow::Result<()> {
     )
     .ok_or_else(|| anyhow!("`rustup component list --toolchain {NIGHTLY}` failed"))?;
     if installed.lines().any(|line| line.starts_with("rust-src")) {
-        println!("setup: rust-src for {NIGHTLY}: found");
+        eprintln!("setup: rust-src for {NIGHTLY}: found");
         return Ok(());
     }
-    println!("setup: rust-src for {NIGHTLY}: missing, adding it");
+    eprintln!("setup: rust-src for {NIGHTLY}: missing, adding it");
     cmd::status(Command::new("rustup").args([
         "component",
         "add",
@@ -76,7 +76,7 @@ fn ensure_rust_src() -> anyhow::Result<()> {
         "--toolchain",
         NIGHTLY,
     ]))?;
-    println!("setup: rust-src for {NIGHTLY}: added");
+    eprintln!("setup: rust-src for {NIGHTLY}: added");
     Ok(())
 }
 
@@ -84,20 +84,20 @@ fn ensure_bpf_linker(llvm_major: u32) -> anyhow::Result<()> {
     match find_bpf_linker() {
         Some(path) => match bpf_linker_problem(&path, llvm_major) {
             None => {
-                println!(
+                eprintln!(
                     "setup: bpf-linker: found {} (LLVM {llvm_major}, like {NIGHTLY})",
                     path.display()
                 );
                 return Ok(());
             }
             Some(problem) => {
-                println!(
+                eprintln!(
                     "setup: bpf-linker: {} {problem}, reinstalling it",
                     path.display()
                 )
             }
         },
-        None => println!("setup: bpf-linker: missing, installing it for LLVM {llvm_major}"),
+        None => eprintln!("setup: bpf-linker: missing, installing it for LLVM {llvm_major}"),
     }
     install_bpf_linker(llvm_major)?;
     let path = find_bpf_linker().ok_or_else(|| {
@@ -112,7 +112,7 @@ fn ensure_bpf_linker(llvm_major: u32) -> anyhow::Result<()> {
             path.display()
         );
     }
-    println!(
+    eprintln!(
         "setup: bpf-linker: installed {} (LLVM {llvm_major})",
         path.display()
     );

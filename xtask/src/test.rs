@@ -20,7 +20,7 @@ fn step<T>(
     name: &'static str,
     task: impl FnOnce() -> anyhow::Result<T>,
 ) -> Option<T> {
-    println!("test: {name}");
+    eprintln!("test: {name}");
     let begun = Instant::now();
     let result = task();
     if let Err(err) = &result {
@@ -96,7 +96,7 @@ pub fn run() -> anyhow::Result<()> {
     let failed: Vec<&str> = steps.iter().filter(|s| !s.passed).map(|s| s.name).collect();
     for s in &steps {
         let verdict = if s.passed { "ok" } else { "FAILED" };
-        println!(
+        eprintln!(
             "test: {:<36} {verdict:<6} {:>6.1} s",
             s.name,
             s.took.as_secs_f64()
@@ -104,7 +104,7 @@ pub fn run() -> anyhow::Result<()> {
     }
     let total = started.elapsed().as_secs_f64();
     if failed.is_empty() {
-        println!(
+        eprintln!(
             "xtask test: all {} steps passed in {total:.0} s",
             steps.len()
         );
