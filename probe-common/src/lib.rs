@@ -241,7 +241,8 @@ pub struct CloseEvent {
 }
 
 /// Per-socket state kept in [`SOCKETS_MAP`] from the start of a connect (or an accept) until the
-/// socket reaches CLOSE.
+/// kernel destroys the socket. Not at CLOSE: an abortive close (SO_LINGER 0, unread data) moves
+/// the socket to CLOSE first and sends its reset after, and that reset needs the owner.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct SocketRecord {
@@ -297,6 +298,7 @@ pub struct KernelOffsets {
     pub tp_send_reset_skaddr: u32,
     pub tp_send_reset_skbaddr: u32,
     pub tp_receive_reset_skaddr: u32,
+    pub tp_destroy_skaddr: u32,
     /// 1 when `tcp_retransmit_skb` has an `err` argument (Linux 6.13 and later).
     pub has_retransmit_err: u32,
 }
@@ -310,7 +312,7 @@ const _: () = {
     assert!(core::mem::size_of::<ResetEvent>() == 88);
     assert!(core::mem::size_of::<CloseEvent>() == 112);
     assert!(core::mem::size_of::<SocketRecord>() == 40);
-    assert!(core::mem::size_of::<KernelOffsets>() == 33 * 4);
+    assert!(core::mem::size_of::<KernelOffsets>() == 34 * 4);
 };
 
 #[cfg(feature = "user")]

@@ -26,3 +26,8 @@ pub fn tcp_send_reset_empty(_ctx: BtfTracePointContext) -> u32 {
 pub fn tcp_receive_reset_empty(_ctx: BtfTracePointContext) -> u32 {
     0
 }
+
+#[btf_tracepoint(function = "tcp_destroy_sock")]
+pub fn tcp_destroy_empty(_ctx: BtfTracePointContext) -> u32 {
+    0
+}

@@ -55,6 +55,7 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     tp_send_reset_skaddr: 0,
     tp_send_reset_skbaddr: 0,
     tp_receive_reset_skaddr: 0,
+    tp_destroy_skaddr: 0,
     has_retransmit_err: 0,
 };
 

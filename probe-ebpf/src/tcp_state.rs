@@ -129,9 +129,7 @@ fn end_connect(sk: u64, result: u8) -> Result<(), i32> {
         outcome: result,
         _pad: [0; 7],
     };
-    if result == outcome::FAILED {
-        let _ = SOCKETS.remove(&sk);
-    }
+    if result == outcome::FAILED {}
     emit(EventKind::Connect, event);
     Ok(())
 }
@@ -210,7 +208,30 @@ fn closed(sk: u64) -> Result<(), i32> {
         segments_sent: read::<u32>(sk, offset!(tcp_data_segs_out))?,
         segments_retransmitted: read::<u32>(sk, offset!(tcp_total_retrans))?,
     };
-    let _ = SOCKETS.remove(&sk);
     emit(EventKind::Close, event);
+    Ok(())
+}
+
+#[btf_tracepoint(function = "tcp_destroy_sock")]
+pub fn tcp_destroy_btf(ctx: BtfTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    finish(&ctx, "tcp_destroy_sock", forget(sk))
+}
+
+#[tracepoint]
+pub fn tcp_destroy_tp(ctx: TracePointContext) -> u32 {
+    finish(&ctx, "tcp_destroy_sock", try_tcp_destroy_tp(&ctx))
+}
+
+fn try_tcp_destroy_tp(ctx: &TracePointContext) -> Result<(), i32> {
+    let sk: u64 = unsafe { ctx.read_at(offset!(tp_destroy_skaddr))? };
+    forget(sk)
+}
+
+/// The socket is gone: its record goes too. Records live until here rather than until CLOSE
+/// because an abortive close sends its reset after the socket reached CLOSE.
+#[inline(always)]
+fn forget(sk: u64) -> Result<(), i32> {
+    let _ = SOCKETS.remove(&sk);
     Ok(())
 }

@@ -111,15 +111,17 @@ pub enum Hook {
     TcpRetransmitSynack,
     TcpSendReset,
     TcpReceiveReset,
+    TcpDestroy,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 5] = [
+    pub const ALL: [Hook; 6] = [
         Hook::TcpState,
         Hook::TcpRetransmit,
         Hook::TcpRetransmitSynack,
         Hook::TcpSendReset,
         Hook::TcpReceiveReset,
+        Hook::TcpDestroy,
     ];
 
     /// (category, name) of the kernel tracepoint.
@@ -130,6 +132,7 @@ impl Hook {
             Hook::TcpRetransmitSynack => ("tcp", "tcp_retransmit_synack"),
             Hook::TcpSendReset => ("tcp", "tcp_send_reset"),
             Hook::TcpReceiveReset => ("tcp", "tcp_receive_reset"),
+            Hook::TcpDestroy => ("tcp", "tcp_destroy_sock"),
         }
     }
 
@@ -142,6 +145,7 @@ impl Hook {
             Hook::TcpRetransmitSynack => "tcp_retransmit_synack",
             Hook::TcpSendReset => "tcp_send_reset",
             Hook::TcpReceiveReset => "tcp_receive_reset",
+            Hook::TcpDestroy => "tcp_destroy",
         }
     }
 
@@ -154,6 +158,7 @@ impl Hook {
             Hook::TcpRetransmitSynack => 2,
             Hook::TcpSendReset => 2,
             Hook::TcpReceiveReset => 1,
+            Hook::TcpDestroy => 1,
         }
     }
 
@@ -178,6 +183,7 @@ impl Hook {
                 ("skbaddr", |o| &mut o.tp_send_reset_skbaddr),
             ],
             Hook::TcpReceiveReset => &[("skaddr", |o| &mut o.tp_receive_reset_skaddr)],
+            Hook::TcpDestroy => &[("skaddr", |o| &mut o.tp_destroy_skaddr)],
         }
     }
 }
