@@ -32,8 +32,8 @@ pub struct Consumers {
     pub metrics: Arc<Metrics>,
     pub aggregator: Arc<Mutex<Aggregator>>,
     pub recorder: Arc<Mutex<FlightRecorder>>,
-    /// The JSON log writer's queue, when there is a log.
-    pub log: Option<SyncSender<Event>>,
+    /// The JSON log writer's queue of batches, when there is a log.
+    pub log: Option<SyncSender<Vec<Event>>>,
     /// Records the decoder rejected (a kernel/agent mismatch; should stay 0).
     pub undecodable: Arc<AtomicU64>,
 }
@@ -52,13 +52,14 @@ impl Consumers {
             .extend(batch.iter());
         match &self.log {
             Some(log) => {
-                for event in batch.drain(..) {
-                    match log.try_send(event) {
-                        Ok(()) => {}
-                        Err(TrySendError::Full(_)) => self.metrics.add_lost(LossStage::Queue, 1),
-                        Err(TrySendError::Disconnected(_)) => {
-                            self.metrics.add_lost(LossStage::Log, 1)
-                        }
+                let full = std::mem::replace(batch, Vec::with_capacity(BATCH));
+                match log.try_send(full) {
+                    Ok(()) => {}
+                    Err(TrySendError::Full(lost)) => {
+                        self.metrics.add_lost(LossStage::Queue, lost.len() as u64)
+                    }
+                    Err(TrySendError::Disconnected(lost)) => {
+                        self.metrics.add_lost(LossStage::Log, lost.len() as u64)
                     }
                 }
             }

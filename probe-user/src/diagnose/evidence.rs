@@ -24,7 +24,7 @@ use super::{
     round,
     verdict::Report,
 };
-use crate::{cli::RunArgs, event::Event};
+use crate::{cli::RunArgs, event::Event, export::json_log};
 
 /// Bundle files start with this and end with `.json`; nothing else in the directory is touched.
 pub const BUNDLE_PREFIX: &str = "connprobe-evidence-";
@@ -249,7 +249,7 @@ impl EvidenceWriter {
             "report": report,
             "events_total": mine.len(),
             "events_dropped": mine.len() - kept.len(),
-            "events": kept,
+            "events": kept.iter().map(|e| json_log::to_value(e)).collect::<Vec<_>>(),
         });
         let millis = now
             .duration_since(SystemTime::UNIX_EPOCH)

@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use serde::{Deserialize, Serialize, Serializer, ser::SerializeMap};
+use serde::Deserialize;
 
 use crate::event::{
     Close, Comm, Connect, Direction, Errno, Event, EventDetail, EventType, FailureReason, Outcome,
@@ -23,10 +23,86 @@ use crate::event::{
 };
 use crate::export::prometheus::{LossStage, Metrics};
 
-/// Events waiting for the writer; past this the newest are dropped and counted (stage queue).
-pub const QUEUE: usize = 65_536;
-/// The writer flushes whenever no event came for this long.
+/// Batches waiting for the writer (each up to the reader's batch size); past this, the newest
+/// batch is dropped and its events counted (stage queue).
+pub const QUEUE_BATCHES: usize = 64;
+/// The writer writes out and flushes whenever no batch came for this long, and at least this
+/// often while batches keep coming.
 const IDLE_FLUSH: Duration = Duration::from_millis(200);
+
+/// Bytes of lines gathered before one write to the log.
+const WRITE_CHUNK: usize = 256 * 1024;
+
+/// The log writer thread's state: lines are formatted straight into the chunk that is written,
+/// so each byte is copied once on its way to the kernel.
+struct LogWriter {
+    out: Box<dyn Write + Send>,
+    formatter: LineFormatter,
+    /// Events whose lines are in the formatter's buffer.
+    pending: u64,
+    /// When the buffer was last written out: lines never wait much longer than [`IDLE_FLUSH`].
+    last_write: std::time::Instant,
+    metrics: Arc<Metrics>,
+    failing: bool,
+}
+
+impl LogWriter {
+    fn new(out: Box<dyn Write + Send>, metrics: Arc<Metrics>) -> Self {
+        LogWriter {
+            out,
+            formatter: LineFormatter::new(),
+            pending: 0,
+            last_write: std::time::Instant::now(),
+            metrics,
+            failing: false,
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Vec<Event>>) {
+        loop {
+            match rx.recv_timeout(IDLE_FLUSH) {
+                Ok(batch) => {
+                    for event in &batch {
+                        self.formatter.push(event);
+                        self.pending += 1;
+                        if self.formatter.buffered().len() >= WRITE_CHUNK {
+                            self.write_out(false);
+                        }
+                    }
+                    if self.last_write.elapsed() >= IDLE_FLUSH {
+                        self.write_out(true);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => self.write_out(true),
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        self.write_out(true);
+    }
+
+    /// Writes the gathered lines; on failure their events are counted lost (stage log).
+    fn write_out(&mut self, flush: bool) {
+        let mut result = self.out.write_all(self.formatter.buffered());
+        if flush && result.is_ok() {
+            result = self.out.flush();
+        }
+        match result {
+            Ok(()) => self.failing = false,
+            Err(e) => {
+                self.metrics.add_lost(LossStage::Log, self.pending);
+                if !self.failing {
+                    tracing::error!(
+                        "writing the JSON log failed: {e}; events are counted as lost (stage log)"
+                    );
+                    self.failing = true;
+                }
+            }
+        }
+        self.formatter.clear();
+        self.pending = 0;
+        self.last_write = std::time::Instant::now();
+    }
+}
 
 /// Opens the log (`-` is standard output) before anything is loaded, so a bad path fails at
 /// once. Files are appended to.
@@ -42,117 +118,262 @@ pub fn open(path: &Path) -> anyhow::Result<Box<dyn Write + Send>> {
     Ok(Box::new(file))
 }
 
-/// Writes queued events as JSON lines on a thread of its own, so a slow disk never stalls the
-/// ring buffer reader. Flushes whenever the queue runs dry for a moment, and at the end, when
-/// every sender is gone. Write errors count every event they cost (stage log).
+/// Writes queued batches of events as JSON lines on a thread of its own, so a slow disk never
+/// stalls the ring buffer reader. One wakeup per batch, not per event. Flushes whenever the
+/// queue runs dry for a moment, and at the end, when every sender is gone. Write errors count
+/// every event they cost (stage log).
 pub fn spawn_writer(
     out: Box<dyn Write + Send>,
     metrics: Arc<Metrics>,
-) -> io::Result<(SyncSender<Event>, thread::JoinHandle<()>)> {
-    let (tx, rx) = mpsc::sync_channel::<Event>(QUEUE);
+) -> io::Result<(SyncSender<Vec<Event>>, thread::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::sync_channel::<Vec<Event>>(QUEUE_BATCHES);
     let handle = thread::Builder::new()
         .name("connprobe-log".into())
-        .spawn(move || {
-            let mut out = io::BufWriter::with_capacity(256 * 1024, out);
-            let mut failing = false;
-            let report = |e: io::Error, failing: &mut bool| {
-                if !*failing {
-                    tracing::error!(
-                        "writing the JSON log failed: {e}; events are counted as lost (stage log)"
-                    );
-                    *failing = true;
-                }
-            };
-            loop {
-                match rx.recv_timeout(IDLE_FLUSH) {
-                    Ok(event) => {
-                        if let Err(e) = write_line(&mut out, &event) {
-                            metrics.add_lost(LossStage::Log, 1);
-                            report(e, &mut failing);
-                        }
-                    }
-                    Err(RecvTimeoutError::Timeout) => {
-                        if let Err(e) = out.flush() {
-                            report(e, &mut failing);
-                        }
-                    }
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            }
-            if let Err(e) = out.flush() {
-                report(e, &mut failing);
-            }
-        })?;
+        .spawn(move || LogWriter::new(out, metrics).run(rx))?;
     Ok((tx, handle))
 }
 
-/// Writes one event as a JSON line.
+/// Writes one event as a JSON line. For many lines, keep a [`LineFormatter`] instead.
 pub fn write_line<W: Write>(out: &mut W, event: &Event) -> io::Result<()> {
-    serde_json::to_writer(&mut *out, event).map_err(io::Error::other)?;
-    out.write_all(b"\n")
+    out.write_all(LineFormatter::new().format(event))
 }
 
-/// RFC 3339 UTC with microseconds, e.g. `2026-11-30T05:01:02.123456Z`.
-pub fn format_time(time: SystemTime) -> humantime::Rfc3339Timestamp {
-    humantime::format_rfc3339_micros(time)
+/// The event as a JSON value, exactly as the log writes it (for documents that embed events,
+/// like evidence bundles; not for the hot path).
+pub fn to_value(event: &Event) -> serde_json::Value {
+    serde_json::from_slice(LineFormatter::new().format(event))
+        .expect("the line formatter writes valid JSON")
 }
 
-/// Serializes a `Display` value as a JSON string without an intermediate `String`.
-struct Displayed<T>(T);
+/// Formats events as JSON lines into a reused buffer: keys are constant bytes, numbers go
+/// through `itoa`, plain ASCII strings are copied without escaping, and the date and time of
+/// day are formatted once per second. This is the agent's hottest code after the kernel's: serde
+/// spent most of its time escaping keys that never need it.
+pub struct LineFormatter {
+    line: Vec<u8>,
+    numbers: itoa::Buffer,
+    /// `YYYY-MM-DDTHH:MM:SS` of `second`.
+    second_text: [u8; 19],
+    second: Option<u64>,
+}
 
-impl<T: std::fmt::Display> Serialize for Displayed<T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&self.0)
+impl Default for LineFormatter {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
-impl Serialize for Event {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(None)?;
-        map.serialize_entry("type", self.kind().as_str())?;
-        map.serialize_entry("time", &Displayed(format_time(self.time)))?;
-        match &self.process {
-            Some(p) => {
-                map.serialize_entry("pid", &p.pid)?;
-                map.serialize_entry("comm", &p.comm.to_string_lossy())?;
-            }
-            None => {
-                map.serialize_entry("pid", &None::<u32>)?;
-                map.serialize_entry("comm", &None::<&str>)?;
-            }
+impl LineFormatter {
+    pub fn new() -> Self {
+        LineFormatter {
+            line: Vec::with_capacity(512),
+            numbers: itoa::Buffer::new(),
+            second_text: [0; 19],
+            second: None,
         }
-        map.serialize_entry("side", &self.side.map(Side::as_str))?;
-        map.serialize_entry("src_ip", &canonical_ip(self.src.ip()))?;
-        map.serialize_entry("src_port", &self.src.port())?;
-        map.serialize_entry("dst_ip", &canonical_ip(self.dst.ip()))?;
-        map.serialize_entry("dst_port", &self.dst.port())?;
-        match &self.detail {
+    }
+
+    /// The event as one JSON object and a newline.
+    pub fn format(&mut self, event: &Event) -> &[u8] {
+        self.line.clear();
+        self.push(event);
+        &self.line
+    }
+
+    /// Appends the event's line to what the buffer holds (see [`Self::buffered`]).
+    pub fn push(&mut self, event: &Event) {
+        self.raw(b"{\"type\":\"");
+        self.raw(event.kind().as_str().as_bytes());
+        self.raw(b"\",\"time\":\"");
+        self.time(event.time);
+        self.raw(b"\",\"pid\":");
+        match &event.process {
+            Some(p) => {
+                self.number(p.pid);
+                self.raw(b",\"comm\":");
+                self.string(&p.comm.to_string_lossy());
+            }
+            None => self.raw(b"null,\"comm\":null"),
+        }
+        self.raw(b",\"side\":");
+        self.option_str(event.side.map(Side::as_str));
+        self.raw(b",\"src_ip\":\"");
+        self.ip(event.src.ip());
+        self.raw(b"\",\"src_port\":");
+        self.number(event.src.port());
+        self.raw(b",\"dst_ip\":\"");
+        self.ip(event.dst.ip());
+        self.raw(b"\",\"dst_port\":");
+        self.number(event.dst.port());
+        match &event.detail {
             EventDetail::Connect(c) => {
-                map.serialize_entry("outcome", c.outcome.as_str())?;
-                map.serialize_entry("reason", &c.reason.map(FailureReason::as_str))?;
-                map.serialize_entry("errno", &c.errno.map(Errno::name))?;
-                map.serialize_entry("latency_us", &c.latency.map(|d| d.as_micros() as u64))?;
-                map.serialize_entry("syn_retransmits", &c.syn_retransmits)?;
+                self.raw(b",\"outcome\":\"");
+                self.raw(c.outcome.as_str().as_bytes());
+                self.raw(b"\",\"reason\":");
+                self.option_str(c.reason.map(FailureReason::as_str));
+                self.raw(b",\"errno\":");
+                self.option_str(c.errno.map(Errno::name).as_deref());
+                self.raw(b",\"latency_us\":");
+                self.option_number(c.latency.map(|d| d.as_micros() as u64));
+                self.raw(b",\"syn_retransmits\":");
+                self.number(c.syn_retransmits);
             }
             EventDetail::Retransmit(r) => {
-                map.serialize_entry("phase", &r.state.phase().as_str())?;
-                map.serialize_entry("state", r.state.name())?;
-                map.serialize_entry("segments", &r.segments)?;
+                self.raw(b",\"phase\":\"");
+                self.raw(r.state.phase().as_str().as_bytes());
+                self.raw(b"\",\"state\":\"");
+                self.raw(r.state.name().as_bytes());
+                self.raw(b"\",\"segments\":");
+                self.number(r.segments);
             }
             EventDetail::Reset(r) => {
-                map.serialize_entry("direction", r.direction.as_str())?;
-                map.serialize_entry("state", &r.state.map(TcpState::name))?;
+                self.raw(b",\"direction\":\"");
+                self.raw(r.direction.as_str().as_bytes());
+                self.raw(b"\",\"state\":");
+                self.option_str(r.state.map(TcpState::name));
             }
             EventDetail::Close(c) => {
-                map.serialize_entry("duration_ms", &c.duration.map(|d| d.as_millis() as u64))?;
-                map.serialize_entry("bytes_sent", &c.bytes_sent)?;
-                map.serialize_entry("bytes_received", &c.bytes_received)?;
-                map.serialize_entry("segments_sent", &c.segments_sent)?;
-                map.serialize_entry("segments_retransmitted", &c.segments_retransmitted)?;
+                self.raw(b",\"duration_ms\":");
+                self.option_number(c.duration.map(|d| d.as_millis() as u64));
+                self.raw(b",\"bytes_sent\":");
+                self.number(c.bytes_sent);
+                self.raw(b",\"bytes_received\":");
+                self.number(c.bytes_received);
+                self.raw(b",\"segments_sent\":");
+                self.number(c.segments_sent);
+                self.raw(b",\"segments_retransmitted\":");
+                self.number(c.segments_retransmitted);
             }
         }
-        map.end()
+        self.raw(b"}\n");
     }
+
+    /// The lines pushed since the last [`Self::clear`].
+    pub fn buffered(&self) -> &[u8] {
+        &self.line
+    }
+
+    pub fn clear(&mut self) {
+        self.line.clear();
+    }
+
+    fn raw(&mut self, bytes: &[u8]) {
+        self.line.extend_from_slice(bytes);
+    }
+
+    fn number(&mut self, n: impl itoa::Integer) {
+        let text = self.numbers.format(n);
+        self.line.extend_from_slice(text.as_bytes());
+    }
+
+    fn option_number(&mut self, n: Option<u64>) {
+        match n {
+            Some(n) => self.number(n),
+            None => self.raw(b"null"),
+        }
+    }
+
+    fn option_str(&mut self, s: Option<&str>) {
+        match s {
+            Some(s) => self.string(s),
+            None => self.raw(b"null"),
+        }
+    }
+
+    /// A JSON string: copied as is when it is plain printable ASCII, escaped otherwise.
+    fn string(&mut self, s: &str) {
+        self.line.push(b'"');
+        let plain = s
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
+        if plain {
+            self.line.extend_from_slice(s.as_bytes());
+        } else {
+            for c in s.chars() {
+                match c {
+                    '"' => self.raw(b"\\\""),
+                    '\\' => self.raw(b"\\\\"),
+                    '\n' => self.raw(b"\\n"),
+                    '\r' => self.raw(b"\\r"),
+                    '\t' => self.raw(b"\\t"),
+                    c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                        let _ = write!(self.line, "\\u{:04x}", c as u32);
+                    }
+                    c => {
+                        let mut utf8 = [0u8; 4];
+                        self.raw(c.encode_utf8(&mut utf8).as_bytes());
+                    }
+                }
+            }
+        }
+        self.line.push(b'"');
+    }
+
+    fn ip(&mut self, ip: IpAddr) {
+        match canonical_ip(ip) {
+            IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.line.push(b'.');
+                    }
+                    self.number(octet);
+                }
+            }
+            IpAddr::V6(v6) => {
+                let _ = write!(self.line, "{v6}");
+            }
+        }
+    }
+
+    /// `YYYY-MM-DDTHH:MM:SS.uuuuuuZ` in UTC; times before 1970 are written as 1970.
+    fn time(&mut self, time: SystemTime) {
+        let since = time
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let secs = since.as_secs();
+        if self.second != Some(secs) {
+            self.second_text = civil_time(secs);
+            self.second = Some(secs);
+        }
+        let text = self.second_text;
+        self.raw(&text);
+        let mut digits = *b".000000Z";
+        let mut rest = since.subsec_micros();
+        for slot in digits[1..7].iter_mut().rev() {
+            *slot = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        self.raw(&digits);
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of a Unix time (days to civil date: Howard Hinnant's algorithm).
+fn civil_time(secs: u64) -> [u8; 19] {
+    let days = (secs / 86_400) as i64;
+    let of_day = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let mut out = *b"0000-00-00T00:00:00";
+    let mut put = |at: usize, width: usize, mut value: u64| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    put(0, 4, year.clamp(0, 9999) as u64);
+    put(5, 2, month as u64);
+    put(8, 2, day as u64);
+    put(11, 2, of_day / 3_600);
+    put(14, 2, of_day / 60 % 60);
+    put(17, 2, of_day % 60);
+    out
 }
 
 /// One line as it stands in the log; every field but `type` and `time` may be missing or null.
@@ -393,5 +614,77 @@ mod tests {
         assert!(parse_line("").is_err());
         assert!(parse_line("{}").is_err());
         assert!(parse_line(r#"{"type":"nope","time":"2026-01-01T00:00:00Z","src_ip":"1.2.3.4","src_port":1,"dst_ip":"1.2.3.4","dst_port":2}"#).is_err());
+    }
+
+    #[test]
+    fn timestamps_match_humantime_across_dates() {
+        let mut formatter = LineFormatter::new();
+        // Leap days, year ends, the epoch, far future; and a walk of odd steps between them.
+        let mut secs: Vec<u64> = vec![0, 951_782_400, 951_868_799, 1_709_164_800, 4_102_444_799];
+        let mut t = 0u64;
+        while t < 4_000_000_000 {
+            secs.push(t);
+            t += 7_654_321;
+        }
+        for s in secs {
+            for micros in [0u64, 1, 999_999, 123_456] {
+                let time =
+                    SystemTime::UNIX_EPOCH + Duration::from_secs(s) + Duration::from_micros(micros);
+                let mut event = sample(EventDetail::Reset(Reset {
+                    direction: Direction::Sent,
+                    state: None,
+                }));
+                event.time = time;
+                let v: serde_json::Value =
+                    serde_json::from_slice(formatter.format(&event)).unwrap();
+                assert_eq!(
+                    v["time"],
+                    humantime::format_rfc3339_micros(time).to_string(),
+                    "{s}.{micros}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn strings_escape_like_serde_json() {
+        let mut formatter = LineFormatter::new();
+        for raw in [
+            &b"plain"[..],
+            b"with space",
+            b"q\"uote",
+            b"back\\slash",
+            b"\x00\x01\x1f\x7f",
+            b"tab\tnl\ncr\r",
+            b"\xc3\xa9t\xc3\xa9",
+            b"\xff\xfe",
+        ] {
+            let mut bytes = [0u8; 16];
+            bytes[..raw.len()].copy_from_slice(raw);
+            let comm = Comm::from_kernel(&bytes);
+            let mut event = sample(EventDetail::Reset(Reset {
+                direction: Direction::Sent,
+                state: None,
+            }));
+            event.process = Some(Process { pid: 7, comm });
+            let v: serde_json::Value = serde_json::from_slice(formatter.format(&event))
+                .unwrap_or_else(|e| panic!("{raw:?}: {e}"));
+            assert_eq!(v["comm"], comm.to_string_lossy().as_ref(), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn ipv6_addresses_are_written_in_canonical_form() {
+        let mut event = sample(EventDetail::Reset(Reset {
+            direction: Direction::Sent,
+            state: None,
+        }));
+        event.src = "[fd00:200:61::1]:443".parse().unwrap();
+        event.dst = "[2001:db8::a:0:0:1]:8080".parse().unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(LineFormatter::new().format(&event)).unwrap();
+        assert_eq!(v["src_ip"], "fd00:200:61::1");
+        assert_eq!(v["dst_ip"], "2001:db8::a:0:0:1");
+        assert_eq!(v["dst_port"], 8080);
     }
 }
