@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod events;
 pub mod expect;
+pub mod http;
 pub mod lab;
 pub mod netns;
 pub mod socket;

@@ -3,9 +3,9 @@
 //! subcommands, and reading their reports down to the lab's own destinations.
 use std::{
     collections::BTreeMap,
-    io::{self, Read as _, Write as _},
+    io,
     mem::size_of,
-    net::{IpAddr, Ipv4Addr, SocketAddrV4, TcpListener},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     process::Command,
@@ -24,11 +24,9 @@ pub fn connprobe_bin() -> anyhow::Result<PathBuf> {
         .ok_or_else(|| anyhow!("CONNPROBE_BIN is not set: run the kernel tests through `cargo xtask test`, or set it to a built connprobe"))
 }
 
-/// A loopback address with a port nobody listens on right now (bound, then released), for the
-/// agent's `--metrics-addr`.
+/// A loopback address for the agent's `--metrics-addr`, as text.
 pub fn free_loopback_addr() -> anyhow::Result<String> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
-    Ok(listener.local_addr()?.to_string())
+    Ok(crate::http::free_loopback_addr()?.to_string())
 }
 
 /// Whether `ip` is in the lab's subnets (10.200.X.0/24, fd00:200:X::/64): the lab's two hosts
@@ -141,26 +139,7 @@ fn run_connprobe(args: &[&str]) -> anyhow::Result<String> {
 
 /// `GET path` on the agent's HTTP endpoint: the status and the body.
 pub fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    let addr: std::net::SocketAddr = addr.parse()?;
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("no agent answers on {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("no HTTP headers in {response:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("no HTTP status in {head:?}"))?;
-    Ok((status, body.to_owned()))
+    crate::http::http_get(addr.parse()?, path)
 }
 
 /// The agent's `connprobe_events_lost_total` by stage, from its `/metrics`.

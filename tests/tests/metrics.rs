@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeSet,
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -13,7 +13,9 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 use tests::{
-    Lab, netns, socket,
+    Lab,
+    http::{free_loopback_addr, http_get},
+    netns, socket,
     traffic::{self, serve},
 };
 
@@ -111,32 +113,6 @@ impl Drop for MetricsAgent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(listener.local_addr()?)
-}
-
-/// A GET on its own connection: status and body.
-fn http_get(addr: SocketAddr, target: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .with_context(|| format!("cannot connect to {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("not an HTTP response: {response:?}"))?;
-    let status = head
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("no status in {head:?}"))?;
-    Ok((status, body.to_string()))
 }
 
 /// One scrape of `/metrics`.
