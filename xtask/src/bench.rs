@@ -55,6 +55,18 @@ pub struct Options {
     json: Option<PathBuf>,
 }
 
+impl Options {
+    /// The smoke run `cargo xtask test` includes.
+    pub fn quick() -> Self {
+        Options {
+            quick: true,
+            rounds: None,
+            seconds: None,
+            json: None,
+        }
+    }
+}
+
 /// The sizes of one bench run.
 struct Plan {
     quick: bool,

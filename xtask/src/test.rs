@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-use crate::{build, cmd, setup};
+use crate::{bench, build, cmd, setup};
 
 struct Step {
     name: &'static str,
@@ -92,6 +92,14 @@ pub fn run() -> anyhow::Result<()> {
         ),
         None => bail!("not run: connprobe did not build"),
     });
+
+    // The benchmark's smoke run: every configuration starts and yields numbers (no ratios are
+    // asserted: this machine is shared and noisy).
+    step(
+        &mut steps,
+        "bench smoke (cargo xtask bench --quick)",
+        || bench::run(&bench::Options::quick()),
+    );
 
     let failed: Vec<&str> = steps.iter().filter(|s| !s.passed).map(|s| s.name).collect();
     for s in &steps {
