@@ -53,15 +53,30 @@ fn connect_once(
     .expect("client thread")
 }
 
+/// The agent with the default hooks (BTF tracepoints here), or with `--hooks classic`.
+#[derive(Clone, Copy)]
+enum Hooks {
+    Default,
+    Classic,
+}
+
+fn start_agent(hooks: Hooks) -> anyhow::Result<Agent> {
+    match hooks {
+        Hooks::Default => Agent::start(),
+        Hooks::Classic => Agent::start_with_args(&["--no-metrics", "--hooks", "classic"]),
+    }
+}
+
 fn established(
     lab: &Lab,
     client_ip: IpAddr,
     server_ip: IpAddr,
     count: usize,
+    hooks: Hooks,
 ) -> anyhow::Result<()> {
     let server = SocketAddr::new(server_ip, 8080);
     let listener = serve(lab, server, count, traffic::echo);
-    let agent = Agent::start()?;
+    let agent = start_agent(hooks)?;
     let clients = connect_and_echo(lab, client_ip, server, count);
     let peers = listener.join().expect("server thread");
     assert_eq!(
@@ -86,22 +101,53 @@ fn established(
 #[test]
 fn established_connects_ipv4() -> anyhow::Result<()> {
     let lab = Lab::new(11)?;
-    established(&lab, lab.client_v4().into(), lab.server_v4().into(), 5)
+    established(
+        &lab,
+        lab.client_v4().into(),
+        lab.server_v4().into(),
+        5,
+        Hooks::Default,
+    )
 }
 
 #[test]
 fn established_connects_ipv6() -> anyhow::Result<()> {
     let lab = Lab::new(12)?;
-    established(&lab, lab.client_v6().into(), lab.server_v6().into(), 3)
+    established(
+        &lab,
+        lab.client_v6().into(),
+        lab.server_v6().into(),
+        3,
+        Hooks::Default,
+    )
+}
+
+/// The classic tracepoint fallback (tracefs format offsets instead of BTF arguments) reports
+/// exactly the same events.
+#[test]
+fn established_connects_classic_tracepoints() -> anyhow::Result<()> {
+    let lab = Lab::new(18)?;
+    established(
+        &lab,
+        lab.client_v4().into(),
+        lab.server_v4().into(),
+        3,
+        Hooks::Classic,
+    )
 }
 
 /// A SYN answered by a RST (nftables `reject with tcp reset`): refused on the client, and the
 /// RST logged as received in SYN_SENT. The RST comes from netfilter, not from a TCP socket, so
 /// the server side logs nothing.
-fn refused_by_rst(lab: &mut Lab, client_ip: IpAddr, server_ip: IpAddr) -> anyhow::Result<()> {
+fn refused_by_rst(
+    lab: &mut Lab,
+    client_ip: IpAddr,
+    server_ip: IpAddr,
+    hooks: Hooks,
+) -> anyhow::Result<()> {
     let server = SocketAddr::new(server_ip, 8081);
     lab.server_rule("tcp dport 8081 reject with tcp reset")?;
-    let agent = Agent::start()?;
+    let agent = start_agent(hooks)?;
     let attempt = connect_once(lab, client_ip, server, None);
     assert_eq!(attempt.errno(), Some(libc::ECONNREFUSED), "{attempt:?}");
     lab.settle(Duration::from_secs(5))?;
@@ -125,14 +171,21 @@ fn refused_by_rst(lab: &mut Lab, client_ip: IpAddr, server_ip: IpAddr) -> anyhow
 fn refused_ipv4() -> anyhow::Result<()> {
     let mut lab = Lab::new(13)?;
     let (c, s) = (lab.client_v4().into(), lab.server_v4().into());
-    refused_by_rst(&mut lab, c, s)
+    refused_by_rst(&mut lab, c, s, Hooks::Default)
+}
+
+#[test]
+fn refused_classic_tracepoints() -> anyhow::Result<()> {
+    let mut lab = Lab::new(19)?;
+    let (c, s) = (lab.client_v4().into(), lab.server_v4().into());
+    refused_by_rst(&mut lab, c, s, Hooks::Classic)
 }
 
 #[test]
 fn refused_ipv6() -> anyhow::Result<()> {
     let mut lab = Lab::new(14)?;
     let (c, s) = (lab.client_v6().into(), lab.server_v6().into());
-    refused_by_rst(&mut lab, c, s)
+    refused_by_rst(&mut lab, c, s, Hooks::Default)
 }
 
 /// An ICMP host-unreachable answer: the connect fails with EHOSTUNREACH. Over a veth the first
