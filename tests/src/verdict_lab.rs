@@ -164,6 +164,37 @@ pub fn events_lost(addr: &str) -> anyhow::Result<BTreeMap<String, u64>> {
     Ok(lost)
 }
 
+/// Events the agent has delivered so far (`connprobe_events_total`, all types).
+pub fn events_delivered(addr: &str) -> anyhow::Result<u64> {
+    let (status, body) = http_get(addr, "/metrics")?;
+    if status != 200 {
+        bail!("/metrics answered {status}: {body}");
+    }
+    let total = body
+        .lines()
+        .filter(|l| l.starts_with("connprobe_events_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+        .sum::<f64>();
+    Ok(total as u64)
+}
+
+/// Waits until the agent has read what the kernel wrote: the kernel wakes the agent only once a
+/// batch has built up, and otherwise the agent looks every 100 ms, so the last events of the
+/// traffic can still be in the ring buffer. Done when the delivered count holds still over
+/// 300 ms; at most `limit`.
+pub fn wait_for_delivery(addr: &str, limit: Duration) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + limit;
+    let mut last = events_delivered(addr)?;
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = events_delivered(addr)?;
+        if now == last || std::time::Instant::now() > deadline {
+            return Ok(());
+        }
+        last = now;
+    }
+}
+
 /// Writes events (as [`crate::Agent::stop`] returns them) back as a JSON log, one per line.
 pub fn write_log(path: &Path, events: &[Value]) -> anyhow::Result<()> {
     let mut text = String::new();

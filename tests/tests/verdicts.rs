@@ -333,6 +333,7 @@ fn run_faults() -> anyhow::Result<FaultRun> {
     let (bundle_path, bundle) =
         verdict_lab::wait_for_bundle(evidence.path(), &refused_dest, Duration::from_secs(10))?;
 
+    verdict_lab::wait_for_delivery(&metrics_addr, Duration::from_secs(5))?;
     let json = verdict_lab::diagnose(&metrics_addr, DIAGNOSE_WINDOW, true)?;
     let diagnose: Value = serde_json::from_str(&json)?;
     let diagnose_text = verdict_lab::diagnose(&metrics_addr, DIAGNOSE_WINDOW, false)?;
