@@ -116,6 +116,7 @@ pub(crate) fn reset_received(dest: &str, time: SystemTime, state: TcpState) -> E
         EventDetail::Reset(Reset {
             direction: Direction::Received,
             state: Some(state),
+            reason: None,
         }),
     )
 }
@@ -135,6 +136,7 @@ pub(crate) fn reset_sent_by_service(
         EventDetail::Reset(Reset {
             direction: Direction::Sent,
             state,
+            reason: None,
         }),
     )
 }
