@@ -8,14 +8,14 @@
 //! `sk_err_soft`: `tcp_v4_err` first queues the ICMP error on the socket's error queue (Linux 5.8
 //! and later, whatever IP_RECVERR says), which reports it, and only then sets `sk_err_soft`. So
 //! the errno is read from the queued error (`sock_extended_err` of the queue's last skb).
-use aya_ebpf::{
-    macros::{btf_tracepoint, raw_tracepoint},
-    programs::{BtfTracePointContext, RawTracePointContext},
-};
 use crate::{
     emit::finish,
     maps::{SOCKETS, offset},
     sock::read,
+};
+use aya_ebpf::{
+    macros::{btf_tracepoint, raw_tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext},
 };
 
 #[btf_tracepoint(function = "inet_sk_error_report")]

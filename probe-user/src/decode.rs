@@ -476,9 +476,6 @@ mod tests {
         );
         let mut bad_family = bytes;
         bad_family[16] = 7;
-        assert_eq!(
-            decoder().decode(&bad_family),
-            Err(DecodeError::Family(7))
-        );
+        assert_eq!(decoder().decode(&bad_family), Err(DecodeError::Family(7)));
     }
 }

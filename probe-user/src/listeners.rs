@@ -1,11 +1,11 @@
 //! Listening sockets that were open before the agent started, and the processes that own them,
-//! found the way `ss -p` finds them: each network namespace's `/proc/PID/net/tcp{,6}` lists its
-//! listening sockets with their inode numbers, and `/proc/PID/fd` links name the socket inodes
-//! each process holds. The programs learn later listeners themselves, at `listen()`.
+//! found the way `ss -p` finds them: each network namespace's `/proc/PID/task/TID/net/tcp{,6}`
+//! lists its listening sockets with their inode numbers, and `/proc/PID/fd` links name the socket
+//! inodes each process holds. The programs learn later listeners themselves, at `listen()`.
 use std::{
     collections::{BTreeMap, HashMap},
     fs,
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use probe_common::{COMM_LEN, ListenerKey, ListenerRecord, Owner, owner_flags, side};
@@ -48,29 +48,39 @@ impl FoundListener {
     }
 }
 
-/// Every listening TCP socket of every network namespace that some process in `proc` (normally
-/// `/proc`) lives in. Several processes holding one socket (a pre-forked server's workers) name
+/// Every listening TCP socket of every network namespace that some thread in `proc` (normally
+/// `/proc`) lives in (a thread may have entered another namespace than its process's). Several processes holding one socket (a pre-forked server's workers) name
 /// the lowest pid, usually the parent; several sockets on one port (SO_REUSEPORT) name one.
 /// Processes that vanish or cannot be read during the scan are skipped.
 pub fn scan(proc: &Path) -> Vec<FoundListener> {
-    // socket inode -> lowest pid holding it; netns -> one pid living in it.
+    // socket inode -> lowest pid holding it; netns -> one task (`PID/task/TID`) living in it.
     let mut holders: HashMap<u64, u32> = HashMap::new();
-    let mut namespaces: BTreeMap<u32, u32> = BTreeMap::new();
+    let mut namespaces: BTreeMap<u32, PathBuf> = BTreeMap::new();
     let Ok(entries) = fs::read_dir(proc) else {
         return Vec::new();
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        let dir = entry.path();
-        let Some(netns) = fs::read_link(dir.join("ns/net"))
-            .ok()
-            .and_then(|l| bracketed_number(l.to_str()?, "net:"))
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
         else {
             continue;
         };
-        namespaces.entry(netns as u32).or_insert(pid);
+        let dir = entry.path();
+        for task in fs::read_dir(dir.join("task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let task = task.path();
+            if let Some(netns) = fs::read_link(task.join("ns/net"))
+                .ok()
+                .and_then(|l| bracketed_number(l.to_str()?, "net:"))
+            {
+                namespaces.entry(netns as u32).or_insert(task);
+            }
+        }
         let Ok(fds) = fs::read_dir(dir.join("fd")) else {
             continue;
         };
@@ -87,10 +97,9 @@ pub fn scan(proc: &Path) -> Vec<FoundListener> {
         }
     }
     let mut found = Vec::new();
-    for (&netns, &pid) in &namespaces {
+    for (&netns, task) in &namespaces {
         for table in ["tcp", "tcp6"] {
-            let text = fs::read_to_string(proc.join(pid.to_string()).join("net").join(table))
-                .unwrap_or_default();
+            let text = fs::read_to_string(task.join("net").join(table)).unwrap_or_default();
             for (port, inode) in listening_sockets(&text) {
                 let Some(&owner) = holders.get(&inode) else {
                     continue;
@@ -191,7 +200,10 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let netns = bracketed_number(
-            fs::read_link("/proc/self/ns/net").unwrap().to_str().unwrap(),
+            fs::read_link("/proc/self/ns/net")
+                .unwrap()
+                .to_str()
+                .unwrap(),
             "net:",
         )
         .unwrap() as u32;
