@@ -1,6 +1,10 @@
 //! Installing system packages: which package manager this system has (from os-release), and
 //! running it without questions and without starting services.
-use std::{fs, path::Path, process::Command};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::Context as _;
 
@@ -92,33 +96,42 @@ const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 /// installing prometheus must not leave a server running. The file is removed on drop only if
 /// it was made here.
 struct ServicesHeld {
-    made_here: bool,
+    made_here: Option<PathBuf>,
 }
 
 impl ServicesHeld {
     fn hold() -> anyhow::Result<Self> {
-        let policy = Path::new(POLICY_RC_D);
+        Self::hold_at(Path::new(POLICY_RC_D))
+    }
+
+    fn hold_at(policy: &Path) -> anyhow::Result<Self> {
         if policy.symlink_metadata().is_ok() {
-            return Ok(Self { made_here: false });
+            return Ok(Self { made_here: None });
         }
+        let shown = policy.display();
         fs::write(
             policy,
             "#!/bin/sh\n# made by cargo xtask setup while it installs packages\nexit 101\n",
         )
-        .with_context(|| format!("could not write {POLICY_RC_D}"))?;
+        .with_context(|| format!("could not write {shown}"))?;
         use std::os::unix::fs::PermissionsExt as _;
         fs::set_permissions(policy, fs::Permissions::from_mode(0o755))
-            .with_context(|| format!("could not make {POLICY_RC_D} executable"))?;
-        Ok(Self { made_here: true })
+            .with_context(|| format!("could not make {shown} executable"))?;
+        Ok(Self {
+            made_here: Some(policy.to_owned()),
+        })
     }
 }
 
 impl Drop for ServicesHeld {
     fn drop(&mut self) {
-        if self.made_here
-            && let Err(err) = fs::remove_file(POLICY_RC_D)
+        if let Some(policy) = &self.made_here
+            && let Err(err) = fs::remove_file(policy)
         {
-            eprintln!("setup: could not remove {POLICY_RC_D}, which it made: {err}");
+            eprintln!(
+                "setup: could not remove {}, which it made: {err}",
+                policy.display()
+            );
         }
     }
 }
@@ -153,5 +166,28 @@ mod tests {
         assert_eq!(package_manager_of(""), None);
         // Only ID and ID_LIKE count, not a name that mentions a family.
         assert_eq!(package_manager_of("NAME=debian\nID=nixos\n"), None);
+    }
+
+    #[test]
+    fn the_policy_file_is_removed_only_if_made_here() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("xtask-policy-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let policy = dir.join("policy-rc.d");
+
+        let held = ServicesHeld::hold_at(&policy).unwrap();
+        let script = fs::read_to_string(&policy).unwrap();
+        assert!(script.starts_with("#!/bin/sh") && script.ends_with("exit 101\n"));
+        assert_eq!(
+            policy.metadata().unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        drop(held);
+        assert!(!policy.exists(), "made here, so removed");
+
+        fs::write(&policy, "#!/bin/sh\nexit 101\n").unwrap();
+        drop(ServicesHeld::hold_at(&policy).unwrap());
+        assert!(policy.exists(), "not made here, so kept");
+        fs::remove_dir_all(&dir).unwrap();
     }
 }
