@@ -32,11 +32,10 @@ enum Task {
     /// test and bench (as root: apt-get on Debian and Ubuntu, dnf on Fedora), then nightly with
     /// rust-src, and bpf-linker built against nightly's LLVM.
     ///
-    /// `run`, `build`, `test` and `bench` do this first for their own needs only. Test: nftables,
-    /// iproute2, procps, prometheus, curl, jq, bpftool, and the bench's peers (libbpf-tools,
-    /// bpftrace); bench: the peers, nftables, iproute2; run and build: a C compiler
-    /// (build-essential). With --no-install (or CONNPROBE_NO_INSTALL=1) a missing command stops
-    /// the task with one sentence naming it and its package.
+    /// `run`, `build`, `test` and `bench` do this first, for their own commands only (the table
+    /// below). With --no-install (or CONNPROBE_NO_INSTALL=1), as non-root, or on another system,
+    /// a missing command stops the task with one sentence naming it and its package.
+    #[command(after_long_help = packages::table())]
     Setup,
     /// Set up, then build the agent (`target/{debug,release}/connprobe`).
     Build {

@@ -109,6 +109,24 @@ pub fn needs(task: Task) -> Vec<&'static Requirement> {
         .collect()
 }
 
+/// The table as `cargo xtask setup --help` shows it.
+pub fn table() -> String {
+    let mut text = String::from(
+        "System commands, their Debian and Fedora packages, and the tasks that need them:\n",
+    );
+    for r in REQUIREMENTS {
+        let tasks: Vec<&str> = r.tasks.iter().map(|t| t.name()).collect();
+        text.push_str(&format!(
+            "  {:<11} {:<16} {:<25} {}\n",
+            r.command,
+            r.debian,
+            r.fedora.unwrap_or("-"),
+            tasks.join(", ")
+        ));
+    }
+    text
+}
+
 /// Whether setup may install missing packages; `--no-install` or `CONNPROBE_NO_INSTALL` say no.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Install {
