@@ -81,13 +81,21 @@ fn enter(path: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// The error for a program that does not start.
+fn not_installed(program: &str) -> String {
+    format!(
+        "cannot run {program}: is it installed? (`cargo xtask test` installs every program the \
+         tests run; xtask/src/packages.rs names the package of each)"
+    )
+}
+
 /// Runs a command, returning its stdout; the error holds its stderr.
 pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let output = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("cannot run {program}: is it installed?"))?;
+        .with_context(|| not_installed(program))?;
     if !output.status.success() {
         bail!(
             "`{program} {}` failed ({}): {}",
@@ -108,7 +116,7 @@ pub fn run_with_input(program: &str, args: &[&str], input: &str) -> anyhow::Resu
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("cannot run {program}: is it installed?"))?;
+        .with_context(|| not_installed(program))?;
     child
         .stdin
         .take()

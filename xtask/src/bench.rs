@@ -33,7 +33,11 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use crate::{build, cmd};
+use crate::{
+    build, cmd,
+    packages::{Install, Task},
+    setup,
+};
 use stats::{Spread, json_of, quantile, show};
 use tools::{Session, Stopped, Tool};
 
@@ -122,15 +126,21 @@ struct Sample {
     stopped: Stopped,
 }
 
-pub fn run(options: &Options) -> anyhow::Result<()> {
+pub fn run(options: &Options, install: Install) -> anyhow::Result<()> {
     if !cmd::is_root() {
         bail!(
             "the bench loads eBPF programs, creates network namespaces and sets sysctls, so `cargo xtask bench` must run as root (e.g. `sudo -E cargo xtask bench`)"
         );
     }
+    setup::run(Task::Bench, install)?;
+    measure(options)
+}
+
+/// Builds connprobe (release) and runs the bench, once setup has run (`cargo xtask test` runs
+/// setup itself before its smoke run).
+pub fn measure(options: &Options) -> anyhow::Result<()> {
     let plan = Plan::new(options)?;
-    let connprobe = build::run(true)?;
-    sys::install_missing()?;
+    let connprobe = build::connprobe(true)?;
     let _tracefs = sys::Tracefs::ensure()?;
     let json_path = match &options.json {
         Some(path) => path.clone(),

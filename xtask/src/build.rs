@@ -2,11 +2,15 @@
 //! builds the eBPF object (aya-build, nightly, bpf-linker) and embeds it in the binary.
 use std::path::PathBuf;
 
-use crate::{cmd, setup};
+use crate::{
+    cmd,
+    packages::{Install, Task},
+    setup,
+};
 
-/// Builds `connprobe` and returns the path of the binary.
-pub fn run(release: bool) -> anyhow::Result<PathBuf> {
-    setup::run()?;
+/// Sets up, builds `connprobe` and returns the path of the binary.
+pub fn run(release: bool, install: Install) -> anyhow::Result<PathBuf> {
+    setup::run(Task::Build, install)?;
     connprobe(release)
 }
 

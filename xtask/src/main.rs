@@ -1,10 +1,12 @@
 //! connprobe's developer tasks, run as `cargo xtask TASK`: one module per task.
 //!
-//! `setup` installs the eBPF toolchain where it is missing, `build` builds the agent (its build
-//! script builds and embeds the eBPF object), `run` runs it, `test` runs every check CI runs.
+//! `setup` installs what a task needs where it is missing (system packages, see `packages`, and
+//! the eBPF toolchain), `build` builds the agent (its build script builds and embeds the eBPF
+//! object), `run` runs it, `test` runs every check CI runs, `bench` measures it.
 mod bench;
 mod build;
 mod cmd;
+mod packages;
 mod run;
 mod setup;
 mod test;
@@ -18,12 +20,22 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     task: Task,
+    /// Install no system package: if a command the task needs is missing, name it and its
+    /// package, and stop. Setting CONNPROBE_NO_INSTALL=1 does the same.
+    #[arg(long, global = true)]
+    no_install: bool,
 }
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Install what the eBPF build needs where it is missing: nightly with rust-src, and
-    /// bpf-linker built against nightly's LLVM.
+    /// Install what every task needs where it is missing: the system packages of build, run,
+    /// test and bench (as root: apt-get on Debian and Ubuntu, dnf on Fedora), then nightly with
+    /// rust-src, and bpf-linker built against nightly's LLVM.
+    ///
+    /// `run`, `build`, `test` and `bench` do this first, for their own commands only (the table
+    /// below). With --no-install (or CONNPROBE_NO_INSTALL=1), as non-root, or on another system,
+    /// a missing command stops the task with one sentence naming it and its package.
+    #[command(after_long_help = packages::table())]
     Setup,
     /// Set up, then build the agent (`target/{debug,release}/connprobe`).
     Build {
@@ -46,12 +58,16 @@ enum Task {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let install = packages::Install::from_flag_and_env(
+        cli.no_install,
+        std::env::var_os(packages::NO_INSTALL_ENV).as_deref(),
+    );
     let result = match cli.task {
-        Task::Setup => setup::run(),
-        Task::Build { release } => build::run(release).map(|_| ()),
-        Task::Run { args } => run::run(&args),
-        Task::Test => test::run(),
-        Task::Bench(options) => bench::run(&options),
+        Task::Setup => setup::run(packages::Task::Setup, install),
+        Task::Build { release } => build::run(release, install).map(|_| ()),
+        Task::Run { args } => run::run(&args, install),
+        Task::Test => test::run(install),
+        Task::Bench(options) => bench::run(&options, install),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,10 +3,15 @@ use std::{ffi::OsString, os::unix::process::CommandExt as _, process::Command};
 
 use anyhow::bail;
 
-use crate::{build, cmd};
+use crate::{
+    build, cmd,
+    packages::{Install, Task},
+    setup,
+};
 
-pub fn run(args: &[OsString]) -> anyhow::Result<()> {
-    let binary = build::run(true)?;
+pub fn run(args: &[OsString], install: Install) -> anyhow::Result<()> {
+    setup::run(Task::Run, install)?;
+    let binary = build::connprobe(true)?;
     let mut command = if cmd::is_root() {
         Command::new(&binary)
     } else if cmd::on_path("sudo") {

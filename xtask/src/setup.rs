@@ -1,5 +1,5 @@
-//! `cargo xtask setup`: installs what the eBPF build needs where it is missing, and says what it
-//! found or did.
+//! `cargo xtask setup`: installs what a task needs where it is missing, and says what it found or
+//! did: the system commands of the task (see `packages`), then the eBPF toolchain.
 //!
 //! The eBPF crate builds with a nightly toolchain (for `-Z build-std=core` on the bpf target), its
 //! `rust-src` component, and `bpf-linker`, which must link the same LLVM major version as that
@@ -12,19 +12,25 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 
-use crate::cmd;
+use crate::{
+    cmd,
+    packages::{self, Install, Task},
+};
 
 /// The toolchain aya-build builds the eBPF crate with.
 const NIGHTLY: &str = "nightly";
 /// The bpf-linker release known to work with aya 0.14 and LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-pub fn run() -> anyhow::Result<()> {
+/// Sets up what `task` needs: its system commands, then the eBPF toolchain. `run`, `build`,
+/// `test` and `bench` call it once, before anything else.
+pub fn run(task: Task, install: Install) -> anyhow::Result<()> {
     if !cmd::on_path("rustup") {
         bail!(
             "rustup is not on PATH: install it (https://rustup.rs) and run `cargo xtask setup` again"
         );
     }
+    packages::ensure(task, install)?;
     ensure_nightly()?;
     ensure_rust_src()?;
     let llvm_major = nightly_llvm_major()?;

@@ -6,7 +6,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-use crate::{bench, build, cmd, setup};
+use crate::{
+    bench, build, cmd,
+    packages::{Install, Task},
+    setup,
+};
 
 struct Step {
     name: &'static str,
@@ -34,14 +38,16 @@ fn step<T>(
     result.ok()
 }
 
-pub fn run() -> anyhow::Result<()> {
+pub fn run(install: Install) -> anyhow::Result<()> {
     if !cmd::is_root() {
         bail!(
             "the kernel tests load eBPF programs and create network namespaces, so `cargo xtask test` must run as root (e.g. `sudo -E cargo xtask test`)"
         );
     }
     let started = Instant::now();
-    setup::run()?;
+    // Every command the steps below run, the bench smoke's peers included, is checked here once:
+    // a missing program stops the run before any test, not a dozen tests later.
+    setup::run(Task::Test, install)?;
 
     let mut steps = Vec::new();
     step(&mut steps, "fmt", || {
@@ -98,7 +104,7 @@ pub fn run() -> anyhow::Result<()> {
     step(
         &mut steps,
         "bench smoke (cargo xtask bench --quick)",
-        || bench::run(&bench::Options::quick()),
+        || bench::measure(&bench::Options::quick()),
     );
 
     let failed: Vec<&str> = steps.iter().filter(|s| !s.passed).map(|s| s.name).collect();

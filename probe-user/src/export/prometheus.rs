@@ -440,8 +440,8 @@ mod tests {
                 .stderr(std::process::Stdio::piped())
                 .spawn();
             let mut child = child.expect(
-                "promtool is needed by this test (Debian package `prometheus`; .ci/run \
-                 installs it)",
+                "promtool is needed by this test: install the Debian package `prometheus` \
+                 (Fedora: `golang-github-prometheus`); `cargo xtask test` installs it",
             );
             child
                 .stdin

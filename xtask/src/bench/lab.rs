@@ -63,7 +63,7 @@ impl LossyLab {
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .context("cannot run nft (Debian: nftables)")?;
+            .context("cannot run nft (Debian package nftables)")?;
         std::io::Write::write_all(&mut nft.stdin.take().expect("piped"), rules.as_bytes())?;
         let out = nft.wait_with_output()?;
         if !out.status.success() {

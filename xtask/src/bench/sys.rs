@@ -1,5 +1,5 @@
 //! What the bench reads from and sets in the kernel: CPU time (/proc/stat, /proc/PID),
-//! RSS, eBPF program run time (fdinfo, with `kernel.bpf_stats_enabled`), tracefs, packages.
+//! RSS, eBPF program run time (fdinfo, with `kernel.bpf_stats_enabled`), tracefs.
 use std::{fs, path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
@@ -178,52 +178,6 @@ impl Drop for Tracefs {
             let _ = Command::new("umount").arg(TRACEFS).status();
         }
     }
-}
-
-/// Where a peer tool lives: on PATH, or in /usr/sbin (Debian's libbpf-tools).
-pub fn find_program(name: &str) -> Option<String> {
-    if cmd::on_path(name) {
-        return Some(name.to_owned());
-    }
-    ["/usr/sbin", "/sbin", "/usr/bin"]
-        .iter()
-        .map(|dir| format!("{dir}/{name}"))
-        .find(|p| Path::new(p).is_file())
-}
-
-/// Installs the Debian packages of the peers and the lab where their programs are missing.
-pub fn install_missing() -> anyhow::Result<()> {
-    let wanted = [
-        ("tcpstates", "libbpf-tools"),
-        ("tcplife", "libbpf-tools"),
-        ("bpftrace", "bpftrace"),
-        ("nft", "nftables"),
-        ("nstat", "iproute2"),
-        ("ip", "iproute2"),
-    ];
-    let mut packages: Vec<&str> = wanted
-        .iter()
-        .filter(|(program, _)| find_program(program).is_none())
-        .map(|(_, package)| *package)
-        .collect();
-    packages.dedup();
-    if packages.is_empty() {
-        return Ok(());
-    }
-    if !cmd::on_path("apt-get") {
-        bail!(
-            "the bench needs {} and cannot install them without apt-get; install them and rerun",
-            packages.join(", ")
-        );
-    }
-    eprintln!("bench: installing {}", packages.join(" "));
-    cmd::status(Command::new("apt-get").arg("update"))?;
-    cmd::status(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&packages)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
 }
 
 /// A command's stdout, or an error naming it.

@@ -15,6 +15,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use super::sys;
+use crate::packages;
 
 /// What the agent prints on standard error once its programs are attached.
 const READY_LINE: &str = "connprobe is tracing";
@@ -146,15 +147,17 @@ impl Session {
             }
             Tool::Tcpstates | Tool::Tcplife => {
                 let name = tool.key();
-                let program = sys::find_program(name)
-                    .with_context(|| format!("{name} is not installed (Debian: libbpf-tools)"))?;
+                let program = packages::find_program(name).with_context(|| {
+                    format!("{name} is not installed (Debian package libbpf-tools)")
+                })?;
                 let mut c = Command::new(program);
                 c.stdout(File::create(&output)?);
                 c
             }
             Tool::Bpftrace => {
                 let mut c = Command::new(
-                    sys::find_program("bpftrace").context("bpftrace is not installed")?,
+                    packages::find_program("bpftrace")
+                        .context("bpftrace is not installed (Debian package bpftrace)")?,
                 );
                 c.arg("-o").arg(&output).args(["-e", BPFTRACE_PROGRAM]);
                 c
