@@ -48,6 +48,9 @@ pub(super) struct DestinationEvidence {
     pub(super) resets_sent: Vec<SystemTime>,
     pub(super) resets_sent_socketless: u64,
     pub(super) resets_sent_by_state: BTreeMap<String, u64>,
+    /// Sent resets by the kernel's reason (`NO_SOCKET`, `TCP_ABORT_ON_CLOSE`, ...); resets
+    /// without one (received, or sent by a kernel before 6.10) are not counted here.
+    pub(super) resets_sent_by_reason: BTreeMap<String, u64>,
 }
 
 impl DestinationEvidence {
@@ -78,6 +81,7 @@ impl DestinationEvidence {
             resets_sent: Vec::new(),
             resets_sent_socketless: 0,
             resets_sent_by_state: BTreeMap::new(),
+            resets_sent_by_reason: BTreeMap::new(),
         }
     }
 
@@ -150,6 +154,12 @@ impl DestinationEvidence {
                     }
                     Direction::Sent => {
                         *self.resets_sent_by_state.entry(state).or_default() += 1;
+                        if let Some(reason) = &r.reason {
+                            *self
+                                .resets_sent_by_reason
+                                .entry(reason.as_str().to_string())
+                                .or_default() += 1;
+                        }
                         if key.side == Some(Side::Server) {
                             self.resets_sent.push(time);
                             if r.state.is_none() {

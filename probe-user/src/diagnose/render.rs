@@ -186,6 +186,24 @@ fn errnos(ev: &Map<String, Value>) -> String {
     }
 }
 
+/// `; reasons: TCP_ABORT_ON_CLOSE 12, NO_SOCKET 3`, most frequent first; empty when the
+/// kernel gave none.
+fn reset_reasons(ev: &Map<String, Value>) -> String {
+    let Some(map) = ev.get("by_reason").and_then(Value::as_object) else {
+        return String::new();
+    };
+    let mut counts: Vec<(&str, u64)> = map
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_u64().unwrap_or(0)))
+        .collect();
+    if counts.is_empty() {
+        return String::new();
+    }
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let list: Vec<String> = counts.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    format!("; reasons: {}", list.join(", "))
+}
+
 /// The evidence of a verdict in one sentence.
 pub fn evidence_sentence(id: VerdictId, ev: &Map<String, Value>) -> String {
     let attempts = u(ev, "attempts");
@@ -232,10 +250,11 @@ pub fn evidence_sentence(id: VerdictId, ev: &Map<String, Value>) -> String {
         ),
         VerdictId::LocalResets => format!(
             "this host sent {} resets, {} of them answering SYNs without a listening socket; \
-             {} connections accepted.",
+             {} connections accepted{}.",
             u(ev, "resets_sent"),
             u(ev, "answering_syn"),
-            u(ev, "connections_accepted")
+            u(ev, "connections_accepted"),
+            reset_reasons(ev)
         ),
         VerdictId::SlowHandshakes => format!(
             "{} of {} handshakes took {:.1} ms or more (median of the slow ones {:.1} ms) \
@@ -286,9 +305,11 @@ mod tests {
     use super::*;
     use crate::diagnose::engine::{
         judge,
-        tests::{at, connect_failed, connect_ok, window},
+        tests::{
+            at, connect_failed, connect_ok, reset_sent_by_service, reset_sent_for_reason, window,
+        },
     };
-    use crate::event::FailureReason;
+    use crate::event::{FailureReason, Side, TcpState};
 
     #[test]
     fn worst_first_and_healthy_in_one_line() {
@@ -325,6 +346,48 @@ mod tests {
         );
         assert!(text.contains("10 failed (EPROTO x10)"), "{text}");
         assert!(!text.contains("Not enough data:"), "{text}");
+    }
+
+    /// The text with its wrapping undone.
+    fn flat(text: &str) -> String {
+        text.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn local_resets_list_the_kernels_reasons_most_frequent_first() {
+        let mut events: Vec<_> = (0..3)
+            .map(|i| reset_sent_for_reason("10.9.9.9:9000", at(i as f64), None, "NO_SOCKET"))
+            .collect();
+        events.extend((0..12).map(|i| {
+            reset_sent_for_reason(
+                "10.9.9.9:9000",
+                at(i as f64 + 0.5),
+                Some(TcpState(7)),
+                "TCP_ABORT_ON_CLOSE",
+            )
+        }));
+        let flat_text = flat(&text(&judge(&events, window(0.0, 60.0))));
+        assert!(
+            flat_text.contains(
+                "this host sent 15 resets, 3 of them answering SYNs without a listening socket; 0 \
+                 connections accepted; reasons: TCP_ABORT_ON_CLOSE 12, NO_SOCKET 3."
+            ),
+            "{flat_text}"
+        );
+
+        // Without reasons (a kernel before 6.10) the sentence is as it was.
+        let old: Vec<_> = (0..4)
+            .map(|i| reset_sent_by_service("10.9.9.9:9000", at(i as f64), Some(Side::Server), None))
+            .collect();
+        let flat_text = flat(&text(&judge(&old, window(0.0, 60.0))));
+        assert!(
+            flat_text.contains(
+                "this host sent 4 resets, 4 of them answering SYNs without a listening socket; 0 \
+                 connections accepted."
+            ),
+            "{flat_text}"
+        );
+        assert!(!flat_text.contains("reasons:"), "{flat_text}");
     }
 
     #[test]

@@ -9,7 +9,8 @@ use super::*;
 use crate::{
     diagnose::verdict::{Pattern, Verdict},
     event::{
-        Close, Comm, Connect, Errno, FailureReason, Outcome, Process, Reset, Retransmit, TcpState,
+        Close, Comm, Connect, Errno, FailureReason, Outcome, Process, Reset, ResetReason,
+        Retransmit, TcpState,
     },
 };
 
@@ -137,6 +138,27 @@ pub(crate) fn reset_sent_by_service(
             direction: Direction::Sent,
             state,
             reason: None,
+        }),
+    )
+}
+
+/// A reset this host's service at `local` sends with the kernel's `reason` (Linux 6.10 and
+/// later).
+pub(crate) fn reset_sent_for_reason(
+    local: &str,
+    time: SystemTime,
+    state: Option<TcpState>,
+    reason: &str,
+) -> Event {
+    event(
+        Some(Side::Server),
+        local,
+        "10.7.7.7:51000",
+        time,
+        EventDetail::Reset(Reset {
+            direction: Direction::Sent,
+            state,
+            reason: Some(ResetReason::new(reason)),
         }),
     )
 }
@@ -391,6 +413,175 @@ fn local_resets_count_against_the_local_service() {
     assert_eq!(v.verdict, VerdictId::LocalResets);
     assert_eq!(v.evidence["answering_syn"], 15);
     assert!(v.next_step.contains("nothing listens"), "{}", v.next_step);
+}
+
+/// TCP_CLOSE: where `tcp_close` has moved a socket by the time it sends its reset.
+const CLOSE: TcpState = TcpState(7);
+
+#[test]
+fn local_resets_count_the_kernels_reasons() {
+    let mut events = Vec::new();
+    for i in 0..12 {
+        events.push(reset_sent_for_reason(
+            "10.9.9.9:9000",
+            at(i as f64),
+            Some(CLOSE),
+            "TCP_ABORT_ON_CLOSE",
+        ));
+    }
+    for i in 0..3 {
+        events.push(reset_sent_for_reason(
+            "10.9.9.9:9000",
+            at(i as f64 + 0.5),
+            None,
+            "NO_SOCKET",
+        ));
+    }
+    // A reset from a kernel without reasons (a log spanning an upgrade) is not counted.
+    events.push(reset_sent_by_service(
+        "10.9.9.9:9000",
+        at(20.0),
+        Some(Side::Server),
+        None,
+    ));
+    let v = top(&judged(&events), "10.9.9.9:9000");
+    assert_eq!(v.verdict, VerdictId::LocalResets);
+    assert_eq!(v.evidence["resets_sent"], 16);
+    assert_eq!(v.evidence["by_reason"]["TCP_ABORT_ON_CLOSE"], 12);
+    assert_eq!(v.evidence["by_reason"]["NO_SOCKET"], 3);
+    assert_eq!(v.evidence["by_reason"].as_object().unwrap().len(), 2);
+    assert_eq!(v.evidence["by_state"]["CLOSE"], 12);
+    assert_eq!(v.evidence["by_state"]["none"], 4);
+}
+
+#[test]
+fn local_resets_next_step_follows_the_dominant_reason() {
+    let cases: [(&str, Option<TcpState>, &[&str]); 8] = [
+        ("NO_SOCKET", None, &["nothing listens", "`ss -ltn`"]),
+        (
+            "TCP_ABORT_ON_CLOSE",
+            Some(CLOSE),
+            &[
+                "closes connections with unread data",
+                "read what the peer sent",
+            ],
+        ),
+        (
+            "TCP_ABORT_ON_DATA",
+            Some(TcpState(5)),
+            &["data arrives after the application has closed"],
+        ),
+        (
+            "TCP_STATE",
+            Some(CLOSE),
+            &["aborts connections", "SO_LINGER 0"],
+        ),
+        (
+            "TCP_ABORT_ON_LINGER",
+            Some(TcpState(5)),
+            &["aborts connections", "TCP_LINGER2"],
+        ),
+        (
+            "TCP_KEEPALIVE_TIMEOUT",
+            Some(TcpState::ESTABLISHED),
+            &["keepalive probes went unanswered"],
+        ),
+        (
+            "TCP_ABORT_ON_MEMORY",
+            Some(CLOSE),
+            &["/proc/net/sockstat", "tcp_mem"],
+        ),
+        (
+            "TCP_INVALID_ACK_SEQUENCE",
+            Some(TcpState::SYN_RECV),
+            &["enum sk_rst_reason"],
+        ),
+    ];
+    for (reason, state, fragments) in cases {
+        let events: Vec<_> = (0..10)
+            .map(|i| reset_sent_for_reason("10.9.9.9:9000", at(i as f64), state, reason))
+            .collect();
+        let v = top(&judged(&events), "10.9.9.9:9000");
+        assert_eq!(v.verdict, VerdictId::LocalResets, "{reason}");
+        assert!(
+            v.next_step
+                .starts_with("This host resets connections to its own 10.9.9.9:9000: "),
+            "{}",
+            v.next_step
+        );
+        assert!(
+            v.next_step.contains(&format!("the kernel says {reason}")),
+            "{}",
+            v.next_step
+        );
+        for fragment in fragments {
+            assert!(v.next_step.contains(fragment), "{reason}: {}", v.next_step);
+        }
+    }
+
+    // The reason outweighs the state: mostly aborts on close, a few answers to strays.
+    let mut mixed: Vec<_> = (0..3)
+        .map(|i| reset_sent_for_reason("10.9.9.9:9000", at(i as f64), None, "NO_SOCKET"))
+        .collect();
+    mixed.extend((0..5).map(|i| {
+        reset_sent_for_reason(
+            "10.9.9.9:9000",
+            at(i as f64 + 0.5),
+            Some(CLOSE),
+            "TCP_ABORT_ON_CLOSE",
+        )
+    }));
+    let v = top(&judged(&mixed), "10.9.9.9:9000");
+    assert!(
+        v.next_step.contains("TCP_ABORT_ON_CLOSE"),
+        "{}",
+        v.next_step
+    );
+    assert!(!v.next_step.contains("nothing listens"), "{}", v.next_step);
+
+    // A tie goes to the first name, whatever the order of the events.
+    let tie: Vec<_> = [("TCP_STATE", Some(CLOSE)), ("NO_SOCKET", None)]
+        .into_iter()
+        .flat_map(|(reason, state)| {
+            (0..4).map(move |i| reset_sent_for_reason("10.9.9.9:9000", at(i as f64), state, reason))
+        })
+        .collect();
+    let v = top(&judged(&tie), "10.9.9.9:9000");
+    assert!(v.next_step.contains("NO_SOCKET"), "{}", v.next_step);
+}
+
+#[test]
+fn local_resets_without_reasons_judge_by_state_as_before() {
+    let socketless: Vec<_> = (0..10)
+        .map(|i| reset_sent_by_service("10.9.9.9:9000", at(i as f64), Some(Side::Server), None))
+        .collect();
+    let v = top(&judged(&socketless), "10.9.9.9:9000");
+    assert_eq!(v.verdict, VerdictId::LocalResets);
+    assert_eq!(
+        v.next_step,
+        "This host resets connections to its own 10.9.9.9:9000: most answer SYNs, so nothing \
+         listens there: start the service or stop sending traffic to it (`ss -ltn`)."
+    );
+    assert_eq!(v.evidence["by_reason"], serde_json::json!({}));
+
+    let open: Vec<_> = (0..10)
+        .map(|i| {
+            reset_sent_by_service(
+                "10.9.9.9:9000",
+                at(i as f64),
+                Some(Side::Server),
+                Some(TcpState::ESTABLISHED),
+            )
+        })
+        .collect();
+    let v = top(&judged(&open), "10.9.9.9:9000");
+    assert_eq!(v.verdict, VerdictId::LocalResets);
+    assert_eq!(
+        v.next_step,
+        "This host resets connections to its own 10.9.9.9:9000: they come from open sockets, so \
+         the application closes connections with unread data or with SO_LINGER 0: check its \
+         logs and how it closes."
+    );
 }
 
 #[test]
