@@ -12,6 +12,7 @@ use super::{
     destination::{DestinationEvidence, FailedConnect},
     engine::DestinationKey,
     pattern::shape,
+    processes::ProcessCounts,
     round,
     verdict::{GroupReport, Verdict, VerdictId},
 };
@@ -87,6 +88,7 @@ pub(super) fn destination_verdicts(dest: &str, ev: &DestinationEvidence) -> Vec<
         verdicts.push(healthy_or_not_enough(dest, ev));
     }
     rank(&mut verdicts);
+    name_processes(&mut verdicts, &ev.processes);
     verdicts
 }
 
@@ -98,6 +100,19 @@ fn rank(verdicts: &mut [Verdict]) {
             .unwrap_or(std::cmp::Ordering::Equal)
             .then(a.verdict.cmp(&b.verdict))
     });
+}
+
+/// Adds whose connections the verdicts are about to their evidence: `processes`, the owners of
+/// the events with their counts, busiest first, and `unlisted_process_events`, the events of
+/// processes past the bound.
+fn name_processes(verdicts: &mut [Verdict], processes: &ProcessCounts) {
+    for v in verdicts {
+        v.evidence.insert("processes".into(), processes.to_json());
+        v.evidence.insert(
+            "unlisted_process_events".into(),
+            json!(processes.unlisted_events()),
+        );
+    }
 }
 
 /// Grows with the amount of matching evidence (`n`) and its consistency (0..1).
@@ -617,7 +632,7 @@ pub(super) fn pool_verdicts(
                 })
             })
             .unwrap_or((SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH));
-        let v = verdict(
+        let mut v = verdict(
             VerdictId::PoolPartialFailure,
             confidence(failures, consistency),
             &times,
@@ -637,6 +652,9 @@ pub(super) fn pool_verdicts(
                 names(&healthy)
             ),
         );
+        // Whose connects fail: the processes of the failing members.
+        let processes = ProcessCounts::merged(failing.iter().map(|(_, ev)| &ev.processes));
+        name_processes(std::slice::from_mut(&mut v), &processes);
         groups.push(GroupReport {
             port,
             verdicts: vec![v],

@@ -163,6 +163,32 @@ pub(crate) fn reset_sent_for_reason(
     )
 }
 
+/// A connection this host's service at `local` accepted.
+pub(crate) fn accepted(local: &str, time: SystemTime) -> Event {
+    event(
+        Some(Side::Server),
+        local,
+        "10.7.7.7:51000",
+        time,
+        EventDetail::Connect(Connect {
+            outcome: Outcome::Established,
+            reason: None,
+            errno: None,
+            latency: None,
+            syn_retransmits: 0,
+        }),
+    )
+}
+
+/// `event` owned by process `pid` named `comm`, or by no known process (`pid` 0).
+pub(crate) fn owned_by(mut event: Event, pid: u32, comm: &str) -> Event {
+    event.process = (pid != 0).then(|| Process {
+        pid,
+        comm: Comm::from_str_lossy(comm),
+    });
+    event
+}
+
 /// A bit of everything over ten minutes: refused, blackholed, lossy, healthy destinations, a
 /// pool with one bad member, a local service resetting.
 pub(crate) fn mixed_log() -> Vec<Event> {
@@ -653,6 +679,148 @@ fn pool_partial_failure_names_the_bad_backend() {
         })
         .collect();
     assert!(judged(&all_bad).groups.is_empty());
+}
+
+/// The `processes` of a verdict's evidence as (pid, comm, events).
+fn processes(v: &Verdict) -> Vec<(u64, String, u64)> {
+    v.evidence["processes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no processes in {:?}", v.evidence))
+        .iter()
+        .map(|p| {
+            (
+                p["pid"].as_u64().unwrap(),
+                p["comm"].as_str().unwrap().to_string(),
+                p["events"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn client_verdicts_name_the_processes_that_connect() {
+    let dest = "10.0.0.1:5432";
+    let mut events = Vec::new();
+    for i in 0..12 {
+        let t = at(i as f64);
+        let (pid, comm) = match i % 4 {
+            0 => (17, "psql"),
+            1 => (0, ""), // no known owner: not counted
+            _ => (4242, "app"),
+        };
+        events.push(owned_by(
+            connect_failed(dest, t, FailureReason::Refused, 0),
+            pid,
+            comm,
+        ));
+    }
+    // A retransmit is an event of its owner too.
+    events.push(owned_by(
+        retransmit(dest, at(20.0), TcpState::SYN_SENT, 1),
+        17,
+        "psql",
+    ));
+    let report = judged(&events);
+    let d = &report.destinations[0];
+    assert_eq!(d.side.as_deref(), Some("client"));
+    assert_eq!(d.verdicts[0].verdict, VerdictId::Refused);
+    for v in &d.verdicts {
+        assert_eq!(
+            processes(v),
+            vec![(4242, "app".to_string(), 6), (17, "psql".to_string(), 4)],
+            "{:?}",
+            v.verdict
+        );
+        assert_eq!(v.evidence["unlisted_process_events"], 0);
+    }
+    // The evidence the verdict had before is all still there.
+    assert_eq!(d.verdicts[0].evidence["matching"], 12);
+}
+
+#[test]
+fn server_verdicts_name_the_process_that_serves() {
+    let local = "10.9.9.9:8443";
+    let mut events = Vec::new();
+    for i in 0..6 {
+        let t = at(i as f64);
+        events.push(owned_by(accepted(local, t), 812, "nginx"));
+        events.push(owned_by(
+            reset_sent_for_reason(local, t, Some(CLOSE), "TCP_ABORT_ON_CLOSE"),
+            812,
+            "nginx",
+        ));
+        // Resets answering SYNs have no socket, so no owner.
+        events.push(owned_by(
+            reset_sent_for_reason(local, t, None, "NO_SOCKET"),
+            0,
+            "",
+        ));
+    }
+    let v = top(&judged(&events), local);
+    assert_eq!(v.verdict, VerdictId::LocalResets);
+    assert_eq!(processes(&v), vec![(812, "nginx".to_string(), 12)]);
+    assert_eq!(v.evidence["resets_sent"], 12);
+
+    // Nothing listens: no event knows a process, and the list says so.
+    let nobody: Vec<_> = (0..5)
+        .map(|i| {
+            owned_by(
+                reset_sent_for_reason(local, at(i as f64), None, "NO_SOCKET"),
+                0,
+                "",
+            )
+        })
+        .collect();
+    let v = top(&judged(&nobody), local);
+    assert_eq!(v.verdict, VerdictId::LocalResets);
+    assert_eq!(v.evidence["processes"], serde_json::json!([]));
+}
+
+#[test]
+fn a_destination_names_at_most_eight_processes() {
+    let dest = "10.0.0.9:443";
+    // A process per connect, and one that comes back: it keeps its place and its count.
+    let mut events: Vec<_> = (0..100u32)
+        .map(|i| owned_by(connect_ok(dest, at(f64::from(i)), 500), 1000 + i, "job"))
+        .collect();
+    events.extend(
+        (0..5).map(|i| owned_by(connect_ok(dest, at(200.0 + f64::from(i)), 500), 1003, "job")),
+    );
+    let v = top(&judged(&events), dest);
+    let listed = processes(&v);
+    assert_eq!(listed.len(), 8, "{listed:?}");
+    assert_eq!(listed[0], (1003, "job".to_string(), 6));
+    assert_eq!(listed[1], (1000, "job".to_string(), 1));
+    assert_eq!(v.evidence["unlisted_process_events"], 92);
+    assert_eq!(v.evidence["events"], 105);
+}
+
+#[test]
+fn a_pool_names_the_processes_whose_connects_fail() {
+    let mut events = Vec::new();
+    for i in 0..10 {
+        let t = at(i as f64);
+        for b in 1..=3 {
+            let dest = format!("10.0.1.{b}:8080");
+            let e = if b == 2 {
+                connect_failed(&dest, t, FailureReason::Refused, 0)
+            } else {
+                connect_ok(&dest, t, 500)
+            };
+            // The batch job only reaches the healthy members.
+            let (pid, comm) = if b == 2 || i % 2 == 0 {
+                (4242, "app")
+            } else {
+                (99, "batch")
+            };
+            events.push(owned_by(e, pid, comm));
+        }
+    }
+    let report = judged(&events);
+    let v = &report.groups[0].verdicts[0];
+    assert_eq!(v.verdict, VerdictId::PoolPartialFailure);
+    assert_eq!(processes(v), vec![(4242, "app".to_string(), 10)]);
+    assert_eq!(v.evidence["unlisted_process_events"], 0);
 }
 
 #[test]
