@@ -12,6 +12,9 @@ pub const EVENTS_MAP: &str = "EVENTS";
 pub const SOCKETS_MAP: &str = "SOCKETS";
 /// Per-CPU counters, indexed by [`Counter`].
 pub const COUNTERS_MAP: &str = "COUNTERS";
+/// LRU hash of listening sockets and their owners, keyed by [`ListenerKey`]: written by the
+/// programs at `listen()` and by the agent at start-up for listeners older than it.
+pub const LISTENERS_MAP: &str = "LISTENERS";
 /// The global holding [`KernelOffsets`], set before load.
 pub const OFFSETS_GLOBAL: &str = "OFFSETS";
 /// The global holding the unread byte count at which a submit wakes the agent (u64).
@@ -21,6 +24,8 @@ pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
 pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
 /// Default number of sockets followed at once (LRU: the least recently used is evicted).
 pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
+/// Listening sockets remembered at once (LRU).
+pub const MAX_LISTENERS: u32 = 8_192;
 
 pub const COMM_LEN: usize = 16;
 
@@ -218,7 +223,11 @@ pub struct ResetEvent {
     pub direction: u8,
     /// The socket's TCP state, or [`tcp_state::NONE`] for a reset sent without a socket.
     pub state: u8,
-    pub _pad: [u8; 6],
+    /// 1 when `reason` holds the kernel's reason for a sent reset (Linux 6.10 and later).
+    pub has_reason: u8,
+    pub _pad: u8,
+    /// An `enum sk_rst_reason` value of the running kernel; its names are read from BTF.
+    pub reason: u32,
 }
 
 /// An established connection reached CLOSE.
@@ -251,6 +260,32 @@ pub struct SocketRecord {
     /// When it became ESTABLISHED; 0 until then.
     pub established_ns: u64,
     pub owner: Owner,
+    /// The last socket error the kernel reported for it (`inet_sk_error_report`: `sk_err`, or
+    /// `sk_err_soft` when the error came while the application held the socket); 0 if none.
+    /// A non-blocking connect's ICMP error only ever shows here: the application's
+    /// `getsockopt(SO_ERROR)` clears it before the socket reaches CLOSE.
+    pub error: u32,
+    pub _pad: u32,
+}
+
+/// Key of [`LISTENERS_MAP`]: a listening port in one network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    /// The network namespace's inode number (`net.ns.inum`, the inode of `/proc/PID/ns/net`).
+    pub netns: u32,
+    /// The listening port, host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// A listening socket and the process that called `listen()` on it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ListenerRecord {
+    /// The listener's `struct sock *`; 0 when the agent found it at start-up in /proc.
+    pub sk: u64,
+    pub owner: Owner,
 }
 
 /// Byte offsets the programs need, read from the running kernel at start-up (BTF for struct
@@ -273,9 +308,18 @@ pub struct KernelOffsets {
     // struct sock
     pub sk_protocol: u32,
     pub sk_err: u32,
+    pub sk_err_soft: u32,
+    // the socket's error queue: `sock.sk_error_queue.{prev,qlen}`, and where an ICMP error's
+    // `sock_extended_err` sits in a queued skb (`sk_buff.cb` + `sock_exterr_skb.ee`)
+    pub sk_error_queue_prev: u32,
+    pub sk_error_queue_qlen: u32,
+    pub skb_cb_ee: u32,
     pub sk_flags: u32,
     /// Bit of `SOCK_DONE` (a FIN was received) in `sk_flags`, from `enum sock_flags`.
     pub sock_done_bit: u32,
+    // the network namespace: sock_common.skc_net (a `struct net *`), then net.ns.inum
+    pub skc_net: u32,
+    pub net_ns_inum: u32,
     // struct tcp_sock
     pub tcp_bytes_sent: u32,
     pub tcp_bytes_received: u32,
@@ -297,10 +341,13 @@ pub struct KernelOffsets {
     pub tp_synack_req: u32,
     pub tp_send_reset_skaddr: u32,
     pub tp_send_reset_skbaddr: u32,
+    pub tp_send_reset_reason: u32,
     pub tp_receive_reset_skaddr: u32,
     pub tp_destroy_skaddr: u32,
     /// 1 when `tcp_retransmit_skb` has an `err` argument (Linux 6.13 and later).
     pub has_retransmit_err: u32,
+    /// 1 when the classic `tcp_send_reset` has a `reason` field (Linux 6.10 and later).
+    pub has_reset_reason: u32,
 }
 
 const _: () = {
@@ -311,8 +358,10 @@ const _: () = {
     assert!(core::mem::size_of::<RetransmitEvent>() == 88);
     assert!(core::mem::size_of::<ResetEvent>() == 88);
     assert!(core::mem::size_of::<CloseEvent>() == 112);
-    assert!(core::mem::size_of::<SocketRecord>() == 40);
-    assert!(core::mem::size_of::<KernelOffsets>() == 34 * 4);
+    assert!(core::mem::size_of::<SocketRecord>() == 48);
+    assert!(core::mem::size_of::<ListenerKey>() == 8);
+    assert!(core::mem::size_of::<ListenerRecord>() == 32);
+    assert!(core::mem::size_of::<KernelOffsets>() == 42 * 4);
 };
 
 #[cfg(feature = "user")]
@@ -322,4 +371,6 @@ mod pod {
     // (checked by the size asserts above).
     unsafe impl aya::Pod for KernelOffsets {}
     unsafe impl aya::Pod for SocketRecord {}
+    unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for ListenerRecord {}
 }

@@ -31,3 +31,8 @@ pub fn tcp_receive_reset_empty(_ctx: BtfTracePointContext) -> u32 {
 pub fn tcp_destroy_empty(_ctx: BtfTracePointContext) -> u32 {
     0
 }
+
+#[btf_tracepoint(function = "inet_sk_error_report")]
+pub fn sock_error_empty(_ctx: BtfTracePointContext) -> u32 {
+    0
+}

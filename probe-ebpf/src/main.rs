@@ -1,4 +1,5 @@
-//! connprobe's eBPF programs: TCP connect lifecycle, retransmits and resets, from tracepoints only.
+//! connprobe's eBPF programs: TCP connect lifecycle, socket errors, retransmits and resets, from
+//! tracepoints only.
 //!
 //! Every hook family has a BTF-typed tracepoint (`tp_btf`, cheapest, no tracefs) and a classic
 //! tracepoint as the fallback; both hand the same pointers to one shared handler.
@@ -7,8 +8,10 @@
 
 mod emit;
 mod empty;
+mod listeners;
 mod maps;
 mod sock;
+mod sock_error;
 mod tcp_reset;
 mod tcp_retransmit;
 mod tcp_state;

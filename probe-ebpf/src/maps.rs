@@ -4,7 +4,8 @@ use aya_ebpf::{
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
 use probe_common::{
-    COUNTER_SLOTS, Counter, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BYTES, KernelOffsets, SocketRecord,
+    COUNTER_SLOTS, Counter, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BYTES, KernelOffsets, ListenerKey,
+    ListenerRecord, MAX_LISTENERS, SocketRecord,
 };
 
 /// Events to the agent. Its size is set by the agent before load (`--ring-buffer-bytes`).
@@ -15,6 +16,12 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 #[map(name = "SOCKETS")]
 pub static SOCKETS: LruHashMap<u64, SocketRecord> =
     LruHashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+/// Listening sockets and the process that called `listen()`, by network namespace and port:
+/// an accepted connection's owner is its listener's.
+#[map(name = "LISTENERS")]
+pub static LISTENERS: LruHashMap<ListenerKey, ListenerRecord> =
+    LruHashMap::with_max_entries(MAX_LISTENERS, 0);
 
 /// Produced and lost counters, see [`Counter`].
 #[map(name = "COUNTERS")]
@@ -34,8 +41,14 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     inet_sport: 0,
     sk_protocol: 0,
     sk_err: 0,
+    sk_err_soft: 0,
+    sk_error_queue_prev: 0,
+    sk_error_queue_qlen: 0,
+    skb_cb_ee: 0,
     sk_flags: 0,
     sock_done_bit: 0,
+    skc_net: 0,
+    net_ns_inum: 0,
     tcp_bytes_sent: 0,
     tcp_bytes_received: 0,
     tcp_data_segs_out: 0,
@@ -54,9 +67,11 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     tp_synack_req: 0,
     tp_send_reset_skaddr: 0,
     tp_send_reset_skbaddr: 0,
+    tp_send_reset_reason: 0,
     tp_receive_reset_skaddr: 0,
     tp_destroy_skaddr: 0,
     has_retransmit_err: 0,
+    has_reset_reason: 0,
 };
 
 /// Unread bytes in [`EVENTS`] at which a submit wakes the agent; below it the agent's

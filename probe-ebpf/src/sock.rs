@@ -20,17 +20,29 @@ pub fn protocol(sk: u64) -> Result<u16, i32> {
     read::<u16>(sk, offset!(sk_protocol))
 }
 
+/// The inode number of the socket's network namespace (what `/proc/PID/ns/net` links to).
+#[inline(always)]
+pub fn netns(sk: u64) -> Result<u32, i32> {
+    let net = read::<u64>(sk, offset!(skc_net))?;
+    read::<u32>(net, offset!(net_ns_inum))
+}
+
 #[inline(always)]
 pub fn state(sk: u64) -> Result<u8, i32> {
     read::<u8>(sk, offset!(skc_state))
+}
+
+/// This host's port of a full socket (`inet_sport`, which CLOSE leaves in place).
+#[inline(always)]
+pub fn local_port(sk: u64) -> Result<u16, i32> {
+    Ok(u16::from_be(read::<u16>(sk, offset!(inet_sport))?))
 }
 
 /// Both ends of a full socket. The local port comes from `inet_sport`: on the way to CLOSE the
 /// kernel releases the port (clearing `skc_num`) before the state change is traced.
 #[inline(always)]
 pub fn endpoints(sk: u64) -> Result<Endpoints, i32> {
-    let local_port = u16::from_be(read::<u16>(sk, offset!(inet_sport))?);
-    common_endpoints(sk, local_port)
+    common_endpoints(sk, local_port(sk)?)
 }
 
 /// Both ends of a request socket (a pending connection of a listener).

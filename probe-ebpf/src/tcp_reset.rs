@@ -13,9 +13,12 @@ use crate::{
 
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn tcp_send_reset_btf(ctx: BtfTracePointContext) -> u32 {
+    // The agent picks this program only on kernels whose tracepoint has the `reason` argument
+    // (Linux 6.10 and later); older ones use the classic tracepoint.
     let sk: u64 = ctx.arg(0);
     let skb: u64 = ctx.arg(1);
-    finish(&ctx, "tcp_send_reset", on_send_reset(sk, skb))
+    let reason: u32 = ctx.arg(2);
+    finish(&ctx, "tcp_send_reset", on_send_reset(sk, skb, Some(reason)))
 }
 
 #[tracepoint]
@@ -26,13 +29,19 @@ pub fn tcp_send_reset_tp(ctx: TracePointContext) -> u32 {
 fn try_tcp_send_reset_tp(ctx: &TracePointContext) -> Result<(), i32> {
     let sk: u64 = unsafe { ctx.read_at(offset!(tp_send_reset_skaddr))? };
     let skb: u64 = unsafe { ctx.read_at(offset!(tp_send_reset_skbaddr))? };
-    on_send_reset(sk, skb)
+    let reason = if offset!(has_reset_reason) != 0 {
+        Some(unsafe { ctx.read_at::<u32>(offset!(tp_send_reset_reason))? })
+    } else {
+        None
+    };
+    on_send_reset(sk, skb, reason)
 }
 
 /// `skb`, when present, is the received packet the reset answers; without it (an active reset,
-/// e.g. `close()` with SO_LINGER 0) the socket gives the ends.
+/// e.g. `close()` with SO_LINGER 0) the socket gives the ends. `reason` is the kernel's
+/// `enum sk_rst_reason`, where the kernel has one.
 #[inline(always)]
-fn on_send_reset(sk: u64, skb: u64) -> Result<(), i32> {
+fn on_send_reset(sk: u64, skb: u64, reason: Option<u32>) -> Result<(), i32> {
     let (endpoints, answers_syn) = if skb != 0 {
         packet_endpoints(skb)?
     } else if sk != 0 {
@@ -54,7 +63,9 @@ fn on_send_reset(sk: u64, skb: u64) -> Result<(), i32> {
         owner,
         direction: direction::SENT,
         state,
-        _pad: [0; 6],
+        has_reason: reason.is_some() as u8,
+        _pad: 0,
+        reason: reason.unwrap_or(0),
     };
     emit(EventKind::Reset, event);
     Ok(())
@@ -87,7 +98,9 @@ fn on_receive_reset(sk: u64) -> Result<(), i32> {
         owner: owner_of(sk),
         direction: direction::RECEIVED,
         state: state(sk)?,
-        _pad: [0; 6],
+        has_reason: 0,
+        _pad: 0,
+        reason: 0,
     };
     emit(EventKind::Reset, event);
     Ok(())

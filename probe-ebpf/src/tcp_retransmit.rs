@@ -7,6 +7,7 @@ use probe_common::{EventKind, RetransmitEvent, side, tcp_state};
 
 use crate::{
     emit::{emit, finish, header, now_ns, owner_of, unknown_owner},
+    listeners::listener_owner,
     maps::offset,
     sock::{endpoints, read, request_endpoints, state},
 };
@@ -58,8 +59,13 @@ fn on_retransmit(sk: u64, skb: u64, err: i32) -> Result<(), i32> {
 
 #[btf_tracepoint(function = "tcp_retransmit_synack")]
 pub fn tcp_retransmit_synack_btf(ctx: BtfTracePointContext) -> u32 {
+    let listener: u64 = ctx.arg(0);
     let req: u64 = ctx.arg(1);
-    finish(&ctx, "tcp_retransmit_synack", on_retransmit_synack(req))
+    finish(
+        &ctx,
+        "tcp_retransmit_synack",
+        on_retransmit_synack(listener, req),
+    )
 }
 
 #[tracepoint]
@@ -72,20 +78,28 @@ pub fn tcp_retransmit_synack_tp(ctx: TracePointContext) -> u32 {
 }
 
 fn try_tcp_retransmit_synack_tp(ctx: &TracePointContext) -> Result<(), i32> {
+    let listener: u64 = unsafe { ctx.read_at(offset!(tp_synack_skaddr))? };
     let req: u64 = unsafe { ctx.read_at(offset!(tp_synack_req))? };
-    on_retransmit_synack(req)
+    on_retransmit_synack(listener, req)
 }
 
-/// A SYN-ACK resent for a pending request: the request socket holds both ends.
+/// A SYN-ACK resent for a pending request: the request socket holds both ends, the listener's
+/// owner is the server process.
 #[inline(always)]
-fn on_retransmit_synack(req: u64) -> Result<(), i32> {
+fn on_retransmit_synack(listener: u64, req: u64) -> Result<(), i32> {
     if req == 0 {
         return Ok(());
     }
+    let endpoints = request_endpoints(req)?;
+    let owner = if listener != 0 {
+        listener_owner(listener, endpoints.local_port)?
+    } else {
+        unknown_owner(side::SERVER)
+    };
     let event = RetransmitEvent {
         header: header(EventKind::Retransmit, now_ns()),
-        endpoints: request_endpoints(req)?,
-        owner: unknown_owner(side::SERVER),
+        endpoints,
+        owner,
         segments: 1,
         state: tcp_state::SYN_RECV,
         _pad: [0; 3],

@@ -11,8 +11,9 @@ use probe_common::{
 
 use crate::{
     emit::{current_owner, emit, finish, header, now_ns, record, unknown_owner},
+    listeners::{self, listener_owner},
     maps::{SOCKETS, bump, offset},
-    sock::{endpoints, payload_bytes_received, protocol, read},
+    sock::{endpoints, local_port, payload_bytes_received, protocol, read},
 };
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
@@ -37,6 +38,8 @@ fn try_tcp_state_tp(ctx: &TracePointContext) -> Result<(), i32> {
 
 /// The transitions connprobe acts on.
 enum Transition {
+    Listen,
+    Unlisten,
     ConnectStart,
     ConnectEstablished,
     ConnectFailed,
@@ -50,12 +53,14 @@ fn on_state_change(sk: u64, old: i32, new: i32) -> Result<(), i32> {
     // Decide on the transition first: most hits (FIN_WAIT1, CLOSE_WAIT, ...) need nothing, and
     // then no kernel memory is read at all.
     let transition = match (old as u8, new as u8) {
+        (tcp_state::CLOSE, tcp_state::LISTEN) => Transition::Listen,
+        (tcp_state::LISTEN, tcp_state::CLOSE) => Transition::Unlisten,
         (tcp_state::CLOSE, tcp_state::SYN_SENT) => Transition::ConnectStart,
         (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) => Transition::ConnectEstablished,
         (tcp_state::SYN_SENT, tcp_state::CLOSE) => Transition::ConnectFailed,
         (_, tcp_state::SYN_RECV) => Transition::AcceptStart,
         (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) => Transition::Accepted,
-        (tcp_state::LISTEN | tcp_state::CLOSE, tcp_state::CLOSE) => return Ok(()),
+        (tcp_state::CLOSE, tcp_state::CLOSE) => return Ok(()),
         (_, tcp_state::CLOSE) => Transition::Closed,
         _ => return Ok(()),
     };
@@ -63,6 +68,8 @@ fn on_state_change(sk: u64, old: i32, new: i32) -> Result<(), i32> {
         return Ok(());
     }
     match transition {
+        Transition::Listen => listeners::listen(sk),
+        Transition::Unlisten => listeners::unlisten(sk),
         Transition::ConnectStart => start_connect(sk),
         Transition::ConnectEstablished => end_connect(sk, outcome::ESTABLISHED),
         Transition::ConnectFailed => end_connect(sk, outcome::FAILED),
@@ -82,6 +89,8 @@ fn start_connect(sk: u64) -> Result<(), i32> {
         start_ns: now_ns(),
         established_ns: 0,
         owner,
+        error: 0,
+        _pad: 0,
     };
     let _ = SOCKETS.insert(&sk, &rec, 0);
     Ok(())
@@ -91,14 +100,14 @@ fn start_connect(sk: u64) -> Result<(), i32> {
 #[inline(always)]
 fn end_connect(sk: u64, result: u8) -> Result<(), i32> {
     let now = now_ns();
-    let (owner, latency_ns) = match SOCKETS.get_ptr_mut(&sk) {
+    let (owner, latency_ns, reported_error) = match SOCKETS.get_ptr_mut(&sk) {
         Some(rec) => {
             // SAFETY: a valid map value pointer for the duration of the program.
             let rec = unsafe { &mut *rec };
             if result == outcome::ESTABLISHED {
                 rec.established_ns = now;
             }
-            (rec.owner, now.saturating_sub(rec.start_ns))
+            (rec.owner, now.saturating_sub(rec.start_ns), rec.error)
         }
         None => {
             bump(Counter::LostMap);
@@ -108,14 +117,21 @@ fn end_connect(sk: u64, result: u8) -> Result<(), i32> {
                     start_ns: 0,
                     established_ns: now,
                     owner,
+                    error: 0,
+                    _pad: 0,
                 };
                 let _ = SOCKETS.insert(&sk, &rec, 0);
             }
-            (owner, 0)
+            (owner, 0, 0)
         }
     };
+    // A connect that fails has `sk_err` set, unless its error came while the application held
+    // the socket (a non-blocking connect's ICMP error): then only the error report saw it.
     let sk_err = if result == outcome::FAILED {
-        read::<i32>(sk, offset!(sk_err))? as u32
+        match read::<i32>(sk, offset!(sk_err))? as u32 {
+            0 => reported_error,
+            err => err,
+        }
     } else {
         0
     };
@@ -129,18 +145,20 @@ fn end_connect(sk: u64, result: u8) -> Result<(), i32> {
         outcome: result,
         _pad: [0; 7],
     };
-    if result == outcome::FAILED {}
     emit(EventKind::Connect, event);
     Ok(())
 }
 
-/// A child socket of a listener appears in SYN_RECV when the handshake's last ACK arrives.
+/// A child socket of a listener appears in SYN_RECV when the handshake's last ACK arrives, in
+/// softirq context: its owner is the process that listens on its port.
 #[inline(always)]
 fn start_accept(sk: u64) -> Result<(), i32> {
     let rec = SocketRecord {
         start_ns: now_ns(),
         established_ns: 0,
-        owner: unknown_owner(side::SERVER),
+        owner: listener_owner(sk, local_port(sk)?)?,
+        error: 0,
+        _pad: 0,
     };
     let _ = SOCKETS.insert(&sk, &rec, 0);
     Ok(())
@@ -159,11 +177,13 @@ fn accepted(sk: u64) -> Result<(), i32> {
             rec.owner
         }
         None => {
-            let owner = unknown_owner(side::SERVER);
+            let owner = listener_owner(sk, local_port(sk)?)?;
             let rec = SocketRecord {
                 start_ns: 0,
                 established_ns: now,
                 owner,
+                error: 0,
+                _pad: 0,
             };
             let _ = SOCKETS.insert(&sk, &rec, 0);
             owner

@@ -1,5 +1,6 @@
 //! A minimal reader of the kernel's BTF (`/sys/kernel/btf/vmlinux`): enough to find where a
-//! struct member lives and how many arguments a BTF tracepoint has.
+//! struct member lives, what an enum's values are called and how many arguments a BTF tracepoint
+//! has.
 //!
 //! aya parses BTF too, but keeps member lookups private; the BTF crates that expose them are
 //! LGPL. The format is small and stable (include/uapi/linux/btf.h), so this reads just what the
@@ -23,6 +24,8 @@ pub enum BtfError {
     Bitfield(String, String),
     #[error("the kernel's BTF has no enum value {0}::{1}")]
     NoEnumValue(String, String),
+    #[error("the kernel's BTF has no enum {0}")]
+    NoEnum(String),
     #[error("the kernel's BTF has no tracepoint {0}")]
     NoTracepoint(String),
 }
@@ -344,6 +347,21 @@ impl Btf {
             .find(|m| self.name(m.name_off) == value)
             .map(|m| m.offset)
             .ok_or_else(missing)
+    }
+
+    /// Every `(name, value)` of `enum name`, in declaration order.
+    pub fn enum_variants(&self, name: &str) -> Result<Vec<(String, u32)>, BtfError> {
+        let missing = || BtfError::NoEnum(name.to_string());
+        let id = *self.by_name.get(name).ok_or_else(missing)?;
+        let ty = self
+            .ty(id)
+            .filter(|t| t.kind == KIND_ENUM)
+            .ok_or_else(missing)?;
+        Ok(ty
+            .members
+            .iter()
+            .map(|m| (self.name(m.name_off).to_string(), m.offset))
+            .collect())
     }
 
     /// Arguments of the BTF tracepoint `name` (from the `btf_trace_<name>` typedef), not counting

@@ -11,9 +11,12 @@ use probe_common::{
     ResetEvent, RetransmitEvent, direction, outcome, owner_flags, side, tcp_state,
 };
 
-use crate::event::{
-    Close, Comm, Connect, Direction, Errno, Event, EventDetail, FailureReason, Outcome, Process,
-    Reset, Retransmit, Side, TcpState, canonical_ip,
+use crate::{
+    btf::Btf,
+    event::{
+        Close, Comm, Connect, Direction, Errno, Event, EventDetail, FailureReason, Outcome,
+        Process, Reset, ResetReason, Retransmit, Side, TcpState, canonical_ip,
+    },
 };
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -24,6 +27,60 @@ pub enum DecodeError {
     UnknownKind(u32),
     #[error("unknown address family {0}")]
     Family(u16),
+    #[error("reset reason {0} is not in this kernel's enum sk_rst_reason")]
+    ResetReason(u32),
+}
+
+/// The names of this kernel's `enum sk_rst_reason`, read from BTF (the values moved between
+/// kernels, so no table is compiled in). Empty on kernels without reset reasons.
+#[derive(Clone, Debug, Default)]
+pub struct ResetReasons {
+    by_value: Vec<Option<ResetReason>>,
+}
+
+impl ResetReasons {
+    /// Values past this are not taken as reasons (the enum has a few dozen).
+    const MAX_VALUE: u32 = 1024;
+
+    pub fn from_btf(btf: &Btf) -> Self {
+        Self::from_variants(btf.enum_variants("sk_rst_reason").unwrap_or_default())
+    }
+
+    /// From `(SK_RST_REASON_NAME, value)` pairs.
+    pub fn from_variants(variants: Vec<(String, u32)>) -> Self {
+        let mut by_value = Vec::new();
+        for (name, value) in variants {
+            if value >= Self::MAX_VALUE {
+                continue;
+            }
+            let name = name.strip_prefix("SK_RST_REASON_").unwrap_or(&name);
+            let at = value as usize;
+            if by_value.len() <= at {
+                by_value.resize(at + 1, None);
+            }
+            by_value[at] = Some(ResetReason::new(name));
+        }
+        ResetReasons { by_value }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_value.is_empty()
+    }
+
+    fn name(&self, value: u32) -> Result<ResetReason, DecodeError> {
+        self.by_value
+            .get(value as usize)
+            .cloned()
+            .flatten()
+            .ok_or(DecodeError::ResetReason(value))
+    }
+}
+
+/// What decoding needs besides the record: the clock and this kernel's enum names.
+#[derive(Clone, Debug)]
+pub struct Decoder {
+    pub clock: Clock,
+    pub reset_reasons: ResetReasons,
 }
 
 /// Converts the kernel's CLOCK_MONOTONIC timestamps (`bpf_ktime_get_ns`) to wall-clock time.
@@ -70,8 +127,14 @@ fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
-/// Decodes one ring buffer record.
-pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DecodeError> {
+impl Decoder {
+    /// Decodes one ring buffer record.
+    pub fn decode(&self, bytes: &[u8]) -> Result<Event, DecodeError> {
+        decode(bytes, &self.clock, &self.reset_reasons)
+    }
+}
+
+fn decode(bytes: &[u8], clock: &Clock, reasons: &ResetReasons) -> Result<Event, DecodeError> {
     let header: EventHeader = read(bytes)?;
     let kind = EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
     let (endpoints, owner, detail) = match kind {
@@ -109,6 +172,10 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DecodeError> {
                     Direction::Received
                 },
                 state: (raw.state != tcp_state::NONE).then_some(TcpState(raw.state)),
+                reason: match raw.has_reason {
+                    0 => None,
+                    _ => Some(reasons.name(raw.reason)?),
+                },
             });
             (raw.endpoints, raw.owner, detail)
         }
@@ -210,6 +277,17 @@ mod tests {
         Clock::at(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
     }
 
+    fn decoder() -> Decoder {
+        Decoder {
+            clock: clock(),
+            reset_reasons: ResetReasons::from_variants(vec![
+                ("SK_RST_REASON_NOT_SPECIFIED".into(), 0),
+                ("SK_RST_REASON_NO_SOCKET".into(), 1),
+                ("SK_RST_REASON_TCP_ABORT_ON_CLOSE".into(), 11),
+            ]),
+        }
+    }
+
     #[test]
     fn refused_connect_decodes() {
         let raw = ConnectEvent {
@@ -222,7 +300,7 @@ mod tests {
             outcome: outcome::FAILED,
             _pad: [0; 7],
         };
-        let event = decode(&bytes_of(&raw), &clock()).unwrap();
+        let event = decoder().decode(&bytes_of(&raw)).unwrap();
         assert_eq!(
             event.time,
             SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_005) + Duration::from_nanos(123)
@@ -255,7 +333,7 @@ mod tests {
             outcome: outcome::FAILED,
             _pad: [0; 7],
         };
-        let event = decode(&bytes_of(&raw), &clock()).unwrap();
+        let event = decoder().decode(&bytes_of(&raw)).unwrap();
         assert_eq!(event.process, None);
         let EventDetail::Connect(c) = event.detail else {
             panic!("not a connect")
@@ -282,9 +360,11 @@ mod tests {
             },
             direction: direction::SENT,
             state: tcp_state::NONE,
-            _pad: [0; 6],
+            has_reason: 1,
+            _pad: 0,
+            reason: 1,
         };
-        let event = decode(&bytes_of(&raw), &clock()).unwrap();
+        let event = decoder().decode(&bytes_of(&raw)).unwrap();
         assert_eq!(event.src, "10.0.0.1:40000".parse().unwrap());
         assert_eq!(event.dst, "[fd00::2]:8081".parse().unwrap());
         assert_eq!(event.side, Some(Side::Server));
@@ -292,9 +372,40 @@ mod tests {
             event.detail,
             EventDetail::Reset(Reset {
                 direction: Direction::Sent,
-                state: None
+                state: None,
+                reason: Some(ResetReason::new("NO_SOCKET")),
             })
         );
+    }
+
+    #[test]
+    fn reset_reasons_come_from_the_kernels_enum() {
+        let mut raw = ResetEvent {
+            header: header(EventKind::Reset),
+            endpoints: v4_endpoints(),
+            owner: client_owner(),
+            direction: direction::SENT,
+            state: tcp_state::ESTABLISHED,
+            has_reason: 1,
+            _pad: 0,
+            reason: 11,
+        };
+        let EventDetail::Reset(reset) = decoder().decode(&bytes_of(&raw)).unwrap().detail else {
+            panic!("not a reset")
+        };
+        assert_eq!(reset.reason, Some(ResetReason::new("TCP_ABORT_ON_CLOSE")));
+        // A value the kernel's enum does not have is a mismatch, not a guess.
+        raw.reason = 5;
+        assert_eq!(
+            decoder().decode(&bytes_of(&raw)),
+            Err(DecodeError::ResetReason(5))
+        );
+        // No reason (a received reset, or a kernel before 6.10): none, whatever the value.
+        raw.has_reason = 0;
+        let EventDetail::Reset(reset) = decoder().decode(&bytes_of(&raw)).unwrap().detail else {
+            panic!("not a reset")
+        };
+        assert_eq!(reset.reason, None);
     }
 
     #[test]
@@ -307,7 +418,7 @@ mod tests {
             state: tcp_state::ESTABLISHED,
             _pad: [0; 3],
         };
-        let event = decode(&bytes_of(&raw), &clock()).unwrap();
+        let event = decoder().decode(&bytes_of(&raw)).unwrap();
         assert_eq!(
             event.detail,
             EventDetail::Retransmit(Retransmit {
@@ -325,7 +436,7 @@ mod tests {
             segments_sent: 3,
             segments_retransmitted: 1,
         };
-        let event = decode(&bytes_of(&raw), &clock()).unwrap();
+        let event = decoder().decode(&bytes_of(&raw)).unwrap();
         assert_eq!(
             event.detail,
             EventDetail::Close(Close {
@@ -353,18 +464,18 @@ mod tests {
         let bytes = bytes_of(&raw);
         for len in [0, 15, 16, bytes.len() - 1] {
             assert!(matches!(
-                decode(&bytes[..len], &clock()),
+                decoder().decode(&bytes[..len]),
                 Err(DecodeError::Truncated { .. })
             ));
         }
         let mut unknown = bytes.clone();
         unknown[0] = 99;
         assert_eq!(
-            decode(&unknown, &clock()),
+            decoder().decode(&unknown),
             Err(DecodeError::UnknownKind(99))
         );
         let mut bad_family = bytes;
         bad_family[16] = 7;
-        assert_eq!(decode(&bad_family, &clock()), Err(DecodeError::Family(7)));
+        assert_eq!(decoder().decode(&bad_family), Err(DecodeError::Family(7)));
     }
 }

@@ -3,6 +3,7 @@
 use std::{
     fmt,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -55,6 +56,30 @@ pub struct Reset {
     pub direction: Direction,
     /// The socket's state; `None` for a reset the kernel sent without a socket.
     pub state: Option<TcpState>,
+    /// Why this host sent it, in the kernel's words; `None` for received resets and on kernels
+    /// before 6.10.
+    pub reason: Option<ResetReason>,
+}
+
+/// The kernel's reason for a reset it sent: an `enum sk_rst_reason` name without its
+/// `SK_RST_REASON_` prefix (`NO_SOCKET`, `TCP_ABORT_ON_CLOSE`, ...), as the running kernel names it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ResetReason(Arc<str>);
+
+impl ResetReason {
+    pub fn new(name: &str) -> Self {
+        ResetReason(name.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ResetReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -9,6 +9,7 @@ pub mod decode;
 pub mod diagnose;
 pub mod event;
 pub mod export;
+pub mod listeners;
 pub mod loader;
 pub mod offsets;
 pub mod pipeline;

@@ -4,16 +4,19 @@ use std::path::Path;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, TracePoint},
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, RawTracePoint, TracePoint},
 };
 use probe_common::{
-    COUNTERS_MAP, EVENTS_MAP, KernelOffsets, OFFSETS_GLOBAL, SOCKETS_MAP, WAKEUP_BYTES_GLOBAL,
+    COUNTERS_MAP, EVENTS_MAP, KernelOffsets, LISTENERS_MAP, ListenerKey, ListenerRecord,
+    OFFSETS_GLOBAL, SOCKETS_MAP, WAKEUP_BYTES_GLOBAL,
 };
 
 use crate::{
     btf::Btf,
     cli::HookMode,
+    decode::ResetReasons,
+    listeners,
     offsets::{self, Hook, OffsetsError, Tracefs},
 };
 
@@ -87,6 +90,8 @@ pub struct KernelMaps {
     /// The programs' own log (kernel read failures). Keep it alive and drained: dropping it
     /// closes the map the programs write their logs to.
     pub logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+    /// Names of this kernel's reset reasons, for the decoder (empty where the kernel has none).
+    pub reset_reasons: ResetReasons,
 }
 
 /// Loaded and attached programs. Dropping this detaches every program.
@@ -94,6 +99,8 @@ pub struct Probes {
     // Field order is drop order: programs go before the tracefs mount they were found through.
     _ebpf: Ebpf,
     pub plan: Vec<(Hook, Attachment)>,
+    /// Features this kernel lacks, one sentence each, to report once at start.
+    pub missing: Vec<String>,
     _tracefs: Option<Tracefs>,
 }
 
@@ -118,13 +125,21 @@ pub fn load_and_attach(
     let struct_offsets = offsets::struct_offsets(&btf)?;
     let aya_btf = aya::Btf::from_sys_fs().map_err(|_| LoadError::NoBtf(Btf::VMLINUX.into()))?;
 
+    let reset_reasons = ResetReasons::from_btf(&btf);
     let plan = plan_hooks(&btf, config.hooks);
     let mut maps_handed_over = false;
     let mut attempt = |plan: Vec<(Hook, Attachment)>| {
-        try_load(config, &aya_btf, struct_offsets, plan, &mut |maps| {
-            maps_handed_over = true;
-            before_attach(maps)
-        })
+        try_load(
+            config,
+            &aya_btf,
+            struct_offsets,
+            plan,
+            reset_reasons.clone(),
+            &mut |maps| {
+                maps_handed_over = true;
+                before_attach(maps)
+            },
+        )
     };
     match attempt(plan.clone()) {
         Ok(probes) => Ok(probes),
@@ -165,9 +180,13 @@ fn try_load(
     aya_btf: &aya::Btf,
     mut offsets: KernelOffsets,
     plan: Vec<(Hook, Attachment)>,
+    mut reset_reasons: ResetReasons,
     before_attach: &mut dyn FnMut(KernelMaps),
 ) -> Result<Probes, LoadError> {
-    let tracefs = if plan.iter().any(|(_, a)| *a == Attachment::Classic) {
+    let needs_tracefs = plan
+        .iter()
+        .any(|(hook, how)| *how == Attachment::Classic && !hook.fallback_is_raw());
+    let tracefs = if needs_tracefs {
         let tracefs = Tracefs::find_or_mount()?;
         for (hook, how) in &plan {
             if *how == Attachment::Classic {
@@ -178,6 +197,20 @@ fn try_load(
     } else {
         None
     };
+    let sent_reset_reasons = plan.iter().any(|(hook, how)| {
+        *hook == Hook::TcpSendReset
+            && (*how == Attachment::Btf
+                || (*how == Attachment::Classic && offsets.has_reset_reason != 0))
+    });
+    let mut missing = Vec::new();
+    if !sent_reset_reasons || reset_reasons.is_empty() {
+        missing.push(format!(
+            "this kernel ({}) gives no reason for the resets it sends (that needs Linux 6.10): \
+             reset_reason stays null",
+            kernel_release()
+        ));
+        reset_reasons = ResetReasons::default();
+    }
 
     // Wake the agent once an eighth of the ring is waiting; the reader also polls every
     // POLL_INTERVAL, so a quiet host still sees its events promptly.
@@ -200,10 +233,12 @@ fn try_load(
     let counters =
         PerCpuArray::try_from(counters).map_err(|e| LoadError::Map(COUNTERS_MAP, Box::new(e)))?;
     let logger = aya_log::EbpfLogger::init(&mut ebpf).map_err(LoadError::Logger)?;
+    add_existing_listeners(&mut ebpf)?;
     before_attach(KernelMaps {
         events,
         counters,
         logger,
+        reset_reasons,
     });
 
     for (hook, how) in &plan {
@@ -228,6 +263,11 @@ fn try_load(
                 prog.load(name, aya_btf).map_err(fail)?;
                 prog.attach().map_err(fail)?;
             }
+            Attachment::Classic if hook.fallback_is_raw() => {
+                let prog: &mut RawTracePoint = prog.try_into().map_err(fail)?;
+                prog.load().map_err(fail)?;
+                prog.attach(name).map_err(fail)?;
+            }
             Attachment::Classic => {
                 let prog: &mut TracePoint = prog.try_into().map_err(fail)?;
                 prog.load().map_err(fail)?;
@@ -238,8 +278,34 @@ fn try_load(
     Ok(Probes {
         _ebpf: ebpf,
         plan,
+        missing,
         _tracefs: tracefs,
     })
+}
+
+/// Listeners opened before the agent: their owners go into the map the programs look accepted
+/// connections up in, before any program runs.
+fn add_existing_listeners(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    let map = ebpf
+        .map_mut(LISTENERS_MAP)
+        .ok_or_else(|| LoadError::Missing(LISTENERS_MAP.into()))?;
+    let mut map: HashMap<_, ListenerKey, ListenerRecord> =
+        HashMap::try_from(map).map_err(|e| LoadError::Map(LISTENERS_MAP, Box::new(e)))?;
+    let found = listeners::scan(Path::new("/proc"));
+    for listener in &found {
+        let (key, record) = listener.map_entry();
+        map.insert(key, record, 0)
+            .map_err(|e| LoadError::Map(LISTENERS_MAP, Box::new(e)))?;
+    }
+    tracing::debug!("{} listening sockets found in /proc", found.len());
+    Ok(())
+}
+
+/// `uname -r`.
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// Root, or the three capabilities loading and attaching need.

@@ -86,8 +86,14 @@ pub fn struct_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetsError> {
         inet_sport: field("inet_sock", &["inet_sport"], 2)?,
         sk_protocol: field("sock", &["sk_protocol"], 2)?,
         sk_err: field("sock", &["sk_err"], 4)?,
+        sk_err_soft: field("sock", &["sk_err_soft"], 4)?,
+        sk_error_queue_prev: field("sock", &["sk_error_queue", "prev"], 8)?,
+        sk_error_queue_qlen: field("sock", &["sk_error_queue", "qlen"], 4)?,
+        skb_cb_ee: cb + field("sock_exterr_skb", &["ee"], 16)?,
         sk_flags: field("sock_common", &["skc_flags"], 8)?,
         sock_done_bit: btf.enum_value("sock_flags", "SOCK_DONE")?,
+        skc_net: field("sock_common", &["skc_net", "net"], 8)?,
+        net_ns_inum: field("net", &["ns", "inum"], 4)?,
         tcp_bytes_sent: field("tcp_sock", &["bytes_sent"], 8)?,
         tcp_bytes_received: field("tcp_sock", &["bytes_received"], 8)?,
         tcp_data_segs_out: field("tcp_sock", &["data_segs_out"], 4)?,
@@ -107,6 +113,7 @@ type OffsetSlot = fn(&mut KernelOffsets) -> &mut u32;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Hook {
     TcpState,
+    SockError,
     TcpRetransmit,
     TcpRetransmitSynack,
     TcpSendReset,
@@ -115,8 +122,9 @@ pub enum Hook {
 }
 
 impl Hook {
-    pub const ALL: [Hook; 6] = [
+    pub const ALL: [Hook; 7] = [
         Hook::TcpState,
+        Hook::SockError,
         Hook::TcpRetransmit,
         Hook::TcpRetransmitSynack,
         Hook::TcpSendReset,
@@ -128,6 +136,7 @@ impl Hook {
     pub fn tracepoint(self) -> (&'static str, &'static str) {
         match self {
             Hook::TcpState => ("sock", "inet_sock_set_state"),
+            Hook::SockError => ("sock", "inet_sk_error_report"),
             Hook::TcpRetransmit => ("tcp", "tcp_retransmit_skb"),
             Hook::TcpRetransmitSynack => ("tcp", "tcp_retransmit_synack"),
             Hook::TcpSendReset => ("tcp", "tcp_send_reset"),
@@ -141,6 +150,7 @@ impl Hook {
     pub fn program_stem(self) -> &'static str {
         match self {
             Hook::TcpState => "tcp_state",
+            Hook::SockError => "sock_error",
             Hook::TcpRetransmit => "tcp_retransmit",
             Hook::TcpRetransmitSynack => "tcp_retransmit_synack",
             Hook::TcpSendReset => "tcp_send_reset",
@@ -153,18 +163,28 @@ impl Hook {
     pub fn btf_args_needed(self) -> u32 {
         match self {
             Hook::TcpState => 3,
+            Hook::SockError => 1,
             // `err` came in Linux 6.13; the BTF program reads it.
             Hook::TcpRetransmit => 3,
             Hook::TcpRetransmitSynack => 2,
-            Hook::TcpSendReset => 2,
+            // `reason` came in Linux 6.10; the BTF program reads it.
+            Hook::TcpSendReset => 3,
             Hook::TcpReceiveReset => 1,
             Hook::TcpDestroy => 1,
         }
     }
 
+    /// Whether the fallback program is a raw tracepoint rather than a classic one: the classic
+    /// `inet_sk_error_report` record has no socket, and only `sk_err`, which is 0 for the soft
+    /// errors a non-blocking connect gets. Raw tracepoints need no tracefs.
+    pub fn fallback_is_raw(self) -> bool {
+        self == Hook::SockError
+    }
+
     /// The classic tracepoint fields the program reads, and where each goes in the offsets.
     fn classic_fields(self) -> &'static [(&'static str, OffsetSlot)] {
         match self {
+            Hook::SockError => &[],
             Hook::TcpState => &[
                 ("skaddr", |o| &mut o.tp_state_skaddr),
                 ("oldstate", |o| &mut o.tp_state_oldstate),
@@ -208,6 +228,12 @@ pub fn add_classic_fields(
     {
         offsets.tp_retransmit_err = *at;
         offsets.has_retransmit_err = 1;
+    }
+    if hook == Hook::TcpSendReset
+        && let Some((at, 4)) = fields.get("reason")
+    {
+        offsets.tp_send_reset_reason = *at;
+        offsets.has_reset_reason = 1;
     }
     Ok(())
 }

@@ -20,8 +20,8 @@ use tokio::{
 
 use crate::{
     aggregate::{Aggregator, AggregatorConfig},
-    cli::RunArgs,
-    decode::Clock,
+    cli::{HookMode, RunArgs},
+    decode::{Clock, Decoder},
     diagnose::{EvidenceWriter, FlightRecorder, TriggerConfig, diagnose_handler},
     event::EventType,
     export::{
@@ -165,7 +165,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             };
             readers.push((
                 stop_tx,
-                spawn_reader(maps.events, clock, consumers, stop_rx),
+                spawn_reader(
+                    maps.events,
+                    Decoder {
+                        clock,
+                        reset_reasons: maps.reset_reasons,
+                    },
+                    consumers,
+                    stop_rx,
+                ),
             ));
             counters = Some(maps.counters);
         })
@@ -188,6 +196,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "connprobe is tracing ({} programs attached: {plan})",
         probes.plan.len()
     );
+    if args.hooks != HookMode::Empty {
+        for missing in &probes.missing {
+            tracing::info!("{missing}");
+        }
+    }
     http_state.set_ready(true);
     if !args.no_metrics {
         tracing::info!("metrics on http://{}/metrics", args.metrics_addr);

@@ -15,7 +15,7 @@ use tokio::{io::unix::AsyncFd, sync::watch, task::JoinHandle};
 
 use crate::{
     aggregate::Aggregator,
-    decode::{Clock, decode},
+    decode::Decoder,
     diagnose::FlightRecorder,
     event::Event,
     export::prometheus::{LossStage, Metrics},
@@ -72,12 +72,12 @@ impl Consumers {
 /// straight from the ring's memory and released at once.
 fn drain(
     ring: &mut RingBuf<MapData>,
-    clock: &Clock,
+    decoder: &Decoder,
     batch: &mut Vec<Event>,
     consumers: &mut Consumers,
 ) {
     while let Some(item) = ring.next() {
-        match decode(&item, clock) {
+        match decoder.decode(&item) {
             Ok(event) => batch.push(event),
             Err(e) => {
                 if consumers.undecodable.fetch_add(1, Relaxed) == 0 {
@@ -98,7 +98,7 @@ fn drain(
 /// Reads the ring buffer until told to stop, then drains what is left.
 pub fn spawn_reader(
     ring: RingBuf<MapData>,
-    clock: Clock,
+    decoder: Decoder,
     mut consumers: Consumers,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<anyhow::Result<()>> {
@@ -115,14 +115,14 @@ pub fn spawn_reader(
             tokio::select! {
                 guard = fd.readable_mut() => {
                     let mut guard = guard.context("polling the ring buffer failed")?;
-                    drain(guard.get_inner_mut(), &clock, &mut batch, &mut consumers);
+                    drain(guard.get_inner_mut(), &decoder, &mut batch, &mut consumers);
                     guard.clear_ready();
                 }
-                _ = poll.tick() => drain(fd.get_mut(), &clock, &mut batch, &mut consumers),
+                _ = poll.tick() => drain(fd.get_mut(), &decoder, &mut batch, &mut consumers),
                 _ = stop.changed() => break,
             }
         }
-        drain(fd.get_mut(), &clock, &mut batch, &mut consumers);
+        drain(fd.get_mut(), &decoder, &mut batch, &mut consumers);
         Ok(())
     })
 }

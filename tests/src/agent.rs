@@ -123,6 +123,17 @@ impl Agent {
                 self.stderr_text()
             );
         }
+        // The agent's tally (events by kind, lost by stage, kernel read errors) goes into the
+        // test's output, where a failure can be read against it.
+        if let Some(tally) = self
+            .stderr
+            .lock()
+            .unwrap()
+            .iter()
+            .rfind(|l| l.contains("events: "))
+        {
+            eprintln!("agent: {tally}");
+        }
         let text = std::fs::read_to_string(&self.log)
             .with_context(|| format!("cannot read the JSON log {}", self.log.display()))?;
         text.lines()

@@ -14,16 +14,78 @@ pub struct Flow {
     pub server: SocketAddr,
 }
 
-/// The process that opened a connection: this test process, on a thread named `comm`.
+/// The process that opened a connection: this test process on a thread named `comm`, or
+/// another program (curl) with its own pid.
 #[derive(Clone, Copy, Debug)]
 pub struct Opener<'a> {
     pub comm: &'a str,
+    /// `None`: this test process.
+    pub pid: Option<u32>,
 }
 
-impl Opener<'_> {
-    fn owner(self) -> Value {
-        json!({"pid": std::process::id(), "comm": self.comm, "side": "client"})
+impl<'a> Opener<'a> {
+    /// A thread of this test process named `comm`.
+    pub const fn thread(comm: &'a str) -> Self {
+        Opener { comm, pid: None }
     }
+
+    fn owner(self) -> Value {
+        let pid = self.pid.unwrap_or_else(std::process::id);
+        json!({"pid": pid, "comm": self.comm, "side": "client"})
+    }
+}
+
+/// The process that owns a server's listening socket, as the agent names it.
+#[derive(Clone, Debug)]
+pub struct Listener {
+    pub pid: u32,
+    pub comm: String,
+}
+
+impl Listener {
+    /// A listener opened after the agent started, by a thread of this test process named `comm`:
+    /// the agent sees the `listen()` call and takes the thread's name.
+    pub fn thread(comm: &str) -> Self {
+        Listener {
+            pid: std::process::id(),
+            comm: comm.to_owned(),
+        }
+    }
+
+    /// A listener older than the agent: found in /proc at start-up, named like the process (its
+    /// main thread's name, as `ss -p` shows it).
+    pub fn process() -> Self {
+        let comm = std::fs::read_to_string("/proc/self/comm").expect("read /proc/self/comm");
+        Listener {
+            pid: std::process::id(),
+            comm: comm.trim_end().to_owned(),
+        }
+    }
+
+    fn owner(&self) -> Value {
+        json!({"pid": self.pid, "comm": self.comm, "side": "server"})
+    }
+}
+
+/// The reset reason the agent reports for a reset this host sent: the kernel's name on kernels
+/// that give one (Linux 6.10 and later), null before.
+pub fn sent_reset_reason(name: &str) -> Value {
+    if kernel_at_least(6, 10) {
+        Value::from(name)
+    } else {
+        Value::Null
+    }
+}
+
+/// Whether the running kernel is at least `major.minor`.
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let running = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    running >= (major, minor)
 }
 
 fn ends(from: SocketAddr, to: SocketAddr) -> Value {
@@ -37,13 +99,9 @@ fn client_side(flow: Flow, opener: Opener<'_>, fields: Value) -> Value {
     merge([ends(flow.client, flow.server), opener.owner(), fields])
 }
 
-/// The server's events carry no owner: the agent saw no syscall of the server for them.
-fn server_side(flow: Flow, fields: Value) -> Value {
-    merge([
-        ends(flow.server, flow.client),
-        json!({"pid": null, "comm": null, "side": "server"}),
-        fields,
-    ])
+/// The server's events carry the listener's owner.
+fn server_side(flow: Flow, listener: &Listener, fields: Value) -> Value {
+    merge([ends(flow.server, flow.client), listener.owner(), fields])
 }
 
 fn merge<const N: usize>(parts: [Value; N]) -> Value {
@@ -84,11 +142,12 @@ pub fn client_established_any_retries(flow: Flow, opener: Opener<'_>) -> Pattern
     .check("syn_retransmits", Check::AtLeast(0))
 }
 
-pub fn server_established(flow: Flow) -> Pattern {
+pub fn server_established(flow: Flow, listener: &Listener) -> Pattern {
     Pattern::new(
         "server connect (accepted)",
         server_side(
             flow,
+            listener,
             json!({"type": "connect", "outcome": "established", "reason": null, "errno": null,
                    "latency_us": null}),
         ),
@@ -127,13 +186,16 @@ pub fn client_close(flow: Flow, opener: Opener<'_>) -> Pattern {
     .check("segments_retransmitted", Check::Any)
 }
 
-pub fn server_close(flow: Flow) -> Pattern {
-    Pattern::new("server close", server_side(flow, json!({"type": "close"})))
-        .check("duration_ms", Check::Any)
-        .check("bytes_sent", Check::Any)
-        .check("bytes_received", Check::Any)
-        .check("segments_sent", Check::Any)
-        .check("segments_retransmitted", Check::Any)
+pub fn server_close(flow: Flow, listener: &Listener) -> Pattern {
+    Pattern::new(
+        "server close",
+        server_side(flow, listener, json!({"type": "close"})),
+    )
+    .check("duration_ms", Check::Any)
+    .check("bytes_sent", Check::Any)
+    .check("bytes_received", Check::Any)
+    .check("segments_sent", Check::Any)
+    .check("segments_retransmitted", Check::Any)
 }
 
 pub fn client_reset_received(flow: Flow, opener: Opener<'_>, state: &str) -> Pattern {
@@ -142,19 +204,36 @@ pub fn client_reset_received(flow: Flow, opener: Opener<'_>, state: &str) -> Pat
         client_side(
             flow,
             opener,
-            json!({"type": "reset", "direction": "received", "state": state}),
+            json!({"type": "reset", "direction": "received", "state": state,
+                   "reset_reason": null}),
         ),
     )
 }
 
-/// A reset the server sent; `state` null for a socketless RST (no listener on the port).
-pub fn server_reset_sent(flow: Flow, state: Option<&str>) -> Pattern {
+/// A reset an open server socket sent, with the kernel's reason (see [`sent_reset_reason`]).
+pub fn server_reset_sent(flow: Flow, listener: &Listener, state: &str, reason: &str) -> Pattern {
     Pattern::new(
-        "server reset sent",
+        format!("server reset sent in {state}"),
         server_side(
             flow,
-            json!({"type": "reset", "direction": "sent", "state": state}),
+            listener,
+            json!({"type": "reset", "direction": "sent", "state": state,
+                   "reset_reason": sent_reset_reason(reason)}),
         ),
+    )
+}
+
+/// A reset the server's kernel sent for a SYN to a port nobody listens on: no socket, so no
+/// state and no owner.
+pub fn server_reset_sent_socketless(flow: Flow) -> Pattern {
+    Pattern::new(
+        "server reset sent without a socket",
+        merge([
+            ends(flow.server, flow.client),
+            json!({"pid": null, "comm": null, "side": "server", "type": "reset",
+                   "direction": "sent", "state": null,
+                   "reset_reason": sent_reset_reason("NO_SOCKET")}),
+        ]),
     )
 }
 

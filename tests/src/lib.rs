@@ -10,6 +10,7 @@
 //! Everything here needs root and a kernel that lets connprobe attach; run it through
 //! `cargo xtask test`, which builds the agent and sets `CONNPROBE_BIN`.
 pub mod agent;
+pub mod clients;
 pub mod events;
 pub mod expect;
 pub mod http;

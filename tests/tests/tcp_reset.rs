@@ -1,5 +1,6 @@
-//! Resets sent and received (probe-ebpf `tcp_reset`): a port with no listener, and a server that
-//! aborts an established connection.
+//! Resets sent and received (probe-ebpf `tcp_reset`), with the kernel's reason for each reset
+//! this host sent: a port with no listener (for every client style), a server that aborts an
+//! established connection, and one that closes with data it never read.
 use std::{
     io::{self, Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
@@ -8,44 +9,52 @@ use std::{
 
 use tests::{
     Agent, Lab, assert_exactly,
-    events::{self, Flow, Opener},
+    clients::{self, ClientStyle, Seen},
+    events::{self, Flow, Listener, Opener},
     expect::lab_events,
     socket,
     traffic::{self, serve},
 };
 
-const CLIENT: Opener<'static> = Opener { comm: "lab-client" };
+const CLIENT: Opener<'static> = Opener::thread("lab-client");
 
-/// A SYN to a port nobody listens on: the server's kernel answers with a RST that belongs to no
-/// socket (state null, no owner); the client's connect is refused.
+/// A SYN to a port nobody listens on, from every client style: the server's kernel answers with
+/// a RST that belongs to no socket (state null, no owner, reason NO_SOCKET); each connect is
+/// refused.
 fn no_listener(lab: &Lab, client_ip: IpAddr, server_ip: IpAddr) -> anyhow::Result<()> {
     let server = SocketAddr::new(server_ip, 8086);
     let before = lab.server_counters();
     let agent = Agent::start()?;
-    let attempt = lab
-        .client(CLIENT.comm, move || {
-            socket::connect(client_ip, server, None)
-        })
-        .join()
-        .expect("client thread");
-    assert_eq!(attempt.errno(), Some(libc::ECONNREFUSED), "{attempt:?}");
+    let mut runs = Vec::new();
+    for style in ClientStyle::ALL {
+        runs.push(clients::connect(lab, style, client_ip, server, None)?);
+    }
     lab.settle(Duration::from_secs(5))?;
     let log = agent.stop()?;
+    for run in &runs {
+        assert_eq!(run.seen, Seen::Failed(libc::ECONNREFUSED), "{run:?}");
+    }
     let rsts = lab.server_counters().out_rsts - before.out_rsts;
-    assert_eq!(rsts, 1, "the server namespace's TcpOutRsts delta");
-
-    let flow = Flow {
-        client: attempt.local,
-        server,
-    };
-    assert_exactly(
-        &lab_events(lab, &log),
-        &[
-            events::client_failed(flow, CLIENT, "refused", Some("ECONNREFUSED"), 0),
-            events::client_reset_received(flow, CLIENT, "SYN_SENT"),
-            events::server_reset_sent(flow, None),
-        ],
+    assert_eq!(
+        rsts,
+        runs.len() as u64,
+        "the server namespace's TcpOutRsts delta"
     );
+
+    let mut expected = Vec::new();
+    for run in &runs {
+        let flow = Flow {
+            client: run.local,
+            server,
+        };
+        let opener = run.opener();
+        expected.extend([
+            events::client_failed(flow, opener, "refused", Some("ECONNREFUSED"), 0),
+            events::client_reset_received(flow, opener, "SYN_SENT"),
+            events::server_reset_sent_socketless(flow),
+        ]);
+    }
+    assert_exactly(&lab_events(lab, &log), &expected);
     Ok(())
 }
 
@@ -69,14 +78,30 @@ fn abort(mut stream: TcpStream) -> io::Result<()> {
     Ok(())
 }
 
-#[test]
-fn server_resets_mid_stream() -> anyhow::Result<()> {
-    let lab = Lab::new(23)?;
+/// Closes without reading the greeting the client sent: the kernel resets the connection
+/// instead of closing it, and says why (TCP_ABORT_ON_CLOSE).
+fn close_unread(stream: TcpStream) -> io::Result<()> {
+    let mut buf = [0u8; 1];
+    // Wait until the greeting is there, without taking it.
+    stream.peek(&mut buf)?;
+    Ok(())
+}
+
+/// A server that resets an established connection: the client receives the reset in
+/// ESTABLISHED, the server sends it with the kernel's `reason` and names its owner.
+fn server_resets(
+    lab: &Lab,
+    port: u16,
+    handle: fn(TcpStream) -> io::Result<()>,
+    sent_in: &str,
+    reason: &str,
+) -> anyhow::Result<()> {
     let (client_ip, server) = (
         IpAddr::from(lab.client_v4()),
-        SocketAddr::new(lab.server_v4().into(), 8087),
+        SocketAddr::new(lab.server_v4().into(), port),
     );
-    let listener = serve(&lab, server, 1, abort);
+    let listener = serve(lab, server, 1, handle);
+    let owner = Listener::process();
     let agent = Agent::start()?;
     let (local, read) = lab
         .client(CLIENT.comm, move || {
@@ -103,17 +128,31 @@ fn server_resets_mid_stream() -> anyhow::Result<()> {
         server,
     };
     assert_exactly(
-        &lab_events(&lab, &log),
+        &lab_events(lab, &log),
         &[
             events::client_established(flow, CLIENT, 0),
-            events::server_established(flow),
+            events::server_established(flow, &owner),
             events::client_reset_received(flow, CLIENT, "ESTABLISHED"),
-            // `close()` with a zero linger moves the socket to CLOSE before it sends the RST
-            // (tcp_disconnect), so the tracepoint sees CLOSE.
-            events::server_reset_sent(flow, Some("CLOSE")),
+            events::server_reset_sent(flow, &owner, sent_in, reason),
             events::client_close(flow, CLIENT),
-            events::server_close(flow),
+            events::server_close(flow, &owner),
         ],
     );
     Ok(())
+}
+
+/// `close()` with a zero linger moves the socket to CLOSE before it sends the RST
+/// (tcp_disconnect), so the tracepoint sees CLOSE; the kernel calls the reason TCP_STATE.
+#[test]
+fn server_resets_mid_stream() -> anyhow::Result<()> {
+    let lab = Lab::new(23)?;
+    server_resets(&lab, 8087, abort, "CLOSE", "TCP_STATE")
+}
+
+/// Unread data at `close()`: the kernel resets the connection (RFC 2525) and calls it
+/// TCP_ABORT_ON_CLOSE, which the `local_resets` verdict then reports as a fact.
+#[test]
+fn server_closes_with_unread_data() -> anyhow::Result<()> {
+    let lab = Lab::new(33)?;
+    server_resets(&lab, 8088, close_unread, "CLOSE", "TCP_ABORT_ON_CLOSE")
 }

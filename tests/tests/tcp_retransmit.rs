@@ -11,13 +11,13 @@ use std::{
 use serde_json::json;
 use tests::{
     Agent, Check, Lab, Pattern, assert_exactly,
-    events::{self, Flow, Opener},
+    events::{self, Flow, Listener, Opener},
     expect::{lab_events, sum},
     socket,
     traffic::{self, serve},
 };
 
-const CLIENT: Opener<'static> = Opener { comm: "lab-client" };
+const CLIENT: Opener<'static> = Opener::thread("lab-client");
 const CONNECTIONS: usize = 3;
 const BYTES_EACH: usize = 2 << 20;
 
@@ -28,6 +28,7 @@ fn lossy_path() -> anyhow::Result<()> {
     let server = SocketAddr::new(lab.server_v4().into(), 8083);
     lab.server_rule("tcp dport 8083 numgen random mod 100 < 20 drop")?;
     let listener = serve(&lab, server, CONNECTIONS, traffic::sink);
+    let owner = Listener::process();
     let (client_before, server_before) = (lab.client_counters(), lab.server_counters());
     let agent = Agent::start()?;
     let clients: Vec<SocketAddr> = lab
@@ -111,13 +112,14 @@ fn lossy_path() -> anyhow::Result<()> {
     for &client in &clients {
         let flow = Flow { client, server };
         expected.push(events::client_established_any_retries(flow, CLIENT));
-        expected.push(events::server_established(flow));
+        expected.push(events::server_established(flow, &owner));
         expected.push(
             events::client_close(flow, CLIENT)
                 .check("bytes_sent", Check::AtLeast(BYTES_EACH as u64)),
         );
         expected.push(
-            events::server_close(flow).check("bytes_received", Check::AtLeast(BYTES_EACH as u64)),
+            events::server_close(flow, &owner)
+                .check("bytes_received", Check::AtLeast(BYTES_EACH as u64)),
         );
     }
     let others: Vec<_> = lab_log
@@ -133,7 +135,7 @@ fn lossy_path() -> anyhow::Result<()> {
         .filter(|e| {
             !clients.iter().any(|&client| {
                 let flow = Flow { client, server };
-                retransmit_of(flow).iter().any(|p| p.matches(e))
+                retransmit_of(flow, &owner).iter().any(|p| p.matches(e))
             })
         })
         .collect();
@@ -144,8 +146,8 @@ fn lossy_path() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A retransmit on either side of `flow` (the client's with its owner).
-fn retransmit_of(flow: Flow) -> [Pattern; 2] {
+/// A retransmit on either side of `flow`, each with its owner.
+fn retransmit_of(flow: Flow, owner: &Listener) -> [Pattern; 2] {
     [
         Pattern::new(
             "client retransmit",
@@ -156,7 +158,7 @@ fn retransmit_of(flow: Flow) -> [Pattern; 2] {
         .check("segments", Check::Positive),
         Pattern::new(
             "server retransmit",
-            json!({"type": "retransmit", "side": "server",
+            json!({"type": "retransmit", "side": "server", "pid": owner.pid, "comm": owner.comm,
                    "src_ip": flow.server.ip().to_string(), "src_port": flow.server.port(),
                    "dst_ip": flow.client.ip().to_string(), "dst_port": flow.client.port()}),
         )

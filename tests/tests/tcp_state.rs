@@ -1,19 +1,23 @@
-//! Connect outcomes and connection lifetimes (probe-ebpf `tcp_state`): established connects,
-//! refused, unreachable, kernel and application timeouts, over IPv4 and IPv6.
+//! Connect outcomes and connection lifetimes (probe-ebpf `tcp_state`, `sock_error`): established
+//! connects and their server process, and every way a connect fails (refused by a RST or by an
+//! ICMP port-unreachable, host-unreachable, administratively prohibited, kernel and application
+//! timeouts), each made by every client style production uses (blocking, non-blocking with
+//! `SO_ERROR`, curl), over IPv4 and IPv6, on both hook modes.
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
 use tests::{
-    Agent, Lab, assert_exactly,
-    events::{self, Flow, Opener},
+    Agent, Lab, Pattern, assert_exactly,
+    clients::{self, ClientRun, ClientStyle, Seen},
+    events::{self, Flow, Listener, Opener},
     expect::lab_events,
     socket::{self, Attempt},
-    traffic::{self, serve},
+    traffic::{self, SERVER_COMM, serve},
 };
 
-const CLIENT: Opener<'static> = Opener { comm: "lab-client" };
+const CLIENT: Opener<'static> = Opener::thread("lab-client");
 
 /// Makes `count` connects from the client namespace to `server` (one after another) and exchanges
 /// a message on each; returns every connect's local address.
@@ -39,20 +43,6 @@ fn connect_and_echo(
     .expect("client thread")
 }
 
-/// One connect from the client namespace, made on a thread named [`CLIENT`].
-fn connect_once(
-    lab: &Lab,
-    client_ip: IpAddr,
-    server: SocketAddr,
-    timeout: Option<Duration>,
-) -> Attempt {
-    lab.client(CLIENT.comm, move || {
-        socket::connect(client_ip, server, timeout)
-    })
-    .join()
-    .expect("client thread")
-}
-
 /// The agent with the default hooks (BTF tracepoints here), or with `--hooks classic`.
 #[derive(Clone, Copy)]
 enum Hooks {
@@ -67,16 +57,34 @@ fn start_agent(hooks: Hooks) -> anyhow::Result<Agent> {
     }
 }
 
+/// When the server starts listening: before the agent (found in /proc at start-up, named like the
+/// process) or after it (seen in `listen()`, named like the thread).
+#[derive(Clone, Copy)]
+enum ListenerStarts {
+    BeforeAgent,
+    AfterAgent,
+}
+
 fn established(
     lab: &Lab,
     client_ip: IpAddr,
     server_ip: IpAddr,
     count: usize,
     hooks: Hooks,
+    starts: ListenerStarts,
 ) -> anyhow::Result<()> {
     let server = SocketAddr::new(server_ip, 8080);
-    let listener = serve(lab, server, count, traffic::echo);
-    let agent = start_agent(hooks)?;
+    let (agent, listener, owner) = match starts {
+        ListenerStarts::BeforeAgent => {
+            let listener = serve(lab, server, count, traffic::echo);
+            (start_agent(hooks)?, listener, Listener::process())
+        }
+        ListenerStarts::AfterAgent => {
+            let agent = start_agent(hooks)?;
+            let listener = serve(lab, server, count, traffic::echo);
+            (agent, listener, Listener::thread(SERVER_COMM))
+        }
+    };
     let clients = connect_and_echo(lab, client_ip, server, count);
     let peers = listener.join().expect("server thread");
     assert_eq!(
@@ -90,9 +98,9 @@ fn established(
     for &client in &clients {
         let flow = Flow { client, server };
         expected.push(events::client_established(flow, CLIENT, 0));
-        expected.push(events::server_established(flow));
+        expected.push(events::server_established(flow, &owner));
         expected.push(events::client_close(flow, CLIENT));
-        expected.push(events::server_close(flow));
+        expected.push(events::server_close(flow, &owner));
     }
     assert_exactly(&lab_events(lab, &log), &expected);
     Ok(())
@@ -107,6 +115,7 @@ fn established_connects_ipv4() -> anyhow::Result<()> {
         lab.server_v4().into(),
         5,
         Hooks::Default,
+        ListenerStarts::BeforeAgent,
     )
 }
 
@@ -119,6 +128,7 @@ fn established_connects_ipv6() -> anyhow::Result<()> {
         lab.server_v6().into(),
         3,
         Hooks::Default,
+        ListenerStarts::AfterAgent,
     )
 }
 
@@ -133,8 +143,83 @@ fn established_connects_classic_tracepoints() -> anyhow::Result<()> {
         lab.server_v4().into(),
         3,
         Hooks::Classic,
+        ListenerStarts::AfterAgent,
     )
 }
+
+/// What a failure scenario expects from every client style.
+struct Failure<'a> {
+    /// What the client must see (its errno, or that it gave up).
+    seen: Seen,
+    /// The connect event's `reason` and `errno`.
+    reason: &'a str,
+    errno: Option<&'a str>,
+    /// Events besides the failed connect and its SYN retransmits (e.g. the RST received).
+    also: fn(Flow, Opener<'static>) -> Vec<Pattern>,
+}
+
+fn nothing_else(_: Flow, _: Opener<'static>) -> Vec<Pattern> {
+    Vec::new()
+}
+
+fn reset_received(flow: Flow, opener: Opener<'static>) -> Vec<Pattern> {
+    vec![events::client_reset_received(flow, opener, "SYN_SENT")]
+}
+
+/// Connects once in each of `styles`, one after another, to `server`, under whatever fault the
+/// lab holds; each client must see `failure.seen`, and the agent must log for each exactly a
+/// failed connect with `failure.reason` and `failure.errno`, its SYN retransmits (the client
+/// namespace's TcpRetransSegs delta of that attempt) and `failure.also`.
+fn fails_alike(
+    lab: &Lab,
+    styles: &[ClientStyle],
+    client_ip: IpAddr,
+    server: SocketAddr,
+    hooks: Hooks,
+    give_up: Option<Duration>,
+    failure: &Failure<'_>,
+) -> anyhow::Result<()> {
+    let agent = start_agent(hooks)?;
+    let mut runs: Vec<(ClientRun, u64)> = Vec::new();
+    for &style in styles {
+        let before = lab.client_counters().retrans_segs;
+        let run = clients::connect(lab, style, client_ip, server, give_up)?;
+        lab.settle(Duration::from_secs(5))?;
+        let resent = lab.client_counters().retrans_segs - before;
+        runs.push((run, resent));
+    }
+    let log = agent.stop()?;
+    let seen: Vec<_> = runs.iter().map(|(r, _)| (r.style, r.seen)).collect();
+    let want: Vec<_> = styles.iter().map(|&s| (s, failure.seen)).collect();
+    assert_eq!(seen, want, "what each client saw");
+
+    let mut expected = Vec::new();
+    for (run, resent) in &runs {
+        let flow = Flow {
+            client: run.local,
+            server,
+        };
+        let opener = run.opener();
+        expected.push(events::client_failed(
+            flow,
+            opener,
+            failure.reason,
+            failure.errno,
+            *resent as u32,
+        ));
+        expected.extend((0..*resent).map(|_| events::client_syn_retransmit(flow, opener)));
+        expected.extend((failure.also)(flow, opener));
+    }
+    assert_exactly(&lab_events(lab, &log), &expected);
+    Ok(())
+}
+
+const REFUSED_BY_RST: Failure<'static> = Failure {
+    seen: Seen::Failed(libc::ECONNREFUSED),
+    reason: "refused",
+    errno: Some("ECONNREFUSED"),
+    also: reset_received,
+};
 
 /// A SYN answered by a RST (nftables `reject with tcp reset`): refused on the client, and the
 /// RST logged as received in SYN_SENT. The RST comes from netfilter, not from a TCP socket, so
@@ -147,24 +232,15 @@ fn refused_by_rst(
 ) -> anyhow::Result<()> {
     let server = SocketAddr::new(server_ip, 8081);
     lab.server_rule("tcp dport 8081 reject with tcp reset")?;
-    let agent = start_agent(hooks)?;
-    let attempt = connect_once(lab, client_ip, server, None);
-    assert_eq!(attempt.errno(), Some(libc::ECONNREFUSED), "{attempt:?}");
-    lab.settle(Duration::from_secs(5))?;
-    let log = agent.stop()?;
-
-    let flow = Flow {
-        client: attempt.local,
+    fails_alike(
+        lab,
+        &ClientStyle::ALL,
+        client_ip,
         server,
-    };
-    assert_exactly(
-        &lab_events(lab, &log),
-        &[
-            events::client_failed(flow, CLIENT, "refused", Some("ECONNREFUSED"), 0),
-            events::client_reset_received(flow, CLIENT, "SYN_SENT"),
-        ],
-    );
-    Ok(())
+        hooks,
+        None,
+        &REFUSED_BY_RST,
+    )
 }
 
 #[test]
@@ -188,114 +264,221 @@ fn refused_ipv6() -> anyhow::Result<()> {
     refused_by_rst(&mut lab, c, s, Hooks::Default)
 }
 
-/// An ICMP host-unreachable answer: the connect fails with EHOSTUNREACH. Over a veth the first
-/// ICMP comes back while `connect()` still holds the socket lock, so the kernel only notes it as a
-/// soft error; the ICMP answering the SYN resent after 1 s ends the connect (measured: 1.03 s,
-/// one SYN retransmit). The client namespace's TcpRetransSegs says how many there were.
+/// An ICMP error answers the SYN (nftables `reject with icmpx type KIND`). A blocking connect
+/// and a non-blocking one end on different kernel paths: the first ICMP comes back while
+/// `connect()` still holds the socket, so the kernel keeps it as a soft error. The non-blocking
+/// client's `poll()` wakes at once and `SO_ERROR` hands it the error, which it then no longer
+/// holds when it closes; the blocking one waits for the ICMP answering the SYN resent after 1 s,
+/// which ends the connect with `sk_err` set. The agent must report both alike.
+fn icmp_rejected(
+    lab: &mut Lab,
+    client_ip: IpAddr,
+    server_ip: IpAddr,
+    hooks: Hooks,
+    kind: &str,
+    failure: &Failure<'_>,
+) -> anyhow::Result<()> {
+    let server = SocketAddr::new(server_ip, 8085);
+    lab.server_rule(&format!("tcp dport 8085 reject with icmpx type {kind}"))?;
+    fails_alike(
+        lab,
+        &ClientStyle::ALL,
+        client_ip,
+        server,
+        hooks,
+        None,
+        failure,
+    )
+}
+
+const HOST_UNREACHABLE: Failure<'static> = Failure {
+    seen: Seen::Failed(libc::EHOSTUNREACH),
+    reason: "unreachable",
+    errno: Some("EHOSTUNREACH"),
+    also: nothing_else,
+};
+
+/// ICMP port-unreachable means nothing listens: ECONNREFUSED, as a RST would, but no RST.
+const PORT_UNREACHABLE: Failure<'static> = Failure {
+    seen: Seen::Failed(libc::ECONNREFUSED),
+    reason: "refused",
+    errno: Some("ECONNREFUSED"),
+    also: nothing_else,
+};
+
 #[test]
 fn unreachable() -> anyhow::Result<()> {
     let mut lab = Lab::new(15)?;
-    let server = SocketAddr::new(lab.server_v4().into(), 8085);
-    lab.server_rule("tcp dport 8085 reject with icmpx type host-unreachable")?;
-    let before = lab.client_counters();
-    let agent = Agent::start()?;
-    let attempt = connect_once(&lab, lab.client_v4().into(), server, None);
-    assert_eq!(attempt.errno(), Some(libc::EHOSTUNREACH), "{attempt:?}");
-    lab.settle(Duration::from_secs(5))?;
-    let log = agent.stop()?;
-    let resent = lab.client_counters().retrans_segs - before.retrans_segs;
-    assert!(
-        resent <= 6,
-        "{resent} SYN retransmits for an unreachable host"
-    );
+    let (c, s) = (lab.client_v4().into(), lab.server_v4().into());
+    icmp_rejected(
+        &mut lab,
+        c,
+        s,
+        Hooks::Default,
+        "host-unreachable",
+        &HOST_UNREACHABLE,
+    )
+}
 
-    let flow = Flow {
-        client: attempt.local,
-        server,
-    };
-    let mut expected = vec![events::client_failed(
-        flow,
-        CLIENT,
-        "unreachable",
-        Some("EHOSTUNREACH"),
-        resent as u32,
-    )];
-    expected.extend((0..resent).map(|_| events::client_syn_retransmit(flow, CLIENT)));
-    assert_exactly(&lab_events(&lab, &log), &expected);
-    Ok(())
+#[test]
+fn unreachable_ipv6() -> anyhow::Result<()> {
+    let mut lab = Lab::new(24)?;
+    let (c, s) = (lab.client_v6().into(), lab.server_v6().into());
+    icmp_rejected(
+        &mut lab,
+        c,
+        s,
+        Hooks::Default,
+        "host-unreachable",
+        &HOST_UNREACHABLE,
+    )
+}
+
+#[test]
+fn unreachable_classic_tracepoints() -> anyhow::Result<()> {
+    let mut lab = Lab::new(25)?;
+    let (c, s) = (lab.client_v4().into(), lab.server_v4().into());
+    icmp_rejected(
+        &mut lab,
+        c,
+        s,
+        Hooks::Classic,
+        "host-unreachable",
+        &HOST_UNREACHABLE,
+    )
+}
+
+#[test]
+fn port_unreachable() -> anyhow::Result<()> {
+    let mut lab = Lab::new(26)?;
+    let (c, s) = (lab.client_v4().into(), lab.server_v4().into());
+    icmp_rejected(
+        &mut lab,
+        c,
+        s,
+        Hooks::Default,
+        "port-unreachable",
+        &PORT_UNREACHABLE,
+    )
+}
+
+#[test]
+fn port_unreachable_classic_tracepoints() -> anyhow::Result<()> {
+    let mut lab = Lab::new(27)?;
+    let (c, s) = (lab.client_v4().into(), lab.server_v4().into());
+    icmp_rejected(
+        &mut lab,
+        c,
+        s,
+        Hooks::Classic,
+        "port-unreachable",
+        &PORT_UNREACHABLE,
+    )
+}
+
+/// Administratively prohibited (a firewall's reject): EHOSTUNREACH, like host-unreachable.
+#[test]
+fn admin_prohibited() -> anyhow::Result<()> {
+    let mut lab = Lab::new(28)?;
+    let (c, s) = (lab.client_v4().into(), lab.server_v4().into());
+    icmp_rejected(
+        &mut lab,
+        c,
+        s,
+        Hooks::Default,
+        "admin-prohibited",
+        &HOST_UNREACHABLE,
+    )
+}
+
+#[test]
+fn admin_prohibited_classic_tracepoints() -> anyhow::Result<()> {
+    let mut lab = Lab::new(29)?;
+    let (c, s) = (lab.client_v4().into(), lab.server_v4().into());
+    icmp_rejected(
+        &mut lab,
+        c,
+        s,
+        Hooks::Classic,
+        "admin-prohibited",
+        &HOST_UNREACHABLE,
+    )
 }
 
 /// SYNs dropped and `tcp_syn_retries=1`: the kernel resends the SYN once (after 1 s) and gives
 /// up (after 3 s) with ETIMEDOUT. Since Linux 6.7 `tcp_syn_linear_timeouts` (default 4) adds
-/// SYN retransmits at a fixed 1 s interval on top (two here, at 1 s and 2 s); it is turned off so
-/// that the count equals the setting.
-#[test]
-fn kernel_timeout() -> anyhow::Result<()> {
-    let mut lab = Lab::new(16)?;
+/// SYN retransmits at a fixed 1 s interval on top (two here, at 1 s and 2 s); it is turned off
+/// where it exists so that the count equals the setting. Every client waits for the kernel.
+fn kernel_timeout(lab: &mut Lab, hooks: Hooks) -> anyhow::Result<()> {
     let server = SocketAddr::new(lab.server_v4().into(), 8082);
     lab.server_rule("tcp dport 8082 drop")?;
     lab.client_sysctl("net.ipv4.tcp_syn_retries=1")?;
-    lab.client_sysctl("net.ipv4.tcp_syn_linear_timeouts=0")?;
-    let before = lab.client_counters();
-    let agent = Agent::start()?;
-    let attempt = connect_once(&lab, lab.client_v4().into(), server, None);
-    assert_eq!(attempt.errno(), Some(libc::ETIMEDOUT), "{attempt:?}");
-    lab.settle(Duration::from_secs(5))?;
-    let log = agent.stop()?;
-    let resent = lab.client_counters().retrans_segs - before.retrans_segs;
-    assert_eq!(resent, 1, "the client namespace's TcpRetransSegs delta");
-
-    let flow = Flow {
-        client: attempt.local,
-        server,
+    if events::kernel_at_least(6, 7) {
+        lab.client_sysctl("net.ipv4.tcp_syn_linear_timeouts=0")?;
+    }
+    let failure = Failure {
+        seen: Seen::Failed(libc::ETIMEDOUT),
+        reason: "timeout",
+        errno: Some("ETIMEDOUT"),
+        also: nothing_else,
     };
-    assert_exactly(
-        &lab_events(&lab, &log),
-        &[
-            events::client_failed(flow, CLIENT, "timeout", Some("ETIMEDOUT"), 1),
-            events::client_syn_retransmit(flow, CLIENT),
-        ],
-    );
-    Ok(())
+    let client = lab.client_v4().into();
+    fails_alike(
+        lab,
+        &ClientStyle::ALL,
+        client,
+        server,
+        hooks,
+        None,
+        &failure,
+    )
 }
 
-/// The application gives up first: a non-blocking connect polled for 1.5 s, then closed. The
-/// kernel had resent the SYN once (at 1 s; the next would be at 3 s); the socket had no error.
 #[test]
-fn application_timeout() -> anyhow::Result<()> {
-    let mut lab = Lab::new(17)?;
+fn kernel_timeout_btf() -> anyhow::Result<()> {
+    let mut lab = Lab::new(16)?;
+    kernel_timeout(&mut lab, Hooks::Default)
+}
+
+#[test]
+fn kernel_timeout_classic_tracepoints() -> anyhow::Result<()> {
+    let mut lab = Lab::new(30)?;
+    kernel_timeout(&mut lab, Hooks::Classic)
+}
+
+/// The application gives up first: after 1.5 s a non-blocking client polling its connect, and
+/// curl with `--connect-timeout 1.5`, close the socket. The kernel had resent the SYN once (at
+/// 1 s; the next would be at 3 s); no error was ever reported for the socket: `cancelled`.
+fn application_timeout(lab: &mut Lab, hooks: Hooks) -> anyhow::Result<()> {
     let server = SocketAddr::new(lab.server_v4().into(), 8082);
     lab.server_rule("tcp dport 8082 drop")?;
-    let agent = Agent::start()?;
-    let attempt = connect_once(
-        &lab,
-        lab.client_v4().into(),
-        server,
-        Some(Duration::from_millis(1500)),
-    );
-    let err = attempt
-        .result
-        .as_ref()
-        .expect_err("the connect must not succeed");
-    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{attempt:?}");
-    lab.settle(Duration::from_secs(5))?;
-    let log = agent.stop()?;
-    assert_eq!(
-        lab.client_counters().retrans_segs,
-        1,
-        "SYN retransmits in the client namespace"
-    );
-
-    let flow = Flow {
-        client: attempt.local,
-        server,
+    let failure = Failure {
+        seen: Seen::GaveUp,
+        reason: "cancelled",
+        errno: None,
+        also: nothing_else,
     };
-    assert_exactly(
-        &lab_events(&lab, &log),
-        &[
-            events::client_failed(flow, CLIENT, "cancelled", None, 1),
-            events::client_syn_retransmit(flow, CLIENT),
-        ],
-    );
-    Ok(())
+    let client = lab.client_v4().into();
+    let give_up = Some(Duration::from_millis(1500));
+    fails_alike(
+        lab,
+        &ClientStyle::GIVING_UP,
+        client,
+        server,
+        hooks,
+        give_up,
+        &failure,
+    )
+}
+
+#[test]
+fn application_timeout_btf() -> anyhow::Result<()> {
+    let mut lab = Lab::new(17)?;
+    application_timeout(&mut lab, Hooks::Default)
+}
+
+#[test]
+fn application_timeout_classic_tracepoints() -> anyhow::Result<()> {
+    let mut lab = Lab::new(32)?;
+    application_timeout(&mut lab, Hooks::Classic)
 }

@@ -18,7 +18,9 @@ use std::{
 
 use serde_json::Value;
 use tests::{
-    Agent, Lab, socket,
+    Agent, Lab,
+    events::{Listener, kernel_at_least},
+    socket,
     traffic::{self, serve},
     verdict_lab::{self, DestinationSide, TempDir},
 };
@@ -599,6 +601,50 @@ fn an_aborting_server_is_judged_on_its_own_side() {
         as_u64(&ev["connections_accepted"]),
         RESET_CONNECTS as u64,
         "{aborting}"
+    );
+    // A close with SO_LINGER 0 and nothing unread aborts the connection in tcp_disconnect: the
+    // kernel's reason is TCP_STATE where it gives reasons (6.10 on), none before.
+    let by_reason = if kernel_at_least(6, 10) {
+        serde_json::json!({"TCP_STATE": RESET_CONNECTS})
+    } else {
+        serde_json::json!({})
+    };
+    assert_eq!(ev["by_reason"], by_reason, "{aborting}");
+
+    // The verdict names who serves the port: the server is a thread of this test process, and
+    // it listened before the agent started, so the agent found it in /proc and names it like
+    // the process. Every event of the port is that process's: an accept, a reset and a close
+    // per connection.
+    let server = Listener::process();
+    let processes = ev["processes"].as_array().expect("a list of processes");
+    assert_eq!(processes.len(), 1, "{aborting}");
+    assert_eq!(processes[0]["pid"], server.pid, "{aborting}");
+    assert_eq!(processes[0]["comm"], server.comm.as_str(), "{aborting}");
+    assert!(
+        as_u64(&processes[0]["events"]) >= 3 * RESET_CONNECTS as u64,
+        "{aborting}"
+    );
+    assert_eq!(as_u64(&ev["unlisted_process_events"]), 0, "{aborting}");
+    // ...and the text says it in the paragraph of the service.
+    let text = run
+        .diagnose_text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let paragraph = text
+        .split(&format!("{dest} ({SERVER}): local_resets ("))
+        .nth(1)
+        .and_then(|rest| rest.split(" Next: ").next())
+        .unwrap_or_else(|| {
+            panic!(
+                "no local_resets paragraph for {dest} in:\n{}",
+                run.diagnose_text
+            )
+        });
+    let served_by = format!("Served by {} (pid {}).", server.comm, server.pid);
+    assert!(
+        paragraph.ends_with(&served_by),
+        "{served_by:?} missing from: {paragraph}"
     );
 }
 

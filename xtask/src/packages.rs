@@ -81,6 +81,8 @@ pub const REQUIREMENTS: &[Requirement] = &[
     row("curl", "curl", Some("curl"), &[Test]),
     row("jq", "jq", Some("jq"), &[Test]),
     row("bpftool", "bpftool", Some("bpftool"), &[Test]),
+    // Real server shapes in the lab: a pre-forked server, SO_REUSEPORT processes.
+    row("python3", "python3", Some("python3"), &[Test]),
     // The bench's peers. Fedora's libbpf-tools names its programs bpf-tcpstates and so on.
     row("tcpstates", "libbpf-tools", None, TEST_AND_BENCH),
     row("tcplife", "libbpf-tools", None, TEST_AND_BENCH),
@@ -368,6 +370,7 @@ mod tests {
             "curl",
             "jq",
             "bpftool",
+            "python3",
             "tcpstates",
             "tcplife",
             "bpftrace",

@@ -70,7 +70,11 @@ fn reset(
         time,
         side,
         "10.200.0.2:8081",
-        EventDetail::Reset(Reset { direction, state }),
+        EventDetail::Reset(Reset {
+            direction,
+            state,
+            reason: None,
+        }),
     )
 }
 
@@ -103,6 +107,7 @@ pub(crate) fn every_other_kind() -> Vec<EventDetail> {
         EventDetail::Reset(Reset {
             direction: Direction::Received,
             state: Some(TcpState::ESTABLISHED),
+            reason: None,
         }),
         EventDetail::Close(Close {
             duration: None,

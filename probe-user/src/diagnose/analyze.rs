@@ -138,8 +138,10 @@ mod tests {
     use std::io::Write;
 
     use super::*;
-    use crate::diagnose::engine::tests::{at, connect_failed, connect_ok, mixed_log};
-    use crate::event::FailureReason;
+    use crate::diagnose::engine::tests::{
+        at, connect_failed, connect_ok, mixed_log, reset_sent_by_service, reset_sent_for_reason,
+    };
+    use crate::event::{FailureReason, Side, TcpState};
     use crate::export::json_log::write_line;
 
     fn jsonl(events: &[Event]) -> Vec<u8> {
@@ -233,6 +235,44 @@ mod tests {
             Window::ending_at(at(1059.98), Duration::from_secs(60)),
         );
         assert_eq!(last, direct);
+    }
+
+    #[test]
+    fn a_logs_reset_reasons_reach_the_verdict() {
+        let events: Vec<_> = (0..10)
+            .map(|i| {
+                reset_sent_for_reason(
+                    "10.9.9.9:9000",
+                    at(i as f64),
+                    Some(TcpState(7)),
+                    "TCP_ABORT_ON_CLOSE",
+                )
+            })
+            .collect();
+        let report = analyze_reader(&jsonl(&events)[..], "t.jsonl", None).unwrap();
+        let v = &report.destinations[0].verdicts[0];
+        assert_eq!(v.verdict.as_str(), "local_resets");
+        assert_eq!(v.evidence["by_reason"]["TCP_ABORT_ON_CLOSE"], 10);
+        assert!(
+            v.next_step.contains("TCP_ABORT_ON_CLOSE"),
+            "{}",
+            v.next_step
+        );
+    }
+
+    #[test]
+    fn a_log_from_before_reset_reasons_is_judged_as_before() {
+        let events: Vec<_> = (0..10)
+            .map(|i| reset_sent_by_service("10.9.9.9:9000", at(i as f64), Some(Side::Server), None))
+            .collect();
+        let now = String::from_utf8(jsonl(&events)).unwrap();
+        let before = now.replace(",\"reset_reason\":null", "");
+        assert_ne!(before, now);
+        let from_old = analyze_reader(before.as_bytes(), "old.jsonl", None).unwrap();
+        let from_new = analyze_reader(now.as_bytes(), "new.jsonl", None).unwrap();
+        assert_eq!(from_old, from_new);
+        let v = &from_old.destinations[0].verdicts[0];
+        assert!(v.next_step.contains("most answer SYNs"), "{}", v.next_step);
     }
 
     #[test]

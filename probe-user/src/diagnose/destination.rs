@@ -6,6 +6,7 @@ use std::{
 };
 
 use super::engine::DestinationKey;
+use super::processes::ProcessCounts;
 use super::rules::ratio;
 use crate::event::{Direction, Event, EventDetail, FailureReason, Outcome, Phase, Side, TcpState};
 
@@ -48,6 +49,11 @@ pub(super) struct DestinationEvidence {
     pub(super) resets_sent: Vec<SystemTime>,
     pub(super) resets_sent_socketless: u64,
     pub(super) resets_sent_by_state: BTreeMap<String, u64>,
+    /// Sent resets by the kernel's reason (`NO_SOCKET`, `TCP_ABORT_ON_CLOSE`, ...); resets
+    /// without one (received, or sent by a kernel before 6.10) are not counted here.
+    pub(super) resets_sent_by_reason: BTreeMap<String, u64>,
+    /// The owners of its events (retransmits included): who serves it or who connects to it.
+    pub(super) processes: ProcessCounts,
 }
 
 impl DestinationEvidence {
@@ -78,6 +84,8 @@ impl DestinationEvidence {
             resets_sent: Vec::new(),
             resets_sent_socketless: 0,
             resets_sent_by_state: BTreeMap::new(),
+            resets_sent_by_reason: BTreeMap::new(),
+            processes: ProcessCounts::default(),
         }
     }
 
@@ -87,6 +95,9 @@ impl DestinationEvidence {
         let time = truncate_to_millis(event.time);
         self.first = self.first.min(time);
         self.last = self.last.max(time);
+        if let Some(process) = &event.process {
+            self.processes.add(process);
+        }
         match &event.detail {
             EventDetail::Connect(c) => {
                 self.events += 1;
@@ -150,6 +161,12 @@ impl DestinationEvidence {
                     }
                     Direction::Sent => {
                         *self.resets_sent_by_state.entry(state).or_default() += 1;
+                        if let Some(reason) = &r.reason {
+                            *self
+                                .resets_sent_by_reason
+                                .entry(reason.as_str().to_string())
+                                .or_default() += 1;
+                        }
                         if key.side == Some(Side::Server) {
                             self.resets_sent.push(time);
                             if r.state.is_none() {

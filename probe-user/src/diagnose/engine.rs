@@ -4,7 +4,9 @@
 //! destinations are ranked worst first (`Judge::finish`).
 //!
 //! Nothing here depends on the order of the events or on the window's bounds beyond selecting
-//! the events, so `analyze` on a log and `diagnose` on an agent agree on the same events.
+//! the events, so `analyze` on a log and `diagnose` on an agent agree on the same events. One
+//! exception, to keep memory bounded: a destination names the first eight processes it sees
+//! (`processes`), so past eight, which ones it names follows the order.
 use std::{
     collections::HashMap,
     net::SocketAddr,

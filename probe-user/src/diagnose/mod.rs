@@ -12,6 +12,7 @@ mod destination;
 pub mod engine;
 pub mod evidence;
 pub mod pattern;
+mod processes;
 pub mod recorder;
 pub mod render;
 pub mod rules;

@@ -52,13 +52,19 @@ pub fn text(report: &Report) -> String {
             VerdictId::NotEnoughData if u(&top.evidence, "failures") == 0 => thin.push(name),
             _ => {
                 out.push('\n');
-                paragraph(&mut out, &name, &d.verdicts);
+                paragraph(&mut out, &name, d.side.as_deref(), &d.verdicts);
             }
         }
     }
     for g in &report.groups {
         out.push('\n');
-        paragraph(&mut out, &format!("pool on port {}", g.port), &g.verdicts);
+        // A pool is of client destinations.
+        paragraph(
+            &mut out,
+            &format!("pool on port {}", g.port),
+            Some("client"),
+            &g.verdicts,
+        );
     }
     out.push('\n');
     if !healthy.is_empty() {
@@ -86,7 +92,9 @@ fn listing(names: &[String]) -> String {
     text
 }
 
-fn paragraph(out: &mut String, name: &str, verdicts: &[Verdict]) {
+/// The top verdict with its evidence and next step, the others in a line each. Who is behind the
+/// destination's events is said once, in the top verdict's evidence: it is the same for all.
+fn paragraph(out: &mut String, name: &str, side: Option<&str>, verdicts: &[Verdict]) {
     let Some((top, rest)) = verdicts.split_first() else {
         return;
     };
@@ -97,7 +105,12 @@ fn paragraph(out: &mut String, name: &str, verdicts: &[Verdict]) {
         top.confidence * 100.0,
         shape(top)
     );
-    wrap(out, &evidence_sentence(top.verdict, &top.evidence));
+    let mut evidence = evidence_sentence(top.verdict, &top.evidence);
+    if let Some(processes) = processes_sentence(side, &top.evidence) {
+        evidence.push(' ');
+        evidence.push_str(&processes);
+    }
+    wrap(out, &evidence);
     wrap(out, &format!("Next: {}", top.next_step));
     for v in rest {
         wrap(
@@ -186,6 +199,99 @@ fn errnos(ev: &Map<String, Value>) -> String {
     }
 }
 
+/// `; reasons: TCP_ABORT_ON_CLOSE 12, NO_SOCKET 3`, most frequent first; empty when the
+/// kernel gave none.
+fn reset_reasons(ev: &Map<String, Value>) -> String {
+    let Some(map) = ev.get("by_reason").and_then(Value::as_object) else {
+        return String::new();
+    };
+    let mut counts: Vec<(&str, u64)> = map
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_u64().unwrap_or(0)))
+        .collect();
+    if counts.is_empty() {
+        return String::new();
+    }
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let list: Vec<String> = counts.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    format!("; reasons: {}", list.join(", "))
+}
+
+/// Who is behind a destination's events, from its evidence's `processes`: `Served by nginx (pid
+/// 812).` for a service of this host, `From curl (pid 4242) and 2 other processes.` for one it
+/// calls; `None` when no event named its process. Entries are (pid, name) pairs and a name is a
+/// thread's, so the busiest process's other names are its threads (`From java and 3 other
+/// threads of pid 900.`), and other processes are counted by pid.
+fn processes_sentence(side: Option<&str>, ev: &Map<String, Value>) -> Option<String> {
+    let listed = ev.get("processes")?.as_array()?;
+    let (first, rest) = listed.split_first()?;
+    let pid_of = |p: &Value| p["pid"].as_u64().unwrap_or(0);
+    let pid = pid_of(first);
+    let comm = printable(first["comm"].as_str().unwrap_or_default());
+    let threads = rest.iter().filter(|p| pid_of(p) == pid).count();
+    let mut other_pids: Vec<u64> = rest.iter().map(pid_of).filter(|p| *p != pid).collect();
+    other_pids.sort_unstable();
+    other_pids.dedup();
+    let lead = match side {
+        Some("server") => "Served by",
+        Some("client") => "From",
+        _ => "Sockets of",
+    };
+    let mut who = match (threads, comm.is_empty()) {
+        (0, true) => format!("pid {pid}"),
+        (0, false) => format!("{comm} (pid {pid})"),
+        (n, _) => format!(
+            "{} and {n} other {} of pid {pid}",
+            if comm.is_empty() {
+                "an unnamed thread"
+            } else {
+                &comm
+            },
+            plural(n, "thread", "threads")
+        ),
+    };
+    let mut more = Vec::new();
+    if !other_pids.is_empty() {
+        let n = other_pids.len();
+        more.push(format!("{n} other {}", plural(n, "process", "processes")));
+    }
+    // Processes past the bound are counted, not named.
+    if u(ev, "unlisted_process_events") > 0 {
+        more.push("more".to_string());
+    }
+    if let Some((last, between)) = more.split_last() {
+        for part in between {
+            who.push_str(", ");
+            who.push_str(part);
+        }
+        // A comma where the list already has one, or an "and" of its own.
+        let joint = if threads > 0 || !between.is_empty() {
+            ", and"
+        } else {
+            " and"
+        };
+        let _ = write!(who, "{joint} {last}");
+    }
+    Some(format!("{lead} {who}."))
+}
+
+fn plural(n: usize, one: &'static str, many: &'static str) -> &'static str {
+    if n == 1 { one } else { many }
+}
+
+/// A process name for text: control characters escaped.
+fn printable(comm: &str) -> String {
+    let mut text = String::new();
+    for c in comm.chars() {
+        if c.is_control() {
+            text.extend(c.escape_debug());
+        } else {
+            text.push(c);
+        }
+    }
+    text
+}
+
 /// The evidence of a verdict in one sentence.
 pub fn evidence_sentence(id: VerdictId, ev: &Map<String, Value>) -> String {
     let attempts = u(ev, "attempts");
@@ -232,10 +338,11 @@ pub fn evidence_sentence(id: VerdictId, ev: &Map<String, Value>) -> String {
         ),
         VerdictId::LocalResets => format!(
             "this host sent {} resets, {} of them answering SYNs without a listening socket; \
-             {} connections accepted.",
+             {} connections accepted{}.",
             u(ev, "resets_sent"),
             u(ev, "answering_syn"),
-            u(ev, "connections_accepted")
+            u(ev, "connections_accepted"),
+            reset_reasons(ev)
         ),
         VerdictId::SlowHandshakes => format!(
             "{} of {} handshakes took {:.1} ms or more (median of the slow ones {:.1} ms) \
@@ -286,9 +393,12 @@ mod tests {
     use super::*;
     use crate::diagnose::engine::{
         judge,
-        tests::{at, connect_failed, connect_ok, window},
+        tests::{
+            accepted, at, connect_failed, connect_ok, owned_by, reset_sent_by_service,
+            reset_sent_for_reason, window,
+        },
     };
-    use crate::event::FailureReason;
+    use crate::event::{FailureReason, Side, TcpState};
 
     #[test]
     fn worst_first_and_healthy_in_one_line() {
@@ -325,6 +435,171 @@ mod tests {
         );
         assert!(text.contains("10 failed (EPROTO x10)"), "{text}");
         assert!(!text.contains("Not enough data:"), "{text}");
+    }
+
+    /// The text with its wrapping undone.
+    fn flat(text: &str) -> String {
+        text.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn local_resets_list_the_kernels_reasons_most_frequent_first() {
+        let mut events: Vec<_> = (0..3)
+            .map(|i| reset_sent_for_reason("10.9.9.9:9000", at(i as f64), None, "NO_SOCKET"))
+            .collect();
+        events.extend((0..12).map(|i| {
+            reset_sent_for_reason(
+                "10.9.9.9:9000",
+                at(i as f64 + 0.5),
+                Some(TcpState(7)),
+                "TCP_ABORT_ON_CLOSE",
+            )
+        }));
+        let flat_text = flat(&text(&judge(&events, window(0.0, 60.0))));
+        assert!(
+            flat_text.contains(
+                "this host sent 15 resets, 3 of them answering SYNs without a listening socket; 0 \
+                 connections accepted; reasons: TCP_ABORT_ON_CLOSE 12, NO_SOCKET 3."
+            ),
+            "{flat_text}"
+        );
+
+        // Without reasons (a kernel before 6.10) the sentence is as it was.
+        let old: Vec<_> = (0..4)
+            .map(|i| reset_sent_by_service("10.9.9.9:9000", at(i as f64), Some(Side::Server), None))
+            .collect();
+        let flat_text = flat(&text(&judge(&old, window(0.0, 60.0))));
+        assert!(
+            flat_text.contains(
+                "this host sent 4 resets, 4 of them answering SYNs without a listening socket; 0 \
+                 connections accepted."
+            ),
+            "{flat_text}"
+        );
+        assert!(!flat_text.contains("reasons:"), "{flat_text}");
+    }
+
+    #[test]
+    fn a_paragraph_names_who_serves_or_who_connects_once() {
+        let mut events = Vec::new();
+        for i in 0..6 {
+            let t = at(i as f64);
+            events.push(owned_by(accepted("10.9.9.9:8443", t), 812, "nginx"));
+            events.push(owned_by(
+                reset_sent_for_reason("10.9.9.9:8443", t, Some(TcpState(7)), "TCP_STATE"),
+                812,
+                "nginx",
+            ));
+            for (pid, comm) in [(4242, "curl"), (17, "wget"), (4242, "curl")] {
+                events.push(owned_by(
+                    connect_failed("10.0.0.3:5432", t, FailureReason::Refused, 0),
+                    pid,
+                    comm,
+                ));
+            }
+        }
+        let flat_text = flat(&text(&judge(&events, window(0.0, 60.0))));
+        assert!(
+            flat_text.contains(
+                "this host sent 6 resets, 0 of them answering SYNs without a listening socket; 6 \
+                 connections accepted; reasons: TCP_STATE 6. Served by nginx (pid 812). Next:"
+            ),
+            "{flat_text}"
+        );
+        assert!(
+            flat_text.contains(
+                "18 of 18 connects refused: the SYN was answered with a reset (ECONNREFUSED \
+                 x18). From curl (pid 4242) and 1 other process. Next:"
+            ),
+            "{flat_text}"
+        );
+        assert_eq!(flat_text.matches("(pid").count(), 2, "{flat_text}");
+    }
+
+    #[test]
+    fn the_processes_sentence_counts_the_others() {
+        let ev = |processes: serde_json::Value, unlisted: u64| {
+            serde_json::json!({"processes": processes, "unlisted_process_events": unlisted})
+                .as_object()
+                .unwrap()
+                .clone()
+        };
+        let curl = serde_json::json!({"pid": 4242, "comm": "curl", "events": 9});
+        let other = |pid: u32| serde_json::json!({"pid": pid, "comm": "job", "events": 1});
+        assert_eq!(
+            processes_sentence(Some("client"), &ev(serde_json::json!([curl]), 0)).as_deref(),
+            Some("From curl (pid 4242).")
+        );
+        assert_eq!(
+            processes_sentence(
+                Some("client"),
+                &ev(serde_json::json!([curl, other(1), other(2)]), 0)
+            )
+            .as_deref(),
+            Some("From curl (pid 4242) and 2 other processes.")
+        );
+        // Past the bound the others are counted, not named.
+        let eight: Vec<_> = std::iter::once(curl.clone())
+            .chain((1..8).map(other))
+            .collect();
+        assert_eq!(
+            processes_sentence(Some("client"), &ev(serde_json::json!(eight), 40)).as_deref(),
+            Some("From curl (pid 4242), 7 other processes, and more.")
+        );
+        // A name is a thread's: other names of the busiest pid are its threads, and other
+        // processes are counted by pid, not by name.
+        let thread =
+            |comm: &str, pid: u32| serde_json::json!({"pid": pid, "comm": comm, "events": 1});
+        let threads = serde_json::json!([
+            thread("lab-bh-kern0", 9),
+            thread("lab-bh-kern1", 9),
+            thread("lab-bh-app0", 9),
+            thread("lab-bh-app1", 9),
+        ]);
+        assert_eq!(
+            processes_sentence(Some("client"), &ev(threads, 0)).as_deref(),
+            Some("From lab-bh-kern0 and 3 other threads of pid 9.")
+        );
+        let mixed = serde_json::json!([
+            thread("java", 9),
+            thread("worker-a", 7),
+            thread("GC Thread#0", 9),
+            thread("worker-b", 7),
+            thread("curl", 8),
+        ]);
+        assert_eq!(
+            processes_sentence(Some("client"), &ev(mixed.clone(), 0)).as_deref(),
+            Some("From java and 1 other thread of pid 9, and 2 other processes.")
+        );
+        assert_eq!(
+            processes_sentence(Some("client"), &ev(mixed, 3)).as_deref(),
+            Some("From java and 1 other thread of pid 9, 2 other processes, and more.")
+        );
+        assert_eq!(
+            processes_sentence(Some("server"), &ev(serde_json::json!([curl]), 0)).as_deref(),
+            Some("Served by curl (pid 4242).")
+        );
+        assert_eq!(
+            processes_sentence(None, &ev(serde_json::json!([curl]), 0)).as_deref(),
+            Some("Sockets of curl (pid 4242).")
+        );
+        // A name is shown as it is, control characters escaped; none at all, only the pid.
+        let odd = serde_json::json!([{"pid": 5, "comm": "a\nb", "events": 1}]);
+        assert_eq!(
+            processes_sentence(Some("server"), &ev(odd, 0)).as_deref(),
+            Some("Served by a\\nb (pid 5).")
+        );
+        let nameless = serde_json::json!([{"pid": 5, "comm": "", "events": 1}]);
+        assert_eq!(
+            processes_sentence(Some("server"), &ev(nameless, 0)).as_deref(),
+            Some("Served by pid 5.")
+        );
+        // Nobody known (or a report from before processes were named): nothing said.
+        assert_eq!(
+            processes_sentence(Some("server"), &ev(serde_json::json!([]), 0)),
+            None
+        );
+        assert_eq!(processes_sentence(Some("server"), &Map::new()), None);
     }
 
     #[test]

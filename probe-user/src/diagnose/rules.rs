@@ -12,6 +12,7 @@ use super::{
     destination::{DestinationEvidence, FailedConnect},
     engine::DestinationKey,
     pattern::shape,
+    processes::ProcessCounts,
     round,
     verdict::{GroupReport, Verdict, VerdictId},
 };
@@ -87,6 +88,7 @@ pub(super) fn destination_verdicts(dest: &str, ev: &DestinationEvidence) -> Vec<
         verdicts.push(healthy_or_not_enough(dest, ev));
     }
     rank(&mut verdicts);
+    name_processes(&mut verdicts, &ev.processes);
     verdicts
 }
 
@@ -98,6 +100,19 @@ fn rank(verdicts: &mut [Verdict]) {
             .unwrap_or(std::cmp::Ordering::Equal)
             .then(a.verdict.cmp(&b.verdict))
     });
+}
+
+/// Adds whose connections the verdicts are about to their evidence: `processes`, the owners of
+/// the events with their counts, busiest first, and `unlisted_process_events`, the events of
+/// processes past the bound.
+fn name_processes(verdicts: &mut [Verdict], processes: &ProcessCounts) {
+    for v in verdicts {
+        v.evidence.insert("processes".into(), processes.to_json());
+        v.evidence.insert(
+            "unlisted_process_events".into(),
+            json!(processes.unlisted_events()),
+        );
+    }
 }
 
 /// Grows with the amount of matching evidence (`n`) and its consistency (0..1).
@@ -350,12 +365,17 @@ fn local_resets(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
         return None;
     }
     let share = ratio(n, population.max(n));
-    let cause = if ev.resets_sent_socketless * 2 >= n {
+    let cause = if let Some(reason) = dominant(&ev.resets_sent_by_reason) {
+        reset_cause(reason)
+    } else if ev.resets_sent_socketless * 2 >= n {
+        // Without the kernel's reasons (before 6.10, or a log from then), the state tells.
         "most answer SYNs, so nothing listens there: start the service or stop sending traffic \
          to it (`ss -ltn`)"
+            .to_string()
     } else {
         "they come from open sockets, so the application closes connections with unread data \
          or with SO_LINGER 0: check its logs and how it closes"
+            .to_string()
     };
     Some(verdict(
         VerdictId::LocalResets,
@@ -367,9 +387,59 @@ fn local_resets(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
             "answering_syn": ev.resets_sent_socketless,
             "connections_accepted": ev.established,
             "by_state": ev.resets_sent_by_state,
+            "by_reason": ev.resets_sent_by_reason,
         }),
         format!("This host resets connections to its own {dest}: {cause}."),
     ))
+}
+
+/// The most frequent key; a tie goes to the first name, so the choice is stable.
+fn dominant(counts: &BTreeMap<String, u64>) -> Option<&str> {
+    counts
+        .iter()
+        .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+        .map(|(name, _)| name.as_str())
+}
+
+/// What to do about the resets the kernel sent for `reason` (an `enum sk_rst_reason` name
+/// without its `SK_RST_REASON_` prefix), naming it.
+fn reset_cause(reason: &str) -> String {
+    match reason {
+        "NO_SOCKET" => format!(
+            "the segments they answer find no socket, so nothing listens there (the kernel says \
+             {reason}): start the service or stop sending traffic to it (`ss -ltn`)"
+        ),
+        "TCP_ABORT_ON_CLOSE" => format!(
+            "the application closes connections with unread data (the kernel says {reason}): \
+             read what the peer sent before closing, or shut down the write side first and read \
+             until the peer closes"
+        ),
+        "TCP_ABORT_ON_DATA" => format!(
+            "data arrives after the application has closed its end (the kernel says {reason}): \
+             the peer still sends when this side is done, so shut down only the write side and \
+             read until the peer closes, or make the peer stop sending"
+        ),
+        "TCP_STATE" | "TCP_ABORT_ON_LINGER" => format!(
+            "the application aborts connections instead of closing them, with SO_LINGER 0 or a \
+             linger timeout (the kernel says {reason}): check where it sets SO_LINGER or \
+             TCP_LINGER2, and close normally unless the resets are intended"
+        ),
+        "TCP_KEEPALIVE_TIMEOUT" => format!(
+            "keepalive probes went unanswered (the kernel says {reason}): the peers are gone or \
+             the path to them is broken; look for clients that crashed or lost their network, \
+             and for NAT or firewall state that expires on the path"
+        ),
+        "TCP_ABORT_ON_MEMORY" => format!(
+            "the kernel ran short of TCP memory or had too many orphaned sockets (the kernel says \
+             {reason}): check `/proc/net/sockstat` against `net.ipv4.tcp_mem` and \
+             `net.ipv4.tcp_max_orphans`"
+        ),
+        _ => format!(
+            "the kernel says {reason} (see `enum sk_rst_reason` in the kernel's \
+             include/net/rstreason.h): compare the reset times with the application's logs and \
+             with what its peers send"
+        ),
+    }
 }
 
 fn slow_handshakes(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
@@ -562,7 +632,7 @@ pub(super) fn pool_verdicts(
                 })
             })
             .unwrap_or((SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH));
-        let v = verdict(
+        let mut v = verdict(
             VerdictId::PoolPartialFailure,
             confidence(failures, consistency),
             &times,
@@ -582,6 +652,9 @@ pub(super) fn pool_verdicts(
                 names(&healthy)
             ),
         );
+        // Whose connects fail: the processes of the failing members.
+        let processes = ProcessCounts::merged(failing.iter().map(|(_, ev)| &ev.processes));
+        name_processes(std::slice::from_mut(&mut v), &processes);
         groups.push(GroupReport {
             port,
             verdicts: vec![v],

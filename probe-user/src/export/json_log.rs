@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use crate::event::{
     Close, Comm, Connect, Direction, Errno, Event, EventDetail, EventType, FailureReason, Outcome,
-    Process, Reset, Retransmit, Side, TcpState, canonical_ip,
+    Process, Reset, ResetReason, Retransmit, Side, TcpState, canonical_ip,
 };
 use crate::export::prometheus::{LossStage, Metrics};
 
@@ -231,6 +231,8 @@ impl LineFormatter {
                 self.raw(r.direction.as_str().as_bytes());
                 self.raw(b"\",\"state\":");
                 self.option_str(r.state.map(TcpState::name));
+                self.raw(b",\"reset_reason\":");
+                self.option_str(r.reason.as_ref().map(ResetReason::as_str));
             }
             EventDetail::Close(c) => {
                 self.raw(b",\"duration_ms\":");
@@ -397,6 +399,7 @@ struct Line {
     state: Option<String>,
     segments: Option<u32>,
     direction: Option<String>,
+    reset_reason: Option<String>,
     duration_ms: Option<u64>,
     bytes_sent: Option<u64>,
     bytes_received: Option<u64>,
@@ -459,6 +462,7 @@ pub fn parse_line(line: &str) -> Result<Event, ParseError> {
                 None => None,
                 Some(s) => Some(TcpState::parse(s).ok_or(ParseError::Field("state"))?),
             },
+            reason: l.reset_reason.as_deref().map(ResetReason::new),
         }),
         EventType::Close => EventDetail::Close(Close {
             duration: l.duration_ms.map(Duration::from_millis),
@@ -547,10 +551,12 @@ mod tests {
             sample(EventDetail::Reset(Reset {
                 direction: Direction::Received,
                 state: Some(TcpState::SYN_SENT),
+                reason: None,
             })),
             sample(EventDetail::Reset(Reset {
                 direction: Direction::Sent,
                 state: None,
+                reason: Some(ResetReason::new("NO_SOCKET")),
             })),
             sample(EventDetail::Close(Close {
                 duration: Some(Duration::from_millis(1500)),
@@ -572,6 +578,7 @@ mod tests {
         let mut event = sample(EventDetail::Reset(Reset {
             direction: Direction::Sent,
             state: None,
+            reason: None,
         }));
         event.process = None;
         event.side = None;
@@ -588,6 +595,7 @@ mod tests {
         let mut event = sample(EventDetail::Reset(Reset {
             direction: Direction::Sent,
             state: None,
+            reason: None,
         }));
         event.process = Some(Process {
             pid: 1,
@@ -603,6 +611,7 @@ mod tests {
         let mut event = sample(EventDetail::Reset(Reset {
             direction: Direction::Sent,
             state: None,
+            reason: None,
         }));
         event.dst = "[::ffff:10.0.0.9]:80".parse().unwrap();
         let v: serde_json::Value = serde_json::from_str(&line(&event)).unwrap();
@@ -633,6 +642,7 @@ mod tests {
                 let mut event = sample(EventDetail::Reset(Reset {
                     direction: Direction::Sent,
                     state: None,
+                    reason: None,
                 }));
                 event.time = time;
                 let v: serde_json::Value =
@@ -665,6 +675,7 @@ mod tests {
             let mut event = sample(EventDetail::Reset(Reset {
                 direction: Direction::Sent,
                 state: None,
+                reason: None,
             }));
             event.process = Some(Process { pid: 7, comm });
             let v: serde_json::Value = serde_json::from_slice(formatter.format(&event))
@@ -678,6 +689,7 @@ mod tests {
         let mut event = sample(EventDetail::Reset(Reset {
             direction: Direction::Sent,
             state: None,
+            reason: None,
         }));
         event.src = "[fd00:200:61::1]:443".parse().unwrap();
         event.dst = "[2001:db8::a:0:0:1]:8080".parse().unwrap();

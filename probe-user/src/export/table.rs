@@ -230,6 +230,7 @@ mod tests {
                 EventDetail::Reset(Reset {
                     direction: Direction::Received,
                     state: Some(TcpState::SYN_SENT),
+                    reason: None,
                 }),
             ));
         }

@@ -9,7 +9,8 @@ use super::*;
 use crate::{
     diagnose::verdict::{Pattern, Verdict},
     event::{
-        Close, Comm, Connect, Errno, FailureReason, Outcome, Process, Reset, Retransmit, TcpState,
+        Close, Comm, Connect, Errno, FailureReason, Outcome, Process, Reset, ResetReason,
+        Retransmit, TcpState,
     },
 };
 
@@ -116,6 +117,7 @@ pub(crate) fn reset_received(dest: &str, time: SystemTime, state: TcpState) -> E
         EventDetail::Reset(Reset {
             direction: Direction::Received,
             state: Some(state),
+            reason: None,
         }),
     )
 }
@@ -135,8 +137,56 @@ pub(crate) fn reset_sent_by_service(
         EventDetail::Reset(Reset {
             direction: Direction::Sent,
             state,
+            reason: None,
         }),
     )
+}
+
+/// A reset this host's service at `local` sends with the kernel's `reason` (Linux 6.10 and
+/// later).
+pub(crate) fn reset_sent_for_reason(
+    local: &str,
+    time: SystemTime,
+    state: Option<TcpState>,
+    reason: &str,
+) -> Event {
+    event(
+        Some(Side::Server),
+        local,
+        "10.7.7.7:51000",
+        time,
+        EventDetail::Reset(Reset {
+            direction: Direction::Sent,
+            state,
+            reason: Some(ResetReason::new(reason)),
+        }),
+    )
+}
+
+/// A connection this host's service at `local` accepted.
+pub(crate) fn accepted(local: &str, time: SystemTime) -> Event {
+    event(
+        Some(Side::Server),
+        local,
+        "10.7.7.7:51000",
+        time,
+        EventDetail::Connect(Connect {
+            outcome: Outcome::Established,
+            reason: None,
+            errno: None,
+            latency: None,
+            syn_retransmits: 0,
+        }),
+    )
+}
+
+/// `event` owned by process `pid` named `comm`, or by no known process (`pid` 0).
+pub(crate) fn owned_by(mut event: Event, pid: u32, comm: &str) -> Event {
+    event.process = (pid != 0).then(|| Process {
+        pid,
+        comm: Comm::from_str_lossy(comm),
+    });
+    event
 }
 
 /// A bit of everything over ten minutes: refused, blackholed, lossy, healthy destinations, a
@@ -391,6 +441,175 @@ fn local_resets_count_against_the_local_service() {
     assert!(v.next_step.contains("nothing listens"), "{}", v.next_step);
 }
 
+/// TCP_CLOSE: where `tcp_close` has moved a socket by the time it sends its reset.
+const CLOSE: TcpState = TcpState(7);
+
+#[test]
+fn local_resets_count_the_kernels_reasons() {
+    let mut events = Vec::new();
+    for i in 0..12 {
+        events.push(reset_sent_for_reason(
+            "10.9.9.9:9000",
+            at(i as f64),
+            Some(CLOSE),
+            "TCP_ABORT_ON_CLOSE",
+        ));
+    }
+    for i in 0..3 {
+        events.push(reset_sent_for_reason(
+            "10.9.9.9:9000",
+            at(i as f64 + 0.5),
+            None,
+            "NO_SOCKET",
+        ));
+    }
+    // A reset from a kernel without reasons (a log spanning an upgrade) is not counted.
+    events.push(reset_sent_by_service(
+        "10.9.9.9:9000",
+        at(20.0),
+        Some(Side::Server),
+        None,
+    ));
+    let v = top(&judged(&events), "10.9.9.9:9000");
+    assert_eq!(v.verdict, VerdictId::LocalResets);
+    assert_eq!(v.evidence["resets_sent"], 16);
+    assert_eq!(v.evidence["by_reason"]["TCP_ABORT_ON_CLOSE"], 12);
+    assert_eq!(v.evidence["by_reason"]["NO_SOCKET"], 3);
+    assert_eq!(v.evidence["by_reason"].as_object().unwrap().len(), 2);
+    assert_eq!(v.evidence["by_state"]["CLOSE"], 12);
+    assert_eq!(v.evidence["by_state"]["none"], 4);
+}
+
+#[test]
+fn local_resets_next_step_follows_the_dominant_reason() {
+    let cases: [(&str, Option<TcpState>, &[&str]); 8] = [
+        ("NO_SOCKET", None, &["nothing listens", "`ss -ltn`"]),
+        (
+            "TCP_ABORT_ON_CLOSE",
+            Some(CLOSE),
+            &[
+                "closes connections with unread data",
+                "read what the peer sent",
+            ],
+        ),
+        (
+            "TCP_ABORT_ON_DATA",
+            Some(TcpState(5)),
+            &["data arrives after the application has closed"],
+        ),
+        (
+            "TCP_STATE",
+            Some(CLOSE),
+            &["aborts connections", "SO_LINGER 0"],
+        ),
+        (
+            "TCP_ABORT_ON_LINGER",
+            Some(TcpState(5)),
+            &["aborts connections", "TCP_LINGER2"],
+        ),
+        (
+            "TCP_KEEPALIVE_TIMEOUT",
+            Some(TcpState::ESTABLISHED),
+            &["keepalive probes went unanswered"],
+        ),
+        (
+            "TCP_ABORT_ON_MEMORY",
+            Some(CLOSE),
+            &["/proc/net/sockstat", "tcp_mem"],
+        ),
+        (
+            "TCP_INVALID_ACK_SEQUENCE",
+            Some(TcpState::SYN_RECV),
+            &["enum sk_rst_reason"],
+        ),
+    ];
+    for (reason, state, fragments) in cases {
+        let events: Vec<_> = (0..10)
+            .map(|i| reset_sent_for_reason("10.9.9.9:9000", at(i as f64), state, reason))
+            .collect();
+        let v = top(&judged(&events), "10.9.9.9:9000");
+        assert_eq!(v.verdict, VerdictId::LocalResets, "{reason}");
+        assert!(
+            v.next_step
+                .starts_with("This host resets connections to its own 10.9.9.9:9000: "),
+            "{}",
+            v.next_step
+        );
+        assert!(
+            v.next_step.contains(&format!("the kernel says {reason}")),
+            "{}",
+            v.next_step
+        );
+        for fragment in fragments {
+            assert!(v.next_step.contains(fragment), "{reason}: {}", v.next_step);
+        }
+    }
+
+    // The reason outweighs the state: mostly aborts on close, a few answers to strays.
+    let mut mixed: Vec<_> = (0..3)
+        .map(|i| reset_sent_for_reason("10.9.9.9:9000", at(i as f64), None, "NO_SOCKET"))
+        .collect();
+    mixed.extend((0..5).map(|i| {
+        reset_sent_for_reason(
+            "10.9.9.9:9000",
+            at(i as f64 + 0.5),
+            Some(CLOSE),
+            "TCP_ABORT_ON_CLOSE",
+        )
+    }));
+    let v = top(&judged(&mixed), "10.9.9.9:9000");
+    assert!(
+        v.next_step.contains("TCP_ABORT_ON_CLOSE"),
+        "{}",
+        v.next_step
+    );
+    assert!(!v.next_step.contains("nothing listens"), "{}", v.next_step);
+
+    // A tie goes to the first name, whatever the order of the events.
+    let tie: Vec<_> = [("TCP_STATE", Some(CLOSE)), ("NO_SOCKET", None)]
+        .into_iter()
+        .flat_map(|(reason, state)| {
+            (0..4).map(move |i| reset_sent_for_reason("10.9.9.9:9000", at(i as f64), state, reason))
+        })
+        .collect();
+    let v = top(&judged(&tie), "10.9.9.9:9000");
+    assert!(v.next_step.contains("NO_SOCKET"), "{}", v.next_step);
+}
+
+#[test]
+fn local_resets_without_reasons_judge_by_state_as_before() {
+    let socketless: Vec<_> = (0..10)
+        .map(|i| reset_sent_by_service("10.9.9.9:9000", at(i as f64), Some(Side::Server), None))
+        .collect();
+    let v = top(&judged(&socketless), "10.9.9.9:9000");
+    assert_eq!(v.verdict, VerdictId::LocalResets);
+    assert_eq!(
+        v.next_step,
+        "This host resets connections to its own 10.9.9.9:9000: most answer SYNs, so nothing \
+         listens there: start the service or stop sending traffic to it (`ss -ltn`)."
+    );
+    assert_eq!(v.evidence["by_reason"], serde_json::json!({}));
+
+    let open: Vec<_> = (0..10)
+        .map(|i| {
+            reset_sent_by_service(
+                "10.9.9.9:9000",
+                at(i as f64),
+                Some(Side::Server),
+                Some(TcpState::ESTABLISHED),
+            )
+        })
+        .collect();
+    let v = top(&judged(&open), "10.9.9.9:9000");
+    assert_eq!(v.verdict, VerdictId::LocalResets);
+    assert_eq!(
+        v.next_step,
+        "This host resets connections to its own 10.9.9.9:9000: they come from open sockets, so \
+         the application closes connections with unread data or with SO_LINGER 0: check its \
+         logs and how it closes."
+    );
+}
+
 #[test]
 fn slow_handshakes_against_the_destinations_own_baseline() {
     let mut events = Vec::new();
@@ -460,6 +679,148 @@ fn pool_partial_failure_names_the_bad_backend() {
         })
         .collect();
     assert!(judged(&all_bad).groups.is_empty());
+}
+
+/// The `processes` of a verdict's evidence as (pid, comm, events).
+fn processes(v: &Verdict) -> Vec<(u64, String, u64)> {
+    v.evidence["processes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no processes in {:?}", v.evidence))
+        .iter()
+        .map(|p| {
+            (
+                p["pid"].as_u64().unwrap(),
+                p["comm"].as_str().unwrap().to_string(),
+                p["events"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn client_verdicts_name_the_processes_that_connect() {
+    let dest = "10.0.0.1:5432";
+    let mut events = Vec::new();
+    for i in 0..12 {
+        let t = at(i as f64);
+        let (pid, comm) = match i % 4 {
+            0 => (17, "psql"),
+            1 => (0, ""), // no known owner: not counted
+            _ => (4242, "app"),
+        };
+        events.push(owned_by(
+            connect_failed(dest, t, FailureReason::Refused, 0),
+            pid,
+            comm,
+        ));
+    }
+    // A retransmit is an event of its owner too.
+    events.push(owned_by(
+        retransmit(dest, at(20.0), TcpState::SYN_SENT, 1),
+        17,
+        "psql",
+    ));
+    let report = judged(&events);
+    let d = &report.destinations[0];
+    assert_eq!(d.side.as_deref(), Some("client"));
+    assert_eq!(d.verdicts[0].verdict, VerdictId::Refused);
+    for v in &d.verdicts {
+        assert_eq!(
+            processes(v),
+            vec![(4242, "app".to_string(), 6), (17, "psql".to_string(), 4)],
+            "{:?}",
+            v.verdict
+        );
+        assert_eq!(v.evidence["unlisted_process_events"], 0);
+    }
+    // The evidence the verdict had before is all still there.
+    assert_eq!(d.verdicts[0].evidence["matching"], 12);
+}
+
+#[test]
+fn server_verdicts_name_the_process_that_serves() {
+    let local = "10.9.9.9:8443";
+    let mut events = Vec::new();
+    for i in 0..6 {
+        let t = at(i as f64);
+        events.push(owned_by(accepted(local, t), 812, "nginx"));
+        events.push(owned_by(
+            reset_sent_for_reason(local, t, Some(CLOSE), "TCP_ABORT_ON_CLOSE"),
+            812,
+            "nginx",
+        ));
+        // Resets answering SYNs have no socket, so no owner.
+        events.push(owned_by(
+            reset_sent_for_reason(local, t, None, "NO_SOCKET"),
+            0,
+            "",
+        ));
+    }
+    let v = top(&judged(&events), local);
+    assert_eq!(v.verdict, VerdictId::LocalResets);
+    assert_eq!(processes(&v), vec![(812, "nginx".to_string(), 12)]);
+    assert_eq!(v.evidence["resets_sent"], 12);
+
+    // Nothing listens: no event knows a process, and the list says so.
+    let nobody: Vec<_> = (0..5)
+        .map(|i| {
+            owned_by(
+                reset_sent_for_reason(local, at(i as f64), None, "NO_SOCKET"),
+                0,
+                "",
+            )
+        })
+        .collect();
+    let v = top(&judged(&nobody), local);
+    assert_eq!(v.verdict, VerdictId::LocalResets);
+    assert_eq!(v.evidence["processes"], serde_json::json!([]));
+}
+
+#[test]
+fn a_destination_names_at_most_eight_processes() {
+    let dest = "10.0.0.9:443";
+    // A process per connect, and one that comes back: it keeps its place and its count.
+    let mut events: Vec<_> = (0..100u32)
+        .map(|i| owned_by(connect_ok(dest, at(f64::from(i)), 500), 1000 + i, "job"))
+        .collect();
+    events.extend(
+        (0..5).map(|i| owned_by(connect_ok(dest, at(200.0 + f64::from(i)), 500), 1003, "job")),
+    );
+    let v = top(&judged(&events), dest);
+    let listed = processes(&v);
+    assert_eq!(listed.len(), 8, "{listed:?}");
+    assert_eq!(listed[0], (1003, "job".to_string(), 6));
+    assert_eq!(listed[1], (1000, "job".to_string(), 1));
+    assert_eq!(v.evidence["unlisted_process_events"], 92);
+    assert_eq!(v.evidence["events"], 105);
+}
+
+#[test]
+fn a_pool_names_the_processes_whose_connects_fail() {
+    let mut events = Vec::new();
+    for i in 0..10 {
+        let t = at(i as f64);
+        for b in 1..=3 {
+            let dest = format!("10.0.1.{b}:8080");
+            let e = if b == 2 {
+                connect_failed(&dest, t, FailureReason::Refused, 0)
+            } else {
+                connect_ok(&dest, t, 500)
+            };
+            // The batch job only reaches the healthy members.
+            let (pid, comm) = if b == 2 || i % 2 == 0 {
+                (4242, "app")
+            } else {
+                (99, "batch")
+            };
+            events.push(owned_by(e, pid, comm));
+        }
+    }
+    let report = judged(&events);
+    let v = &report.groups[0].verdicts[0];
+    assert_eq!(v.verdict, VerdictId::PoolPartialFailure);
+    assert_eq!(processes(v), vec![(4242, "app".to_string(), 10)]);
+    assert_eq!(v.evidence["unlisted_process_events"], 0);
 }
 
 #[test]

@@ -1,0 +1,63 @@
+//! Listening sockets and their owners: `listen()` runs in the owning process, so the owner is
+//! known there; the connections a listener accepts appear later in softirq context, where the
+//! current task is whoever ran, and take the listener's owner instead.
+use probe_common::{ListenerKey, ListenerRecord, Owner, side};
+
+use crate::{
+    emit::{current_owner, unknown_owner},
+    maps::{LISTENERS, offset},
+    sock::{local_port, netns, read},
+};
+
+#[inline(always)]
+fn key(sk: u64, port: u16) -> Result<ListenerKey, i32> {
+    Ok(ListenerKey {
+        netns: netns(sk)?,
+        port,
+        _pad: 0,
+    })
+}
+
+/// CLOSE -> LISTEN, inside `listen()`. The port is bound already (`skc_num`); `inet_sport` is set
+/// only after this transition. With SO_REUSEPORT several processes listen on one port: the last
+/// one to call `listen()` names them all.
+#[inline(always)]
+pub fn listen(sk: u64) -> Result<(), i32> {
+    let port = read::<u16>(sk, offset!(skc_num))?;
+    let record = ListenerRecord {
+        sk,
+        owner: current_owner(side::SERVER),
+    };
+    let _ = LISTENERS.insert(&key(sk, port)?, &record, 0);
+    Ok(())
+}
+
+/// LISTEN -> CLOSE: forget the listener, unless another socket took the port over since (a
+/// restart with SO_REUSEPORT). A listener found at start-up (`sk == 0`) goes with the first close.
+/// The port comes from `inet_sport`: CLOSE may have released `skc_num` already.
+#[inline(always)]
+pub fn unlisten(sk: u64) -> Result<(), i32> {
+    let key = key(sk, local_port(sk)?)?;
+    // SAFETY: the value is copied out at once.
+    if let Some(record) = unsafe { LISTENERS.get(&key) }
+        && (record.sk == sk || record.sk == 0)
+    {
+        let _ = LISTENERS.remove(&key);
+    }
+    Ok(())
+}
+
+/// The owner of the listener on `port` in the namespace of `sk` (a socket of that namespace:
+/// the listener itself, or a connection it accepted), marked as the server side.
+#[inline(always)]
+pub fn listener_owner(sk: u64, port: u16) -> Result<Owner, i32> {
+    // SAFETY: the value is copied out at once.
+    Ok(match unsafe { LISTENERS.get(&key(sk, port)?) } {
+        Some(record) => {
+            let mut owner = record.owner;
+            owner.side = side::SERVER;
+            owner
+        }
+        None => unknown_owner(side::SERVER),
+    })
+}
