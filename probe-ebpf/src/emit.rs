@@ -7,9 +7,12 @@ use aya_ebpf::{
     },
 };
 use aya_log_ebpf::warn;
-use probe_common::{COMM_LEN, Counter, EventHeader, EventKind, Owner, SocketRecord, owner_flags};
+use probe_common::{COMM_LEN, Counter, EventHeader, EventKind, Owner, owner_flags};
 
-use crate::maps::{EVENTS, SOCKETS, WAKEUP_BYTES, bump};
+use crate::{
+    access::Kernel,
+    maps::{EVENTS, WAKEUP_BYTES, bump},
+};
 
 #[inline(always)]
 pub fn now_ns() -> u64 {
@@ -50,19 +53,13 @@ pub fn current_owner(side: u8) -> Owner {
     }
 }
 
-/// The socket's record, if it is being followed.
-#[inline(always)]
-pub fn record(sk: u64) -> Option<SocketRecord> {
-    // SAFETY: the value is copied out at once; a concurrent update can at worst tear a record,
-    // which only affects reporting, never memory safety.
-    unsafe { SOCKETS.get(&sk) }.copied()
-}
-
 /// The socket's owner as recorded at its start, or unknown.
 #[inline(always)]
-pub fn owner_of(sk: u64) -> Owner {
-    match record(sk) {
-        Some(rec) => rec.owner,
+pub fn owner_of<K: Kernel>(k: K, sk: u64) -> Owner {
+    match k.record(sk) {
+        // SAFETY: a valid map value pointer while the program runs; copied out at once (a
+        // concurrent update can at worst tear a record, which only affects reporting).
+        Some(rec) => unsafe { (*rec).owner },
         None => unknown_owner(probe_common::side::UNKNOWN),
     }
 }

@@ -9,7 +9,7 @@ use aya::{
 };
 use probe_common::{
     COUNTERS_MAP, EVENTS_MAP, KernelOffsets, LISTENERS_MAP, ListenerKey, ListenerRecord,
-    OFFSETS_GLOBAL, SOCKETS_MAP, WAKEUP_BYTES_GLOBAL,
+    OFFSETS_GLOBAL, RECORDS_IN_STORAGE_GLOBAL, SOCKETS_MAP, WAKEUP_BYTES_GLOBAL,
 };
 
 use crate::{
@@ -215,9 +215,13 @@ fn try_load(
     // Wake the agent once an eighth of the ring is waiting; the reader also polls every
     // POLL_INTERVAL, so a quiet host still sees its events promptly.
     let wakeup_bytes = u64::from(config.ring_buffer_bytes / 8);
+    // Socket storage holds the per-socket records when every program can reach it (BTF
+    // tracepoints); then nothing needs to forget a socket at tcp_destroy_sock.
+    let in_storage = records_in_storage(&plan);
     let mut ebpf = EbpfLoader::new()
         .override_global(OFFSETS_GLOBAL, &offsets, true)
         .override_global(WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
+        .override_global(RECORDS_IN_STORAGE_GLOBAL, &u32::from(in_storage), true)
         .map_max_entries(EVENTS_MAP, config.ring_buffer_bytes)
         .map_max_entries(SOCKETS_MAP, config.max_sockets)
         .load(OBJECT)
@@ -241,6 +245,10 @@ fn try_load(
         reset_reasons,
     });
 
+    let plan: Vec<(Hook, Attachment)> = plan
+        .into_iter()
+        .filter(|(hook, _)| !(in_storage && *hook == Hook::TcpDestroy))
+        .collect();
     for (hook, how) in &plan {
         let (category, name) = hook.tracepoint();
         let suffix = match how {
@@ -281,6 +289,13 @@ fn try_load(
         missing,
         _tracefs: tracefs,
     })
+}
+
+/// Whether the per-socket records can live in socket storage: only BTF programs can reach it,
+/// and every program must use the same store. (The benchmark's empty programs keep the hooks of
+/// the full set, `tcp_destroy_sock` included.)
+fn records_in_storage(plan: &[(Hook, Attachment)]) -> bool {
+    plan.iter().all(|(_, how)| *how == Attachment::Btf)
 }
 
 /// Listeners opened before the agent: their owners go into the map the programs look accepted
