@@ -15,7 +15,7 @@ use crate::{
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn tcp_send_reset_btf(ctx: BtfTracePointContext) -> u32 {
     // The agent picks this program only on kernels whose tracepoint has the `reason` argument
-    // (Linux 6.10 and later); older ones use the classic tracepoint.
+    // (Linux 6.10 and later); `tcp_send_reset_btf_older` is for the others.
     let sk: u64 = ctx.arg(0);
     let skb: u64 = ctx.arg(1);
     let reason: u32 = ctx.arg(2);
@@ -24,6 +24,14 @@ pub fn tcp_send_reset_btf(ctx: BtfTracePointContext) -> u32 {
         "tcp_send_reset",
         on_send_reset(Typed, sk, skb, Some(reason)),
     )
+}
+
+/// Kernels before 6.10: no `reason` argument.
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset_btf_older(ctx: BtfTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    let skb: u64 = ctx.arg(1);
+    finish(&ctx, "tcp_send_reset", on_send_reset(Typed, sk, skb, None))
 }
 
 #[tracepoint]

@@ -15,7 +15,8 @@ use crate::{
 
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn tcp_retransmit_btf(ctx: BtfTracePointContext) -> u32 {
-    // The agent picks this program only on kernels whose tracepoint has the `err` argument.
+    // The agent picks this program only on kernels whose tracepoint has the `err` argument
+    // (6.13 and later); `tcp_retransmit_btf_older` is for the others.
     let sk: u64 = ctx.arg(0);
     let skb: u64 = ctx.arg(1);
     let err: i32 = ctx.arg(2);
@@ -24,6 +25,15 @@ pub fn tcp_retransmit_btf(ctx: BtfTracePointContext) -> u32 {
         "tcp_retransmit_skb",
         on_retransmit(Typed, sk, skb, err),
     )
+}
+
+/// Kernels before 6.13: no `err` argument, and the tracepoint fires only for resends that
+/// succeeded.
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_btf_older(ctx: BtfTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    let skb: u64 = ctx.arg(1);
+    finish(&ctx, "tcp_retransmit_skb", on_retransmit(Typed, sk, skb, 0))
 }
 
 #[tracepoint]

@@ -46,6 +46,11 @@ pub enum HookMode {
     /// Empty BTF programs on the same hooks, emitting nothing: the benchmark's floor.
     #[value(hide = true)]
     Empty,
+    /// BTF tracepoints, with the programs written for older kernels' tracepoints where a hook
+    /// has them (no `err` in tcp_retransmit_skb, no `reason` in tcp_send_reset): lets the tests
+    /// check those programs on a newer kernel.
+    #[value(hide = true)]
+    BtfOlder,
 }
 
 #[derive(Debug, Clone, Args)]

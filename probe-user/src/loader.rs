@@ -62,6 +62,9 @@ pub enum LoadError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attachment {
     Btf,
+    /// The BTF program for a kernel whose tracepoint has fewer arguments (no `err` in
+    /// `tcp_retransmit_skb` before 6.13, no `reason` in `tcp_send_reset` before 6.10).
+    BtfOlder,
     Classic,
     /// Empty BTF programs (benchmark floor).
     Empty,
@@ -71,6 +74,7 @@ impl Attachment {
     pub fn as_str(self) -> &'static str {
         match self {
             Attachment::Btf => "btf",
+            Attachment::BtfOlder => "btf-older",
             Attachment::Classic => "classic",
             Attachment::Empty => "empty",
         }
@@ -145,7 +149,9 @@ pub fn load_and_attach(
         Ok(probes) => Ok(probes),
         Err(e @ LoadError::Program { .. })
             if config.hooks == HookMode::Auto
-                && plan.iter().any(|(_, a)| *a == Attachment::Btf) =>
+                && plan
+                    .iter()
+                    .any(|(_, a)| matches!(a, Attachment::Btf | Attachment::BtfOlder)) =>
         {
             tracing::warn!("{e}; falling back to classic tracepoints");
             let classic = Hook::ALL.map(|h| (h, Attachment::Classic)).to_vec();
@@ -160,15 +166,22 @@ fn plan_hooks(btf: &Btf, mode: HookMode) -> Vec<(Hook, Attachment)> {
     Hook::ALL
         .iter()
         .map(|&hook| {
-            let has_btf = btf
-                .tracepoint_args(hook.tracepoint().1)
-                .is_ok_and(|n| n >= hook.btf_args_needed());
-            let how = match mode {
-                HookMode::Classic => Attachment::Classic,
-                HookMode::Btf => Attachment::Btf,
-                HookMode::Empty => Attachment::Empty,
-                HookMode::Auto if has_btf => Attachment::Btf,
-                HookMode::Auto => Attachment::Classic,
+            let args = btf.tracepoint_args(hook.tracepoint().1).unwrap_or(0);
+            let btf_program = if args >= hook.btf_args_needed() {
+                Some(Attachment::Btf)
+            } else {
+                hook.btf_older_args()
+                    .filter(|&older| args >= older)
+                    .map(|_| Attachment::BtfOlder)
+            };
+            let how = match (mode, btf_program) {
+                (HookMode::Classic, _) => Attachment::Classic,
+                (HookMode::Empty, _) => Attachment::Empty,
+                (HookMode::BtfOlder, _) if hook.btf_older_args().is_some() => Attachment::BtfOlder,
+                (HookMode::BtfOlder, _) => Attachment::Btf,
+                (HookMode::Btf | HookMode::Auto, Some(program)) => program,
+                (HookMode::Btf, None) => Attachment::Btf,
+                (HookMode::Auto, None) => Attachment::Classic,
             };
             (hook, how)
         })
@@ -253,6 +266,7 @@ fn try_load(
         let (category, name) = hook.tracepoint();
         let suffix = match how {
             Attachment::Btf => "btf",
+            Attachment::BtfOlder => "btf_older",
             Attachment::Classic => "tp",
             Attachment::Empty => "empty",
         };
@@ -266,7 +280,7 @@ fn try_load(
             .program_mut(&program)
             .ok_or_else(|| LoadError::Missing(program.clone()))?;
         match how {
-            Attachment::Btf | Attachment::Empty => {
+            Attachment::Btf | Attachment::BtfOlder | Attachment::Empty => {
                 let prog: &mut BtfTracePoint = prog.try_into().map_err(fail)?;
                 prog.load(name, aya_btf).map_err(fail)?;
                 prog.attach().map_err(fail)?;
@@ -295,7 +309,8 @@ fn try_load(
 /// and every program must use the same store. (The benchmark's empty programs keep the hooks of
 /// the full set, `tcp_destroy_sock` included.)
 fn records_in_storage(plan: &[(Hook, Attachment)]) -> bool {
-    plan.iter().all(|(_, how)| *how == Attachment::Btf)
+    plan.iter()
+        .all(|(_, how)| matches!(how, Attachment::Btf | Attachment::BtfOlder))
 }
 
 /// Listeners opened before the agent: their owners go into the map the programs look accepted
