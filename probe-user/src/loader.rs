@@ -306,11 +306,15 @@ fn try_load(
 }
 
 /// Whether the per-socket records can live in socket storage: only BTF programs can reach it,
-/// and every program must use the same store. (The benchmark's empty programs keep the hooks of
-/// the full set, `tcp_destroy_sock` included.)
+/// and every program must use the same store. The benchmark's empty programs count as BTF, so
+/// that the floor attaches the same hooks as the default set (no `tcp_destroy_sock`).
 fn records_in_storage(plan: &[(Hook, Attachment)]) -> bool {
-    plan.iter()
-        .all(|(_, how)| matches!(how, Attachment::Btf | Attachment::BtfOlder))
+    plan.iter().all(|(_, how)| {
+        matches!(
+            how,
+            Attachment::Btf | Attachment::BtfOlder | Attachment::Empty
+        )
+    })
 }
 
 /// Listeners opened before the agent: their owners go into the map the programs look accepted
