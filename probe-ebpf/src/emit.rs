@@ -65,8 +65,11 @@ pub fn owner_of<K: Kernel>(k: K, sk: u64) -> Owner {
 }
 
 /// Counts the event as produced and writes it to the ring buffer, or counts it lost there.
-/// Submits wake the agent only once a batch has built up: a wakeup per event would cost more
-/// than the event.
+///
+/// Submits wake the agent only when this event's record carries the unread data across the
+/// threshold (an eighth of the ring): a wakeup per event would cost more than the event, and so
+/// would one per event while the agent is behind, as it is in a storm (the agent drains
+/// everything once woken; its periodic poll covers a wakeup that two producers both missed).
 #[inline(always)]
 pub fn emit<T: 'static>(kind: EventKind, event: T) {
     bump(kind.produced_counter());
@@ -75,7 +78,14 @@ pub fn emit<T: 'static>(kind: EventKind, event: T) {
             entry.write(event);
             // SAFETY: a plain read of a load-time constant.
             let threshold = unsafe { core::ptr::read_volatile(&raw const WAKEUP_BYTES) };
-            let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+            let unread = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+            // The record as the ring holds it: its 8-byte header, rounded up to 8 bytes.
+            let record = (core::mem::size_of::<T>() as u64 + 8 + 7) & !7;
+            let crossed = unread >= threshold && unread < threshold + record;
+            // Far behind (half the ring): every event wakes it, as a safety net for a crossing
+            // that concurrent producers both missed.
+            let far_behind = unread >= 4 * threshold;
+            let flags = if crossed || far_behind {
                 BPF_RB_FORCE_WAKEUP
             } else {
                 BPF_RB_NO_WAKEUP
