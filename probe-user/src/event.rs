@@ -1,11 +1,19 @@
-//! Typed events: what the decoder makes of the kernel's records, what the JSON log holds, and
-//! what the aggregator and the verdict engine consume.
+//! Typed events: what the decoder makes of the kernel's records and what every consumer reads.
+//!
+//! Only real states are representable: a connect either was established or failed with a
+//! reason (and the errno behind it, if the kernel gave one); a TCP state is one of the
+//! kernel's; an endpoint is in canonical form. The names of the kinds, sides, reasons, states
+//! and phases are derived from the enums (strum), never paired by hand; the JSON log's schema
+//! (`schema`) and the metric labels use the same names.
 use std::{
     fmt,
     net::{IpAddr, SocketAddr},
+    str::FromStr,
     sync::Arc,
     time::{Duration, SystemTime},
 };
+
+use strum::{EnumCount, EnumDiscriminants, EnumString, FromRepr, IntoStaticStr, VariantArray};
 
 /// One TCP event on this host.
 #[derive(Clone, Debug, PartialEq)]
@@ -17,13 +25,27 @@ pub struct Event {
     /// Which end of the connection this host is, where known.
     pub side: Option<Side>,
     /// This host's end.
-    pub src: SocketAddr,
+    pub src: Endpoint,
     /// The remote end.
-    pub dst: SocketAddr,
+    pub dst: Endpoint,
     pub detail: EventDetail,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+/// What happened; its kind ([`EventKind`], the log's `type`) is derived from it.
+#[derive(Clone, Debug, PartialEq, EnumDiscriminants)]
+#[strum_discriminants(
+    name(EventKind),
+    derive(
+        Hash,
+        PartialOrd,
+        Ord,
+        IntoStaticStr,
+        EnumString,
+        VariantArray,
+        EnumCount
+    ),
+    strum(serialize_all = "lowercase")
+)]
 pub enum EventDetail {
     Connect(Connect),
     Retransmit(Retransmit),
@@ -31,17 +53,52 @@ pub enum EventDetail {
     Close(Close),
 }
 
+impl Event {
+    pub fn kind(&self) -> EventKind {
+        EventKind::from(&self.detail)
+    }
+}
+
+impl EventKind {
+    pub fn name(self) -> &'static str {
+        self.into()
+    }
+}
+
 /// A connect ended (client: SYN_SENT -> ESTABLISHED or CLOSE; server: SYN_RECV -> ESTABLISHED).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Connect {
-    pub outcome: Outcome,
-    /// Why it failed; `None` when established.
-    pub reason: Option<FailureReason>,
-    /// `sk->sk_err` at the failure, when there was one.
-    pub errno: Option<Errno>,
-    /// Handshake time, on the side that started it and where its start was seen.
+    pub outcome: ConnectOutcome,
+    /// From the connect's start to its end (the handshake time when established, the wait when
+    /// failed), on the side that started it and where its start was seen.
     pub latency: Option<Duration>,
     pub syn_retransmits: u32,
+}
+
+/// How a connect ended; the log's `outcome` ([`Outcome`]) is derived from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumDiscriminants)]
+#[strum_discriminants(
+    name(Outcome),
+    derive(IntoStaticStr, EnumString),
+    strum(serialize_all = "lowercase")
+)]
+pub enum ConnectOutcome {
+    Established,
+    Failed {
+        reason: FailureReason,
+        /// The socket error behind the failure; `None` when there was none (`Cancelled`).
+        errno: Option<Errno>,
+    },
+}
+
+impl ConnectOutcome {
+    /// The failure the kernel's `sk_err` (0 for none) at the SYN_SENT -> CLOSE transition means.
+    pub fn failed(sk_err: u32) -> Self {
+        ConnectOutcome::Failed {
+            reason: FailureReason::from_sk_err(sk_err),
+            errno: (sk_err != 0).then_some(Errno(sk_err)),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -59,6 +116,14 @@ pub struct Reset {
     /// Why this host sent it, in the kernel's words; `None` for received resets and on kernels
     /// before 6.10.
     pub reason: Option<ResetReason>,
+}
+
+impl Reset {
+    /// A reset sent without a socket answers a segment (usually a SYN) for which no socket
+    /// exists: this host is the server.
+    pub fn is_socketless(&self) -> bool {
+        self.direction == Direction::Sent && self.state.is_none()
+    }
 }
 
 /// The kernel's reason for a reset it sent: an `enum sk_rst_reason` name without its
@@ -95,45 +160,58 @@ pub struct Close {
     pub segments_retransmitted: u32,
 }
 
-impl Event {
-    pub fn kind(&self) -> EventType {
-        match self.detail {
-            EventDetail::Connect(_) => EventType::Connect,
-            EventDetail::Retransmit(_) => EventType::Retransmit,
-            EventDetail::Reset(_) => EventType::Reset,
-            EventDetail::Close(_) => EventType::Close,
-        }
+/// One end of a connection in canonical form: an IPv4-mapped IPv6 address is the IPv4 address
+/// it stands for. Made canonical once, where it is built, so every consumer compares and prints
+/// the same thing.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint(SocketAddr);
+
+impl Endpoint {
+    pub fn new(ip: IpAddr, port: u16) -> Self {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        Endpoint(SocketAddr::new(ip, port))
+    }
+
+    pub fn ip(&self) -> IpAddr {
+        self.0.ip()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.0.port()
+    }
+
+    pub fn socket_addr(&self) -> SocketAddr {
+        self.0
     }
 }
 
-/// The `type` of an event in the JSON log and the `type` label of `connprobe_events_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum EventType {
-    Connect,
-    Retransmit,
-    Reset,
-    Close,
+impl From<SocketAddr> for Endpoint {
+    fn from(addr: SocketAddr) -> Self {
+        Endpoint::new(addr.ip(), addr.port())
+    }
 }
 
-impl EventType {
-    pub const ALL: [EventType; 4] = [
-        EventType::Connect,
-        EventType::Retransmit,
-        EventType::Reset,
-        EventType::Close,
-    ];
+impl FromStr for Endpoint {
+    type Err = std::net::AddrParseError;
 
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventType::Connect => "connect",
-            EventType::Retransmit => "retransmit",
-            EventType::Reset => "reset",
-            EventType::Close => "close",
-        }
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse::<SocketAddr>().map(Endpoint::from)
     }
+}
 
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|t| t.as_str() == s)
+/// `ip:port`, IPv6 in brackets.
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
     }
 }
 
@@ -155,8 +233,10 @@ impl Comm {
     /// From the kernel's NUL-padded buffer.
     pub fn from_kernel(raw: &[u8; 16]) -> Self {
         let len = raw.iter().position(|&b| b == 0).unwrap_or(16);
+        let mut bytes = [0u8; 16];
+        bytes[..len].copy_from_slice(&raw[..len]);
         Comm {
-            bytes: *raw,
+            bytes,
             len: len as u8,
         }
     }
@@ -197,7 +277,22 @@ impl fmt::Display for Comm {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Which end of the connection this host is.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    IntoStaticStr,
+    EnumString,
+    VariantArray,
+    EnumCount,
+)]
+#[strum(serialize_all = "lowercase")]
 pub enum Side {
     /// This host opened the connection.
     Client,
@@ -206,47 +301,27 @@ pub enum Side {
 }
 
 impl Side {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Side::Client => "client",
-            Side::Server => "server",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "client" => Some(Side::Client),
-            "server" => Some(Side::Server),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Outcome {
-    Established,
-    Failed,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Established => "established",
-            Outcome::Failed => "failed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "established" => Some(Outcome::Established),
-            "failed" => Some(Outcome::Failed),
-            _ => None,
-        }
+    pub fn name(self) -> &'static str {
+        self.into()
     }
 }
 
 /// Why a connect failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    IntoStaticStr,
+    EnumString,
+    VariantArray,
+    EnumCount,
+)]
+#[strum(serialize_all = "lowercase")]
 pub enum FailureReason {
     /// The SYN was answered with a reset (ECONNREFUSED).
     Refused,
@@ -261,37 +336,23 @@ pub enum FailureReason {
 }
 
 impl FailureReason {
-    pub const ALL: [FailureReason; 5] = [
-        FailureReason::Refused,
-        FailureReason::Timeout,
-        FailureReason::Unreachable,
-        FailureReason::Cancelled,
-        FailureReason::Other,
-    ];
-
     /// Classifies `sk->sk_err` read at the SYN_SENT -> CLOSE transition.
     pub fn from_sk_err(errno: u32) -> Self {
+        const REFUSED: u32 = libc::ECONNREFUSED as u32;
+        const TIMED_OUT: u32 = libc::ETIMEDOUT as u32;
+        const HOST_UNREACHABLE: u32 = libc::EHOSTUNREACH as u32;
+        const NET_UNREACHABLE: u32 = libc::ENETUNREACH as u32;
         match errno {
             0 => FailureReason::Cancelled,
-            Errno::ECONNREFUSED => FailureReason::Refused,
-            Errno::ETIMEDOUT => FailureReason::Timeout,
-            Errno::EHOSTUNREACH | Errno::ENETUNREACH => FailureReason::Unreachable,
+            REFUSED => FailureReason::Refused,
+            TIMED_OUT => FailureReason::Timeout,
+            HOST_UNREACHABLE | NET_UNREACHABLE => FailureReason::Unreachable,
             _ => FailureReason::Other,
         }
     }
 
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureReason::Refused => "refused",
-            FailureReason::Timeout => "timeout",
-            FailureReason::Unreachable => "unreachable",
-            FailureReason::Cancelled => "cancelled",
-            FailureReason::Other => "other",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    pub fn name(self) -> &'static str {
+        self.into()
     }
 }
 
@@ -299,144 +360,377 @@ impl FailureReason {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Errno(pub u32);
 
-impl Errno {
-    pub const EPIPE: u32 = 32;
-    pub const EPROTO: u32 = 71;
-    pub const ENETUNREACH: u32 = 101;
-    pub const ECONNABORTED: u32 = 103;
-    pub const ECONNRESET: u32 = 104;
-    pub const ETIMEDOUT: u32 = 110;
-    pub const ECONNREFUSED: u32 = 111;
-    pub const EHOSTDOWN: u32 = 112;
-    pub const EHOSTUNREACH: u32 = 113;
+/// The names of the errors a TCP socket reports: libc's constants, named by themselves.
+macro_rules! errno_names {
+    ($($name:ident),* $(,)?) => {
+        const ERRNO_NAMES: &[(i32, &str)] = &[$((libc::$name, stringify!($name))),*];
+    };
+}
 
-    const NAMES: [(u32, &'static str); 9] = [
-        (Self::EPIPE, "EPIPE"),
-        (Self::EPROTO, "EPROTO"),
-        (Self::ENETUNREACH, "ENETUNREACH"),
-        (Self::ECONNABORTED, "ECONNABORTED"),
-        (Self::ECONNRESET, "ECONNRESET"),
-        (Self::ETIMEDOUT, "ETIMEDOUT"),
-        (Self::ECONNREFUSED, "ECONNREFUSED"),
-        (Self::EHOSTDOWN, "EHOSTDOWN"),
-        (Self::EHOSTUNREACH, "EHOSTUNREACH"),
-    ];
+errno_names!(
+    EPERM,
+    EACCES,
+    ENOMEM,
+    ENOBUFS,
+    EPIPE,
+    EPROTO,
+    EMSGSIZE,
+    ENETDOWN,
+    ENETUNREACH,
+    ENETRESET,
+    ECONNABORTED,
+    ECONNRESET,
+    ESHUTDOWN,
+    ETIMEDOUT,
+    ECONNREFUSED,
+    EHOSTDOWN,
+    EHOSTUNREACH,
+    EADDRNOTAVAIL,
+);
+
+impl Errno {
+    pub fn of(errno: i32) -> Self {
+        Errno(errno as u32)
+    }
 
     /// `ECONNREFUSED` style, or `E<number>` for errors without a name here.
     pub fn name(self) -> std::borrow::Cow<'static, str> {
-        match Self::NAMES.iter().find(|(n, _)| *n == self.0) {
+        match ERRNO_NAMES.iter().find(|(n, _)| *n as u32 == self.0) {
             Some((_, name)) => (*name).into(),
             None => format!("E{}", self.0).into(),
         }
     }
+}
 
-    pub fn parse(s: &str) -> Option<Self> {
-        if let Some((n, _)) = Self::NAMES.iter().find(|(_, name)| *name == s) {
-            return Some(Errno(*n));
+impl FromStr for Errno {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        if let Some((n, _)) = ERRNO_NAMES.iter().find(|(_, name)| *name == s) {
+            return Ok(Errno(*n as u32));
         }
-        s.strip_prefix('E')?.parse().ok().map(Errno)
+        s.strip_prefix('E')
+            .and_then(|n| n.parse().ok())
+            .map(Errno)
+            .ok_or(())
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, IntoStaticStr, EnumString, VariantArray, EnumCount,
+)]
+#[strum(serialize_all = "lowercase")]
 pub enum Direction {
     Sent,
     Received,
 }
 
 impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Sent => "sent",
-            Direction::Received => "received",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "sent" => Some(Direction::Sent),
-            "received" => Some(Direction::Received),
-            _ => None,
-        }
+    pub fn name(self) -> &'static str {
+        self.into()
     }
 }
 
-/// A TCP state as the kernel numbers them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct TcpState(pub u8);
+/// A TCP state, numbered as the kernel numbers them (`include/net/tcp_states.h`), named as the
+/// kernel names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, IntoStaticStr, EnumString, FromRepr)]
+#[strum(serialize_all = "SCREAMING_SNAKE_CASE")]
+#[repr(u8)]
+pub enum TcpState {
+    Established = 1,
+    SynSent = 2,
+    SynRecv = 3,
+    FinWait1 = 4,
+    FinWait2 = 5,
+    TimeWait = 6,
+    Close = 7,
+    CloseWait = 8,
+    LastAck = 9,
+    Listen = 10,
+    Closing = 11,
+    NewSynRecv = 12,
+    BoundInactive = 13,
+}
 
 impl TcpState {
-    pub const ESTABLISHED: TcpState = TcpState(1);
-    pub const SYN_SENT: TcpState = TcpState(2);
-    pub const SYN_RECV: TcpState = TcpState(3);
-
-    const NAMES: [&'static str; 14] = [
-        "UNKNOWN",
-        "ESTABLISHED",
-        "SYN_SENT",
-        "SYN_RECV",
-        "FIN_WAIT1",
-        "FIN_WAIT2",
-        "TIME_WAIT",
-        "CLOSE",
-        "CLOSE_WAIT",
-        "LAST_ACK",
-        "LISTEN",
-        "CLOSING",
-        "NEW_SYN_RECV",
-        "BOUND_INACTIVE",
-    ];
-
     pub fn name(self) -> &'static str {
-        Self::NAMES
-            .get(self.0 as usize)
-            .copied()
-            .unwrap_or("UNKNOWN")
+        self.into()
     }
 
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::NAMES
-            .iter()
-            .position(|n| *n == s)
-            .map(|i| TcpState(i as u8))
-    }
-
-    /// Where in a connection's life a retransmit happened: `syn` during the handshake,
-    /// `established` in the data phase, else the state's name in lower case.
+    /// Where in a connection's life a retransmit happened.
     pub fn phase(self) -> Phase {
         match self {
-            TcpState::SYN_SENT | TcpState::SYN_RECV | TcpState(12) => Phase::Syn,
-            TcpState::ESTABLISHED => Phase::Established,
-            other => Phase::Other(other),
+            TcpState::SynSent | TcpState::SynRecv | TcpState::NewSynRecv => Phase::Syn,
+            TcpState::Established => Phase::Established,
+            TcpState::FinWait1 => Phase::FinWait1,
+            TcpState::FinWait2 => Phase::FinWait2,
+            TcpState::TimeWait => Phase::TimeWait,
+            TcpState::Close => Phase::Close,
+            TcpState::CloseWait => Phase::CloseWait,
+            TcpState::LastAck => Phase::LastAck,
+            TcpState::Listen => Phase::Listen,
+            TcpState::Closing => Phase::Closing,
+            TcpState::BoundInactive => Phase::BoundInactive,
         }
+    }
+
+    /// Established or on the way to closing: a reset received there ends a working connection.
+    pub fn is_midstream(self) -> bool {
+        matches!(
+            self,
+            TcpState::Established
+                | TcpState::FinWait1
+                | TcpState::FinWait2
+                | TcpState::CloseWait
+                | TcpState::LastAck
+                | TcpState::Closing
+        )
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Where in a connection's life a retransmit happened: `syn` during the handshake,
+/// `established` in the data phase, else the state's name in lower case.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, IntoStaticStr, EnumString, VariantArray, EnumCount,
+)]
+#[strum(serialize_all = "snake_case")]
 pub enum Phase {
     Syn,
     Established,
-    Other(TcpState),
+    FinWait1,
+    FinWait2,
+    TimeWait,
+    Close,
+    CloseWait,
+    LastAck,
+    Listen,
+    Closing,
+    BoundInactive,
 }
 
 impl Phase {
-    pub fn as_str(self) -> std::borrow::Cow<'static, str> {
-        match self {
-            Phase::Syn => "syn".into(),
-            Phase::Established => "established".into(),
-            Phase::Other(state) => state.name().to_ascii_lowercase().into(),
-        }
+    pub fn name(self) -> &'static str {
+        self.into()
     }
 }
 
-/// Shows IPv4-mapped IPv6 addresses as IPv4.
-pub fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(v6),
-        },
-        v4 => v4,
+/// Serde for enums whose names strum derives: the name is the JSON string, so the log, the
+/// reports and the metric labels cannot disagree.
+macro_rules! serde_by_name {
+    ($($t:ty),* $(,)?) => {$(
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(<&'static str>::from(*self))
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let name = <String as serde::Deserialize>::deserialize(d)?;
+                name.parse().map_err(|_| {
+                    serde::de::Error::custom(format_args!(
+                        "unknown {} {name:?}",
+                        stringify!($t)
+                    ))
+                })
+            }
+        }
+    )*};
+}
+pub(crate) use serde_by_name;
+
+serde_by_name!(
+    EventKind,
+    Outcome,
+    Side,
+    FailureReason,
+    Direction,
+    TcpState,
+    Phase
+);
+
+impl serde::Serialize for Errno {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Errno {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = <String as serde::Deserialize>::deserialize(d)?;
+        name.parse()
+            .map_err(|()| serde::de::Error::custom(format_args!("unknown errno {name:?}")))
+    }
+}
+
+/// Builders of events for the unit tests of every consumer: one vocabulary, so a test reads as
+/// the scenario it sets up.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// Seconds after a fixed epoch (2026-11-18T11:06:40Z), at millisecond precision (what a
+    /// log keeps exactly).
+    pub(crate) fn at(secs: f64) -> SystemTime {
+        SystemTime::UNIX_EPOCH
+            + Duration::from_secs(1_795_000_000)
+            + Duration::from_millis((secs * 1000.0).round() as u64)
+    }
+
+    /// This host's end of its client connections.
+    pub(crate) const LOCAL: &str = "10.9.9.9:40000";
+    /// The remote end of connections to this host's services.
+    pub(crate) const PEER: &str = "10.7.7.7:51000";
+
+    /// An event owned by pid 42 (`app`).
+    pub(crate) fn event(
+        side: Option<Side>,
+        src: &str,
+        dst: &str,
+        time: SystemTime,
+        detail: EventDetail,
+    ) -> Event {
+        Event {
+            time,
+            process: Some(Process {
+                pid: 42,
+                comm: Comm::from_str_lossy("app"),
+            }),
+            side,
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            detail,
+        }
+    }
+
+    /// An event of a connection this host opened to `dest`.
+    pub(crate) fn client(dest: &str, time: SystemTime, detail: EventDetail) -> Event {
+        event(Some(Side::Client), LOCAL, dest, time, detail)
+    }
+
+    pub(crate) fn established(latency_us: u64) -> EventDetail {
+        EventDetail::Connect(Connect {
+            outcome: ConnectOutcome::Established,
+            latency: Some(Duration::from_micros(latency_us)),
+            syn_retransmits: 0,
+        })
+    }
+
+    /// A failed connect with the errno its reason goes with, after waiting a second per SYN
+    /// retransmit.
+    pub(crate) fn failed(reason: FailureReason, syn_retransmits: u32) -> EventDetail {
+        let errno = match reason {
+            FailureReason::Refused => Some(libc::ECONNREFUSED),
+            FailureReason::Timeout => Some(libc::ETIMEDOUT),
+            FailureReason::Unreachable => Some(libc::EHOSTUNREACH),
+            FailureReason::Cancelled => None,
+            FailureReason::Other => Some(libc::EPROTO),
+        };
+        EventDetail::Connect(Connect {
+            outcome: ConnectOutcome::Failed {
+                reason,
+                errno: errno.map(Errno::of),
+            },
+            latency: Some(Duration::from_millis(1000 * u64::from(syn_retransmits) + 1)),
+            syn_retransmits,
+        })
+    }
+
+    pub(crate) fn retransmitted(state: TcpState, segments: u32) -> EventDetail {
+        EventDetail::Retransmit(Retransmit { state, segments })
+    }
+
+    pub(crate) fn reset(
+        direction: Direction,
+        state: Option<TcpState>,
+        reason: Option<&str>,
+    ) -> EventDetail {
+        EventDetail::Reset(Reset {
+            direction,
+            state,
+            reason: reason.map(ResetReason::new),
+        })
+    }
+
+    pub(crate) fn closed(sent: u32, retransmitted: u32) -> EventDetail {
+        EventDetail::Close(Close {
+            duration: Some(Duration::from_millis(200)),
+            bytes_sent: u64::from(sent) * 1000,
+            bytes_received: 1000,
+            segments_sent: sent,
+            segments_retransmitted: retransmitted,
+        })
+    }
+
+    pub(crate) fn connect_ok(dest: &str, time: SystemTime, latency_us: u64) -> Event {
+        client(dest, time, established(latency_us))
+    }
+
+    pub(crate) fn connect_failed(
+        dest: &str,
+        time: SystemTime,
+        reason: FailureReason,
+        syn_retransmits: u32,
+    ) -> Event {
+        client(dest, time, failed(reason, syn_retransmits))
+    }
+
+    pub(crate) fn close(dest: &str, time: SystemTime, sent: u32, retransmitted: u32) -> Event {
+        client(dest, time, closed(sent, retransmitted))
+    }
+
+    pub(crate) fn retransmit(
+        dest: &str,
+        time: SystemTime,
+        state: TcpState,
+        segments: u32,
+    ) -> Event {
+        client(dest, time, retransmitted(state, segments))
+    }
+
+    pub(crate) fn reset_received(dest: &str, time: SystemTime, state: TcpState) -> Event {
+        client(dest, time, reset(Direction::Received, Some(state), None))
+    }
+
+    /// A reset this host's service at `local` sends to a client.
+    pub(crate) fn reset_sent_by_service(
+        local: &str,
+        time: SystemTime,
+        side: Option<Side>,
+        state: Option<TcpState>,
+    ) -> Event {
+        event(side, local, PEER, time, reset(Direction::Sent, state, None))
+    }
+
+    /// A reset this host's service at `local` sends with the kernel's `reason` (Linux 6.10 and
+    /// later).
+    pub(crate) fn reset_sent_for_reason(
+        local: &str,
+        time: SystemTime,
+        state: Option<TcpState>,
+        reason: &str,
+    ) -> Event {
+        let detail = reset(Direction::Sent, state, Some(reason));
+        event(Some(Side::Server), local, PEER, time, detail)
+    }
+
+    /// A connection this host's service at `local` accepted.
+    pub(crate) fn accepted(local: &str, time: SystemTime) -> Event {
+        let detail = EventDetail::Connect(Connect {
+            outcome: ConnectOutcome::Established,
+            latency: None,
+            syn_retransmits: 0,
+        });
+        event(Some(Side::Server), local, PEER, time, detail)
+    }
+
+    /// `event` owned by process `pid` named `comm`, or by no known process (`pid` 0).
+    pub(crate) fn owned_by(mut event: Event, pid: u32, comm: &str) -> Event {
+        event.process = (pid != 0).then(|| Process {
+            pid,
+            comm: Comm::from_str_lossy(comm),
+        });
+        event
     }
 }
 
@@ -458,17 +752,38 @@ mod tests {
     fn errno_names_round_trip() {
         for n in [32, 71, 101, 103, 104, 110, 111, 112, 113, 5] {
             let name = Errno(n).name();
-            assert_eq!(Errno::parse(&name), Some(Errno(n)), "{name}");
+            assert_eq!(name.parse::<Errno>(), Ok(Errno(n)), "{name}");
         }
         assert_eq!(Errno(5).name(), "E5");
+        assert_eq!(Errno(111).name(), "ECONNREFUSED");
     }
 
     #[test]
     fn phases() {
-        assert_eq!(TcpState::SYN_SENT.phase().as_str(), "syn");
-        assert_eq!(TcpState::SYN_RECV.phase().as_str(), "syn");
-        assert_eq!(TcpState::ESTABLISHED.phase().as_str(), "established");
-        assert_eq!(TcpState(8).phase().as_str(), "close_wait");
+        assert_eq!(TcpState::SynSent.phase().name(), "syn");
+        assert_eq!(TcpState::SynRecv.phase().name(), "syn");
+        assert_eq!(TcpState::Established.phase().name(), "established");
+        assert_eq!(TcpState::CloseWait.phase().name(), "close_wait");
+        assert_eq!(TcpState::FinWait1.phase().name(), "fin_wait1");
+        assert_eq!(TcpState::FinWait1.name(), "FIN_WAIT1");
+        assert_eq!(TcpState::NewSynRecv.name(), "NEW_SYN_RECV");
+        assert_eq!("TIME_WAIT".parse(), Ok(TcpState::TimeWait));
+        assert_eq!(TcpState::from_repr(8), Some(TcpState::CloseWait));
+        assert_eq!(TcpState::from_repr(0), None);
+    }
+
+    #[test]
+    fn names_are_derived() {
+        assert_eq!(EventKind::Retransmit.name(), "retransmit");
+        assert_eq!(Side::Server.name(), "server");
+        assert_eq!(FailureReason::Unreachable.name(), "unreachable");
+        assert_eq!(<&str>::from(Outcome::Established), "established");
+        assert_eq!(Direction::Received.name(), "received");
+        assert_eq!(
+            serde_json::to_string(&TcpState::LastAck).unwrap(),
+            "\"LAST_ACK\""
+        );
+        assert!(serde_json::from_str::<Side>("\"sideways\"").is_err());
     }
 
     #[test]
@@ -481,13 +796,19 @@ mod tests {
         let full = Comm::from_kernel(&[b'x'; 16]);
         assert_eq!(full.as_bytes().len(), 16);
         assert_eq!(Comm::from_str_lossy("ééééééééé").as_bytes().len(), 16);
+        // Bytes left over after the NUL are not part of the name.
+        let mut stale = raw;
+        stale[4] = 0;
+        stale[8] = b'x';
+        assert_eq!(Comm::from_kernel(&stale), comm);
     }
 
     #[test]
     fn mapped_addresses_show_as_ipv4() {
-        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
-        assert_eq!(canonical_ip(mapped), "10.1.2.3".parse::<IpAddr>().unwrap());
-        let v6: IpAddr = "fd00::1".parse().unwrap();
-        assert_eq!(canonical_ip(v6), v6);
+        let mapped: Endpoint = "[::ffff:10.1.2.3]:80".parse().unwrap();
+        assert_eq!(mapped, "10.1.2.3:80".parse().unwrap());
+        assert_eq!(mapped.to_string(), "10.1.2.3:80");
+        let v6: Endpoint = "[fd00::1]:443".parse().unwrap();
+        assert_eq!(v6.to_string(), "[fd00::1]:443");
     }
 }

@@ -391,14 +391,14 @@ pub fn evidence_sentence(id: VerdictId, ev: &Map<String, Value>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diagnose::engine::{
-        judge,
-        tests::{
+    use crate::diagnose::engine::{judge, tests::window};
+    use crate::event::{
+        FailureReason, Side, TcpState,
+        testing::{
             accepted, at, connect_failed, connect_ok, owned_by, reset_sent_by_service,
-            reset_sent_for_reason, window,
+            reset_sent_for_reason,
         },
     };
-    use crate::event::{FailureReason, Side, TcpState};
 
     #[test]
     fn worst_first_and_healthy_in_one_line() {
@@ -451,7 +451,7 @@ mod tests {
             reset_sent_for_reason(
                 "10.9.9.9:9000",
                 at(i as f64 + 0.5),
-                Some(TcpState(7)),
+                Some(TcpState::Close),
                 "TCP_ABORT_ON_CLOSE",
             )
         }));
@@ -486,7 +486,7 @@ mod tests {
             let t = at(i as f64);
             events.push(owned_by(accepted("10.9.9.9:8443", t), 812, "nginx"));
             events.push(owned_by(
-                reset_sent_for_reason("10.9.9.9:8443", t, Some(TcpState(7)), "TCP_STATE"),
+                reset_sent_for_reason("10.9.9.9:8443", t, Some(TcpState::Close), "TCP_STATE"),
                 812,
                 "nginx",
             ));

@@ -9,14 +9,13 @@ use std::{
 use serde_json::{Map, Value, json};
 
 use super::{
-    destination::{DestinationEvidence, FailedConnect},
-    engine::DestinationKey,
+    fold::{DestinationEvidence, FailedConnect},
     pattern::shape,
     processes::ProcessCounts,
     round,
     verdict::{GroupReport, Verdict, VerdictId},
 };
-use crate::event::{FailureReason, Side};
+use crate::{destination::Destination, event::FailureReason, quantile};
 
 /// Confidence from the amount of evidence is n / (n + EVIDENCE_HALF): three matching events
 /// make the engine half sure, ten about 77%, a hundred 97%. One event is an anecdote.
@@ -71,11 +70,12 @@ pub const MIN_EVENTS_TO_JUDGE: u64 = 3;
 
 /// Every verdict that applies to one destination, most likely first; `healthy` or
 /// `not_enough_data` when none does.
-pub(super) fn destination_verdicts(dest: &str, ev: &DestinationEvidence) -> Vec<Verdict> {
+pub(super) fn destination_verdicts(key: &Destination, ev: &DestinationEvidence) -> Vec<Verdict> {
+    let dest = &key.addr.to_string();
     let mut verdicts: Vec<Verdict> = [
         refused(dest, ev),
         blackhole(dest, ev),
-        unreachable(dest, ev),
+        unreachable(key, ev),
         lossy(dest, ev),
         reset_midstream(dest, ev),
         local_resets(dest, ev),
@@ -139,11 +139,7 @@ fn impact(share: f64, full_at: f64) -> f64 {
 }
 
 fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    Some(sorted[rank - 1])
+    quantile::of_sorted(sorted, p)
 }
 
 fn ms(us: u64) -> f64 {
@@ -262,14 +258,14 @@ fn blackhole(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
     )
 }
 
-fn unreachable(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
+fn unreachable(key: &Destination, ev: &DestinationEvidence) -> Option<Verdict> {
+    let (dest, ip) = (key.addr, key.addr.ip());
     let matching: Vec<_> = ev
         .failed
         .iter()
         .filter(|f| f.reason == FailureReason::Unreachable)
         .copied()
         .collect();
-    let ip = dest.rsplit_once(':').map_or(dest, |(ip, _)| ip);
     failure_verdict(
         VerdictId::Unreachable,
         ev,
@@ -566,11 +562,11 @@ fn healthy_or_not_enough(dest: &str, ev: &DestinationEvidence) -> Verdict {
 /// Client destinations sharing a port where one or a few fail while the others work: a bad
 /// backend, not the network.
 pub(super) fn pool_verdicts(
-    destinations: &HashMap<DestinationKey, DestinationEvidence>,
+    destinations: &HashMap<Destination, DestinationEvidence>,
 ) -> Vec<GroupReport> {
-    let mut by_port: BTreeMap<u16, Vec<(&DestinationKey, &DestinationEvidence)>> = BTreeMap::new();
+    let mut by_port: BTreeMap<u16, Vec<(&Destination, &DestinationEvidence)>> = BTreeMap::new();
     for (key, ev) in destinations {
-        if key.side != Some(Side::Server) && ev.attempts >= POOL_MIN_ATTEMPTS {
+        if !key.is_server() && ev.attempts >= POOL_MIN_ATTEMPTS {
             by_port.entry(key.addr.port()).or_default().push((key, ev));
         }
     }
@@ -601,7 +597,7 @@ pub(super) fn pool_verdicts(
             / healthy.len() as f64;
         let clean_share = ratio(healthy.len() as u64, (members.len() - failing.len()) as u64);
         let consistency = failing_ratio * (1.0 - healthy_ratio) * clean_share;
-        let describe = |list: &[&(&DestinationKey, &DestinationEvidence)]| -> Vec<Value> {
+        let describe = |list: &[&(&Destination, &DestinationEvidence)]| -> Vec<Value> {
             list.iter()
                 .map(|(k, ev)| {
                     json!({
@@ -613,7 +609,7 @@ pub(super) fn pool_verdicts(
                 })
                 .collect()
         };
-        let names = |list: &[&(&DestinationKey, &DestinationEvidence)]| -> String {
+        let names = |list: &[&(&Destination, &DestinationEvidence)]| -> String {
             list.iter()
                 .map(|(k, _)| k.addr.to_string())
                 .collect::<Vec<_>>()

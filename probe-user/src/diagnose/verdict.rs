@@ -2,6 +2,9 @@
 //! destinations sharing a port. These types are the `--json` output and the body of
 //! `GET /diagnose`, so `connprobe diagnose` renders its text from the deserialised report.
 use serde::{Deserialize, Serialize};
+use strum::{EnumString, IntoStaticStr};
+
+use crate::event::serde_by_name;
 
 /// The judgement of one window of events.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -26,6 +29,10 @@ pub struct WindowSummary {
     /// the verdicts rest on its newer part only.
     #[serde(default)]
     pub truncated: bool,
+    /// Events the agent lost since it started, by stage (`connprobe diagnose` only): verdicts
+    /// rest on the events that were delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events_lost: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -58,8 +65,8 @@ pub struct Verdict {
 }
 
 /// The fixed verdict identifiers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, IntoStaticStr, EnumString)]
+#[strum(serialize_all = "snake_case")]
 pub enum VerdictId {
     Refused,
     Blackhole,
@@ -75,18 +82,7 @@ pub enum VerdictId {
 
 impl VerdictId {
     pub fn as_str(self) -> &'static str {
-        match self {
-            VerdictId::Refused => "refused",
-            VerdictId::Blackhole => "blackhole",
-            VerdictId::Unreachable => "unreachable",
-            VerdictId::Lossy => "lossy",
-            VerdictId::ResetMidstream => "reset_midstream",
-            VerdictId::LocalResets => "local_resets",
-            VerdictId::SlowHandshakes => "slow_handshakes",
-            VerdictId::PoolPartialFailure => "pool_partial_failure",
-            VerdictId::Healthy => "healthy",
-            VerdictId::NotEnoughData => "not_enough_data",
-        }
+        self.into()
     }
 
     /// Whether the verdict names a problem (everything but `healthy` and `not_enough_data`).
@@ -96,8 +92,8 @@ impl VerdictId {
 }
 
 /// Whether the matching events came in bursts separated by quiet, or at a steady rate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, IntoStaticStr, EnumString)]
+#[strum(serialize_all = "snake_case")]
 pub enum Pattern {
     Bursty,
     Steady,
@@ -105,12 +101,11 @@ pub enum Pattern {
 
 impl Pattern {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Pattern::Bursty => "bursty",
-            Pattern::Steady => "steady",
-        }
+        self.into()
     }
 }
+
+serde_by_name!(VerdictId, Pattern);
 
 /// One episode of matching events.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

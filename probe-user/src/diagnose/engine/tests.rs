@@ -1,192 +1,22 @@
 //! Every verdict on synthetic event streams, mixtures, and the boundaries. The builders are
 //! shared with the other diagnose tests.
-use std::{
-    net::SocketAddr,
-    time::{Duration, SystemTime},
-};
+use std::time::SystemTime;
 
 use super::*;
+pub(crate) use crate::event::testing::{
+    accepted, at, close, connect_failed, connect_ok, owned_by, reset_received,
+    reset_sent_by_service, reset_sent_for_reason, retransmit,
+};
 use crate::{
     diagnose::verdict::{Pattern, Verdict},
-    event::{
-        Close, Comm, Connect, Errno, FailureReason, Outcome, Process, Reset, ResetReason,
-        Retransmit, TcpState,
-    },
+    event::{FailureReason, Side, TcpState},
 };
-
-/// Seconds after a fixed epoch, at millisecond precision (what a log keeps exactly).
-pub(crate) fn at(secs: f64) -> SystemTime {
-    SystemTime::UNIX_EPOCH
-        + Duration::from_secs(1_795_000_000)
-        + Duration::from_millis((secs * 1000.0).round() as u64)
-}
 
 pub(crate) fn window(from: f64, to: f64) -> Window {
     Window {
         start: at(from),
         end: at(to),
     }
-}
-
-const LOCAL: &str = "10.9.9.9:40000";
-
-fn event(side: Option<Side>, src: &str, dst: &str, time: SystemTime, detail: EventDetail) -> Event {
-    Event {
-        time,
-        process: Some(Process {
-            pid: 42,
-            comm: Comm::from_str_lossy("app"),
-        }),
-        side,
-        src: src.parse::<SocketAddr>().unwrap(),
-        dst: dst.parse::<SocketAddr>().unwrap(),
-        detail,
-    }
-}
-
-fn client(dest: &str, time: SystemTime, detail: EventDetail) -> Event {
-    event(Some(Side::Client), LOCAL, dest, time, detail)
-}
-
-pub(crate) fn connect_ok(dest: &str, time: SystemTime, latency_us: u64) -> Event {
-    client(
-        dest,
-        time,
-        EventDetail::Connect(Connect {
-            outcome: Outcome::Established,
-            reason: None,
-            errno: None,
-            latency: Some(Duration::from_micros(latency_us)),
-            syn_retransmits: 0,
-        }),
-    )
-}
-
-pub(crate) fn connect_failed(
-    dest: &str,
-    time: SystemTime,
-    reason: FailureReason,
-    syn_retransmits: u32,
-) -> Event {
-    let errno = match reason {
-        FailureReason::Refused => Some(Errno(Errno::ECONNREFUSED)),
-        FailureReason::Timeout => Some(Errno(Errno::ETIMEDOUT)),
-        FailureReason::Unreachable => Some(Errno(Errno::EHOSTUNREACH)),
-        FailureReason::Cancelled => None,
-        FailureReason::Other => Some(Errno(Errno::EPROTO)),
-    };
-    client(
-        dest,
-        time,
-        EventDetail::Connect(Connect {
-            outcome: Outcome::Failed,
-            reason: Some(reason),
-            errno,
-            latency: Some(Duration::from_millis(1000 * u64::from(syn_retransmits) + 1)),
-            syn_retransmits,
-        }),
-    )
-}
-
-pub(crate) fn close(dest: &str, time: SystemTime, sent: u32, retransmitted: u32) -> Event {
-    client(
-        dest,
-        time,
-        EventDetail::Close(Close {
-            duration: Some(Duration::from_millis(200)),
-            bytes_sent: u64::from(sent) * 1000,
-            bytes_received: 1000,
-            segments_sent: sent,
-            segments_retransmitted: retransmitted,
-        }),
-    )
-}
-
-pub(crate) fn retransmit(dest: &str, time: SystemTime, state: TcpState, segments: u32) -> Event {
-    client(
-        dest,
-        time,
-        EventDetail::Retransmit(Retransmit { state, segments }),
-    )
-}
-
-pub(crate) fn reset_received(dest: &str, time: SystemTime, state: TcpState) -> Event {
-    client(
-        dest,
-        time,
-        EventDetail::Reset(Reset {
-            direction: Direction::Received,
-            state: Some(state),
-            reason: None,
-        }),
-    )
-}
-
-/// A reset this host's service at `local` sends to a client.
-pub(crate) fn reset_sent_by_service(
-    local: &str,
-    time: SystemTime,
-    side: Option<Side>,
-    state: Option<TcpState>,
-) -> Event {
-    event(
-        side,
-        local,
-        "10.7.7.7:51000",
-        time,
-        EventDetail::Reset(Reset {
-            direction: Direction::Sent,
-            state,
-            reason: None,
-        }),
-    )
-}
-
-/// A reset this host's service at `local` sends with the kernel's `reason` (Linux 6.10 and
-/// later).
-pub(crate) fn reset_sent_for_reason(
-    local: &str,
-    time: SystemTime,
-    state: Option<TcpState>,
-    reason: &str,
-) -> Event {
-    event(
-        Some(Side::Server),
-        local,
-        "10.7.7.7:51000",
-        time,
-        EventDetail::Reset(Reset {
-            direction: Direction::Sent,
-            state,
-            reason: Some(ResetReason::new(reason)),
-        }),
-    )
-}
-
-/// A connection this host's service at `local` accepted.
-pub(crate) fn accepted(local: &str, time: SystemTime) -> Event {
-    event(
-        Some(Side::Server),
-        local,
-        "10.7.7.7:51000",
-        time,
-        EventDetail::Connect(Connect {
-            outcome: Outcome::Established,
-            reason: None,
-            errno: None,
-            latency: None,
-            syn_retransmits: 0,
-        }),
-    )
-}
-
-/// `event` owned by process `pid` named `comm`, or by no known process (`pid` 0).
-pub(crate) fn owned_by(mut event: Event, pid: u32, comm: &str) -> Event {
-    event.process = (pid != 0).then(|| Process {
-        pid,
-        comm: Comm::from_str_lossy(comm),
-    });
-    event
 }
 
 /// A bit of everything over ten minutes: refused, blackholed, lossy, healthy destinations, a
@@ -212,7 +42,7 @@ pub(crate) fn mixed_log() -> Vec<Event> {
         events.push(retransmit(
             "10.0.0.3:443",
             at(t + 2.5),
-            TcpState::ESTABLISHED,
+            TcpState::Established,
             30,
         ));
         events.push(connect_ok("10.0.0.4:80", at(t + 4.0), 300));
@@ -372,7 +202,7 @@ fn lossy_from_retransmits_of_open_connections() {
         events.push(retransmit(
             "10.0.0.3:443",
             at(1.0 + i as f64),
-            TcpState::ESTABLISHED,
+            TcpState::Established,
             2,
         ));
     }
@@ -390,7 +220,7 @@ fn reset_midstream_on_client_connections() {
         events.push(reset_received(
             "10.0.0.6:5432",
             at(i as f64 * 5.0 + 2.0),
-            TcpState::ESTABLISHED,
+            TcpState::Established,
         ));
         events.push(close("10.0.0.6:5432", at(i as f64 * 5.0 + 2.0), 20, 0));
     }
@@ -403,7 +233,7 @@ fn reset_midstream_on_client_connections() {
     let refused: Vec<_> = (0..10)
         .flat_map(|i| {
             [
-                reset_received("10.0.0.6:5432", at(i as f64), TcpState::SYN_SENT),
+                reset_received("10.0.0.6:5432", at(i as f64), TcpState::SynSent),
                 connect_failed("10.0.0.6:5432", at(i as f64), FailureReason::Refused, 0),
             ]
         })
@@ -442,7 +272,7 @@ fn local_resets_count_against_the_local_service() {
 }
 
 /// TCP_CLOSE: where `tcp_close` has moved a socket by the time it sends its reset.
-const CLOSE: TcpState = TcpState(7);
+const CLOSE: TcpState = TcpState::Close;
 
 #[test]
 fn local_resets_count_the_kernels_reasons() {
@@ -494,7 +324,7 @@ fn local_resets_next_step_follows_the_dominant_reason() {
         ),
         (
             "TCP_ABORT_ON_DATA",
-            Some(TcpState(5)),
+            Some(TcpState::FinWait2),
             &["data arrives after the application has closed"],
         ),
         (
@@ -504,12 +334,12 @@ fn local_resets_next_step_follows_the_dominant_reason() {
         ),
         (
             "TCP_ABORT_ON_LINGER",
-            Some(TcpState(5)),
+            Some(TcpState::FinWait2),
             &["aborts connections", "TCP_LINGER2"],
         ),
         (
             "TCP_KEEPALIVE_TIMEOUT",
-            Some(TcpState::ESTABLISHED),
+            Some(TcpState::Established),
             &["keepalive probes went unanswered"],
         ),
         (
@@ -519,7 +349,7 @@ fn local_resets_next_step_follows_the_dominant_reason() {
         ),
         (
             "TCP_INVALID_ACK_SEQUENCE",
-            Some(TcpState::SYN_RECV),
+            Some(TcpState::SynRecv),
             &["enum sk_rst_reason"],
         ),
     ];
@@ -596,7 +426,7 @@ fn local_resets_without_reasons_judge_by_state_as_before() {
                 "10.9.9.9:9000",
                 at(i as f64),
                 Some(Side::Server),
-                Some(TcpState::ESTABLISHED),
+                Some(TcpState::Established),
             )
         })
         .collect();
@@ -716,7 +546,7 @@ fn client_verdicts_name_the_processes_that_connect() {
     }
     // A retransmit is an event of its owner too.
     events.push(owned_by(
-        retransmit(dest, at(20.0), TcpState::SYN_SENT, 1),
+        retransmit(dest, at(20.0), TcpState::SynSent, 1),
         17,
         "psql",
     ));
@@ -932,7 +762,7 @@ fn confidence_grows_with_the_amount_of_evidence() {
             let e = (0..n)
                 .flat_map(|i| {
                     [
-                        reset_received("10.0.0.1:80", at(i as f64), TcpState::ESTABLISHED),
+                        reset_received("10.0.0.1:80", at(i as f64), TcpState::Established),
                         close("10.0.0.1:80", at(i as f64), 10, 0),
                     ]
                 })
