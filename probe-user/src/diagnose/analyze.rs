@@ -140,7 +140,7 @@ mod tests {
     use std::io::Write;
 
     use super::*;
-    use crate::diagnose::engine::tests::mixed_log;
+    use crate::diagnose::engine::tests::{evidence, mixed_log};
     use crate::event::{
         FailureReason, Side, TcpState,
         testing::{at, connect_failed, connect_ok, reset_sent_by_service, reset_sent_for_reason},
@@ -197,7 +197,7 @@ mod tests {
             agent
                 .destinations
                 .iter()
-                .any(|d| d.verdicts[0].verdict.is_problem())
+                .any(|d| d.verdicts[0].id().is_problem())
         );
     }
 
@@ -229,9 +229,9 @@ mod tests {
         }
         let log = jsonl(&events);
         let all = analyze_reader(&log[..], "t", None).unwrap();
-        assert_eq!(all.destinations[0].verdicts[0].verdict.as_str(), "refused");
+        assert_eq!(all.destinations[0].verdicts[0].id().as_str(), "refused");
         let last = analyze_reader(&log[..], "t", Some(Duration::from_secs(60))).unwrap();
-        assert_eq!(last.destinations[0].verdicts[0].verdict.as_str(), "healthy");
+        assert_eq!(last.destinations[0].verdicts[0].id().as_str(), "healthy");
         assert_eq!(last.window.end, "2026-11-18T11:24:19.980Z");
         assert_eq!(last.window.events, 3000);
         let direct = judge(
@@ -255,8 +255,8 @@ mod tests {
             .collect();
         let report = analyze_reader(&jsonl(&events)[..], "t.jsonl", None).unwrap();
         let v = &report.destinations[0].verdicts[0];
-        assert_eq!(v.verdict.as_str(), "local_resets");
-        assert_eq!(v.evidence["by_reason"]["TCP_ABORT_ON_CLOSE"], 10);
+        assert_eq!(v.id().as_str(), "local_resets");
+        assert_eq!(evidence(v)["by_reason"]["TCP_ABORT_ON_CLOSE"], 10);
         assert!(
             v.next_step.contains("TCP_ABORT_ON_CLOSE"),
             "{}",

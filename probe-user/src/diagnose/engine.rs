@@ -126,8 +126,8 @@ impl Judge {
 /// not-enough-data.
 fn rank_key(d: &DestinationReport) -> (u8, f64) {
     match d.verdicts.first() {
-        Some(v) if v.verdict.is_problem() => (2, v.confidence),
-        Some(v) if v.verdict == VerdictId::Healthy => (1, 0.0),
+        Some(v) if v.id().is_problem() => (2, v.confidence),
+        Some(v) if v.id() == VerdictId::Healthy => (1, 0.0),
         _ => (0, 0.0),
     }
 }

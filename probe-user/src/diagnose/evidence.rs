@@ -394,7 +394,7 @@ fn bundle_report(full: &Report, key: &Destination) -> Report {
             return true;
         }
         let keep = others < MAX_REPORT_DESTINATIONS
-            && d.verdicts.first().is_some_and(|v| v.verdict.is_problem());
+            && d.verdicts.first().is_some_and(|v| v.id().is_problem());
         others += usize::from(keep);
         keep
     });

@@ -26,10 +26,16 @@ const PEER_SETTLE: Duration = Duration::from_millis(1500);
 /// The bpftrace one-liner: one line per state transition.
 const BPFTRACE_PROGRAM: &str = r#"tracepoint:sock:inet_sock_set_state { printf("%d %s %d %d %d %d\n", pid, comm, args->sport, args->dport, args->oldstate, args->newstate); }"#;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// A configuration of the bench; `--tools` names them by key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+#[value(rename_all = "kebab-case")]
 pub enum Tool {
     Untraced,
     Connprobe,
+    /// connprobe writing its log through serde_json instead of its fast formatter.
+    ConnprobeSerde,
+    /// Another connprobe binary (`--baseline PATH`), e.g. a build of the previous commit.
+    ConnprobeBaseline,
     Floor,
     Tcpstates,
     Tcplife,
@@ -37,9 +43,11 @@ pub enum Tool {
 }
 
 impl Tool {
-    pub const ALL: [Tool; 6] = [
+    /// Every configuration but the baseline, which needs `--baseline`.
+    pub const DEFAULT: [Tool; 7] = [
         Tool::Untraced,
         Tool::Connprobe,
+        Tool::ConnprobeSerde,
         Tool::Floor,
         Tool::Tcpstates,
         Tool::Tcplife,
@@ -51,6 +59,8 @@ impl Tool {
         match self {
             Tool::Untraced => "untraced",
             Tool::Connprobe => "connprobe",
+            Tool::ConnprobeSerde => "connprobe_serde",
+            Tool::ConnprobeBaseline => "connprobe_baseline",
             Tool::Floor => "floor",
             Tool::Tcpstates => "tcpstates",
             Tool::Tcplife => "tcplife",
@@ -63,12 +73,34 @@ impl Tool {
         match self {
             Tool::Untraced => "(a) untraced",
             Tool::Connprobe => "(b) connprobe defaults",
+            Tool::ConnprobeSerde => "(b') connprobe, log lines by serde_json",
+            Tool::ConnprobeBaseline => "(b0) connprobe baseline (--baseline)",
             Tool::Floor => "(c) floor: --hooks empty",
             Tool::Tcpstates => "(d) tcpstates",
             Tool::Tcplife => "(e) tcplife",
             Tool::Bpftrace => "(f) bpftrace one-liner",
         }
     }
+
+    /// A connprobe agent with its defaults (log, metrics), whichever binary or encoder.
+    pub fn is_agent(self) -> bool {
+        matches!(
+            self,
+            Tool::Connprobe | Tool::ConnprobeSerde | Tool::ConnprobeBaseline
+        )
+    }
+
+    /// Any connprobe process (the agents and the floor): ready when it says so, with a tally.
+    pub fn is_connprobe(self) -> bool {
+        self.is_agent() || self == Tool::Floor
+    }
+}
+
+/// The connprobe binaries the configurations run.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    pub connprobe: PathBuf,
+    pub baseline: Option<PathBuf>,
 }
 
 /// Everything a tool's tally or warnings said at exit.
@@ -113,7 +145,8 @@ pub struct Session {
 impl Session {
     /// Starts `tool` (nothing for Untraced), its output into `dir`, and waits until it is attached.
     /// `extra` is added to connprobe's arguments.
-    pub fn start(tool: Tool, connprobe: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+    pub fn start(tool: Tool, bins: &Binaries, dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let connprobe = bins.connprobe.as_path();
         let output = dir.join(format!("{}.out", tool.key()));
         let mut metrics = None;
         let mut command = match tool {
@@ -127,16 +160,26 @@ impl Session {
                     metrics: None,
                 });
             }
-            Tool::Connprobe => {
+            Tool::Connprobe | Tool::ConnprobeSerde | Tool::ConnprobeBaseline => {
                 let addr = free_loopback_addr()?;
                 metrics = Some(addr);
-                let mut c = Command::new(connprobe);
+                let binary = match tool {
+                    Tool::ConnprobeBaseline => bins
+                        .baseline
+                        .as_deref()
+                        .context("the baseline configuration needs --baseline PATH")?,
+                    _ => connprobe,
+                };
+                let mut c = Command::new(binary);
                 c.arg("run")
                     .arg("--json-log")
                     .arg(&output)
                     .arg("--metrics-addr")
                     .arg(addr.to_string())
                     .args(extra);
+                if tool == Tool::ConnprobeSerde {
+                    c.args(["--log-encoder", "serde"]);
+                }
                 c
             }
             Tool::Floor => {
@@ -163,7 +206,7 @@ impl Session {
                 c
             }
         };
-        if matches!(tool, Tool::Connprobe | Tool::Floor | Tool::Bpftrace) {
+        if tool.is_connprobe() || tool == Tool::Bpftrace {
             command.stdout(Stdio::null());
         }
         command.stdin(Stdio::null()).stderr(Stdio::piped());
@@ -212,11 +255,11 @@ impl Session {
                 );
             }
             let attached = match self.tool {
-                Tool::Connprobe | Tool::Floor => ready.try_recv().is_ok(),
+                t if t.is_connprobe() => ready.try_recv().is_ok(),
                 _ => sys::prog_stats(pid).programs > 0,
             };
             if attached {
-                if !matches!(self.tool, Tool::Connprobe | Tool::Floor) {
+                if !self.tool.is_connprobe() {
                     std::thread::sleep(PEER_SETTLE);
                 }
                 return Ok(());
@@ -280,7 +323,7 @@ impl Session {
             let _ = reader.join();
         }
         let stderr = self.stderr_text();
-        let connprobe = matches!(self.tool, Tool::Connprobe | Tool::Floor);
+        let connprobe = self.tool.is_connprobe();
         if connprobe && !status.success() {
             bail!("{} exited with {status}: {stderr}", self.tool.label());
         }
