@@ -14,7 +14,6 @@ use probe_common::{
 
 use crate::{
     btf::Btf,
-    cli::HookMode,
     decode::ResetReasons,
     listeners,
     offsets::{self, Hook, OffsetsError, Tracefs},
@@ -56,6 +55,25 @@ pub enum LoadError {
     Logger(#[source] aya_log::Error),
     #[error("cannot open map {0}: {1}")]
     Map(&'static str, #[source] Box<aya::maps::MapError>),
+}
+
+/// Which kind of tracepoint to attach (`--hooks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HookMode {
+    /// BTF tracepoints where the kernel has them, classic tracepoints otherwise.
+    Auto,
+    /// BTF tracepoints only (tp_btf): the cheapest, and no tracefs needed.
+    Btf,
+    /// Classic tracepoints only (needs tracefs; the agent mounts it if missing).
+    Classic,
+    /// Empty BTF programs on the same hooks, emitting nothing: the benchmark's floor.
+    #[value(hide = true)]
+    Empty,
+    /// BTF tracepoints, with the programs written for older kernels' tracepoints where a hook
+    /// has them (no `err` in tcp_retransmit_skb, no `reason` in tcp_send_reset): lets the tests
+    /// check those programs on a newer kernel.
+    #[value(hide = true)]
+    BtfOlder,
 }
 
 /// How one hook is attached.

@@ -1,8 +1,12 @@
-//! The real agent: `$CONNPROBE_BIN run --json-log FILE --no-metrics`, started before a scenario's
-//! traffic and stopped with SIGINT after it, then its log read back.
+//! The real agent, the one harness the kernel tests and the bench share: `connprobe run` with a
+//! JSON log and/or a metrics endpoint on a free loopback port, started and waited for until it
+//! says it is tracing (and `/healthz` answers, with metrics), stopped with SIGINT, its exit
+//! status checked and its tally read back; then, for the tests, its log.
 use std::{
+    collections::BTreeMap,
     io::{BufRead as _, BufReader},
-    path::PathBuf,
+    net::SocketAddr,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
         Arc, Mutex,
@@ -15,28 +19,35 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use serde_json::Value;
 
+use crate::http::{free_loopback_addr, http_get};
+
 /// What the agent prints on stderr once its programs are attached.
-const READY: &str = "connprobe is tracing";
+pub const READY: &str = "connprobe is tracing";
 const START_LIMIT: Duration = Duration::from_secs(30);
+const HEALTHZ_LIMIT: Duration = Duration::from_secs(10);
 const STOP_LIMIT: Duration = Duration::from_secs(15);
 
 static NEXT_LOG: AtomicU32 = AtomicU32::new(0);
 
-pub struct Agent {
-    child: Option<Child>,
-    log: PathBuf,
-    stderr: Arc<Mutex<Vec<String>>>,
+/// How to start the agent.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub binary: PathBuf,
+    /// `--json-log PATH`.
+    pub json_log: Option<PathBuf>,
+    /// Serve metrics on a free loopback port (`--metrics-addr`) and wait for `/healthz`.
+    pub metrics: bool,
+    /// Further arguments of `connprobe run`.
+    pub args: Vec<String>,
+    /// How long the programs may take to attach.
+    pub start_limit: Duration,
+    /// Remove the JSON log when the agent is dropped.
+    pub remove_log: bool,
 }
 
-impl Agent {
-    /// Starts the agent and waits until it says it is tracing.
-    pub fn start() -> anyhow::Result<Self> {
-        Self::start_with_args(&["--no-metrics"])
-    }
-
-    /// Starts `connprobe run --json-log FILE EXTRA...` (e.g. `--metrics-addr`,
-    /// `--evidence-dir`) and waits until it says it is tracing.
-    pub fn start_with_args(extra: &[&str]) -> anyhow::Result<Self> {
+impl Launch {
+    /// `$CONNPROBE_BIN run --json-log TEMP ARGS...`, as the kernel tests run it.
+    pub fn from_env(args: &[&str]) -> anyhow::Result<Self> {
         let binary = std::env::var_os("CONNPROBE_BIN").ok_or_else(|| {
             anyhow!("CONNPROBE_BIN is not set: run the kernel tests through `cargo xtask test`, or set it to a built connprobe")
         })?;
@@ -45,23 +56,81 @@ impl Agent {
             std::process::id(),
             NEXT_LOG.fetch_add(1, Ordering::Relaxed)
         ));
-        let _ = std::fs::remove_file(&log);
-        let mut child = Command::new(&binary)
-            .arg("run")
-            .arg("--json-log")
-            .arg(&log)
-            .args(extra)
+        Ok(Launch {
+            binary: binary.into(),
+            json_log: Some(log),
+            metrics: false,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            start_limit: START_LIMIT,
+            remove_log: true,
+        })
+    }
+}
+
+/// How a stopped agent ended.
+#[derive(Clone, Debug, Default)]
+pub struct Exit {
+    /// The tally line's `key=value`s (connect, retransmit, reset, close, kernel (produced),
+    /// ringbuf, map, queue, log, undecodable, kernel_read_errors).
+    pub tally: Option<BTreeMap<String, u64>>,
+    pub stderr: String,
+}
+
+pub struct Agent {
+    child: Option<Child>,
+    launch: Launch,
+    metrics_addr: Option<SocketAddr>,
+    stderr: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Starts the agent with a JSON log and no metrics, and waits until it says it is tracing.
+    pub fn start() -> anyhow::Result<Self> {
+        Self::start_with_args(&["--no-metrics"])
+    }
+
+    /// Starts `connprobe run --json-log FILE EXTRA...` (e.g. `--metrics-addr`,
+    /// `--evidence-dir`) and waits until it says it is tracing.
+    pub fn start_with_args(extra: &[&str]) -> anyhow::Result<Self> {
+        Self::launch(Launch::from_env(extra)?)
+    }
+
+    /// Starts `connprobe run --json-log FILE --metrics-addr ADDR EXTRA...` on a free loopback
+    /// port and waits until `/healthz` answers 200.
+    pub fn start_with_metrics(extra: &[&str]) -> anyhow::Result<Self> {
+        Self::launch(Launch {
+            metrics: true,
+            ..Launch::from_env(extra)?
+        })
+    }
+
+    pub fn launch(launch: Launch) -> anyhow::Result<Self> {
+        if let Some(log) = &launch.json_log {
+            let _ = std::fs::remove_file(log);
+        }
+        let metrics_addr = launch.metrics.then(free_loopback_addr).transpose()?;
+        let mut command = Command::new(&launch.binary);
+        command.arg("run");
+        if let Some(log) = &launch.json_log {
+            command.arg("--json-log").arg(log);
+        }
+        if let Some(addr) = metrics_addr {
+            command.arg("--metrics-addr").arg(addr.to_string());
+        }
+        let mut child = command
+            .args(&launch.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .with_context(|| format!("cannot start {}", binary.to_string_lossy()))?;
+            .with_context(|| format!("cannot start {}", launch.binary.display()))?;
 
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
         let pipe = child.stderr.take().expect("stderr is piped");
         let lines = Arc::clone(&stderr);
-        std::thread::Builder::new()
+        let reader = std::thread::Builder::new()
             .name("agent-stderr".into())
             .spawn(move || {
                 for line in BufReader::new(pipe).lines() {
@@ -73,13 +142,16 @@ impl Agent {
                 }
             })?;
 
+        let start_limit = launch.start_limit;
         let mut agent = Agent {
             child: Some(child),
-            log,
+            launch,
+            metrics_addr,
             stderr,
+            reader: Some(reader),
         };
-        match ready_rx.recv_timeout(START_LIMIT) {
-            Ok(()) => Ok(agent),
+        match ready_rx.recv_timeout(start_limit) {
+            Ok(()) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let status = agent.child.as_mut().and_then(|c| c.wait().ok());
                 bail!(
@@ -88,16 +160,51 @@ impl Agent {
                 )
             }
             Err(mpsc::RecvTimeoutError::Timeout) => bail!(
-                "connprobe did not say {READY:?} within {START_LIMIT:?}; its stderr:\n{}",
+                "connprobe did not say {READY:?} within {start_limit:?}; its stderr:\n{}",
                 agent.stderr_text()
             ),
         }
+        if let Some(addr) = metrics_addr {
+            let deadline = Instant::now() + HEALTHZ_LIMIT;
+            while !matches!(http_get(addr, "/healthz"), Ok((200, _))) {
+                if Instant::now() > deadline {
+                    bail!("/healthz did not answer 200 within {HEALTHZ_LIMIT:?} of {READY:?}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(agent)
     }
 
-    /// Stops the agent with SIGINT, checks that it exits 0, and returns every event it logged.
-    pub fn stop(mut self) -> anyhow::Result<Vec<Value>> {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Where `/metrics`, `/healthz` and `/diagnose` answer, when started with metrics.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The JSON log, when started with one.
+    pub fn log_path(&self) -> Option<&Path> {
+        self.launch.json_log.as_deref()
+    }
+
+    /// Sends `signal` to the agent (e.g. SIGSTOP, SIGCONT).
+    pub fn signal(&self, signal: libc::c_int) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(pid as libc::pid_t, signal) };
+        }
+    }
+
+    /// Stops the agent with SIGINT and checks that it exits 0; its stderr and tally.
+    pub fn shutdown(&mut self) -> anyhow::Result<Exit> {
         // On every early return the child stays in `self`, and Drop kills and reaps it.
-        let child = self.child.as_mut().expect("the agent runs");
+        let child = self
+            .child
+            .as_mut()
+            .context("the agent was stopped already")?;
         let pid = libc::pid_t::try_from(child.id())?;
         // SAFETY: signalling our own child.
         unsafe { libc::kill(pid, libc::SIGINT) };
@@ -115,14 +222,24 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(20));
         };
         self.child = None;
-        // Give the stderr reader a moment to collect the last lines.
-        std::thread::sleep(Duration::from_millis(50));
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        let stderr = self.stderr_text();
         if !status.success() {
             bail!(
-                "connprobe exited with {status} after SIGINT (expected 0); its stderr:\n{}",
-                self.stderr_text()
+                "connprobe exited with {status} after SIGINT (expected 0); its stderr:\n{stderr}"
             );
         }
+        Ok(Exit {
+            tally: parse_tally(&stderr),
+            stderr,
+        })
+    }
+
+    /// Stops the agent with SIGINT, checks that it exits 0, and returns every event it logged.
+    pub fn stop(mut self) -> anyhow::Result<Vec<Value>> {
+        self.shutdown()?;
         // The agent's tally (events by kind, lost by stage, kernel read errors) goes into the
         // test's output, where a failure can be read against it.
         if let Some(tally) = self
@@ -134,8 +251,9 @@ impl Agent {
         {
             eprintln!("agent: {tally}");
         }
-        let text = std::fs::read_to_string(&self.log)
-            .with_context(|| format!("cannot read the JSON log {}", self.log.display()))?;
+        let log = self.log_path().context("the agent wrote no JSON log")?;
+        let text = std::fs::read_to_string(log)
+            .with_context(|| format!("cannot read the JSON log {}", log.display()))?;
         text.lines()
             .map(|line| {
                 let value: Value = serde_json::from_str(line)
@@ -160,6 +278,44 @@ impl Drop for Agent {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = std::fs::remove_file(&self.log);
+        if let Some(log) = self
+            .launch
+            .json_log
+            .as_ref()
+            .filter(|_| self.launch.remove_log)
+        {
+            let _ = std::fs::remove_file(log);
+        }
+    }
+}
+
+/// The last tally line of the agent's stderr: every `key=value` after `connprobe: events:`.
+pub fn parse_tally(stderr: &str) -> Option<BTreeMap<String, u64>> {
+    let line = stderr
+        .lines()
+        .rev()
+        .find(|l| l.contains("events:") && l.contains("produced in kernel="))?;
+    let values = line
+        .split(|c: char| c.is_whitespace() || c == ';')
+        .filter_map(|token| {
+            let (key, value) = token.split_once('=')?;
+            Some((key.to_owned(), value.parse().ok()?))
+        })
+        .collect();
+    Some(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tally_line_parses() {
+        let line = "connprobe: events: connect=3 retransmit=45 reset=1 close=2; produced in kernel=51; lost: ringbuf=0 map=4 queue=0 log=0; undecodable=0 kernel_read_errors=0";
+        let tally = parse_tally(&format!("noise\n{line}\n")).unwrap();
+        assert_eq!(tally["connect"], 3);
+        assert_eq!(tally["kernel"], 51);
+        assert_eq!(tally["map"], 4);
+        assert_eq!(tally["kernel_read_errors"], 0);
     }
 }
