@@ -13,4 +13,5 @@ pub mod listeners;
 pub mod loader;
 pub mod offsets;
 pub mod pipeline;
+pub mod privileges;
 pub mod reader;

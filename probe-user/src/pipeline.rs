@@ -31,6 +31,7 @@ use crate::{
         table,
     },
     loader::{self, KernelMaps, LoaderConfig, read_counter},
+    privileges,
     reader::{Consumers, spawn_program_log, spawn_reader},
 };
 
@@ -186,6 +187,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = handle.await;
     }
     let counters = counters.context("the loader handed over no counters")?;
+    privileges::drop_after_attach(|| loader::counters_readable(&counters))?;
     let plan = probes
         .plan
         .iter()

@@ -129,7 +129,10 @@ pub fn spawn_writer(
     let (tx, rx) = mpsc::sync_channel::<Vec<Event>>(QUEUE_BATCHES);
     let handle = thread::Builder::new()
         .name("connprobe-log".into())
-        .spawn(move || LogWriter::new(out, metrics).run(rx))?;
+        .spawn(move || {
+            crate::privileges::drop_in_this_thread();
+            LogWriter::new(out, metrics).run(rx)
+        })?;
     Ok((tx, handle))
 }
 
