@@ -1,28 +1,26 @@
-//! Per-destination statistics from the decoded event stream: lifetime counts, the last 1 and 5
-//! minutes (by event time), and the per-destination Prometheus series, within a fixed number
-//! of label slots.
+//! The aggregator: the one owner of per-destination state. Every event counts at its
+//! [`Destination`]; the state of each destination label (lifetime counts by series label, the
+//! last 1 and 5 minutes by event time) lives here, in a fixed number of label slots, and every
+//! exporter reads it through a [`Snapshot`]: `/metrics` (a Prometheus collector), the terminal
+//! table, the evidence triggers.
 //!
-//! **What a destination is.** Side client: the remote `ip:port` (`event.dst`). Side server:
-//! this host's `ip:port` (`event.src`), so a service it offers is one row and client ephemeral
-//! ports never become labels. Side unknown: the client view (`event.dst`), since the
-//! unattributed events are mostly this host's own connects; their `side` label is `unknown`.
-//! A reset sent without a socket answers a SYN, so it is taken as side server. With
-//! `by_comm`, a destination is the pair (`ip:port`, owning process name); `comm="unknown"`
-//! when the owner is not known.
+//! **Slots.** A slot is one `destination` label: a destination's address (the client, server
+//! and unknown sides of one address share it; `side` is a label of the series inside). With
+//! `by_comm`, a slot is the pair (address, owning process name), `comm="unknown"` when the owner
+//! is not known.
 //!
 //! **Connects.** Attempts, failures and handshake latency count the connects this host opened
-//! (side client or unknown). Connects this host accepted (side server) count as `accepted` in
-//! the summaries, not as attempts: a failure ratio means "of the connects made, how many
-//! failed", and with both ends on one host (loopback, the lab) each connection would count
-//! twice.
+//! (side client or unknown). Connects this host accepted (side server) count as `accepted`, not
+//! as attempts: a failure ratio means "of the connects made, how many failed", and with both
+//! ends on one host (loopback, the lab) each connection would count twice.
 //!
-//! **Slots.** At most `max_destinations` destinations have their own label. A new destination
-//! takes a free slot; one idle for `destination_idle` (by event time against the `now` passed
-//! to [`Aggregator::expire_idle`]) frees it and its series are removed, so its counters restart
-//! if it returns. A tenth of the slots (rounded down) are kept for destinations whose event is
-//! a failed connect, so a failing destination that appears after healthy ones filled the table
-//! still gets a label. Everything else is counted under `destination="other"` (one extra
-//! label value, outside the cap). `connprobe_destinations_folded_total` counts each distinct
+//! **Admission.** At most `max_destinations` destinations have a slot. A new destination takes
+//! a free slot; one idle for `destination_idle` (by event time against the `now` passed to
+//! [`Aggregator::expire_idle`]) frees it, and its series go with it, so its counters restart if
+//! it returns. A tenth of the slots (rounded down) are kept for destinations whose event is a
+//! failed connect, so a failing destination that appears after healthy ones filled the table
+//! still gets a label. Everything else is counted under `destination="other"` (one extra label
+//! value, outside the cap). `connprobe_destinations_folded_total` counts each distinct
 //! destination once while it is folded: folded destinations are remembered by a 64-bit
 //! fingerprint in a set of bounded size ([`folded::CAPACITY`]); one that is idle for
 //! `destination_idle`, or that later gets a slot, is forgotten and counts again if it is folded
@@ -32,28 +30,24 @@ use std::{
     cmp::Ordering,
     collections::HashMap,
     fmt::Write as _,
-    hash::{BuildHasher, RandomState},
-    net::SocketAddr,
+    hash::BuildHasher,
     time::{Duration, SystemTime},
 };
 
-use prometheus::{Histogram, IntCounter};
-
 use crate::{
-    event::{
-        Comm, Direction, Event, EventDetail, FailureReason, Outcome, Phase, Side, TcpState,
-        canonical_ip,
-    },
-    export::prometheus::Metrics,
+    destination::Destination,
+    event::{Comm, ConnectOutcome, Direction, Endpoint, Event, EventDetail, Side},
 };
 
 pub mod folded;
+pub mod series;
 pub mod window;
 
+pub use series::{CONNECT_DURATION_BUCKETS, DurationHistogram, Series, SideLabel};
 pub use window::{BUCKET, Counts, LatencyHistogram, LatencyPercentiles, WindowStats};
 
 use folded::FoldedSet;
-use window::{Ring, reason_index};
+use window::Ring;
 
 /// The label of destinations without a slot of their own.
 pub const OTHER: &str = "other";
@@ -63,232 +57,88 @@ pub const UNKNOWN_COMM: &str = "unknown";
 const BUCKETS_1M: usize = 6;
 const BUCKETS_5M: usize = 30;
 
+/// The hasher of the slot index (one lookup per event) and of folded fingerprints: foldhash,
+/// a few times faster than SipHash on these small keys, and randomly seeded per process.
+type Hasher = foldhash::fast::RandomState;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AggregatorConfig {
     /// Destinations that get their own label (`--max-destinations`).
     pub max_destinations: usize,
     /// A destination with no event for this long frees its slot (`--destination-idle`).
     pub destination_idle: Duration,
-    /// Add a `comm` label (`--by-comm`); must match the [`Metrics`] passed alongside.
+    /// A slot per (destination, process name) (`--by-comm`).
     pub by_comm: bool,
 }
 
-/// The `side` label values, indexed by `SideIndex`.
-const SIDES: [&str; 3] = ["client", "server", "unknown"];
-type SideIndex = usize;
-const CLIENT: SideIndex = 0;
-const SERVER: SideIndex = 1;
-const UNKNOWN: SideIndex = 2;
-/// `syn`, `established`, then every TCP state by number (unknown numbers as state 0).
-const PHASES: usize = 2 + 14;
-
-fn phase_index(phase: Phase) -> usize {
-    match phase {
-        Phase::Syn => 0,
-        Phase::Established => 1,
-        Phase::Other(TcpState(n)) if (n as usize) < PHASES - 2 => 2 + n as usize,
-        Phase::Other(_) => 2,
-    }
-}
-
-fn phase_label(index: usize) -> std::borrow::Cow<'static, str> {
-    match index {
-        0 => Phase::Syn.as_str(),
-        1 => Phase::Established.as_str(),
-        n => Phase::Other(TcpState((n - 2) as u8)).as_str(),
-    }
-}
-
-fn direction_index(direction: Direction) -> usize {
-    match direction {
-        Direction::Sent => 0,
-        Direction::Received => 1,
-    }
-}
-
-const DIRECTIONS: [&str; 2] = ["sent", "received"];
-
-/// Which side an event belongs to and its destination address (see the module docs).
-fn view(event: &Event) -> (SideIndex, SocketAddr) {
-    let side = match event.side {
-        Some(Side::Client) => CLIENT,
-        Some(Side::Server) => SERVER,
-        None => match &event.detail {
-            EventDetail::Reset(r) if r.direction == Direction::Sent && r.state.is_none() => SERVER,
-            _ => UNKNOWN,
-        },
-    };
-    let addr = if side == SERVER { event.src } else { event.dst };
-    (side, SocketAddr::new(canonical_ip(addr.ip()), addr.port()))
-}
-
-fn is_failed_connect(event: &Event, side: SideIndex) -> bool {
-    side != SERVER
-        && matches!(&event.detail, EventDetail::Connect(c) if c.outcome == Outcome::Failed)
-}
-
+/// What a slot is: one destination label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct DestinationKey {
-    addr: SocketAddr,
+struct SlotKey {
+    addr: Endpoint,
     /// Only with `by_comm`; `None` for an unknown owner.
     comm: Option<Comm>,
 }
 
-/// Handles on the series a slot has created, so the hot path is one atomic add and expiry
-/// knows exactly what to remove. Created on a destination's first event of each kind.
-#[derive(Default)]
-struct Series {
-    attempts: Option<IntCounter>,
-    failures: [Option<IntCounter>; 5],
-    duration: Option<Histogram>,
-    retransmits: [[Option<IntCounter>; PHASES]; 3],
-    segments_sent: [Option<IntCounter>; 3],
-    resets: [[Option<IntCounter>; 2]; 3],
-}
-
-impl Series {
-    /// Removes every series created for `destination`/`comm` from the registry.
-    fn remove(&mut self, m: &Metrics, destination: &str, comm: &str) {
-        // Removing a series that is not there is not an error worth reporting.
-        if self.attempts.take().is_some() {
-            let _ = m
-                .connect_attempts
-                .remove_label_values(m.labels(&[destination, comm]));
-        }
-        for (reason, cell) in FailureReason::ALL.iter().zip(&mut self.failures) {
-            if cell.take().is_some() {
-                let _ = m.connect_failures.remove_label_values(m.labels(&[
-                    destination,
-                    reason.as_str(),
-                    comm,
-                ]));
-            }
-        }
-        if self.duration.take().is_some() {
-            let _ = m
-                .connect_duration
-                .remove_label_values(m.labels(&[destination, comm]));
-        }
-        for (side, cells) in SIDES.iter().zip(&mut self.retransmits) {
-            for (phase, cell) in cells.iter_mut().enumerate() {
-                if cell.take().is_some() {
-                    let phase = phase_label(phase);
-                    let _ = m.retransmits.remove_label_values(m.labels(&[
-                        destination,
-                        side,
-                        &phase,
-                        comm,
-                    ]));
-                }
-            }
-        }
-        for (side, cell) in SIDES.iter().zip(&mut self.segments_sent) {
-            if cell.take().is_some() {
-                let _ = m
-                    .segments_sent
-                    .remove_label_values(m.labels(&[destination, side, comm]));
-            }
-        }
-        for (side, cells) in SIDES.iter().zip(&mut self.resets) {
-            for (direction, cell) in DIRECTIONS.iter().zip(cells) {
-                if cell.take().is_some() {
-                    let _ = m.resets.remove_label_values(m.labels(&[
-                        destination,
-                        side,
-                        direction,
-                        comm,
-                    ]));
-                }
-            }
-        }
-    }
-}
-
-/// One destination with a label (or the fold, `other`). Slots are reused, with their label
-/// strings and window buffers, so a warm aggregator does not allocate for a new destination
-/// beyond what the metrics registry does.
+/// One destination with a label (or the fold, `other`). Slots are reused, with their window
+/// buffers, so a warm aggregator does not allocate for a new destination.
 struct Slot {
-    key: DestinationKey,
+    key: SlotKey,
     live: bool,
-    /// The `destination` label value.
-    destination: String,
-    /// The `comm` label value (empty without `by_comm`).
-    comm: String,
     last_seen: SystemTime,
+    /// The side of its latest connect attempt (client, or unknown).
+    attempts_side: Option<Side>,
     life: Counts,
-    ring: Ring,
     series: Series,
+    ring: Ring,
 }
 
 impl Slot {
     fn new() -> Self {
         Slot {
-            key: DestinationKey {
-                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            key: SlotKey {
+                addr: Endpoint::new([0, 0, 0, 0].into(), 0),
                 comm: None,
             },
             live: false,
-            destination: String::new(),
-            comm: String::new(),
             last_seen: SystemTime::UNIX_EPOCH,
+            attempts_side: None,
             life: Counts::default(),
-            ring: Ring::default(),
             series: Series::default(),
+            ring: Ring::default(),
         }
     }
 
-    fn assign(&mut self, key: DestinationKey, by_comm: bool, time: SystemTime) {
+    /// Starts the slot over for `key`.
+    fn assign(&mut self, key: SlotKey, time: SystemTime) {
         self.key = key;
         self.live = true;
-        self.destination.clear();
-        let _ = write!(self.destination, "{}", key.addr);
-        self.comm.clear();
-        if by_comm {
-            match key.comm {
-                Some(comm) => self.comm.push_str(&comm.to_string_lossy()),
-                None => self.comm.push_str(UNKNOWN_COMM),
-            }
-        }
         self.last_seen = time;
+        self.attempts_side = None;
         self.life = Counts::default();
+        self.series = Series::default();
         self.ring.clear();
     }
 
-    fn release(&mut self, m: &Metrics) {
-        self.series.remove(m, &self.destination, &self.comm);
-        self.live = false;
-    }
-
-    fn apply(&mut self, m: &Metrics, event: &Event, side: SideIndex) {
+    fn apply(&mut self, event: &Event, destination: Destination) {
         if event.time > self.last_seen {
             self.last_seen = event.time;
         }
-        let (d, comm) = (self.destination.as_str(), self.comm.as_str());
-        let series = &mut self.series;
-        let life = &mut self.life;
+        let side = SideLabel::of(destination.side);
+        let (life, series) = (&mut self.life, &mut self.series);
         match &event.detail {
-            EventDetail::Connect(_) if side == SERVER => {
+            EventDetail::Connect(_) if destination.is_server() => {
                 life.accepted += 1;
                 self.ring.update(event.time, |w, _| w.accepted += 1);
             }
             EventDetail::Connect(c) => {
-                series
-                    .attempts
-                    .get_or_insert_with(|| {
-                        m.connect_attempts.with_label_values(m.labels(&[d, comm]))
-                    })
-                    .inc();
+                self.attempts_side = destination.side;
+                series.attempt();
                 life.attempts += 1;
                 match c.outcome {
-                    Outcome::Established => {
+                    ConnectOutcome::Established => {
                         life.established += 1;
                         if let Some(latency) = c.latency {
-                            series
-                                .duration
-                                .get_or_insert_with(|| {
-                                    m.connect_duration.with_label_values(m.labels(&[d, comm]))
-                                })
-                                .observe(latency.as_secs_f64());
+                            series.handshake(latency);
                         }
                         self.ring.update(event.time, |w, h| {
                             w.attempts += 1;
@@ -298,18 +148,9 @@ impl Slot {
                             }
                         });
                     }
-                    Outcome::Failed => {
-                        let reason = c.reason.unwrap_or(FailureReason::Other);
-                        let r = reason_index(reason);
-                        series.failures[r]
-                            .get_or_insert_with(|| {
-                                m.connect_failures.with_label_values(m.labels(&[
-                                    d,
-                                    reason.as_str(),
-                                    comm,
-                                ]))
-                            })
-                            .inc();
+                    ConnectOutcome::Failed { reason, .. } => {
+                        series.failure(reason);
+                        let r = reason as usize;
                         life.failures[r] += 1;
                         self.ring.update(event.time, |w, _| {
                             w.attempts += 1;
@@ -320,30 +161,13 @@ impl Slot {
             }
             EventDetail::Retransmit(rt) => {
                 let segments = u64::from(rt.segments);
-                let p = phase_index(rt.state.phase());
-                series.retransmits[side][p]
-                    .get_or_insert_with(|| {
-                        let phase = phase_label(p);
-                        m.retransmits
-                            .with_label_values(m.labels(&[d, SIDES[side], &phase, comm]))
-                    })
-                    .inc_by(segments);
+                series.retransmits(side, rt.state.phase(), segments);
                 life.retransmitted_segments += segments;
                 self.ring
                     .update(event.time, |w, _| w.retransmitted_segments += segments);
             }
             EventDetail::Reset(rs) => {
-                let dir = direction_index(rs.direction);
-                series.resets[side][dir]
-                    .get_or_insert_with(|| {
-                        m.resets.with_label_values(m.labels(&[
-                            d,
-                            SIDES[side],
-                            DIRECTIONS[dir],
-                            comm,
-                        ]))
-                    })
-                    .inc();
+                series.reset(side, rs.direction);
                 let count = |w: &mut Counts| match rs.direction {
                     Direction::Sent => w.resets_sent += 1,
                     Direction::Received => w.resets_received += 1,
@@ -354,12 +178,7 @@ impl Slot {
             EventDetail::Close(cl) => {
                 let sent = u64::from(cl.segments_sent);
                 let retransmitted = u64::from(cl.segments_retransmitted);
-                series.segments_sent[side]
-                    .get_or_insert_with(|| {
-                        m.segments_sent
-                            .with_label_values(m.labels(&[d, SIDES[side], comm]))
-                    })
-                    .inc_by(sent);
+                series.segments_sent(side, sent);
                 let count = |w: &mut Counts| {
                     w.close_segments_sent += sent;
                     w.close_segments_retransmitted += retransmitted;
@@ -371,28 +190,39 @@ impl Slot {
     }
 
     fn summary(&self, now: SystemTime, by_comm: bool, is_other: bool) -> DestinationSummary {
+        let comm = by_comm.then(|| match (is_other, self.key.comm) {
+            (true, _) => OTHER.to_string(),
+            (false, Some(comm)) => comm.to_string_lossy().into_owned(),
+            (false, None) => UNKNOWN_COMM.to_string(),
+        });
         DestinationSummary {
             destination: (!is_other).then_some(self.key.addr),
-            comm: by_comm.then(|| self.comm.clone()),
+            comm,
+            attempts_side: self.attempts_side,
             last_seen: self.last_seen,
             lifetime: self.life,
+            series: self.series.clone(),
             last_1m: self.ring.window(now, BUCKETS_1M),
             last_5m: self.ring.window(now, BUCKETS_5M),
         }
     }
 }
 
-/// One destination's statistics, for the terminal table and the diagnosis.
+/// One destination label's state as the exporters read it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DestinationSummary {
     /// `None` for the fold, `destination="other"`.
-    pub destination: Option<SocketAddr>,
+    pub destination: Option<Endpoint>,
     /// The `comm` label, with `--by-comm` only.
     pub comm: Option<String>,
+    /// The side its connect attempts were made from (client, or unknown).
+    pub attempts_side: Option<Side>,
     /// The latest event time seen.
     pub last_seen: SystemTime,
     /// Since the destination got its slot.
     pub lifetime: Counts,
+    /// The same lifetime counts by the labels of its Prometheus series.
+    pub series: Series,
     /// The last minute of event time (the current 10-second bucket and the five before it).
     pub last_1m: WindowStats,
     /// The last five minutes (the current 10-second bucket and the 29 before it).
@@ -400,16 +230,30 @@ pub struct DestinationSummary {
 }
 
 impl DestinationSummary {
-    /// `ip:port` (IPv6 in brackets) or `other`, with ` (comm)` under `--by-comm`.
-    pub fn label(&self) -> String {
-        let mut label = match self.destination {
+    /// The `destination` label value: `ip:port` (IPv6 in brackets) or `other`.
+    pub fn destination_label(&self) -> String {
+        match self.destination {
             Some(addr) => addr.to_string(),
             None => OTHER.to_string(),
-        };
+        }
+    }
+
+    /// The destination label, with ` (comm)` under `--by-comm`.
+    pub fn label(&self) -> String {
+        let mut label = self.destination_label();
         if let Some(comm) = &self.comm {
             let _ = write!(label, " ({comm})");
         }
         label
+    }
+
+    /// The destination its connect attempts count at, for the evidence triggers; `None` for
+    /// the fold.
+    pub fn attempted(&self) -> Option<Destination> {
+        Some(Destination {
+            side: self.attempts_side,
+            addr: self.destination?,
+        })
     }
 
     /// Worst first: most failed connects in the last minute, then in the last five, then most
@@ -438,87 +282,98 @@ impl DestinationSummary {
     }
 }
 
-/// Per-destination statistics and series within `max_destinations` label slots.
+/// The aggregator's state at one moment, for the exporters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    /// Every destination with a slot, and `other` if anything is folded, worst first
+    /// ([`DestinationSummary::worst_first`]); windows end at the snapshot's time.
+    pub destinations: Vec<DestinationSummary>,
+    /// Whether slots are per (destination, process name).
+    pub by_comm: bool,
+    /// Destinations with their own label.
+    pub tracked: usize,
+    /// Distinct destinations folded into `other` (see the module docs).
+    pub folded_total: u64,
+}
+
+/// Per-destination state within `max_destinations` label slots.
 ///
-/// Lives behind the pipeline's lock; [`Aggregator::record`] is the hot path (one hash lookup
-/// and a few atomic adds for a known destination, no allocation). `/metrics` does not need
-/// this lock: the series it owns are atomics in the shared registry.
+/// Lives behind the pipeline's lock; [`Aggregator::record`] is the hot path: one hash lookup
+/// and a few additions for a known destination, no allocation.
 pub struct Aggregator {
     config: AggregatorConfig,
     reserve: usize,
-    metrics: Metrics,
-    index: HashMap<DestinationKey, usize>,
+    index: HashMap<SlotKey, usize, Hasher>,
     slots: Vec<Slot>,
     free: Vec<usize>,
     other: Slot,
     folded: FoldedSet,
-    fingerprints: RandomState,
+    folded_total: u64,
+    fingerprints: Hasher,
 }
 
 impl Aggregator {
-    /// `metrics` must have been built with the same `by_comm`; the aggregator shares its
-    /// series.
-    pub fn new(config: AggregatorConfig, metrics: &Metrics) -> Self {
-        assert_eq!(
-            config.by_comm,
-            metrics.by_comm(),
-            "aggregator and metrics disagree on the comm label"
-        );
-        let mut other = Slot::new();
-        other.destination.push_str(OTHER);
-        if config.by_comm {
-            other.comm.push_str(OTHER);
-        }
+    pub fn new(config: AggregatorConfig) -> Self {
         Aggregator {
             config,
             reserve: config.max_destinations / 10,
-            metrics: metrics.clone(),
-            index: HashMap::with_capacity(config.max_destinations.min(1 << 16)),
+            index: HashMap::with_capacity_and_hasher(
+                config.max_destinations.min(1 << 16),
+                Hasher::default(),
+            ),
             slots: Vec::new(),
             free: Vec::new(),
-            other,
+            other: Slot::new(),
             folded: FoldedSet::new(folded::CAPACITY),
-            fingerprints: RandomState::new(),
+            folded_total: 0,
+            fingerprints: Hasher::default(),
         }
     }
 
-    /// Counts one event: in `connprobe_events_total`, and in its destination's statistics and
-    /// series (or in `other`'s when it gets no slot).
+    pub fn config(&self) -> &AggregatorConfig {
+        &self.config
+    }
+
+    /// Counts one event in its destination's state (or in `other`'s when it gets no slot).
     pub fn record(&mut self, event: &Event) {
-        self.metrics.events_counter(event.kind()).inc();
-        let (side, addr) = view(event);
+        let destination = Destination::of(event);
         let comm = if self.config.by_comm {
             event.process.as_ref().map(|p| p.comm)
         } else {
             None
         };
-        let key = DestinationKey { addr, comm };
+        let key = SlotKey {
+            addr: destination.addr,
+            comm,
+        };
         let slot = match self.index.get(&key) {
             Some(&i) => &mut self.slots[i],
-            None => match self.admit(key, event, side) {
+            None => match self.admit(key, event, destination) {
                 Some(i) => &mut self.slots[i],
                 None => {
                     let fingerprint = self.fingerprints.hash_one(key);
                     if self.folded.note(fingerprint, event.time) {
-                        self.metrics.destinations_folded.inc();
+                        self.folded_total += 1;
                     }
                     if !self.other.live {
-                        self.other.live = true;
-                        self.other.life = Counts::default();
-                        self.other.ring.clear();
-                        self.other.last_seen = event.time;
+                        self.other.assign(key, event.time);
                     }
                     &mut self.other
                 }
             },
         };
-        slot.apply(&self.metrics, event, side);
+        slot.apply(event, destination);
     }
 
     /// Gives `key` a slot if the policy allows it.
-    fn admit(&mut self, key: DestinationKey, event: &Event, side: SideIndex) -> Option<usize> {
+    fn admit(&mut self, key: SlotKey, event: &Event, destination: Destination) -> Option<usize> {
         let max = self.config.max_destinations;
-        let limit = if is_failed_connect(event, side) {
+        let failed_connect = !destination.is_server()
+            && matches!(
+                &event.detail,
+                EventDetail::Connect(c) if matches!(c.outcome, ConnectOutcome::Failed { .. })
+            );
+        let limit = if failed_connect {
             max
         } else {
             max - self.reserve
@@ -533,11 +388,8 @@ impl Aggregator {
                 self.slots.len() - 1
             }
         };
-        self.slots[i].assign(key, self.config.by_comm, event.time);
+        self.slots[i].assign(key, event.time);
         self.index.insert(key, i);
-        self.metrics
-            .destinations_tracked
-            .set(self.index.len() as i64);
         if !self.folded.is_empty() {
             self.folded.forget(self.fingerprints.hash_one(key));
         }
@@ -545,24 +397,21 @@ impl Aggregator {
     }
 
     /// Frees the slot of every destination whose last event is `destination_idle` or more
-    /// before `now`, removing its series; `other` goes the same way. Call about once a second.
+    /// before `now`; `other` goes the same way. Call about once a second.
     pub fn expire_idle(&mut self, now: SystemTime) {
         let idle = self.config.destination_idle;
         let expired = |last: SystemTime| now.duration_since(last).is_ok_and(|d| d >= idle);
         for (i, slot) in self.slots.iter_mut().enumerate() {
             if slot.live && expired(slot.last_seen) {
-                slot.release(&self.metrics);
+                slot.live = false;
                 self.index.remove(&slot.key);
                 self.free.push(i);
             }
         }
         if self.other.live && expired(self.other.last_seen) {
-            self.other.release(&self.metrics);
+            self.other.live = false;
         }
         self.folded.expire(now, idle);
-        self.metrics
-            .destinations_tracked
-            .set(self.index.len() as i64);
     }
 
     /// Destinations with their own label now.
@@ -570,21 +419,30 @@ impl Aggregator {
         self.index.len()
     }
 
-    /// Every destination with a slot, and `other` if anything is folded, worst first
-    /// ([`DestinationSummary::worst_first`]); windows end at `now`.
-    pub fn summaries(&self, now: SystemTime) -> Vec<DestinationSummary> {
+    /// The state of every destination, windows ending at `now`.
+    pub fn snapshot(&self, now: SystemTime) -> Snapshot {
         let by_comm = self.config.by_comm;
-        let mut out: Vec<_> = self
+        let mut destinations: Vec<_> = self
             .slots
             .iter()
             .filter(|s| s.live)
             .map(|s| s.summary(now, by_comm, false))
             .collect();
         if self.other.live {
-            out.push(self.other.summary(now, by_comm, true));
+            destinations.push(self.other.summary(now, by_comm, true));
         }
-        out.sort_by(DestinationSummary::worst_first);
-        out
+        destinations.sort_by(DestinationSummary::worst_first);
+        Snapshot {
+            destinations,
+            by_comm,
+            tracked: self.tracked(),
+            folded_total: self.folded_total,
+        }
+    }
+
+    /// The destinations of [`Aggregator::snapshot`].
+    pub fn summaries(&self, now: SystemTime) -> Vec<DestinationSummary> {
+        self.snapshot(now).destinations
     }
 }
 

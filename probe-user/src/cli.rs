@@ -2,7 +2,10 @@
 //! events after the fact or ask a running agent.
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
+
+pub use crate::loader::HookMode;
+use crate::{export::json_log::Encoder, units::parse_duration};
 
 /// Default address of the metrics, health and diagnose endpoints: loopback only.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9977";
@@ -34,19 +37,6 @@ pub enum Command {
     Analyze(AnalyzeArgs),
     /// Ask a running agent for its verdicts on the last window.
     Diagnose(DiagnoseArgs),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum HookMode {
-    /// BTF tracepoints where the kernel has them, classic tracepoints otherwise.
-    Auto,
-    /// BTF tracepoints only (tp_btf): the cheapest, and no tracefs needed.
-    Btf,
-    /// Classic tracepoints only (needs tracefs; the agent mounts it if missing).
-    Classic,
-    /// Empty BTF programs on the same hooks, emitting nothing: the benchmark's floor.
-    #[value(hide = true)]
-    Empty,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -120,6 +110,11 @@ pub struct RunArgs {
     /// How often the tally (with -v) and the terminal table are printed.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub stats_interval: Duration,
+
+    /// How JSON log lines are made: `fast` (the default) or `serde`, the same bytes through
+    /// serde_json, for the benchmark to measure what the fast formatter buys.
+    #[arg(long, value_enum, default_value_t = Encoder::Fast, hide = true)]
+    pub log_encoder: Encoder,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -152,34 +147,13 @@ pub struct DiagnoseArgs {
     pub json: bool,
 }
 
-/// `10` (seconds), `1.5`, `30s`, `5m`, `1h 30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if let Ok(secs) = s.parse::<f64>() {
-        return if secs.is_finite() && secs >= 0.0 {
-            Ok(Duration::from_secs_f64(secs))
-        } else {
-            Err(format!("{s:?} is not a duration"))
-        };
-    }
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration: {e}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert!(parse_duration("-1").is_err());
-        assert!(parse_duration("soon").is_err());
-    }
-
-    #[test]
     fn bare_flags_mean_run() {
+        assert!(parse_duration("5m").is_ok());
         let cli =
             Cli::try_parse_from(["connprobe", "--json-log", "-", "--duration", "10"]).unwrap();
         assert!(cli.command.is_none());

@@ -2,7 +2,7 @@
 //! events. Length-checked, in place, no allocation.
 use std::{
     mem::size_of,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, SystemTime},
 };
 
@@ -14,8 +14,8 @@ use probe_common::{
 use crate::{
     btf::Btf,
     event::{
-        Close, Comm, Connect, Direction, Errno, Event, EventDetail, FailureReason, Outcome,
-        Process, Reset, ResetReason, Retransmit, Side, TcpState, canonical_ip,
+        Close, Comm, Connect, ConnectOutcome, Direction, Endpoint, Event, EventDetail, Process,
+        Reset, ResetReason, Retransmit, Side, TcpState,
     },
 };
 
@@ -29,6 +29,14 @@ pub enum DecodeError {
     Family(u16),
     #[error("reset reason {0} is not in this kernel's enum sk_rst_reason")]
     ResetReason(u32),
+    #[error("unknown connect outcome {0}")]
+    Outcome(u8),
+    #[error("unknown reset direction {0}")]
+    Direction(u8),
+    #[error("unknown TCP state {0}")]
+    State(u8),
+    #[error("unknown side {0}")]
+    Side(u8),
 }
 
 /// The names of this kernel's `enum sk_rst_reason`, read from BTF (the values moved between
@@ -140,16 +148,13 @@ fn decode(bytes: &[u8], clock: &Clock, reasons: &ResetReasons) -> Result<Event, 
     let (endpoints, owner, detail) = match kind {
         EventKind::Connect => {
             let raw: ConnectEvent = read(bytes)?;
-            let failed = raw.outcome == outcome::FAILED;
             let start_known = raw.owner.flags & owner_flags::START_KNOWN != 0;
             let detail = EventDetail::Connect(Connect {
-                outcome: if failed {
-                    Outcome::Failed
-                } else {
-                    Outcome::Established
+                outcome: match raw.outcome {
+                    outcome::ESTABLISHED => ConnectOutcome::Established,
+                    outcome::FAILED => ConnectOutcome::failed(raw.sk_err),
+                    other => return Err(DecodeError::Outcome(other)),
                 },
-                reason: failed.then(|| FailureReason::from_sk_err(raw.sk_err)),
-                errno: (failed && raw.sk_err != 0).then_some(Errno(raw.sk_err)),
                 latency: start_known.then(|| Duration::from_nanos(raw.latency_ns)),
                 syn_retransmits: raw.syn_retransmits,
             });
@@ -158,7 +163,7 @@ fn decode(bytes: &[u8], clock: &Clock, reasons: &ResetReasons) -> Result<Event, 
         EventKind::Retransmit => {
             let raw: RetransmitEvent = read(bytes)?;
             let detail = EventDetail::Retransmit(Retransmit {
-                state: TcpState(raw.state),
+                state: state(raw.state)?,
                 segments: raw.segments,
             });
             (raw.endpoints, raw.owner, detail)
@@ -166,12 +171,15 @@ fn decode(bytes: &[u8], clock: &Clock, reasons: &ResetReasons) -> Result<Event, 
         EventKind::Reset => {
             let raw: ResetEvent = read(bytes)?;
             let detail = EventDetail::Reset(Reset {
-                direction: if raw.direction == direction::SENT {
-                    Direction::Sent
-                } else {
-                    Direction::Received
+                direction: match raw.direction {
+                    direction::SENT => Direction::Sent,
+                    direction::RECEIVED => Direction::Received,
+                    other => return Err(DecodeError::Direction(other)),
                 },
-                state: (raw.state != tcp_state::NONE).then_some(TcpState(raw.state)),
+                state: match raw.state {
+                    tcp_state::NONE => None,
+                    n => Some(state(n)?),
+                },
                 reason: match raw.has_reason {
                     0 => None,
                     _ => Some(reasons.name(raw.reason)?),
@@ -199,12 +207,17 @@ fn decode(bytes: &[u8], clock: &Clock, reasons: &ResetReasons) -> Result<Event, 
         side: match owner.side {
             side::CLIENT => Some(Side::Client),
             side::SERVER => Some(Side::Server),
-            _ => None,
+            side::UNKNOWN => None,
+            other => return Err(DecodeError::Side(other)),
         },
         src,
         dst,
         detail,
     })
+}
+
+fn state(n: u8) -> Result<TcpState, DecodeError> {
+    TcpState::from_repr(n).ok_or(DecodeError::State(n))
 }
 
 fn process(owner: &Owner) -> Option<Process> {
@@ -214,23 +227,24 @@ fn process(owner: &Owner) -> Option<Process> {
     })
 }
 
-fn addresses(ep: &Endpoints) -> Result<(SocketAddr, SocketAddr), DecodeError> {
+fn addresses(ep: &Endpoints) -> Result<(Endpoint, Endpoint), DecodeError> {
     let ip = |raw: &[u8; 16]| -> Result<IpAddr, DecodeError> {
         match ep.family {
             AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
-            AF_INET6 => Ok(canonical_ip(IpAddr::V6(Ipv6Addr::from(*raw)))),
+            AF_INET6 => Ok(IpAddr::V6(Ipv6Addr::from(*raw))),
             other => Err(DecodeError::Family(other)),
         }
     };
     Ok((
-        SocketAddr::new(ip(&ep.local_addr)?, ep.local_port),
-        SocketAddr::new(ip(&ep.remote_addr)?, ep.remote_port),
+        Endpoint::new(ip(&ep.local_addr)?, ep.local_port),
+        Endpoint::new(ip(&ep.remote_addr)?, ep.remote_port),
     ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::{Errno, FailureReason};
     use probe_common::COMM_LEN;
 
     fn bytes_of<T: Copy>(value: &T) -> Vec<u8> {
@@ -313,9 +327,13 @@ mod tests {
         let EventDetail::Connect(c) = event.detail else {
             panic!("not a connect")
         };
-        assert_eq!(c.outcome, Outcome::Failed);
-        assert_eq!(c.reason, Some(FailureReason::Refused));
-        assert_eq!(c.errno, Some(Errno(111)));
+        assert_eq!(
+            c.outcome,
+            ConnectOutcome::Failed {
+                reason: FailureReason::Refused,
+                errno: Some(Errno(111))
+            }
+        );
         assert_eq!(c.latency, Some(Duration::from_micros(153)));
     }
 
@@ -338,8 +356,14 @@ mod tests {
         let EventDetail::Connect(c) = event.detail else {
             panic!("not a connect")
         };
-        assert_eq!(c.reason, Some(FailureReason::Cancelled));
-        assert_eq!((c.errno, c.latency, c.syn_retransmits), (None, None, 2));
+        assert_eq!(
+            c.outcome,
+            ConnectOutcome::Failed {
+                reason: FailureReason::Cancelled,
+                errno: None
+            }
+        );
+        assert_eq!((c.latency, c.syn_retransmits), (None, 2));
     }
 
     #[test]
@@ -422,7 +446,7 @@ mod tests {
         assert_eq!(
             event.detail,
             EventDetail::Retransmit(Retransmit {
-                state: TcpState::ESTABLISHED,
+                state: TcpState::Established,
                 segments: 5
             })
         );
@@ -477,5 +501,52 @@ mod tests {
         let mut bad_family = bytes;
         bad_family[16] = 7;
         assert_eq!(decoder().decode(&bad_family), Err(DecodeError::Family(7)));
+    }
+
+    #[test]
+    fn values_the_agent_does_not_know_are_errors_not_guesses() {
+        let connect = |outcome: u8| ConnectEvent {
+            header: header(EventKind::Connect),
+            endpoints: v4_endpoints(),
+            owner: client_owner(),
+            latency_ns: 0,
+            sk_err: 0,
+            syn_retransmits: 0,
+            outcome,
+            _pad: [0; 7],
+        };
+        assert_eq!(
+            decoder().decode(&bytes_of(&connect(9))),
+            Err(DecodeError::Outcome(9))
+        );
+        let mut raw = RetransmitEvent {
+            header: header(EventKind::Retransmit),
+            endpoints: v4_endpoints(),
+            owner: client_owner(),
+            segments: 1,
+            state: 14,
+            _pad: [0; 3],
+        };
+        assert_eq!(
+            decoder().decode(&bytes_of(&raw)),
+            Err(DecodeError::State(14))
+        );
+        raw.state = tcp_state::ESTABLISHED;
+        raw.owner.side = 3;
+        assert_eq!(decoder().decode(&bytes_of(&raw)), Err(DecodeError::Side(3)));
+        let reset = ResetEvent {
+            header: header(EventKind::Reset),
+            endpoints: v4_endpoints(),
+            owner: client_owner(),
+            direction: 0,
+            state: tcp_state::ESTABLISHED,
+            has_reason: 0,
+            _pad: 0,
+            reason: 0,
+        };
+        assert_eq!(
+            decoder().decode(&bytes_of(&reset)),
+            Err(DecodeError::Direction(0))
+        );
     }
 }

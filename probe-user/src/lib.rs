@@ -1,11 +1,15 @@
 //! connprobe's agent, top to bottom as the data flows:
-//! kernel offsets (`btf`, `offsets`) -> `loader` -> `reader` (ring buffer) -> `decode` -> `event`
-//! -> consumers: `export::json_log`, the aggregator and Prometheus exporter, the verdict engine.
+//! kernel offsets (`btf`, `offsets`) -> `loader` -> `reader` (ring buffer) -> `decode` ->
+//! `event` (the typed event; `schema` is its JSON form) -> `aggregate` (the one owner of
+//! per-destination state, keyed by `destination`) -> readers of that state: `export`
+//! (Prometheus, the terminal table; the JSON log takes the events) and `diagnose` (verdicts,
+//! flight recorder, evidence bundles). `tally` counts what was delivered and lost.
 //! `pipeline` wires them together and handles shutdown; `cli` is the command line.
 pub mod aggregate;
 pub mod btf;
 pub mod cli;
 pub mod decode;
+pub mod destination;
 pub mod diagnose;
 pub mod event;
 pub mod export;
@@ -14,4 +18,8 @@ pub mod loader;
 pub mod offsets;
 pub mod pipeline;
 pub mod privileges;
+pub mod quantile;
 pub mod reader;
+pub mod schema;
+pub mod tally;
+pub mod units;

@@ -14,7 +14,6 @@ use probe_common::{
 
 use crate::{
     btf::Btf,
-    cli::HookMode,
     decode::ResetReasons,
     listeners,
     offsets::{self, Hook, OffsetsError, Tracefs},
@@ -54,6 +53,20 @@ pub enum LoadError {
     Logger(#[source] aya_log::Error),
     #[error("cannot open map {0}: {1}")]
     Map(&'static str, #[source] Box<aya::maps::MapError>),
+}
+
+/// Which kind of tracepoint to attach (`--hooks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HookMode {
+    /// BTF tracepoints where the kernel has them, classic tracepoints otherwise.
+    Auto,
+    /// BTF tracepoints only (tp_btf): the cheapest, and no tracefs needed.
+    Btf,
+    /// Classic tracepoints only (needs tracefs; the agent mounts it if missing).
+    Classic,
+    /// Empty BTF programs on the same hooks, emitting nothing: the benchmark's floor.
+    #[value(hide = true)]
+    Empty,
 }
 
 /// How one hook is attached.

@@ -5,7 +5,8 @@ use std::{
     io::{self, IsTerminal},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, Ordering::Relaxed},
+        mpsc::{SyncSender, TrySendError},
     },
     time::{Duration, SystemTime},
 };
@@ -23,44 +24,26 @@ use crate::{
     cli::{HookMode, RunArgs},
     decode::{Clock, Decoder},
     diagnose::{EvidenceWriter, FlightRecorder, TriggerConfig, diagnose_handler},
-    event::EventType,
+    event::Event,
     export::{
-        http::{self, DiagnoseFn, HttpState},
+        http::{self, DiagnoseFn, HttpState, MetricsFn},
         json_log,
-        prometheus::{LossStage, Metrics},
+        prometheus::{PrometheusExporter, Sources},
         table,
     },
     loader::{self, KernelMaps, LoaderConfig, read_counter},
     privileges,
-    reader::{Consumers, spawn_program_log, spawn_reader},
+    reader::{BATCH, spawn_program_log, spawn_reader},
+    tally::{KernelCounts, LossStage, Tally},
 };
 
 /// How often idle destinations are expired and the kernel's counters read.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
-/// What the agent counted: delivered and lost come from the metrics (one set of counters),
-/// the rest from the kernel and the decoder.
-pub struct Tally {
-    metrics: Arc<Metrics>,
-    /// Events the kernel programs tried to emit, all kinds (delivered + lost in the ring).
-    produced: AtomicU64,
-    kernel_read_errors: AtomicU64,
-    undecodable: Arc<AtomicU64>,
-}
-
-impl Tally {
-    fn new(metrics: Arc<Metrics>) -> Self {
-        Tally {
-            metrics,
-            produced: AtomicU64::new(0),
-            kernel_read_errors: AtomicU64::new(0),
-            undecodable: Arc::new(AtomicU64::new(0)),
-        }
-    }
-
-    /// Copies the kernel's cumulative per-CPU counters into the tally and the metrics.
-    fn update_from_kernel(&self, counters: &PerCpuArray<MapData, u64>) {
-        let produced = [
+/// The kernel programs' cumulative counters, summed over CPUs.
+fn kernel_counts(counters: &PerCpuArray<MapData, u64>) -> KernelCounts {
+    KernelCounts {
+        produced: [
             Counter::ProducedConnect,
             Counter::ProducedRetransmit,
             Counter::ProducedReset,
@@ -68,33 +51,54 @@ impl Tally {
         ]
         .map(|c| read_counter(counters, c))
         .iter()
-        .sum();
-        self.produced.store(produced, Relaxed);
-        self.kernel_read_errors
-            .store(read_counter(counters, Counter::ReadError), Relaxed);
-        self.metrics.sync_lost(
-            LossStage::Ringbuf,
-            read_counter(counters, Counter::LostRingbuf),
-        );
-        self.metrics
-            .sync_lost(LossStage::Map, read_counter(counters, Counter::LostMap));
+        .sum(),
+        lost_ringbuf: read_counter(counters, Counter::LostRingbuf),
+        lost_map: read_counter(counters, Counter::LostMap),
+        read_errors: read_counter(counters, Counter::ReadError),
     }
+}
 
-    /// One line: events by kind, lost by stage.
-    pub fn line(&self) -> String {
-        let kinds = EventType::ALL
-            .map(|k| format!("{}={}", k.as_str(), self.metrics.delivered(k)))
-            .join(" ");
-        let lost = LossStage::ALL
-            .map(|s| format!("{}={}", s.as_str(), self.metrics.lost(s)))
-            .join(" ");
-        format!(
-            "events: {kinds}; produced in kernel={}; lost: {lost}; undecodable={} \
-             kernel_read_errors={}",
-            self.produced.load(Relaxed),
-            self.undecodable.load(Relaxed),
-            self.kernel_read_errors.load(Relaxed),
-        )
+/// The evidence triggers' settings from `connprobe run` flags; `None` without `--evidence-dir`.
+fn trigger_config(args: &RunArgs) -> Option<TriggerConfig> {
+    Some(TriggerConfig {
+        failure_ratio: args.trigger_failure_ratio,
+        latency: args.trigger_latency,
+        min_attempts: args.trigger_min_attempts,
+        ..TriggerConfig::new(args.evidence_dir.clone()?)
+    })
+}
+
+/// Every batch the reader decodes goes to the aggregator, the flight recorder and the JSON
+/// log's queue (losses at the queue or past a failed writer are counted in the tally).
+fn consumer(
+    aggregator: Arc<Mutex<Aggregator>>,
+    recorder: Arc<Mutex<FlightRecorder>>,
+    log: Option<SyncSender<Vec<Event>>>,
+    tally: Arc<Tally>,
+) -> impl FnMut(&mut Vec<Event>) + Send + 'static {
+    move |batch| {
+        {
+            let mut aggregator = aggregator.lock().unwrap_or_else(|e| e.into_inner());
+            for event in batch.iter() {
+                aggregator.record(event);
+            }
+        }
+        recorder
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(batch.iter());
+        if let Some(log) = &log {
+            let full = std::mem::replace(batch, Vec::with_capacity(BATCH));
+            match log.try_send(full) {
+                Ok(()) => {}
+                Err(TrySendError::Full(lost)) => {
+                    tally.add_lost(LossStage::Queue, lost.len() as u64)
+                }
+                Err(TrySendError::Disconnected(lost)) => {
+                    tally.add_lost(LossStage::Log, lost.len() as u64)
+                }
+            }
+        }
     }
 }
 
@@ -108,16 +112,12 @@ enum Stop {
 /// `connprobe run`.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let clock = Clock::now();
-    let metrics = Arc::new(Metrics::new(args.by_comm));
-    let tally = Arc::new(Tally::new(metrics.clone()));
-    let aggregator = Arc::new(Mutex::new(Aggregator::new(
-        AggregatorConfig {
-            max_destinations: args.max_destinations,
-            destination_idle: args.destination_idle,
-            by_comm: args.by_comm,
-        },
-        &metrics,
-    )));
+    let tally = Arc::new(Tally::default());
+    let aggregator = Arc::new(Mutex::new(Aggregator::new(AggregatorConfig {
+        max_destinations: args.max_destinations,
+        destination_idle: args.destination_idle,
+        by_comm: args.by_comm,
+    })));
     let recorder = Arc::new(Mutex::new(FlightRecorder::new(args.recorder_events)));
 
     // Bad input fails here, before anything is loaded.
@@ -126,23 +126,29 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         true => None,
         false => Some(http::bind(args.metrics_addr).await?),
     };
-    let evidence = TriggerConfig::from_run_args(&args)
-        .map(EvidenceWriter::new)
-        .transpose()?;
+    let evidence = trigger_config(&args).map(EvidenceWriter::new).transpose()?;
+    let prometheus = Arc::new(PrometheusExporter::new(Sources {
+        aggregator: aggregator.clone(),
+        tally: tally.clone(),
+        bundles_written: evidence
+            .as_ref()
+            .map(EvidenceWriter::bundles_written_counter),
+    }));
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
 
     let (log_tx, log_thread) = match log_out {
         Some(out) => {
-            let (tx, handle) = json_log::spawn_writer(out, metrics.clone())
+            let (tx, handle) = json_log::spawn_writer(out, args.log_encoder, tally.clone())
                 .context("cannot start the JSON log writer")?;
             (Some(tx), Some(handle))
         }
         None => (None, None),
     };
     let (stop_http, http_stopped) = watch::channel(false);
-    let diagnose: Arc<DiagnoseFn> = Arc::new(diagnose_handler(recorder.clone()));
-    let http_state = Arc::new(HttpState::new(metrics.clone(), Some(diagnose)));
+    let diagnose: Arc<DiagnoseFn> = Arc::new(diagnose_handler(recorder.clone(), tally.clone()));
+    let metrics: Arc<MetricsFn> = Arc::new(move || prometheus.encode());
+    let http_state = Arc::new(HttpState::new(metrics, Some(diagnose)));
     let http_task =
         listener.map(|l| tokio::spawn(http::serve(l, http_state.clone(), http_stopped)));
 
@@ -157,13 +163,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         loader::load_and_attach(&config, |maps: KernelMaps| {
             let (stop_tx, stop_rx) = watch::channel(false);
             spawn_program_log(maps.logger, stop_rx.clone());
-            let consumers = Consumers {
-                metrics: metrics.clone(),
-                aggregator: aggregator.clone(),
-                recorder: recorder.clone(),
-                log: log_tx.clone(),
-                undecodable: tally.undecodable.clone(),
-            };
+            let consume = consumer(
+                aggregator.clone(),
+                recorder.clone(),
+                log_tx.clone(),
+                tally.clone(),
+            );
             readers.push((
                 stop_tx,
                 spawn_reader(
@@ -172,7 +177,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         clock,
                         reset_reasons: maps.reset_reasons,
                     },
-                    consumers,
+                    tally.clone(),
+                    consume,
                     stop_rx,
                 ),
             ));
@@ -209,14 +215,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     let stop_evidence = Arc::new(AtomicBool::new(false));
-    let (bundles_written, evidence_thread) = match evidence {
-        Some(writer) => {
-            let (bundles, handle) = writer
-                .spawn(recorder.clone(), stop_evidence.clone())
-                .context("cannot start the evidence writer")?;
-            (Some(bundles), Some(handle))
-        }
-        None => (None, None),
+    let evidence_thread = match evidence {
+        Some(writer) => Some(
+            writer
+                .spawn(aggregator.clone(), recorder.clone(), stop_evidence.clone())
+                .context("cannot start the evidence writer")?,
+        ),
+        None => None,
     };
 
     // The live table: on a terminal, when the events are not going to the terminal too.
@@ -246,10 +251,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 break Stop::ReaderFailed(err);
             }
             _ = housekeeping.tick() => {
-                tally.update_from_kernel(&counters);
-                if let Some(bundles) = &bundles_written {
-                    metrics.sync_evidence_bundles(bundles.load(Relaxed));
-                }
+                tally.set_kernel(kernel_counts(&counters));
                 aggregator
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -289,7 +291,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(task) = http_task {
         let _ = task.await;
     }
-    tally.update_from_kernel(&counters);
+    tally.set_kernel(kernel_counts(&counters));
     eprintln!("connprobe: {}", tally.line());
     reader_result
 }
@@ -313,27 +315,5 @@ fn terminal_width() -> usize {
         size.ws_col as usize
     } else {
         100
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tally_line_names_every_kind_and_stage() {
-        let metrics = Arc::new(Metrics::new(false));
-        metrics.event_delivered(EventType::Connect);
-        metrics.add_lost(LossStage::Queue, 2);
-        let tally = Tally::new(metrics);
-        let line = tally.line();
-        assert!(
-            line.contains("connect=1 retransmit=0 reset=0 close=0"),
-            "{line}"
-        );
-        assert!(
-            line.contains("lost: ringbuf=0 map=0 queue=2 log=0"),
-            "{line}"
-        );
     }
 }

@@ -1,97 +1,81 @@
-//! The ring buffer reader: drains the kernel's records, decodes them in place and hands each
-//! batch to the consumers (aggregator, flight recorder, JSON log queue).
-use std::{
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering::Relaxed},
-        mpsc::{SyncSender, TrySendError},
-    },
-    time::Duration,
-};
+//! The ring buffer reader: drains the kernel's records, decodes them in place, counts them in
+//! the tally and hands each batch to the consumer the pipeline gives it.
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
+use strum::EnumCount;
 use tokio::{io::unix::AsyncFd, sync::watch, task::JoinHandle};
 
 use crate::{
-    aggregate::Aggregator,
     decode::Decoder,
-    diagnose::FlightRecorder,
-    event::Event,
-    export::prometheus::{LossStage, Metrics},
+    event::{Event, EventKind},
+    tally::Tally,
 };
 
 /// Events the reader decodes before handing them on as one batch (one lock per consumer).
-const BATCH: usize = 1024;
+pub const BATCH: usize = 1024;
 /// The kernel wakes the reader only when a batch has built up (see probe-ebpf `emit`); between
 /// wakeups the reader looks this often.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Everything a batch of events goes to.
-pub struct Consumers {
-    pub metrics: Arc<Metrics>,
-    pub aggregator: Arc<Mutex<Aggregator>>,
-    pub recorder: Arc<Mutex<FlightRecorder>>,
-    /// The JSON log writer's queue of batches, when there is a log.
-    pub log: Option<SyncSender<Vec<Event>>>,
-    /// Records the decoder rejected (a kernel/agent mismatch; should stay 0).
-    pub undecodable: Arc<AtomicU64>,
+/// Where batches go: the consumer takes what it keeps and may leave the batch empty.
+pub trait Consume: Send + 'static {
+    fn consume(&mut self, batch: &mut Vec<Event>);
 }
 
-impl Consumers {
+impl<F: FnMut(&mut Vec<Event>) + Send + 'static> Consume for F {
     fn consume(&mut self, batch: &mut Vec<Event>) {
-        {
-            let mut aggregator = self.aggregator.lock().unwrap_or_else(|e| e.into_inner());
-            for event in batch.iter() {
-                aggregator.record(event);
-            }
-        }
-        self.recorder
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(batch.iter());
-        match &self.log {
-            Some(log) => {
-                let full = std::mem::replace(batch, Vec::with_capacity(BATCH));
-                match log.try_send(full) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(lost)) => {
-                        self.metrics.add_lost(LossStage::Queue, lost.len() as u64)
-                    }
-                    Err(TrySendError::Disconnected(lost)) => {
-                        self.metrics.add_lost(LossStage::Log, lost.len() as u64)
-                    }
-                }
-            }
-            None => batch.clear(),
-        }
+        self(batch)
     }
 }
 
-/// Drains everything in the ring buffer into `consumers`, in batches. Records are decoded
-/// straight from the ring's memory and released at once.
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    decoder: &Decoder,
-    batch: &mut Vec<Event>,
-    consumers: &mut Consumers,
-) {
-    while let Some(item) = ring.next() {
-        match decoder.decode(&item) {
-            Ok(event) => batch.push(event),
-            Err(e) => {
-                if consumers.undecodable.fetch_add(1, Relaxed) == 0 {
-                    tracing::warn!("undecodable event from the kernel: {e}");
+/// The reader's state between drains.
+struct Reader<C> {
+    decoder: Decoder,
+    tally: Arc<Tally>,
+    consumer: C,
+    batch: Vec<Event>,
+    /// Events of the batch by kind, added to the tally when it is handed on.
+    kinds: [u64; EventKind::COUNT],
+}
+
+impl<C: Consume> Reader<C> {
+    /// Drains everything in the ring buffer, in batches. Records are decoded straight from
+    /// the ring's memory and released at once.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            match self.decoder.decode(&item) {
+                Ok(event) => {
+                    self.kinds[event.kind() as usize] += 1;
+                    self.batch.push(event);
+                }
+                Err(e) => {
+                    if self.tally.add_undecodable() {
+                        tracing::warn!("undecodable event from the kernel: {e}");
+                    }
                 }
             }
+            drop(item);
+            if self.batch.len() >= BATCH {
+                self.hand_on();
+            }
         }
-        drop(item);
-        if batch.len() >= BATCH {
-            consumers.consume(batch);
+        if !self.batch.is_empty() {
+            self.hand_on();
         }
     }
-    if !batch.is_empty() {
-        consumers.consume(batch);
+
+    fn hand_on(&mut self) {
+        for (kind, n) in self.kinds.iter_mut().enumerate() {
+            if *n > 0 {
+                let kind = <EventKind as strum::VariantArray>::VARIANTS[kind];
+                self.tally.add_delivered(kind, *n);
+                *n = 0;
+            }
+        }
+        self.consumer.consume(&mut self.batch);
+        self.batch.clear();
     }
 }
 
@@ -99,7 +83,8 @@ fn drain(
 pub fn spawn_reader(
     ring: RingBuf<MapData>,
     decoder: Decoder,
-    mut consumers: Consumers,
+    tally: Arc<Tally>,
+    consumer: impl Consume,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<anyhow::Result<()>> {
     tokio::spawn(async move {
@@ -108,21 +93,27 @@ pub fn spawn_reader(
         let mut fd =
             unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
                 .context("cannot poll the ring buffer")?;
-        let mut batch = Vec::with_capacity(BATCH);
+        let mut reader = Reader {
+            decoder,
+            tally,
+            consumer,
+            batch: Vec::with_capacity(BATCH),
+            kinds: [0; EventKind::COUNT],
+        };
         let mut poll = tokio::time::interval(POLL_INTERVAL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 guard = fd.readable_mut() => {
                     let mut guard = guard.context("polling the ring buffer failed")?;
-                    drain(guard.get_inner_mut(), &decoder, &mut batch, &mut consumers);
+                    reader.drain(guard.get_inner_mut());
                     guard.clear_ready();
                 }
-                _ = poll.tick() => drain(fd.get_mut(), &decoder, &mut batch, &mut consumers),
+                _ = poll.tick() => reader.drain(fd.get_mut()),
                 _ = stop.changed() => break,
             }
         }
-        drain(fd.get_mut(), &decoder, &mut batch, &mut consumers);
+        reader.drain(fd.get_mut());
         Ok(())
     })
 }

@@ -3,115 +3,53 @@
 //! policy (label cap, fold counter, the reserve for failing destinations, idle expiry).
 use std::{
     collections::BTreeSet,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow, bail};
 use tests::{
-    Lab,
+    Agent, Lab,
     http::{free_loopback_addr, http_get},
     netns, socket,
     traffic::{self, serve},
 };
 
 const CLIENT_COMM: &str = "lab-client";
-/// What the agent prints once its programs are attached.
-const READY: &str = "connprobe is tracing";
 
-/// The agent with its metrics endpoint on a free loopback port and `extra` flags.
-struct MetricsAgent {
-    child: Child,
-    addr: SocketAddr,
+/// One scrape of the agent's `/metrics`.
+fn scrape(agent: &Agent) -> anyhow::Result<Metrics> {
+    let addr = agent.metrics_addr().context("the agent serves metrics")?;
+    let (status, body) = http_get(addr, "/metrics")?;
+    if status != 200 {
+        bail!("/metrics answered {status}: {body}");
+    }
+    Ok(Metrics(body))
 }
 
-impl MetricsAgent {
-    fn start(extra: &[&str]) -> anyhow::Result<Self> {
-        let binary = std::env::var_os("CONNPROBE_BIN").ok_or_else(|| {
-            anyhow!("CONNPROBE_BIN is not set: run the kernel tests through `cargo xtask test`")
-        })?;
-        let addr = free_loopback_addr()?;
-        let mut child = Command::new(&binary)
-            .args(["run", "--metrics-addr", &addr.to_string()])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start {}", binary.to_string_lossy()))?;
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let stderr = child.stderr.take().expect("stderr is piped");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("agent: {line}");
-                if line.contains(READY) {
-                    let _ = ready_tx.send(());
-                }
-            }
-        });
-        let agent = MetricsAgent { child, addr };
-        ready_rx
-            .recv_timeout(Duration::from_secs(30))
-            .map_err(|_| anyhow!("connprobe did not say {READY:?} within 30 s"))?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while http_get(addr, "/healthz")?.0 != 200 {
-            if Instant::now() > deadline {
-                bail!("/healthz did not answer 200 within 10 s of {READY:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
+/// Scrapes until `check` holds, at most `limit`; returns the last scrape.
+fn wait_until(
+    agent: &Agent,
+    limit: Duration,
+    what: &str,
+    check: impl Fn(&Metrics) -> bool,
+) -> anyhow::Result<Metrics> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let metrics = scrape(agent)?;
+        if check(&metrics) {
+            return Ok(metrics);
         }
-        Ok(agent)
-    }
-
-    fn metrics(&self) -> anyhow::Result<Metrics> {
-        let (status, body) = http_get(self.addr, "/metrics")?;
-        if status != 200 {
-            bail!("/metrics answered {status}: {body}");
+        if Instant::now() > deadline {
+            bail!(
+                "{what} not seen within {limit:?}; last scrape:\n{}",
+                metrics.0
+            );
         }
-        Ok(Metrics(body))
-    }
-
-    /// Scrapes until `check` holds, at most `limit`; returns the last scrape.
-    fn wait_until(
-        &self,
-        limit: Duration,
-        what: &str,
-        check: impl Fn(&Metrics) -> bool,
-    ) -> anyhow::Result<Metrics> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let metrics = self.metrics()?;
-            if check(&metrics) {
-                return Ok(metrics);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{what} not seen within {limit:?}; last scrape:\n{}",
-                    metrics.0
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for MetricsAgent {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -195,7 +133,7 @@ fn lab_scenarios_add_up_in_the_metrics() -> anyhow::Result<()> {
     lab.server_rule("tcp dport { 8082, 8087 } drop")?;
     lab.server_rule("tcp dport 8083 numgen random mod 100 < 20 drop")?;
     lab.server_rule("tcp dport 8085 reject with icmpx type host-unreachable")?;
-    let agent = MetricsAgent::start(&[])?;
+    let agent = Agent::start_with_metrics(&[])?;
 
     let echo = serve(&lab, ok, 5, traffic::echo);
     let client_ip = IpAddr::from(lab.client_v4());
@@ -270,7 +208,7 @@ fn lab_scenarios_add_up_in_the_metrics() -> anyhow::Result<()> {
     let (dok, dref, dlossy, dnl, dun) =
         (d(ok), d(refused), d(lossy), d(no_listener), d(unreachable));
     let (dbh, dslow, dok6) = (d(blackhole), d(slow), d(ok6));
-    let m = agent.wait_until(Duration::from_secs(10), "every lab event", |m| {
+    let m = wait_until(&agent, Duration::from_secs(10), "every lab event", |m| {
         m.get(&format!("connprobe_connect_attempts_total{{{dlossy}}}")) >= 2.0
             && m.sum("connprobe_segments_sent_total", &[&dlossy]) > 0.0
             && m.sum(
@@ -461,8 +399,8 @@ fn prometheus_counts_the_refused_connects() -> anyhow::Result<()> {
     let mut lab = Lab::new(42)?;
     let refused = SocketAddr::new(lab.server_v4().into(), 8081);
     lab.server_rule("tcp dport 8081 reject with tcp reset")?;
-    let agent = MetricsAgent::start(&[])?;
-    let prometheus = PrometheusServer::start(agent.addr)?;
+    let agent = Agent::start_with_metrics(&[])?;
+    let prometheus = PrometheusServer::start(agent.metrics_addr().context("metrics")?)?;
     assert_eq!(connects(&lab, refused, 4), 4);
     let query =
         format!("connprobe_connect_failures_total{{destination=\"{refused}\",reason=\"refused\"}}");
@@ -507,16 +445,9 @@ fn destinations_stay_within_the_cap() -> anyhow::Result<()> {
         ),
     )?;
     lab.server_rule("tcp dport 8081 reject with tcp reset")?;
-    let log = std::env::temp_dir().join(format!("connprobe-cap-{}.ndjson", std::process::id()));
-    let _ = std::fs::remove_file(&log);
-    let log_arg = log.display().to_string();
-    let agent = MetricsAgent::start(&[
-        "--max-destinations",
-        &CAP.to_string(),
-        "--json-log",
-        &log_arg,
-    ])?;
-    let before = agent.metrics()?;
+    let agent = Agent::start_with_metrics(&["--max-destinations", &CAP.to_string()])?;
+    let log = agent.log_path().context("the agent's log")?.to_owned();
+    let before = scrape(&agent)?;
     assert_eq!(before.get("connprobe_destinations_folded_total"), 0.0);
 
     let listener = serve(&lab, listener_addr, PORTS.into(), accept_and_close);
@@ -550,7 +481,7 @@ fn destinations_stay_within_the_cap() -> anyhow::Result<()> {
             .sum();
         own + m.get(r#"connprobe_connect_attempts_total{destination="other"}"#)
     };
-    let m = agent.wait_until(Duration::from_secs(20), "5,000 attempts", |m| {
+    let m = wait_until(&agent, Duration::from_secs(20), "5,000 attempts", |m| {
         attempts_seen(m) >= f64::from(PORTS)
     })?;
     assert_eq!(attempts_seen(&m), f64::from(PORTS), "{}", m.0);
@@ -570,10 +501,10 @@ fn destinations_stay_within_the_cap() -> anyhow::Result<()> {
     // in while the log was read). The lab's own overflow is PORTS - own.
     let mut tries = 0;
     let (m, seen) = loop {
-        let before = agent.metrics()?;
+        let before = scrape(&agent)?;
         std::thread::sleep(Duration::from_millis(500)); // the log writer flushes when idle
         let seen = destinations_in_log(&log)?;
-        let after = agent.metrics()?;
+        let after = scrape(&agent)?;
         let folded = |m: &Metrics| m.get("connprobe_destinations_folded_total");
         if folded(&before) == folded(&after) && before.destinations() == after.destinations() {
             break (after, seen);
@@ -583,7 +514,6 @@ fn destinations_stay_within_the_cap() -> anyhow::Result<()> {
             bail!("other traffic on this host kept adding destinations; cannot compare");
         }
     };
-    let _ = std::fs::remove_file(&log);
     let labelled = m
         .destinations()
         .into_iter()
@@ -609,7 +539,9 @@ fn destinations_stay_within_the_cap() -> anyhow::Result<()> {
         "connprobe_connect_failures_total{{{},reason=\"refused\"}}",
         d(refused)
     );
-    agent.wait_until(Duration::from_secs(10), &series, |m| m.get(&series) == 3.0)?;
+    wait_until(&agent, Duration::from_secs(10), &series, |m| {
+        m.get(&series) == 3.0
+    })?;
     Ok(())
 }
 
@@ -639,17 +571,22 @@ fn destinations_in_log(path: &std::path::Path) -> anyhow::Result<BTreeSet<String
 fn an_idle_destination_frees_its_slot() -> anyhow::Result<()> {
     let lab = Lab::new(44)?;
     let server = SocketAddr::new(lab.server_v4().into(), 8080);
-    let agent = MetricsAgent::start(&["--destination-idle", "3s"])?;
+    let agent = Agent::start_with_metrics(&["--destination-idle", "3s"])?;
     let listener = serve(&lab, server, 1, accept_and_close);
     assert_eq!(connects(&lab, server, 1), 0);
     listener.join().expect("server thread");
     let series = format!("connprobe_connect_attempts_total{{{}}}", d(server));
-    let m = agent.wait_until(Duration::from_secs(10), &series, |m| m.get(&series) == 1.0)?;
+    let m = wait_until(&agent, Duration::from_secs(10), &series, |m| {
+        m.get(&series) == 1.0
+    })?;
     let tracked = m.get("connprobe_destinations_tracked");
     let started = Instant::now();
-    let m = agent.wait_until(Duration::from_secs(15), "the idle destination gone", |m| {
-        m.value(&series).is_none()
-    })?;
+    let m = wait_until(
+        &agent,
+        Duration::from_secs(15),
+        "the idle destination gone",
+        |m| m.value(&series).is_none(),
+    )?;
     assert!(
         started.elapsed() >= Duration::from_secs(1),
         "gone before the idle time"

@@ -154,7 +154,7 @@ fn assert_dropped(agent: &Agent, uid: u32, bounding: u64) -> anyhow::Result<()> 
         ambient: 0,
         no_new_privs: true,
     };
-    for (thread, caps) in thread_status(agent.pid())? {
+    for (thread, caps) in thread_status(agent.pid().context("the agent runs")?)? {
         ensure!(
             caps == expected,
             "thread {thread} of the agent has {caps:x?}, expected {expected:x?}; agent's stderr:\n{}",
@@ -305,7 +305,10 @@ fn classic_tracepoints_mount_tracefs_only_while_attaching() -> anyhow::Result<()
         stderr.contains("mounted tracefs at /sys/kernel/tracing"),
         "the agent did not mount tracefs:\n{stderr}"
     );
-    let mounts = std::fs::read_to_string(format!("/proc/{}/mountinfo", agent.pid()))?;
+    let mounts = std::fs::read_to_string(format!(
+        "/proc/{}/mountinfo",
+        agent.pid().context("the agent runs")?
+    ))?;
     ensure!(
         !mounts.contains(" - tracefs "),
         "tracefs is still mounted in the agent's namespace after attaching:\n{mounts}"

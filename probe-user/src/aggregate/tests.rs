@@ -1,24 +1,30 @@
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::{Arc, Mutex, MutexGuard, atomic::AtomicU64},
+    time::{Duration, SystemTime},
+};
 
 use super::*;
-use crate::event::{Close, Connect, Errno, Process, Reset, Retransmit};
+use crate::{
+    event::{
+        FailureReason, TcpState,
+        testing::{self, owned_by},
+    },
+    export::prometheus::{PrometheusExporter, Sources},
+    tally::Tally,
+};
 
+/// Seconds after the test epoch.
 pub(crate) fn at(secs: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000 + secs)
+    testing::at(secs as f64)
 }
 
+/// An event from this host (10.200.0.1:40000, pid 42 `curl`) to `dst`.
 pub(crate) fn event(time: SystemTime, side: Option<Side>, dst: &str, detail: EventDetail) -> Event {
-    Event {
-        time,
-        process: Some(Process {
-            pid: 42,
-            comm: Comm::from_str_lossy("curl"),
-        }),
-        side,
-        src: "10.200.0.1:40000".parse().unwrap(),
-        dst: dst.parse().unwrap(),
-        detail,
-    }
+    owned_by(
+        testing::event(side, "10.200.0.1:40000", dst, time, detail),
+        42,
+        "curl",
+    )
 }
 
 pub(crate) fn established(time: SystemTime, dst: &str, latency_us: u64) -> Event {
@@ -26,29 +32,12 @@ pub(crate) fn established(time: SystemTime, dst: &str, latency_us: u64) -> Event
         time,
         Some(Side::Client),
         dst,
-        EventDetail::Connect(Connect {
-            outcome: Outcome::Established,
-            reason: None,
-            errno: None,
-            latency: Some(Duration::from_micros(latency_us)),
-            syn_retransmits: 0,
-        }),
+        testing::established(latency_us),
     )
 }
 
 pub(crate) fn failed(time: SystemTime, dst: &str, reason: FailureReason) -> Event {
-    event(
-        time,
-        Some(Side::Client),
-        dst,
-        EventDetail::Connect(Connect {
-            outcome: Outcome::Failed,
-            reason: Some(reason),
-            errno: Some(Errno(Errno::ECONNREFUSED)),
-            latency: Some(Duration::from_micros(150)),
-            syn_retransmits: 0,
-        }),
-    )
+    event(time, Some(Side::Client), dst, testing::failed(reason, 0))
 }
 
 fn retransmit(time: SystemTime, dst: &str, state: TcpState, segments: u32) -> Event {
@@ -56,7 +45,7 @@ fn retransmit(time: SystemTime, dst: &str, state: TcpState, segments: u32) -> Ev
         time,
         Some(Side::Client),
         dst,
-        EventDetail::Retransmit(Retransmit { state, segments }),
+        testing::retransmitted(state, segments),
     )
 }
 
@@ -70,11 +59,7 @@ fn reset(
         time,
         side,
         "10.200.0.2:8081",
-        EventDetail::Reset(Reset {
-            direction,
-            state,
-            reason: None,
-        }),
+        testing::reset(direction, state, None),
     )
 }
 
@@ -83,40 +68,73 @@ fn close(time: SystemTime, dst: &str, sent: u32, retransmitted: u32) -> Event {
         time,
         Some(Side::Client),
         dst,
-        EventDetail::Close(Close {
-            duration: Some(Duration::from_secs(1)),
-            bytes_sent: 1000,
-            bytes_received: 1000,
-            segments_sent: sent,
-            segments_retransmitted: retransmitted,
-        }),
+        testing::closed(sent, retransmitted),
     )
 }
 
 /// One event of each kind other than connect, for a destination's every family to appear.
 pub(crate) fn every_other_kind() -> Vec<EventDetail> {
     vec![
-        EventDetail::Retransmit(Retransmit {
-            state: TcpState::SYN_SENT,
-            segments: 1,
-        }),
-        EventDetail::Retransmit(Retransmit {
-            state: TcpState::ESTABLISHED,
-            segments: 4,
-        }),
-        EventDetail::Reset(Reset {
-            direction: Direction::Received,
-            state: Some(TcpState::ESTABLISHED),
-            reason: None,
-        }),
-        EventDetail::Close(Close {
-            duration: None,
-            bytes_sent: 10,
-            bytes_received: 10,
-            segments_sent: 9,
-            segments_retransmitted: 4,
-        }),
+        testing::retransmitted(TcpState::SynSent, 1),
+        testing::retransmitted(TcpState::Established, 4),
+        testing::reset(Direction::Received, Some(TcpState::Established), None),
+        testing::closed(9, 4),
     ]
+}
+
+/// An aggregator as the pipeline has it: behind its lock, fed with the tally's delivered
+/// counts, read by the Prometheus exporter.
+pub(crate) struct Fixture {
+    pub(crate) aggregator: Arc<Mutex<Aggregator>>,
+    pub(crate) tally: Arc<Tally>,
+    exporter: PrometheusExporter,
+}
+
+impl Fixture {
+    pub(crate) fn new(max: usize, by_comm: bool) -> Self {
+        Self::with_config(AggregatorConfig {
+            by_comm,
+            ..config(max)
+        })
+    }
+
+    pub(crate) fn with_config(config: AggregatorConfig) -> Self {
+        let aggregator = Arc::new(Mutex::new(Aggregator::new(config)));
+        let tally = Arc::new(Tally::default());
+        let exporter = PrometheusExporter::new(Sources {
+            aggregator: aggregator.clone(),
+            tally: tally.clone(),
+            bundles_written: None,
+        });
+        Fixture {
+            aggregator,
+            tally,
+            exporter,
+        }
+    }
+
+    /// The exporter reads `bundles` for `connprobe_evidence_bundles_total`.
+    pub(crate) fn bundles(&mut self, bundles: Arc<AtomicU64>) {
+        self.exporter = PrometheusExporter::new(Sources {
+            aggregator: self.aggregator.clone(),
+            tally: self.tally.clone(),
+            bundles_written: Some(bundles),
+        });
+    }
+
+    /// One event through the pipeline: delivered, then aggregated.
+    pub(crate) fn record(&self, event: &Event) {
+        self.tally.add_delivered(event.kind(), 1);
+        self.agg().record(event);
+    }
+
+    pub(crate) fn agg(&self) -> MutexGuard<'_, Aggregator> {
+        self.aggregator.lock().unwrap()
+    }
+
+    pub(crate) fn encode(&self) -> String {
+        self.exporter.encode()
+    }
 }
 
 fn config(max: usize) -> AggregatorConfig {
@@ -125,11 +143,6 @@ fn config(max: usize) -> AggregatorConfig {
         destination_idle: Duration::from_secs(600),
         by_comm: false,
     }
-}
-
-fn new(max: usize) -> (Aggregator, Metrics) {
-    let metrics = Metrics::new(false);
-    (Aggregator::new(config(max), &metrics), metrics)
 }
 
 /// The value of the sample line that starts with `series` (name and labels), if any.
@@ -150,30 +163,30 @@ fn destinations(text: &str) -> std::collections::BTreeSet<String> {
 
 #[test]
 fn destination_is_remote_for_clients_and_local_for_servers() {
-    let (mut agg, metrics) = new(10);
+    let f = Fixture::new(10, false);
     let t = at(0);
-    agg.record(&reset(
+    f.record(&reset(
         t,
         Some(Side::Client),
         Direction::Received,
-        Some(TcpState::SYN_SENT),
+        Some(TcpState::SynSent),
     ));
-    agg.record(&reset(
+    f.record(&reset(
         t,
         Some(Side::Server),
         Direction::Sent,
-        Some(TcpState::ESTABLISHED),
+        Some(TcpState::Established),
     ));
     // A reset sent without a socket answers a SYN: server side.
-    agg.record(&reset(t, None, Direction::Sent, None));
+    f.record(&reset(t, None, Direction::Sent, None));
     // Side unknown otherwise: the client view, labelled side="unknown".
-    agg.record(&reset(
+    f.record(&reset(
         t,
         None,
         Direction::Received,
-        Some(TcpState::ESTABLISHED),
+        Some(TcpState::Established),
     ));
-    let text = metrics.encode();
+    let text = f.encode();
     let expect = [
         r#"connprobe_resets_total{destination="10.200.0.2:8081",direction="received",side="client"}"#,
         r#"connprobe_resets_total{destination="10.200.0.1:40000",direction="sent",side="server"}"#,
@@ -182,35 +195,35 @@ fn destination_is_remote_for_clients_and_local_for_servers() {
     assert_eq!(sample(&text, expect[0]), Some(1.0), "{text}");
     assert_eq!(sample(&text, expect[1]), Some(2.0), "{text}");
     assert_eq!(sample(&text, expect[2]), Some(1.0), "{text}");
-    assert_eq!(agg.tracked(), 2);
+    assert_eq!(f.agg().tracked(), 2);
     // IPv4-mapped addresses are the IPv4 destination.
-    agg.record(&established(t, "[::ffff:10.200.0.2]:8081", 100));
-    assert_eq!(agg.tracked(), 2);
+    f.record(&established(t, "[::ffff:10.200.0.2]:8081", 100));
+    assert_eq!(f.agg().tracked(), 2);
 }
 
 #[test]
 fn counters_follow_the_events() {
-    let (mut agg, metrics) = new(10);
+    let f = Fixture::new(10, false);
     let d = "10.200.0.2:8080";
     let t = at(0);
     for us in [100, 200, 300] {
-        agg.record(&established(t, d, us));
+        f.record(&established(t, d, us));
     }
-    agg.record(&failed(t, d, FailureReason::Refused));
-    agg.record(&failed(t, d, FailureReason::Timeout));
-    agg.record(&retransmit(t, d, TcpState::SYN_SENT, 1));
-    agg.record(&retransmit(t, d, TcpState::ESTABLISHED, 7));
-    agg.record(&retransmit(t, d, TcpState::ESTABLISHED, 3));
-    agg.record(&retransmit(t, d, TcpState(8), 2));
-    agg.record(&close(t, d, 100, 10));
-    agg.record(&close(t, d, 50, 0));
+    f.record(&failed(t, d, FailureReason::Refused));
+    f.record(&failed(t, d, FailureReason::Timeout));
+    f.record(&retransmit(t, d, TcpState::SynSent, 1));
+    f.record(&retransmit(t, d, TcpState::Established, 7));
+    f.record(&retransmit(t, d, TcpState::Established, 3));
+    f.record(&retransmit(t, d, TcpState::CloseWait, 2));
+    f.record(&close(t, d, 100, 10));
+    f.record(&close(t, d, 50, 0));
     // Accepted by this host: not an attempt.
     let mut accepted = established(t, d, 100);
     accepted.side = Some(Side::Server);
     accepted.src = d.parse().unwrap();
-    agg.record(&accepted);
+    f.record(&accepted);
 
-    let text = metrics.encode();
+    let text = f.encode();
     let s = |series: &str| sample(&text, series).unwrap_or_else(|| panic!("{series}\n{text}"));
     let dl = r#"destination="10.200.0.2:8080""#;
     assert_eq!(s(&format!("connprobe_connect_attempts_total{{{dl}}}")), 5.0);
@@ -259,7 +272,7 @@ fn counters_follow_the_events() {
     // No failure series for reasons that never happened.
     assert!(!text.contains(r#"reason="cancelled""#));
 
-    let sum = &agg.summaries(t)[0];
+    let sum = &f.agg().summaries(t)[0];
     assert_eq!(sum.destination, Some(d.parse().unwrap()));
     let life = sum.lifetime;
     assert_eq!((life.attempts, life.established, life.accepted), (5, 3, 1));
@@ -278,16 +291,16 @@ fn counters_follow_the_events() {
 #[test]
 fn table_is_capped_and_overflow_folds_into_other() {
     // 10 slots, 1 kept for failing destinations: 9 for healthy ones.
-    let (mut agg, metrics) = new(10);
+    let f = Fixture::new(10, false);
     for port in 0..30u16 {
         let d = format!("10.0.0.1:{}", 1000 + port);
         // Several events each: a folded destination counts once.
         for s in 0..3 {
-            agg.record(&established(at(s), &d, 100));
+            f.record(&established(at(s), &d, 100));
         }
     }
-    let text = metrics.encode();
-    assert_eq!(agg.tracked(), 9);
+    let text = f.encode();
+    assert_eq!(f.agg().tracked(), 9);
     assert_eq!(sample(&text, "connprobe_destinations_tracked"), Some(9.0));
     assert_eq!(
         sample(&text, "connprobe_destinations_folded_total"),
@@ -303,7 +316,7 @@ fn table_is_capped_and_overflow_folds_into_other() {
         ),
         Some(63.0)
     );
-    let summaries = agg.summaries(at(3));
+    let summaries = f.agg().summaries(at(3));
     assert_eq!(summaries.len(), 10);
     assert_eq!(
         summaries.iter().filter(|s| s.destination.is_none()).count(),
@@ -313,18 +326,18 @@ fn table_is_capped_and_overflow_folds_into_other() {
 
 #[test]
 fn failing_destination_gets_a_reserved_slot_after_healthy_ones_filled_the_table() {
-    let (mut agg, metrics) = new(10);
+    let f = Fixture::new(10, false);
     for port in 0..20u16 {
-        agg.record(&established(
+        f.record(&established(
             at(0),
             &format!("10.0.0.1:{}", 1000 + port),
             100,
         ));
     }
-    assert_eq!(agg.tracked(), 9);
-    agg.record(&failed(at(1), "10.0.0.9:8081", FailureReason::Refused));
-    assert_eq!(agg.tracked(), 10);
-    let text = metrics.encode();
+    assert_eq!(f.agg().tracked(), 9);
+    f.record(&failed(at(1), "10.0.0.9:8081", FailureReason::Refused));
+    assert_eq!(f.agg().tracked(), 10);
+    let text = f.encode();
     assert_eq!(
         sample(
             &text,
@@ -333,11 +346,11 @@ fn failing_destination_gets_a_reserved_slot_after_healthy_ones_filled_the_table(
         Some(1.0)
     );
     // Its later healthy events stay on its own label.
-    agg.record(&established(at(2), "10.0.0.9:8081", 100));
+    f.record(&established(at(2), "10.0.0.9:8081", 100));
     // The reserve is used up: the next failing destination folds.
-    agg.record(&failed(at(2), "10.0.0.9:8082", FailureReason::Refused));
-    assert_eq!(agg.tracked(), 10);
-    let text = metrics.encode();
+    f.record(&failed(at(2), "10.0.0.9:8082", FailureReason::Refused));
+    assert_eq!(f.agg().tracked(), 10);
+    let text = f.encode();
     assert_eq!(
         sample(
             &text,
@@ -360,35 +373,31 @@ fn failing_destination_gets_a_reserved_slot_after_healthy_ones_filled_the_table(
 
 #[test]
 fn idle_destinations_free_their_slot_and_series() {
-    let metrics = Metrics::new(false);
-    let mut agg = Aggregator::new(
-        AggregatorConfig {
-            max_destinations: 2,
-            destination_idle: Duration::from_secs(30),
-            by_comm: false,
-        },
-        &metrics,
-    );
-    agg.record(&established(at(0), "10.0.0.1:80", 100));
-    agg.record(&established(at(0), "10.0.0.2:80", 100));
-    agg.record(&established(at(20), "10.0.0.2:80", 100));
+    let f = Fixture::with_config(AggregatorConfig {
+        max_destinations: 2,
+        destination_idle: Duration::from_secs(30),
+        by_comm: false,
+    });
+    f.record(&established(at(0), "10.0.0.1:80", 100));
+    f.record(&established(at(0), "10.0.0.2:80", 100));
+    f.record(&established(at(20), "10.0.0.2:80", 100));
     // Full (2 slots, no reserve below 10): the third folds.
-    agg.record(&established(at(20), "10.0.0.3:80", 100));
-    assert_eq!(agg.tracked(), 2);
-    agg.expire_idle(at(29));
-    assert_eq!(agg.tracked(), 2);
-    agg.expire_idle(at(30));
-    assert_eq!(agg.tracked(), 1);
-    let text = metrics.encode();
+    f.record(&established(at(20), "10.0.0.3:80", 100));
+    assert_eq!(f.agg().tracked(), 2);
+    f.agg().expire_idle(at(29));
+    assert_eq!(f.agg().tracked(), 2);
+    f.agg().expire_idle(at(30));
+    assert_eq!(f.agg().tracked(), 1);
+    let text = f.encode();
     assert!(!text.contains("10.0.0.1:80"), "{text}");
     assert!(text.contains("10.0.0.2:80"));
     assert_eq!(sample(&text, "connprobe_destinations_tracked"), Some(1.0));
     // The folded destination takes the free slot on its next event; it is no longer folded.
-    agg.record(&established(at(31), "10.0.0.3:80", 100));
-    assert_eq!(agg.tracked(), 2);
+    f.record(&established(at(31), "10.0.0.3:80", 100));
+    assert_eq!(f.agg().tracked(), 2);
     // The first one returns: its counter restarts, but the table is full again, so it folds.
-    agg.record(&established(at(32), "10.0.0.1:80", 100));
-    let text = metrics.encode();
+    f.record(&established(at(32), "10.0.0.1:80", 100));
+    let text = f.encode();
     assert_eq!(
         sample(
             &text,
@@ -401,39 +410,39 @@ fn idle_destinations_free_their_slot_and_series() {
         Some(2.0)
     );
     // Everything idle: every slot and `other` go, and the folded set forgets.
-    agg.expire_idle(at(100));
-    assert_eq!(agg.tracked(), 0);
-    assert!(agg.summaries(at(100)).is_empty());
-    let text = metrics.encode();
+    f.agg().expire_idle(at(100));
+    assert_eq!(f.agg().tracked(), 0);
+    assert!(f.agg().summaries(at(100)).is_empty());
+    let text = f.encode();
     assert!(destinations(&text).is_empty(), "{text}");
     // A destination folded before and idle since counts again when folded again.
-    agg.record(&established(at(101), "10.0.0.4:80", 100));
-    agg.record(&established(at(101), "10.0.0.5:80", 100));
-    agg.record(&established(at(101), "10.0.0.1:80", 100));
+    f.record(&established(at(101), "10.0.0.4:80", 100));
+    f.record(&established(at(101), "10.0.0.5:80", 100));
+    f.record(&established(at(101), "10.0.0.1:80", 100));
     assert_eq!(
-        sample(&metrics.encode(), "connprobe_destinations_folded_total"),
+        sample(&f.encode(), "connprobe_destinations_folded_total"),
         Some(3.0)
     );
 }
 
 #[test]
 fn windows_give_ratios_and_percentiles_by_event_time() {
-    let (mut agg, _metrics) = new(10);
+    let f = Fixture::new(10, false);
     let d = "10.0.0.1:443";
     // Four minutes ago: 10 established at 10 ms, 10 refused.
     for _ in 0..10 {
-        agg.record(&established(at(0), d, 10_000));
-        agg.record(&failed(at(0), d, FailureReason::Refused));
+        f.record(&established(at(0), d, 10_000));
+        f.record(&failed(at(0), d, FailureReason::Refused));
     }
-    agg.record(&close(at(0), d, 1000, 100));
+    f.record(&close(at(0), d, 1000, 100));
     // In the last minute: 99 established at 100 us, 1 at 1 s, 1 timeout.
     for _ in 0..99 {
-        agg.record(&established(at(240), d, 100));
+        f.record(&established(at(240), d, 100));
     }
-    agg.record(&established(at(241), d, 1_000_000));
-    agg.record(&failed(at(242), d, FailureReason::Timeout));
-    agg.record(&close(at(242), d, 1000, 10));
-    let s = &agg.summaries(at(245))[0];
+    f.record(&established(at(241), d, 1_000_000));
+    f.record(&failed(at(242), d, FailureReason::Timeout));
+    f.record(&close(at(242), d, 1000, 10));
+    let s = &f.agg().summaries(at(245))[0];
     let m1 = &s.last_1m;
     assert_eq!(m1.length, Duration::from_secs(60));
     assert_eq!(m1.counts.attempts, 101);
@@ -457,7 +466,7 @@ fn windows_give_ratios_and_percentiles_by_event_time() {
     assert_eq!(l.p90, Duration::from_micros(104));
     assert_eq!(l.p99, Duration::from_micros(9_216));
     // Five minutes on, the windows are empty but the lifetime counts stay.
-    let s = &agg.summaries(at(600))[0];
+    let s = &f.agg().summaries(at(600))[0];
     assert_eq!(s.last_5m.counts.attempts, 0);
     assert_eq!(s.last_5m.latency, None);
     assert_eq!(s.last_5m.failure_ratio(), None);
@@ -466,17 +475,17 @@ fn windows_give_ratios_and_percentiles_by_event_time() {
 
 #[test]
 fn summaries_are_worst_first() {
-    let (mut agg, _metrics) = new(10);
+    let f = Fixture::new(10, false);
     let t = at(0);
-    agg.record(&established(t, "10.0.0.1:80", 100));
-    agg.record(&established(t, "10.0.0.1:80", 100));
-    agg.record(&failed(t, "10.0.0.2:80", FailureReason::Refused));
+    f.record(&established(t, "10.0.0.1:80", 100));
+    f.record(&established(t, "10.0.0.1:80", 100));
+    f.record(&failed(t, "10.0.0.2:80", FailureReason::Refused));
     for _ in 0..3 {
-        agg.record(&failed(t, "10.0.0.3:80", FailureReason::Timeout));
+        f.record(&failed(t, "10.0.0.3:80", FailureReason::Timeout));
     }
-    agg.record(&established(t, "10.0.0.4:80", 100));
-    agg.record(&close(t, "10.0.0.4:80", 100, 5));
-    let order: Vec<_> = agg.summaries(t).iter().map(|s| s.label()).collect();
+    f.record(&established(t, "10.0.0.4:80", 100));
+    f.record(&close(t, "10.0.0.4:80", 100, 5));
+    let order: Vec<_> = f.agg().summaries(t).iter().map(|s| s.label()).collect();
     assert_eq!(
         order,
         ["10.0.0.3:80", "10.0.0.2:80", "10.0.0.4:80", "10.0.0.1:80"]
@@ -485,27 +494,20 @@ fn summaries_are_worst_first() {
 
 #[test]
 fn by_comm_adds_a_bounded_comm_label() {
-    let metrics = Metrics::new(true);
-    let mut agg = Aggregator::new(
-        AggregatorConfig {
-            by_comm: true,
-            ..config(10)
-        },
-        &metrics,
-    );
+    let f = Fixture::new(10, true);
     let d = "10.0.0.1:80";
-    agg.record(&established(at(0), d, 100));
+    f.record(&established(at(0), d, 100));
     let mut wget = established(at(0), d, 100);
     wget.process.as_mut().unwrap().comm = Comm::from_str_lossy("wget");
-    agg.record(&wget);
+    f.record(&wget);
     let mut nobody = established(at(0), d, 100);
     nobody.process = None;
-    agg.record(&nobody);
+    f.record(&nobody);
     for port in 0..20u16 {
-        agg.record(&established(at(0), &format!("10.0.0.2:{port}"), 100));
+        f.record(&established(at(0), &format!("10.0.0.2:{port}"), 100));
     }
-    assert_eq!(agg.tracked(), 9);
-    let text = metrics.encode();
+    assert_eq!(f.agg().tracked(), 9);
+    let text = f.encode();
     for comm in ["curl", "wget", "unknown"] {
         let series =
             format!(r#"connprobe_connect_attempts_total{{comm="{comm}",destination="{d}"}}"#);
@@ -518,7 +520,7 @@ fn by_comm_adds_a_bounded_comm_label() {
         ),
         Some(14.0)
     );
-    let labels: Vec<_> = agg.summaries(at(0)).iter().map(|s| s.label()).collect();
+    let labels: Vec<_> = f.agg().summaries(at(0)).iter().map(|s| s.label()).collect();
     assert!(
         labels.contains(&"10.0.0.1:80 (wget)".to_string()),
         "{labels:?}"
@@ -527,18 +529,18 @@ fn by_comm_adds_a_bounded_comm_label() {
 
 #[test]
 fn memory_stays_flat_whatever_the_number_of_destinations() {
-    let (mut agg, metrics) = new(500);
+    let f = Fixture::new(500, false);
     for i in 0..200_000u32 {
         let d = format!("10.{}.{}.{}:80", (i >> 16) & 255, (i >> 8) & 255, i & 255);
-        agg.record(&established(at(u64::from(i) / 1000), &d, 100));
+        f.record(&established(at(u64::from(i) / 1000), &d, 100));
     }
-    assert_eq!(agg.tracked(), 450);
-    assert!(agg.slots.len() <= 500);
-    assert!(agg.index.capacity() < 2048);
-    assert_eq!(agg.folded.len(), folded::CAPACITY);
+    assert_eq!(f.agg().tracked(), 450);
+    assert!(f.agg().slots.len() <= 500);
+    assert!(f.agg().index.capacity() < 2048);
+    assert_eq!(f.agg().folded.len(), folded::CAPACITY);
     // Every destination past the table counts, remembered or not.
     assert_eq!(
-        sample(&metrics.encode(), "connprobe_destinations_folded_total"),
+        sample(&f.encode(), "connprobe_destinations_folded_total"),
         Some(199_550.0)
     );
 }

@@ -2,7 +2,9 @@
 //! small log-linear latency histogram, from which the last 1 and 5 minutes are summed.
 use std::time::{Duration, SystemTime};
 
-use crate::event::FailureReason;
+use strum::EnumCount;
+
+use crate::{event::FailureReason, quantile};
 
 /// Width of one bucket.
 pub const BUCKET: Duration = Duration::from_secs(BUCKET_SECS);
@@ -16,8 +18,8 @@ pub struct Counts {
     /// Connects this host opened (side client, or unknown).
     pub attempts: u64,
     pub established: u64,
-    /// Failed connects, indexed like [`FailureReason::ALL`].
-    pub failures: [u64; 5],
+    /// Failed connects, indexed by [`FailureReason`].
+    pub failures: [u64; FailureReason::COUNT],
     /// Connections this host accepted (side server); not attempts.
     pub accepted: u64,
     /// Segments resent, from retransmit events, as they happen.
@@ -36,7 +38,7 @@ impl Counts {
     }
 
     pub fn failure(&self, reason: FailureReason) -> u64 {
-        self.failures[reason_index(reason)]
+        self.failures[reason as usize]
     }
 
     /// Failed / attempted connects; `None` without attempts.
@@ -63,16 +65,6 @@ impl Counts {
         self.close_segments_retransmitted += other.close_segments_retransmitted;
         self.resets_sent += other.resets_sent;
         self.resets_received += other.resets_received;
-    }
-}
-
-pub(crate) fn reason_index(reason: FailureReason) -> usize {
-    match reason {
-        FailureReason::Refused => 0,
-        FailureReason::Timeout => 1,
-        FailureReason::Unreachable => 2,
-        FailureReason::Cancelled => 3,
-        FailureReason::Other => 4,
     }
 }
 
@@ -125,14 +117,15 @@ impl LatencyHistogram {
         self.counts.iter().map(|&c| u64::from(c)).sum()
     }
 
-    /// The `q` quantile (0 < q <= 1): the smallest bucket holding at least `ceil(q * n)`
-    /// samples below or in it; `None` when empty.
+    /// The `q` quantile (0 < q <= 1) by the nearest-rank rule ([`quantile::nearest_rank`]):
+    /// the smallest bucket holding at least that many samples below or in it; `None` when
+    /// empty.
     pub fn quantile(&self, q: f64) -> Option<Duration> {
         let n = self.samples();
         if n == 0 {
             return None;
         }
-        let rank = ((q * n as f64).ceil() as u64).clamp(1, n);
+        let rank = quantile::nearest_rank(q, n);
         let mut seen = 0;
         for (i, &c) in self.counts.iter().enumerate() {
             seen += u64::from(c);

@@ -14,20 +14,22 @@ use super::{
     render,
     verdict::Report,
 };
-use crate::{cli::AnalyzeArgs, event::Event, export::json_log::parse_line};
+use crate::event::Event;
 
 /// The first two bytes of a gzip stream.
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
-pub fn run_analyze(args: &AnalyzeArgs) -> anyhow::Result<()> {
-    let name = args.file.display().to_string();
-    let input: Box<dyn Read> = if args.file == Path::new("-") {
+/// `connprobe analyze FILE`: the report on the log in `file` (`-`: standard input), all of it
+/// or its last `window`, as text or JSON.
+pub fn run_analyze(file: &Path, window: Option<Duration>, json: bool) -> anyhow::Result<()> {
+    let name = file.display().to_string();
+    let input: Box<dyn Read> = if file == Path::new("-") {
         Box::new(io::stdin().lock())
     } else {
-        Box::new(File::open(&args.file).with_context(|| format!("cannot open {name}"))?)
+        Box::new(File::open(file).with_context(|| format!("cannot open {name}"))?)
     };
-    let report = analyze_reader(input, &name, args.window)?;
-    let mut text = if args.json {
+    let report = analyze_reader(input, &name, window)?;
+    let mut text = if json {
         serde_json::to_string_pretty(&report).context("cannot format the report")?
     } else {
         render::text(&report)
@@ -95,7 +97,7 @@ fn for_each_event(
         if text.is_empty() {
             continue;
         }
-        let event = parse_line(text)
+        let event = serde_json::from_str::<Event>(text)
             .with_context(|| format!("{name} line {number} is not a connprobe event"))?;
         each(event);
     }
@@ -138,16 +140,18 @@ mod tests {
     use std::io::Write;
 
     use super::*;
-    use crate::diagnose::engine::tests::{
-        at, connect_failed, connect_ok, mixed_log, reset_sent_by_service, reset_sent_for_reason,
+    use crate::diagnose::engine::tests::{evidence, mixed_log};
+    use crate::event::{
+        FailureReason, Side, TcpState,
+        testing::{at, connect_failed, connect_ok, reset_sent_by_service, reset_sent_for_reason},
     };
-    use crate::event::{FailureReason, Side, TcpState};
-    use crate::export::json_log::write_line;
 
+    /// The events as the agent logs them.
     fn jsonl(events: &[Event]) -> Vec<u8> {
         let mut out = Vec::new();
         for e in events {
-            write_line(&mut out, e).unwrap();
+            serde_json::to_writer(&mut out, e).unwrap();
+            out.push(b'\n');
         }
         out
     }
@@ -184,7 +188,7 @@ mod tests {
         }
         let recorder = Mutex::new(FlightRecorder::new(100_000));
         recorder.lock().unwrap().extend(&events);
-        let (status, body) = diagnose_at(&recorder, Duration::from_secs(900), at(610.0));
+        let (status, body) = diagnose_at(&recorder, None, Duration::from_secs(900), at(610.0));
         assert_eq!(status, 200);
         let agent: Report = serde_json::from_str(&body).unwrap();
         let log = analyze_reader(&jsonl(&events)[..], "t.jsonl", None).unwrap();
@@ -193,7 +197,7 @@ mod tests {
             agent
                 .destinations
                 .iter()
-                .any(|d| d.verdicts[0].verdict.is_problem())
+                .any(|d| d.verdicts[0].id().is_problem())
         );
     }
 
@@ -225,9 +229,9 @@ mod tests {
         }
         let log = jsonl(&events);
         let all = analyze_reader(&log[..], "t", None).unwrap();
-        assert_eq!(all.destinations[0].verdicts[0].verdict.as_str(), "refused");
+        assert_eq!(all.destinations[0].verdicts[0].id().as_str(), "refused");
         let last = analyze_reader(&log[..], "t", Some(Duration::from_secs(60))).unwrap();
-        assert_eq!(last.destinations[0].verdicts[0].verdict.as_str(), "healthy");
+        assert_eq!(last.destinations[0].verdicts[0].id().as_str(), "healthy");
         assert_eq!(last.window.end, "2026-11-18T11:24:19.980Z");
         assert_eq!(last.window.events, 3000);
         let direct = judge(
@@ -244,15 +248,15 @@ mod tests {
                 reset_sent_for_reason(
                     "10.9.9.9:9000",
                     at(i as f64),
-                    Some(TcpState(7)),
+                    Some(TcpState::Close),
                     "TCP_ABORT_ON_CLOSE",
                 )
             })
             .collect();
         let report = analyze_reader(&jsonl(&events)[..], "t.jsonl", None).unwrap();
         let v = &report.destinations[0].verdicts[0];
-        assert_eq!(v.verdict.as_str(), "local_resets");
-        assert_eq!(v.evidence["by_reason"]["TCP_ABORT_ON_CLOSE"], 10);
+        assert_eq!(v.id().as_str(), "local_resets");
+        assert_eq!(evidence(v)["by_reason"]["TCP_ABORT_ON_CLOSE"], 10);
         assert!(
             v.next_step.contains("TCP_ABORT_ON_CLOSE"),
             "{}",

@@ -1,13 +1,17 @@
 //! `connprobe diagnose`: asks a running agent for its verdicts (`GET /diagnose?window=Ns`) and
 //! prints them; and the agent's side of that endpoint, `diagnose_handler`.
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    io::Write,
+    net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::{Request, Version, header};
+use hyper_util::rt::TokioIo;
 
 use super::{
     engine::{Window, judge},
@@ -15,7 +19,7 @@ use super::{
     render,
     verdict::Report,
 };
-use crate::cli::DiagnoseArgs;
+use crate::tally::Tally;
 
 /// The window `/diagnose` judges when the request names none.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(300);
@@ -24,11 +28,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Judging 100,000 events takes well under a second; ten leaves room for a busy agent.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A report is a few hundred KB at most; refuse to buffer anything absurd.
-const MAX_RESPONSE_BYTES: u64 = 64 << 20;
+const MAX_RESPONSE_BYTES: usize = 64 << 20;
 
-pub fn run_diagnose(args: &DiagnoseArgs) -> anyhow::Result<()> {
-    let report = fetch_report(args.addr, args.window)?;
-    let text = if args.json {
+/// `connprobe diagnose`: the agent at `addr`'s report on the last `window`, as text or JSON.
+pub fn run_diagnose(addr: SocketAddr, window: Duration, json: bool) -> anyhow::Result<()> {
+    let report = fetch_report(addr, window)?;
+    let text = if json {
         serde_json::to_string_pretty(&report).context("cannot format the report")? + "\n"
     } else {
         render::text(&report)
@@ -39,46 +44,59 @@ pub fn run_diagnose(args: &DiagnoseArgs) -> anyhow::Result<()> {
         .context("cannot write the report")
 }
 
-/// Asks the agent at `addr` for its report on the last `window`.
+/// Asks the agent at `addr` for its report on the last `window` (HTTP through hyper, on a
+/// runtime of its own: the command is otherwise synchronous).
 pub fn fetch_report(addr: SocketAddr, window: Duration) -> anyhow::Result<Report> {
-    let mut stream = match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
-        Ok(s) => s,
-        Err(e) => bail!(
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the HTTP client")?;
+    runtime.block_on(fetch(addr, window))
+}
+
+async fn fetch(addr: SocketAddr, window: Duration) -> anyhow::Result<Report> {
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+        .await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => bail!(
             "no connprobe agent answers on {addr} ({e}); start one with `connprobe run` or \
              pass --addr"
         ),
+        Err(_) => bail!(
+            "no connprobe agent answers on {addr} (no answer within {CONNECT_TIMEOUT:?}); start \
+             one with `connprobe run` or pass --addr"
+        ),
     };
-    stream.set_read_timeout(Some(READ_TIMEOUT))?;
-    stream.set_write_timeout(Some(READ_TIMEOUT))?;
-    let secs = window.as_secs().max(1);
-    let request = format!(
-        "GET /diagnose?window={secs}s HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n\
-         Connection: close\r\n\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
-        .with_context(|| format!("cannot send the request to the agent on {addr}"))?;
-    let mut response = Vec::new();
-    stream
-        .take(MAX_RESPONSE_BYTES)
-        .read_to_end(&mut response)
-        .with_context(|| format!("the agent on {addr} did not answer in time"))?;
-    parse_response(&response).with_context(|| format!("bad answer from the agent on {addr}"))
+    let exchange = async {
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        let secs = window.as_secs().max(1);
+        let request = Request::get(format!("/diagnose?window={secs}s"))
+            .version(Version::HTTP_10)
+            .header(header::HOST, addr.to_string())
+            .header(header::ACCEPT, "application/json")
+            .body(Empty::<Bytes>::new())?;
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .to_bytes();
+        anyhow::Ok((status, body))
+    };
+    let (status, body) = tokio::time::timeout(READ_TIMEOUT, exchange)
+        .await
+        .map_err(|_| anyhow::anyhow!("the agent on {addr} did not answer in time"))?
+        .with_context(|| format!("bad answer from the agent on {addr}"))?;
+    parse_response(status.as_u16(), &body)
+        .with_context(|| format!("bad answer from the agent on {addr}"))
 }
 
-/// Status line, headers, blank line, JSON report.
-fn parse_response(response: &[u8]) -> anyhow::Result<Report> {
-    let split = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("no end of HTTP headers")?;
-    let head = String::from_utf8_lossy(&response[..split]);
-    let body = &response[split + 4..];
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("no HTTP status")?;
+/// A status and a JSON report.
+fn parse_response(status: u16, body: &[u8]) -> anyhow::Result<Report> {
     if status != 200 {
         let detail = String::from_utf8_lossy(body);
         bail!("HTTP {status}: {}", detail.trim());
@@ -86,30 +104,17 @@ fn parse_response(response: &[u8]) -> anyhow::Result<Report> {
     serde_json::from_slice(body).context("the body is not a connprobe report")
 }
 
-/// The `window` of a `/diagnose` query string (`window=300s`, `window=5m`, `window=90`), for
-/// the agent's HTTP server: `Ok(None)` when absent, `Err` (answer 400) when unreadable.
-pub fn window_from_query(query: Option<&str>) -> Result<Option<Duration>, String> {
-    let Some(query) = query else {
-        return Ok(None);
-    };
-    for pair in query.split('&') {
-        if let Some(value) = pair.strip_prefix("window=") {
-            return crate::cli::parse_duration(&value.replace("%20", " "))
-                .map(Some)
-                .map_err(|e| format!("bad window: {e}"));
-        }
-    }
-    Ok(None)
-}
-
 /// The agent's `/diagnose`: the JSON report of the window (default 5 minutes) ending now,
 /// judged from the flight recorder. Returns the HTTP status and body.
+/// The report says how many events the agent lost since it started (`window.events_lost`).
 pub fn diagnose_handler(
     recorder: Arc<Mutex<FlightRecorder>>,
+    tally: Arc<Tally>,
 ) -> impl Fn(Option<Duration>) -> (u16, String) + Send + Sync + 'static {
     move |window| {
         diagnose_at(
             &recorder,
+            Some(&tally),
             window.unwrap_or(DEFAULT_WINDOW),
             SystemTime::now(),
         )
@@ -119,6 +124,7 @@ pub fn diagnose_handler(
 /// `diagnose_handler` at a given time, for tests.
 pub(crate) fn diagnose_at(
     recorder: &Mutex<FlightRecorder>,
+    tally: Option<&Tally>,
     length: Duration,
     now: SystemTime,
 ) -> (u16, String) {
@@ -129,6 +135,7 @@ pub(crate) fn diagnose_at(
     };
     let mut report = judge(&events, window);
     report.window.truncated = !complete;
+    report.window.events_lost = tally.map(Tally::lost_by_stage);
     match serde_json::to_string(&report) {
         Ok(body) => (200, body),
         Err(e) => (500, error_body(&format!("cannot format the report: {e}"))),
@@ -144,7 +151,8 @@ mod tests {
     use std::{io::BufRead, net::TcpListener, thread};
 
     use super::*;
-    use crate::diagnose::engine::tests::{at, mixed_log};
+    use crate::diagnose::engine::tests::mixed_log;
+    use crate::event::testing::at;
 
     #[test]
     fn handler_judges_the_recorder_window_and_flags_truncation() {
@@ -153,7 +161,7 @@ mod tests {
         for e in &events {
             recorder.lock().unwrap().push(e);
         }
-        let (status, body) = diagnose_at(&recorder, Duration::from_secs(3600), at(600.0));
+        let (status, body) = diagnose_at(&recorder, None, Duration::from_secs(3600), at(600.0));
         assert_eq!(status, 200);
         let report: Report = serde_json::from_str(&body).unwrap();
         let direct = judge(
@@ -167,18 +175,21 @@ mod tests {
         for e in &events {
             small.lock().unwrap().push(e);
         }
-        let (_, body) = diagnose_at(&small, Duration::from_secs(3600), at(600.0));
+        let (_, body) = diagnose_at(&small, None, Duration::from_secs(3600), at(600.0));
         let report: Report = serde_json::from_str(&body).unwrap();
         assert!(report.window.truncated);
     }
 
     #[test]
     fn the_public_handler_is_shareable() {
-        let handler = diagnose_handler(Arc::new(Mutex::new(FlightRecorder::new(10))));
+        let tally = Arc::new(Tally::default());
+        tally.add_lost(crate::tally::LossStage::Queue, 5);
+        let handler = diagnose_handler(Arc::new(Mutex::new(FlightRecorder::new(10))), tally);
         let (status, body) = handler(None);
         assert_eq!(status, 200);
         let report: Report = serde_json::from_str(&body).unwrap();
         assert_eq!(report.window.seconds, 300.0);
+        assert_eq!(report.window.events_lost.unwrap()["queue"], 5);
         fn assert_send_sync<T: Send + Sync + 'static>(_: &T) {}
         assert_send_sync(&handler);
     }
@@ -191,7 +202,7 @@ mod tests {
         for e in mixed_log() {
             recorder.lock().unwrap().push(&e);
         }
-        let (_, body) = diagnose_at(&recorder, Duration::from_secs(3600), at(600.0));
+        let (_, body) = diagnose_at(&recorder, None, Duration::from_secs(3600), at(600.0));
         let expected: Report = serde_json::from_str(&body).unwrap();
         let server = thread::spawn(move || {
             let (stream, _) = listener.accept().unwrap();
@@ -231,20 +242,9 @@ mod tests {
     }
 
     #[test]
-    fn window_query() {
-        assert_eq!(window_from_query(None), Ok(None));
-        assert_eq!(window_from_query(Some("x=1")), Ok(None));
-        let five = Some(Duration::from_secs(300));
-        assert_eq!(window_from_query(Some("window=300s")), Ok(five));
-        assert_eq!(window_from_query(Some("a=b&window=5m")), Ok(five));
-        assert_eq!(window_from_query(Some("window=300")), Ok(five));
-        assert!(window_from_query(Some("window=soon")).is_err());
-    }
-
-    #[test]
     fn error_statuses_are_reported() {
-        let err = parse_response(b"HTTP/1.1 500 Internal\r\n\r\n{\"error\":\"x\"}").unwrap_err();
+        let err = parse_response(500, b"{\"error\":\"x\"}").unwrap_err();
         assert!(err.to_string().contains("HTTP 500"), "{err}");
-        assert!(parse_response(b"garbage").is_err());
+        assert!(parse_response(200, b"garbage").is_err());
     }
 }

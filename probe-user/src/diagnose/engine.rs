@@ -9,16 +9,15 @@
 //! (`processes`), so past eight, which ones it names follows the order.
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     time::{Duration, SystemTime},
 };
 
 use super::{
-    destination::DestinationEvidence,
+    fold::DestinationEvidence,
     format_time, round, rules,
     verdict::{DestinationReport, Report, VerdictId, WindowSummary},
 };
-use crate::event::{Direction, Event, EventDetail, Side, canonical_ip};
+use crate::{destination::Destination, event::Event};
 
 /// The events a report judges: from `start` to `end`, both included.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,46 +49,13 @@ pub fn judge(events: &[Event], window: Window) -> Report {
     judge.finish()
 }
 
-/// Where an event counts: the remote end for a client, this host's end for a server.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DestinationKey {
-    pub side: Option<Side>,
-    pub addr: SocketAddr,
-}
-
-impl DestinationKey {
-    pub fn of(event: &Event) -> Self {
-        let socketless_reset = matches!(
-            &event.detail,
-            EventDetail::Reset(r) if r.direction == Direction::Sent && r.state.is_none()
-        );
-        // A reset sent without a socket answers a SYN: this host is the server.
-        let side = match event.side {
-            None if socketless_reset => Some(Side::Server),
-            side => side,
-        };
-        let addr = match side {
-            Some(Side::Server) => event.src,
-            Some(Side::Client) | None => event.dst,
-        };
-        DestinationKey {
-            side,
-            addr: SocketAddr::new(canonical_ip(addr.ip()), addr.port()),
-        }
-    }
-
-    pub fn side_label(&self) -> Option<String> {
-        self.side.map(|s| s.as_str().to_string())
-    }
-}
-
 /// Folds events into per-destination evidence, then judges. `judge()` is the usual entry;
 /// this is for streaming a log without holding its events.
 pub struct Judge {
     window: Option<Window>,
     seen: Option<(SystemTime, SystemTime)>,
     events: u64,
-    destinations: HashMap<DestinationKey, DestinationEvidence>,
+    destinations: HashMap<Destination, DestinationEvidence>,
 }
 
 impl Judge {
@@ -114,7 +80,7 @@ impl Judge {
             None => (event.time, event.time),
             Some((a, b)) => (a.min(event.time), b.max(event.time)),
         });
-        let key = DestinationKey::of(event);
+        let key = Destination::of(event);
         self.destinations
             .entry(key)
             .or_insert_with(|| DestinationEvidence::new(event.time))
@@ -127,7 +93,7 @@ impl Judge {
             (None, Some(seen)) => seen,
             (None, None) => (SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH),
         };
-        let mut destinations: Vec<(DestinationKey, DestinationReport)> = self
+        let mut destinations: Vec<(Destination, DestinationReport)> = self
             .destinations
             .iter()
             .map(|(key, ev)| (*key, judge_destination(key, ev)))
@@ -148,6 +114,7 @@ impl Judge {
                 ),
                 events: self.events,
                 truncated: false,
+                events_lost: None,
             },
             destinations: destinations.into_iter().map(|(_, d)| d).collect(),
             groups: rules::pool_verdicts(&self.destinations),
@@ -159,18 +126,17 @@ impl Judge {
 /// not-enough-data.
 fn rank_key(d: &DestinationReport) -> (u8, f64) {
     match d.verdicts.first() {
-        Some(v) if v.verdict.is_problem() => (2, v.confidence),
-        Some(v) if v.verdict == VerdictId::Healthy => (1, 0.0),
+        Some(v) if v.id().is_problem() => (2, v.confidence),
+        Some(v) if v.id() == VerdictId::Healthy => (1, 0.0),
         _ => (0, 0.0),
     }
 }
 
-fn judge_destination(key: &DestinationKey, ev: &DestinationEvidence) -> DestinationReport {
-    let destination = key.addr.to_string();
+fn judge_destination(key: &Destination, ev: &DestinationEvidence) -> DestinationReport {
     DestinationReport {
-        verdicts: rules::destination_verdicts(&destination, ev),
-        destination,
-        side: key.side_label(),
+        verdicts: rules::destination_verdicts(key, ev),
+        destination: key.addr.to_string(),
+        side: key.side_name().map(str::to_string),
     }
 }
 

@@ -1,9 +1,11 @@
 //! Evidence bundles: when a destination's last minute crosses a trigger threshold, one JSON file
 //! with its stats, the verdicts and the raw events around the trigger, written atomically into
-//! `--evidence-dir`. Bounded in number (oldest deleted), in size (events capped), and in rate
+//! `--evidence-dir`. The triggers read the aggregator's snapshot (its last minute: the same
+//! failure ratio and p99 the terminal table shows); the verdicts and events come from the flight
+//! recorder. Bounded in number (oldest deleted), in size (events capped), and in rate
 //! (a cool-down per destination, so one incident writes one bundle, not hundreds).
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fs,
     io::{self, Write},
     path::{Path, PathBuf},
@@ -15,22 +17,27 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use serde_json::json;
+use serde::Serialize;
+use strum::{IntoStaticStr, VariantArray};
 
 use super::{
-    engine::{DestinationKey, Window, judge},
+    engine::{Window, judge},
     format_time,
-    recorder::{DestinationStats, FlightRecorder},
+    recorder::FlightRecorder,
     round,
-    verdict::Report,
+    verdict::{Report, Verdict},
 };
-use crate::{cli::RunArgs, event::Event, export::json_log};
+use crate::{
+    aggregate::{Aggregator, Snapshot, WindowStats},
+    destination::Destination,
+    event::{Event, FailureReason},
+};
 
 /// Bundle files start with this and end with `.json`; nothing else in the directory is touched.
 pub const BUNDLE_PREFIX: &str = "connprobe-evidence-";
 
-/// The trigger looks at each destination's last minute: long enough for a ratio over a few
-/// dozen connects, short enough to fire while the incident is on.
+/// The trigger looks at each destination's last minute (the aggregator's `last_1m`): long
+/// enough for a ratio over a few dozen connects, short enough to fire while the incident is on.
 pub const STATS_WINDOW: Duration = Duration::from_secs(60);
 /// A bundle holds the events and verdicts of the five minutes before the trigger, the default
 /// window of `connprobe diagnose`: the lead-up matters as much as the failure.
@@ -67,7 +74,6 @@ pub struct TriggerConfig {
     pub latency: Duration,
     /// ...once a destination made at least this many connects in that minute.
     pub min_attempts: u64,
-    pub stats_window: Duration,
     pub lookback: Duration,
     pub cooldown: Duration,
     pub max_bundles: usize,
@@ -75,17 +81,6 @@ pub struct TriggerConfig {
 }
 
 impl TriggerConfig {
-    /// From `connprobe run` flags; `None` without `--evidence-dir`.
-    pub fn from_run_args(args: &RunArgs) -> Option<Self> {
-        Some(TriggerConfig {
-            evidence_dir: args.evidence_dir.clone()?,
-            failure_ratio: args.trigger_failure_ratio,
-            latency: args.trigger_latency,
-            min_attempts: args.trigger_min_attempts,
-            ..TriggerConfig::new(PathBuf::new())
-        })
-    }
-
     /// The defaults of the flags, writing into `evidence_dir`.
     pub fn new(evidence_dir: PathBuf) -> Self {
         TriggerConfig {
@@ -93,7 +88,6 @@ impl TriggerConfig {
             failure_ratio: 0.2,
             latency: Duration::from_secs(1),
             min_attempts: 10,
-            stats_window: STATS_WINDOW,
             lookback: LOOKBACK,
             cooldown: COOLDOWN,
             max_bundles: MAX_BUNDLES,
@@ -103,25 +97,80 @@ impl TriggerConfig {
 }
 
 /// Why a destination fired.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
 pub enum TriggerCause {
     FailureRatio,
     Latency,
 }
 
-impl TriggerCause {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TriggerCause::FailureRatio => "failure_ratio",
-            TriggerCause::Latency => "latency",
+/// A destination's last minute as the bundle's `stats` hold it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TriggerStats {
+    pub attempts: u64,
+    pub established: u64,
+    pub failures: u64,
+    pub failure_ratio: f64,
+    pub failures_by_reason: BTreeMap<&'static str, u64>,
+    pub latency_p50_us: Option<u64>,
+    pub latency_p99_us: Option<u64>,
+}
+
+impl TriggerStats {
+    fn of(window: &WindowStats) -> Self {
+        let c = &window.counts;
+        TriggerStats {
+            attempts: c.attempts,
+            established: c.established,
+            failures: c.failures_total(),
+            failure_ratio: c.failure_ratio().unwrap_or(0.0),
+            failures_by_reason: FailureReason::VARIANTS
+                .iter()
+                .filter(|r| c.failure(**r) > 0)
+                .map(|r| (r.name(), c.failure(*r)))
+                .collect(),
+            latency_p50_us: window.latency.map(|l| l.p50.as_micros() as u64),
+            latency_p99_us: window.latency.map(|l| l.p99.as_micros() as u64),
         }
     }
+}
+
+/// A destination that crossed a threshold.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fired {
+    pub destination: Destination,
+    pub cause: TriggerCause,
+    pub stats: TriggerStats,
+}
+
+#[derive(Serialize)]
+struct Trigger {
+    destination: String,
+    side: Option<&'static str>,
+    cause: &'static str,
+    at: String,
+    failure_ratio_threshold: f64,
+    latency_threshold_ms: f64,
+    min_attempts: u64,
+    stats_window_seconds: f64,
+}
+
+/// One bundle file.
+#[derive(Serialize)]
+struct Bundle<'a> {
+    trigger: Trigger,
+    stats: &'a TriggerStats,
+    verdicts: Vec<Verdict>,
+    report: &'a Report,
+    events_total: usize,
+    events_dropped: usize,
+    events: &'a [&'a Event],
 }
 
 /// Checks the triggers (call `tick` about once a second) and writes the bundles.
 pub struct EvidenceWriter {
     config: TriggerConfig,
-    last_fired: HashMap<DestinationKey, SystemTime>,
+    last_fired: HashMap<Destination, SystemTime>,
     written: Arc<AtomicU64>,
     sequence: u64,
 }
@@ -149,63 +198,73 @@ impl EvidenceWriter {
         Arc::clone(&self.written)
     }
 
-    /// Which destinations cross a threshold over the stats window ending `now`, cool-down
-    /// aside.
-    pub fn triggered(
-        &self,
-        stats: &HashMap<DestinationKey, DestinationStats>,
-    ) -> Vec<(DestinationKey, TriggerCause)> {
-        let mut fired: Vec<_> = stats
-            .iter()
-            .filter(|(_, s)| s.attempts >= self.config.min_attempts && s.attempts > 0)
-            .filter_map(|(key, s)| {
-                let latency_us = self.config.latency.as_micros() as u64;
-                if s.failure_ratio >= self.config.failure_ratio {
-                    Some((*key, TriggerCause::FailureRatio))
-                } else if s.latency_p99_us.is_some_and(|p99| p99 >= latency_us) {
-                    Some((*key, TriggerCause::Latency))
-                } else {
-                    None
-                }
-            })
-            .collect();
-        fired.sort_by_key(|(k, _)| *k);
+    /// Which destinations cross a threshold in the snapshot's last minute, cool-down aside.
+    pub fn triggered(&self, snapshot: &Snapshot) -> Vec<Fired> {
+        let latency = self.config.latency;
+        let mut fired: Vec<Fired> = Vec::new();
+        for summary in &snapshot.destinations {
+            let Some(destination) = summary.attempted() else {
+                continue;
+            };
+            let w = &summary.last_1m;
+            if w.counts.attempts < self.config.min_attempts.max(1)
+                || fired.iter().any(|f| f.destination == destination)
+            {
+                continue;
+            }
+            let cause = if w.failure_ratio().unwrap_or(0.0) >= self.config.failure_ratio {
+                TriggerCause::FailureRatio
+            } else if w.latency.is_some_and(|l| l.p99 >= latency) {
+                TriggerCause::Latency
+            } else {
+                continue;
+            };
+            fired.push(Fired {
+                destination,
+                cause,
+                stats: TriggerStats::of(w),
+            });
+        }
+        fired.sort_by_key(|f| f.destination);
         fired
     }
 
     /// Checks every destination and writes a bundle for each that fired and is not cooling
-    /// down. Holds the recorder's lock only to read from it. Returns the bundles written.
+    /// down. Holds each lock only to read. Returns the bundles written.
     pub fn tick(
         &mut self,
+        aggregator: &Mutex<Aggregator>,
         recorder: &Mutex<FlightRecorder>,
         now: SystemTime,
     ) -> Result<Vec<PathBuf>, EvidenceError> {
         let cooldown = self.config.cooldown;
         self.last_fired
             .retain(|_, t| now.duration_since(*t).unwrap_or_default() < cooldown);
-        let since = now.checked_sub(self.config.stats_window).unwrap_or(now);
-        let (fired, stats, events) = {
-            let recorder = recorder.lock().map_err(|_| EvidenceError::Poisoned)?;
-            let stats = recorder.destination_stats(since);
-            let fired: Vec<_> = self
-                .triggered(&stats)
-                .into_iter()
-                .filter(|(key, _)| !self.last_fired.contains_key(key))
-                .collect();
-            if fired.is_empty() {
-                return Ok(Vec::new());
-            }
-            let window_start = now.checked_sub(self.config.lookback).unwrap_or(now);
-            (fired, stats, recorder.events_since(window_start))
-        };
+        let snapshot = aggregator
+            .lock()
+            .map_err(|_| EvidenceError::Poisoned)?
+            .snapshot(now);
+        let fired: Vec<Fired> = self
+            .triggered(&snapshot)
+            .into_iter()
+            .filter(|f| !self.last_fired.contains_key(&f.destination))
+            .collect();
+        if fired.is_empty() {
+            return Ok(Vec::new());
+        }
+        let window_start = now.checked_sub(self.config.lookback).unwrap_or(now);
+        let events = recorder
+            .lock()
+            .map_err(|_| EvidenceError::Poisoned)?
+            .events_since(window_start);
         let window = Window::ending_at(now, self.config.lookback);
         let full = judge(&events, window);
         let mut paths = Vec::new();
-        for (key, cause) in fired {
+        for f in fired {
             // Cool down even if writing fails: a full disk must not be retried every second.
-            self.last_fired.insert(key, now);
-            let report = bundle_report(&full, &key);
-            let path = self.write_bundle(&key, cause, &stats[&key], &report, &events, now)?;
+            self.last_fired.insert(f.destination, now);
+            let report = bundle_report(&full, &f.destination);
+            let path = self.write_bundle(&f, &report, &events, now)?;
             paths.push(path);
         }
         self.prune()?;
@@ -214,43 +273,43 @@ impl EvidenceWriter {
 
     fn write_bundle(
         &mut self,
-        key: &DestinationKey,
-        cause: TriggerCause,
-        stats: &DestinationStats,
+        fired: &Fired,
         report: &Report,
         events: &[Event],
         now: SystemTime,
     ) -> Result<PathBuf, EvidenceError> {
+        let key = fired.destination;
         let destination = key.addr.to_string();
         let mine: Vec<&Event> = events
             .iter()
-            .filter(|e| DestinationKey::of(e) == *key)
+            .filter(|e| Destination::of(e) == key)
             .collect();
         let kept = &mine[mine.len().saturating_sub(self.config.max_events_per_bundle)..];
+        let side = key.side_name().map(str::to_string);
         let verdicts = report
             .destinations
             .iter()
-            .find(|d| d.destination == destination && d.side == key.side_label())
+            .find(|d| d.destination == destination && d.side == side)
             .map(|d| d.verdicts.clone())
             .unwrap_or_default();
-        let bundle = json!({
-            "trigger": {
-                "destination": destination,
-                "side": key.side_label(),
-                "cause": cause.as_str(),
-                "at": format_time(now),
-                "failure_ratio_threshold": self.config.failure_ratio,
-                "latency_threshold_ms": round(self.config.latency.as_secs_f64() * 1000.0, 3),
-                "min_attempts": self.config.min_attempts,
-                "stats_window_seconds": self.config.stats_window.as_secs_f64(),
+        let bundle = Bundle {
+            trigger: Trigger {
+                destination: destination.clone(),
+                side: key.side_name(),
+                cause: fired.cause.into(),
+                at: format_time(now),
+                failure_ratio_threshold: self.config.failure_ratio,
+                latency_threshold_ms: round(self.config.latency.as_secs_f64() * 1000.0, 3),
+                min_attempts: self.config.min_attempts,
+                stats_window_seconds: STATS_WINDOW.as_secs_f64(),
             },
-            "stats": stats,
-            "verdicts": verdicts,
-            "report": report,
-            "events_total": mine.len(),
-            "events_dropped": mine.len() - kept.len(),
-            "events": kept.iter().map(|e| json_log::to_value(e)).collect::<Vec<_>>(),
-        });
+            stats: &fired.stats,
+            verdicts,
+            report,
+            events_total: mine.len(),
+            events_dropped: mine.len() - kept.len(),
+            events: kept,
+        };
         let millis = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
@@ -290,22 +349,21 @@ impl EvidenceWriter {
 pub const TICK: Duration = Duration::from_secs(1);
 
 impl EvidenceWriter {
-    /// Runs the triggers on their own thread, every [`TICK`], until `stop` turns true. Returns
-    /// the bundle counter (for the metric) and the thread. A failure to write is logged once
-    /// per run of failures, not every second.
+    /// Runs the triggers on their own thread, every [`TICK`], until `stop` turns true. A
+    /// failure to write is logged once per run of failures, not every second.
     pub fn spawn(
         mut self,
+        aggregator: Arc<Mutex<Aggregator>>,
         recorder: Arc<Mutex<FlightRecorder>>,
         stop: Arc<AtomicBool>,
-    ) -> io::Result<(Arc<AtomicU64>, thread::JoinHandle<()>)> {
-        let counter = self.bundles_written_counter();
+    ) -> io::Result<thread::JoinHandle<()>> {
         let handle = thread::Builder::new()
             .name("connprobe-evidence".into())
             .spawn(move || {
                 let mut failing = false;
                 while !stop.load(Ordering::Relaxed) {
                     thread::sleep(TICK);
-                    match self.tick(&recorder, SystemTime::now()) {
+                    match self.tick(&aggregator, &recorder, SystemTime::now()) {
                         Ok(paths) => {
                             failing = false;
                             for path in paths {
@@ -320,15 +378,15 @@ impl EvidenceWriter {
                     }
                 }
             })?;
-        Ok((counter, handle))
+        Ok(handle)
     }
 }
 
 /// The report a bundle carries: the triggered destination, other destinations with a problem
 /// (worst first, bounded), and the pools.
-fn bundle_report(full: &Report, key: &DestinationKey) -> Report {
+fn bundle_report(full: &Report, key: &Destination) -> Report {
     let destination = key.addr.to_string();
-    let side = key.side_label();
+    let side = key.side_name().map(str::to_string);
     let mut report = full.clone();
     let mut others = 0;
     report.destinations.retain(|d| {
@@ -336,7 +394,7 @@ fn bundle_report(full: &Report, key: &DestinationKey) -> Report {
             return true;
         }
         let keep = others < MAX_REPORT_DESTINATIONS
-            && d.verdicts.first().is_some_and(|v| v.verdict.is_problem());
+            && d.verdicts.first().is_some_and(|v| v.id().is_problem());
         others += usize::from(keep);
         keep
     });
@@ -376,8 +434,40 @@ fn write_atomically(dir: &Path, name: &str, body: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diagnose::engine::tests::{at, connect_failed, connect_ok};
-    use crate::event::FailureReason;
+    use crate::aggregate::AggregatorConfig;
+    use crate::event::testing::{at, connect_failed, connect_ok};
+
+    /// What the pipeline feeds: the aggregator and the flight recorder, each behind its lock.
+    struct Recorded {
+        aggregator: Mutex<Aggregator>,
+        recorder: Mutex<FlightRecorder>,
+    }
+
+    impl Recorded {
+        fn new(capacity: usize) -> Self {
+            Recorded {
+                aggregator: Mutex::new(Aggregator::new(AggregatorConfig {
+                    max_destinations: 500,
+                    destination_idle: Duration::from_secs(600),
+                    by_comm: false,
+                })),
+                recorder: Mutex::new(FlightRecorder::new(capacity)),
+            }
+        }
+
+        fn push(&self, event: &Event) {
+            self.aggregator.lock().unwrap().record(event);
+            self.recorder.lock().unwrap().push(event);
+        }
+
+        fn tick(&self, writer: &mut EvidenceWriter, now: SystemTime) -> Vec<PathBuf> {
+            writer.tick(&self.aggregator, &self.recorder, now).unwrap()
+        }
+
+        fn snapshot(&self, now: SystemTime) -> Snapshot {
+            self.aggregator.lock().unwrap().snapshot(now)
+        }
+    }
 
     struct TempDir(PathBuf);
 
@@ -399,7 +489,7 @@ mod tests {
         }
     }
 
-    fn refusing(recorder: &mut FlightRecorder, dest: &str, from: f64, n: usize) {
+    fn refusing(recorder: &Recorded, dest: &str, from: f64, n: usize) {
         for i in 0..n {
             recorder.push(&connect_failed(
                 dest,
@@ -414,27 +504,22 @@ mod tests {
     fn a_failing_destination_gets_one_bundle_per_cooldown() {
         let dir = TempDir::new("cooldown");
         let mut writer = EvidenceWriter::new(TriggerConfig::new(dir.0.clone())).unwrap();
-        let recorder = Mutex::new(FlightRecorder::new(1000));
+        let recorder = Recorded::new(1000);
         {
-            let mut r = recorder.lock().unwrap();
+            let r = &recorder;
             for i in 0..20 {
                 r.push(&connect_ok("10.0.0.9:80", at(100.0 + i as f64), 500));
             }
-            refusing(&mut r, "10.0.0.1:80", 100.0, 15);
+            refusing(r, "10.0.0.1:80", 100.0, 15);
             for i in 0..15 {
                 r.push(&connect_ok("10.0.0.1:80", at(101.0 + i as f64), 500));
             }
         }
-        let written = writer.tick(&recorder, at(120.0)).unwrap();
+        let written = recorder.tick(&mut writer, at(120.0));
         assert_eq!(written.len(), 1, "only the failing destination fires");
         assert_eq!(writer.bundles_written(), 1);
         for s in 1..30 {
-            assert!(
-                writer
-                    .tick(&recorder, at(120.0 + s as f64))
-                    .unwrap()
-                    .is_empty()
-            );
+            assert!(recorder.tick(&mut writer, at(120.0 + s as f64)).is_empty());
         }
         assert_eq!(list_bundles(&dir.0).unwrap().len(), 1);
 
@@ -461,10 +546,10 @@ mod tests {
 
         // After the cool-down, a still-failing destination fires again.
         {
-            let mut r = recorder.lock().unwrap();
-            refusing(&mut r, "10.0.0.1:80", 430.0, 15);
+            let r = &recorder;
+            refusing(r, "10.0.0.1:80", 430.0, 15);
         }
-        assert_eq!(writer.tick(&recorder, at(440.0)).unwrap().len(), 1);
+        assert_eq!(recorder.tick(&mut writer, at(440.0)).len(), 1);
         assert_eq!(writer.bundles_written(), 2);
     }
 
@@ -472,15 +557,15 @@ mod tests {
     fn too_few_attempts_or_a_healthy_minute_do_not_fire() {
         let dir = TempDir::new("quiet");
         let mut writer = EvidenceWriter::new(TriggerConfig::new(dir.0.clone())).unwrap();
-        let recorder = Mutex::new(FlightRecorder::new(1000));
+        let recorder = Recorded::new(1000);
         {
-            let mut r = recorder.lock().unwrap();
-            refusing(&mut r, "10.0.0.1:80", 100.0, 5);
+            let r = &recorder;
+            refusing(r, "10.0.0.1:80", 100.0, 5);
             for i in 0..50 {
                 r.push(&connect_ok("10.0.0.2:80", at(100.0 + i as f64), 900));
             }
         }
-        assert!(writer.tick(&recorder, at(150.0)).unwrap().is_empty());
+        assert!(recorder.tick(&mut writer, at(150.0)).is_empty());
         assert_eq!(writer.bundles_written(), 0);
     }
 
@@ -488,19 +573,18 @@ mod tests {
     fn slow_p99_fires_on_latency() {
         let dir = TempDir::new("latency");
         let mut writer = EvidenceWriter::new(TriggerConfig::new(dir.0.clone())).unwrap();
-        let recorder = Mutex::new(FlightRecorder::new(1000));
+        let recorder = Recorded::new(1000);
         {
-            let mut r = recorder.lock().unwrap();
+            let r = &recorder;
             for i in 0..20 {
                 let us = if i % 5 == 0 { 1_500_000 } else { 800 };
                 r.push(&connect_ok("10.0.0.3:443", at(100.0 + i as f64), us));
             }
         }
-        let stats = recorder.lock().unwrap().destination_stats(at(60.0));
-        let fired = writer.triggered(&stats);
+        let fired = writer.triggered(&recorder.snapshot(at(125.0)));
         assert_eq!(fired.len(), 1);
-        assert_eq!(fired[0].1, TriggerCause::Latency);
-        assert_eq!(writer.tick(&recorder, at(125.0)).unwrap().len(), 1);
+        assert_eq!(fired[0].cause, TriggerCause::Latency);
+        assert_eq!(recorder.tick(&mut writer, at(125.0)).len(), 1);
     }
 
     #[test]
@@ -510,12 +594,12 @@ mod tests {
         config.max_bundles = 3;
         config.max_events_per_bundle = 7;
         let mut writer = EvidenceWriter::new(config).unwrap();
-        let recorder = Mutex::new(FlightRecorder::new(10_000));
+        let recorder = Recorded::new(10_000);
         // Ten different failing destinations, each firing once.
         for d in 0..10 {
             let dest = format!("10.0.1.{d}:8080");
-            refusing(&mut recorder.lock().unwrap(), &dest, 1000.0 + d as f64, 12);
-            writer.tick(&recorder, at(1001.5 + d as f64)).unwrap();
+            refusing(&recorder, &dest, 1000.0 + d as f64, 12);
+            recorder.tick(&mut writer, at(1001.5 + d as f64));
         }
         assert_eq!(writer.bundles_written(), 10);
         let mut kept = list_bundles(&dir.0).unwrap();
@@ -534,9 +618,13 @@ mod tests {
     fn the_trigger_thread_stops_when_told() {
         let dir = TempDir::new("thread");
         let writer = EvidenceWriter::new(TriggerConfig::new(dir.0.clone())).unwrap();
-        let recorder = Arc::new(Mutex::new(FlightRecorder::new(100)));
+        let recorded = Recorded::new(100);
+        let (aggregator, recorder) = (Arc::new(recorded.aggregator), Arc::new(recorded.recorder));
         let stop = Arc::new(AtomicBool::new(false));
-        let (counter, handle) = writer.spawn(recorder, Arc::clone(&stop)).unwrap();
+        let counter = writer.bundles_written_counter();
+        let handle = writer
+            .spawn(aggregator, recorder, Arc::clone(&stop))
+            .unwrap();
         stop.store(true, Ordering::Relaxed);
         handle.join().unwrap();
         assert_eq!(counter.load(Ordering::Relaxed), 0);
@@ -553,5 +641,38 @@ mod tests {
         // A directory that is gone fails cleanly, without a stray file.
         let gone = dir.0.join("missing");
         assert!(write_atomically(&gone, "y.json", b"z").is_err());
+    }
+
+    #[test]
+    fn the_stats_are_the_aggregators_last_minute() {
+        let recorder = Recorded::new(1000);
+        for i in 0..10 {
+            recorder.push(&connect_ok("10.0.0.1:80", at(i as f64), 1000 * (i + 1)));
+        }
+        for i in 0..4 {
+            recorder.push(&connect_failed(
+                "10.0.0.1:80",
+                at(10.0 + i as f64),
+                FailureReason::Refused,
+                0,
+            ));
+        }
+        recorder.push(&connect_ok("10.0.0.2:80", at(12.0), 100));
+        let snapshot = recorder.snapshot(at(14.0));
+        assert_eq!(snapshot.destinations.len(), 2);
+        let s = TriggerStats::of(&snapshot.destinations[0].last_1m);
+        assert_eq!((s.attempts, s.established, s.failures), (14, 10, 4));
+        assert_eq!(s.failures_by_reason["refused"], 4);
+        assert!((s.failure_ratio - 4.0 / 14.0).abs() < 1e-12);
+        // The aggregator's histogram: the nearest-rank sample's bucket, within 12.5%.
+        let near = |got: Option<u64>, want: f64| (got.unwrap() as f64 - want).abs() <= want * 0.125;
+        assert!(near(s.latency_p50_us, 5000.0), "{s:?}");
+        assert!(near(s.latency_p99_us, 10_000.0), "{s:?}");
+        let fired = EvidenceWriter::new(TriggerConfig::new(std::env::temp_dir()))
+            .unwrap()
+            .triggered(&snapshot);
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0].destination.to_string(), "10.0.0.1:80");
+        assert_eq!(fired[0].destination.side_name(), Some("client"));
     }
 }

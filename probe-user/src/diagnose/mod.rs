@@ -8,9 +8,9 @@
 //! trigger threshold).
 pub mod analyze;
 pub mod client;
-mod destination;
 pub mod engine;
 pub mod evidence;
+mod fold;
 pub mod pattern;
 mod processes;
 pub mod recorder;
@@ -21,7 +21,7 @@ pub mod verdict;
 use std::time::SystemTime;
 
 pub use analyze::run_analyze;
-pub use client::{diagnose_handler, run_diagnose, window_from_query};
+pub use client::{diagnose_handler, run_diagnose};
 pub use engine::{Judge, Window, judge};
 pub use evidence::{EvidenceError, EvidenceWriter, TriggerConfig};
 pub use recorder::FlightRecorder;

@@ -5,8 +5,7 @@
 //! Bounded under any traffic: a destination counts the events of its first `PROCESSES_KEPT`
 //! processes one by one and those of any later process together, so thousands of short-lived
 //! clients cost no more than eight.
-use serde_json::{Value, json};
-
+use super::verdict::{Owners, ProcessEvidence};
 use crate::event::{Comm, Process};
 
 /// Processes a destination counts by name. A service and its workers, or the few programs that
@@ -71,20 +70,23 @@ impl ProcessCounts {
         all
     }
 
-    /// The `processes` of a verdict's evidence: `{"pid", "comm", "events"}` per process, most
-    /// events first, ties by pid and name; empty when no event named its process.
-    pub(super) fn to_json(&self) -> Value {
+    /// The owners of a verdict's evidence: each process with its events, most events first,
+    /// ties by pid and name (empty when no event named its process), and the events of
+    /// processes past the first `PROCESSES_KEPT`.
+    pub(super) fn owners(&self) -> Owners {
         let mut ranked = self.kept.clone();
         sort_busiest_first(&mut ranked);
-        ranked
-            .iter()
-            .map(|p| json!({"pid": p.pid, "comm": p.comm.to_string_lossy(), "events": p.events}))
-            .collect()
-    }
-
-    /// Events of processes past the first `PROCESSES_KEPT`, which `to_json` does not list.
-    pub(super) fn unlisted_events(&self) -> u64 {
-        self.unlisted_events
+        Owners {
+            processes: ranked
+                .iter()
+                .map(|p| ProcessEvidence {
+                    pid: p.pid,
+                    comm: p.comm.to_string_lossy().into_owned(),
+                    events: p.events,
+                })
+                .collect(),
+            unlisted_process_events: self.unlisted_events,
+        }
     }
 }
 
@@ -99,7 +101,13 @@ fn sort_busiest_first(counts: &mut [ProcessCount]) {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::{Value, json};
+
     use super::*;
+
+    fn to_json(counts: &ProcessCounts) -> Value {
+        serde_json::to_value(counts.owners().processes).unwrap()
+    }
 
     fn process(pid: u32, comm: &str) -> Process {
         Process {
@@ -127,7 +135,7 @@ mod tests {
             (10, "curl"),
         ]);
         assert_eq!(
-            counts.to_json(),
+            to_json(&counts),
             json!([
                 {"pid": 10, "comm": "curl", "events": 2},
                 {"pid": 20, "comm": "worker", "events": 2},
@@ -135,8 +143,8 @@ mod tests {
                 {"pid": 30, "comm": "b", "events": 1},
             ])
         );
-        assert_eq!(counts.unlisted_events(), 0);
-        assert_eq!(ProcessCounts::default().to_json(), json!([]));
+        assert_eq!(counts.owners().unlisted_process_events, 0);
+        assert_eq!(to_json(&ProcessCounts::default()), json!([]));
     }
 
     #[test]
@@ -153,7 +161,7 @@ mod tests {
             });
         }
         assert_eq!(
-            counts.to_json(),
+            to_json(&counts),
             json!([{"pid": 7, "comm": "curl", "events": 2}])
         );
     }
@@ -167,7 +175,7 @@ mod tests {
         }
         let counts = counted(&events);
         assert_eq!(counts.kept.len(), PROCESSES_KEPT);
-        let listed = counts.to_json();
+        let listed = to_json(&counts);
         let listed = listed.as_array().unwrap();
         assert_eq!(listed.len(), PROCESSES_KEPT);
         // The first eight seen keep their exact counts; pids 0..4 came back every other event.
@@ -177,7 +185,10 @@ mod tests {
         );
         assert_eq!(listed[4], json!({"pid": 4, "comm": "client", "events": 1}));
         let listed_events: u64 = listed.iter().map(|p| p["events"].as_u64().unwrap()).sum();
-        assert_eq!(listed_events + counts.unlisted_events(), 2000);
+        assert_eq!(
+            listed_events + counts.owners().unlisted_process_events,
+            2000
+        );
     }
 
     #[test]
@@ -187,14 +198,14 @@ mod tests {
         let many = counted(&(100..110).map(|pid| (pid, "one-off")).collect::<Vec<_>>());
         let ab = ProcessCounts::merged([&a, &b, &many]);
         let ba = ProcessCounts::merged([&many, &b, &a]);
-        assert_eq!(ab.to_json(), ba.to_json());
-        let listed = ab.to_json();
+        assert_eq!(to_json(&ab), to_json(&ba));
+        let listed = to_json(&ab);
         assert_eq!(listed.as_array().unwrap().len(), PROCESSES_KEPT);
         assert_eq!(listed[0], json!({"pid": 1, "comm": "app", "events": 3}));
         assert_eq!(listed[1], json!({"pid": 3, "comm": "batch", "events": 3}));
         assert_eq!(listed[2], json!({"pid": 2, "comm": "cron", "events": 1}));
         // 8 one-offs were kept by `many`, 2 were not; 5 of the kept ones fit the merged list.
-        assert_eq!(ab.unlisted_events(), 2 + 3);
-        assert_eq!(ba.unlisted_events(), 5);
+        assert_eq!(ab.owners().unlisted_process_events, 2 + 3);
+        assert_eq!(ba.owners().unlisted_process_events, 5);
     }
 }

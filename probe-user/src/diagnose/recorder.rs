@@ -1,15 +1,12 @@
 //! The flight recorder: the most recent raw events, bounded by count, for `/diagnose` and for
-//! evidence bundles. `push` is on the pipeline's hot path: one clone into a ring, no growth past
+//! evidence bundles (their per-destination figures come from the aggregator). `push` is on the pipeline's hot path: one clone into a ring, no growth past
 //! the bound, no other work.
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::VecDeque,
     time::{Duration, SystemTime},
 };
 
-use serde::Serialize;
-
-use super::engine::DestinationKey;
-use crate::event::{Event, EventDetail, Outcome};
+use crate::event::Event;
 
 /// Events from several CPUs reach the agent slightly out of time order; scans from the newest
 /// end stop only this far past the point they look for.
@@ -106,52 +103,6 @@ impl FlightRecorder {
     pub fn events_since(&self, since: SystemTime) -> Vec<Event> {
         self.iter_since(since).cloned().collect()
     }
-
-    /// Per-destination connect figures of the events at or after `since` (the trigger's last
-    /// minute).
-    pub fn destination_stats(
-        &self,
-        since: SystemTime,
-    ) -> HashMap<DestinationKey, DestinationStats> {
-        let mut stats: HashMap<DestinationKey, DestinationStats> = HashMap::new();
-        let mut latencies: HashMap<DestinationKey, Vec<u64>> = HashMap::new();
-        for event in self.iter_since(since) {
-            let EventDetail::Connect(c) = &event.detail else {
-                continue;
-            };
-            let key = DestinationKey::of(event);
-            let s = stats.entry(key).or_default();
-            s.attempts += 1;
-            match c.outcome {
-                Outcome::Established => {
-                    s.established += 1;
-                    if let Some(l) = c.latency {
-                        latencies.entry(key).or_default().push(l.as_micros() as u64);
-                    }
-                }
-                Outcome::Failed => {
-                    s.failures += 1;
-                    let reason = c.reason.map_or("other", |r| r.as_str());
-                    *s.failures_by_reason.entry(reason.to_string()).or_default() += 1;
-                }
-            }
-        }
-        for (key, mut us) in latencies {
-            us.sort_unstable();
-            if let Some(s) = stats.get_mut(&key) {
-                s.latency_p50_us = nearest_rank(&us, 0.5);
-                s.latency_p99_us = nearest_rank(&us, 0.99);
-            }
-        }
-        for s in stats.values_mut() {
-            s.failure_ratio = if s.attempts == 0 {
-                0.0
-            } else {
-                s.failures as f64 / s.attempts as f64
-            };
-        }
-        stats
-    }
 }
 
 impl Default for FlightRecorder {
@@ -160,31 +111,10 @@ impl Default for FlightRecorder {
     }
 }
 
-/// One destination's connects over the trigger's window.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct DestinationStats {
-    pub attempts: u64,
-    pub established: u64,
-    pub failures: u64,
-    pub failure_ratio: f64,
-    pub failures_by_reason: BTreeMap<String, u64>,
-    pub latency_p50_us: Option<u64>,
-    pub latency_p99_us: Option<u64>,
-}
-
-fn nearest_rank(sorted: &[u64], p: f64) -> Option<u64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    Some(sorted[rank - 1])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diagnose::engine::tests::{at, connect_failed, connect_ok};
-    use crate::event::FailureReason;
+    use crate::event::testing::{at, connect_ok};
 
     #[test]
     fn keeps_at_most_its_capacity_and_counts_what_it_forgets() {
@@ -217,32 +147,5 @@ mod tests {
             .map(|e| e.time)
             .collect();
         assert_eq!(times, vec![at(13.0), at(12.5), at(12.0), at(14.0)]);
-    }
-
-    #[test]
-    fn stats_per_destination() {
-        let mut recorder = FlightRecorder::default();
-        for i in 0..10 {
-            recorder.push(&connect_ok("10.0.0.1:80", at(i as f64), 1000 * (i + 1)));
-        }
-        for i in 0..4 {
-            recorder.push(&connect_failed(
-                "10.0.0.1:80",
-                at(10.0 + i as f64),
-                FailureReason::Refused,
-                0,
-            ));
-        }
-        recorder.push(&connect_ok("10.0.0.2:80", at(12.0), 100));
-        let stats = recorder.destination_stats(at(0.0));
-        let key = DestinationKey::of(&connect_ok("10.0.0.1:80", at(0.0), 1));
-        let s = &stats[&key];
-        assert_eq!((s.attempts, s.established, s.failures), (14, 10, 4));
-        assert_eq!(s.failures_by_reason["refused"], 4);
-        assert_eq!(s.latency_p50_us, Some(5000));
-        assert_eq!(s.latency_p99_us, Some(10_000));
-        assert!((s.failure_ratio - 4.0 / 14.0).abs() < 1e-12);
-        assert_eq!(stats.len(), 2);
-        assert_eq!(recorder.destination_stats(at(9.5))[&key].attempts, 4);
     }
 }

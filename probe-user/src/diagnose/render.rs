@@ -1,11 +1,11 @@
 //! A report as text for people: worst first, one paragraph per affected destination, the
 //! healthy ones in one line. Works from the report alone (the JSON an agent sends), so
 //! `connprobe diagnose` and `connprobe analyze` print the same thing.
-use std::fmt::Write;
+use std::{collections::BTreeMap, fmt::Write};
 
-use serde_json::{Map, Value};
-
-use super::verdict::{Burst, Pattern, Report, Verdict, VerdictId};
+use super::verdict::{
+    Burst, FailureFigures, Finding, Owners, Pattern, PoolMember, Report, Verdict,
+};
 
 /// Destinations listed by name in the healthy and not-enough-data lines before "and N more".
 const LISTED_IN_SUMMARY: usize = 8;
@@ -44,12 +44,12 @@ pub fn text(report: &Report) -> String {
             Some(side) => format!("{} ({side})", d.destination),
             None => d.destination.clone(),
         };
-        match top.verdict {
+        match &top.finding {
             // Named with their side: a service this host calls and one it offers on the same
             // address are two rows.
-            VerdictId::Healthy => healthy.push(name),
+            Finding::Healthy(_) => healthy.push(name),
             // Failures that no verdict explains get a paragraph; few events only a mention.
-            VerdictId::NotEnoughData if u(&top.evidence, "failures") == 0 => thin.push(name),
+            Finding::NotEnoughData(e) if e.figures.figures.failures == 0 => thin.push(name),
             _ => {
                 out.push('\n');
                 paragraph(&mut out, &name, d.side.as_deref(), &d.verdicts);
@@ -101,12 +101,12 @@ fn paragraph(out: &mut String, name: &str, side: Option<&str>, verdicts: &[Verdi
     let _ = writeln!(
         out,
         "{name}: {} ({:.0}% confidence, {})",
-        top.verdict.as_str(),
+        top.id().as_str(),
         top.confidence * 100.0,
         shape(top)
     );
-    let mut evidence = evidence_sentence(top.verdict, &top.evidence);
-    if let Some(processes) = processes_sentence(side, &top.evidence) {
+    let mut evidence = evidence_sentence(&top.finding);
+    if let Some(processes) = processes_sentence(side, owners(&top.finding)) {
         evidence.push(' ');
         evidence.push_str(&processes);
     }
@@ -117,10 +117,10 @@ fn paragraph(out: &mut String, name: &str, side: Option<&str>, verdicts: &[Verdi
             out,
             &format!(
                 "Also {} ({:.0}%, {}): {}",
-                v.verdict.as_str(),
+                v.id().as_str(),
                 v.confidence * 100.0,
                 shape(v),
-                evidence_sentence(v.verdict, &v.evidence)
+                evidence_sentence(&v.finding)
             ),
         );
     }
@@ -174,41 +174,22 @@ fn burst(b: &Burst) -> String {
     )
 }
 
-fn u(ev: &Map<String, Value>, key: &str) -> u64 {
-    ev.get(key).and_then(Value::as_u64).unwrap_or(0)
-}
-
-fn f(ev: &Map<String, Value>, key: &str) -> Option<f64> {
-    ev.get(key).and_then(Value::as_f64)
-}
-
 fn pct(x: f64) -> String {
     format!("{:.1}%", x * 100.0)
 }
 
-fn errnos(ev: &Map<String, Value>) -> String {
-    match ev.get("errnos").and_then(Value::as_object) {
-        Some(map) if !map.is_empty() => {
-            let list: Vec<String> = map
-                .iter()
-                .map(|(k, v)| format!("{k} x{}", v.as_u64().unwrap_or(0)))
-                .collect();
-            format!(" ({})", list.join(", "))
-        }
-        _ => String::new(),
+fn errnos(errnos: &BTreeMap<String, u64>) -> String {
+    if errnos.is_empty() {
+        return String::new();
     }
+    let list: Vec<String> = errnos.iter().map(|(k, n)| format!("{k} x{n}")).collect();
+    format!(" ({})", list.join(", "))
 }
 
 /// `; reasons: TCP_ABORT_ON_CLOSE 12, NO_SOCKET 3`, most frequent first; empty when the
 /// kernel gave none.
-fn reset_reasons(ev: &Map<String, Value>) -> String {
-    let Some(map) = ev.get("by_reason").and_then(Value::as_object) else {
-        return String::new();
-    };
-    let mut counts: Vec<(&str, u64)> = map
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_u64().unwrap_or(0)))
-        .collect();
+fn reset_reasons(by_reason: &BTreeMap<String, u64>) -> String {
+    let mut counts: Vec<(&str, u64)> = by_reason.iter().map(|(k, n)| (k.as_str(), *n)).collect();
     if counts.is_empty() {
         return String::new();
     }
@@ -217,19 +198,34 @@ fn reset_reasons(ev: &Map<String, Value>) -> String {
     format!("; reasons: {}", list.join(", "))
 }
 
+/// Every verdict's evidence names its owners.
+fn owners(finding: &Finding) -> &Owners {
+    match finding {
+        Finding::Refused(e) => &e.owners,
+        Finding::Blackhole(e) => &e.owners,
+        Finding::Unreachable(e) => &e.owners,
+        Finding::Lossy(e) => &e.owners,
+        Finding::ResetMidstream(e) => &e.owners,
+        Finding::LocalResets(e) => &e.owners,
+        Finding::SlowHandshakes(e) => &e.owners,
+        Finding::PoolPartialFailure(e) => &e.owners,
+        Finding::Healthy(e) => &e.owners,
+        Finding::NotEnoughData(e) => &e.owners,
+    }
+}
+
 /// Who is behind a destination's events, from its evidence's `processes`: `Served by nginx (pid
 /// 812).` for a service of this host, `From curl (pid 4242) and 2 other processes.` for one it
 /// calls; `None` when no event named its process. Entries are (pid, name) pairs and a name is a
 /// thread's, so the busiest process's other names are its threads (`From java and 3 other
 /// threads of pid 900.`), and other processes are counted by pid.
-fn processes_sentence(side: Option<&str>, ev: &Map<String, Value>) -> Option<String> {
-    let listed = ev.get("processes")?.as_array()?;
-    let (first, rest) = listed.split_first()?;
-    let pid_of = |p: &Value| p["pid"].as_u64().unwrap_or(0);
+fn processes_sentence(side: Option<&str>, owners: &Owners) -> Option<String> {
+    let (first, rest) = owners.processes.split_first()?;
+    let pid_of = |p: &super::verdict::ProcessEvidence| p.pid;
     let pid = pid_of(first);
-    let comm = printable(first["comm"].as_str().unwrap_or_default());
+    let comm = printable(&first.comm);
     let threads = rest.iter().filter(|p| pid_of(p) == pid).count();
-    let mut other_pids: Vec<u64> = rest.iter().map(pid_of).filter(|p| *p != pid).collect();
+    let mut other_pids: Vec<u32> = rest.iter().map(pid_of).filter(|p| *p != pid).collect();
     other_pids.sort_unstable();
     other_pids.dedup();
     let lead = match side {
@@ -256,7 +252,7 @@ fn processes_sentence(side: Option<&str>, ev: &Map<String, Value>) -> Option<Str
         more.push(format!("{n} other {}", plural(n, "process", "processes")));
     }
     // Processes past the bound are counted, not named.
-    if u(ev, "unlisted_process_events") > 0 {
+    if owners.unlisted_process_events > 0 {
         more.push("more".to_string());
     }
     if let Some((last, between)) = more.split_last() {
@@ -293,112 +289,115 @@ fn printable(comm: &str) -> String {
 }
 
 /// The evidence of a verdict in one sentence.
-pub fn evidence_sentence(id: VerdictId, ev: &Map<String, Value>) -> String {
-    let attempts = u(ev, "attempts");
-    let matching = u(ev, "matching");
-    match id {
-        VerdictId::Refused => format!(
-            "{matching} of {attempts} connects refused: the SYN was answered with a reset{}.",
-            errnos(ev)
-        ),
-        VerdictId::Blackhole => format!(
-            "{matching} of {attempts} connects got no answer to their SYNs ({} timed out in the \
-             kernel, {} given up by the application; {} SYN retransmits{}){}.",
-            u(ev, "timeouts"),
-            u(ev, "cancelled_after_syn_retransmit"),
-            u(ev, "syn_retransmits"),
-            f(ev, "waited_p50_ms")
-                .map(|w| format!(", median wait {w:.0} ms"))
-                .unwrap_or_default(),
-            errnos(ev)
-        ),
-        VerdictId::Unreachable => format!(
-            "{matching} of {attempts} connects failed with an ICMP unreachable{}.",
-            errnos(ev)
-        ),
-        VerdictId::Lossy => match f(ev, "retransmit_ratio") {
-            Some(r) => format!(
-                "{} of {} segments retransmitted ({}) over {} closed connections, {} of them \
-                 with retransmits.",
-                u(ev, "segments_retransmitted"),
-                u(ev, "segments_sent"),
-                pct(r),
-                u(ev, "connections_closed"),
-                u(ev, "connections_with_retransmits")
-            ),
-            None => format!(
-                "{} segments retransmitted on established connections that are still open.",
-                u(ev, "established_retransmit_segments")
-            ),
-        },
-        VerdictId::ResetMidstream => format!(
+pub fn evidence_sentence(finding: &Finding) -> String {
+    let failures = |f: &FailureFigures| (f.matching, f.attempts, errnos(&f.errnos));
+    match finding {
+        Finding::Refused(e) => {
+            let (matching, attempts, errnos) = failures(&e.figures.failures);
+            format!(
+                "{matching} of {attempts} connects refused: the SYN was answered with a \
+                 reset{errnos}."
+            )
+        }
+        Finding::Blackhole(e) => {
+            let f = &e.figures;
+            let (matching, attempts, errnos) = failures(&f.failures);
+            format!(
+                "{matching} of {attempts} connects got no answer to their SYNs ({} timed out in \
+                 the kernel, {} given up by the application; {} SYN retransmits{}){errnos}.",
+                f.timeouts,
+                f.cancelled_after_syn_retransmit,
+                f.syn_retransmits,
+                f.waited_p50_ms
+                    .map(|w| format!(", median wait {w:.0} ms"))
+                    .unwrap_or_default(),
+            )
+        }
+        Finding::Unreachable(e) => {
+            let (matching, attempts, errnos) = failures(&e.figures);
+            format!("{matching} of {attempts} connects failed with an ICMP unreachable{errnos}.")
+        }
+        Finding::Lossy(e) => {
+            let f = &e.figures;
+            match f.retransmit_ratio {
+                Some(r) => format!(
+                    "{} of {} segments retransmitted ({}) over {} closed connections, {} of them \
+                     with retransmits.",
+                    f.segments_retransmitted,
+                    f.segments_sent,
+                    pct(r),
+                    f.connections_closed,
+                    f.connections_with_retransmits
+                ),
+                None => format!(
+                    "{} segments retransmitted on established connections that are still open.",
+                    f.established_retransmit_segments
+                ),
+            }
+        }
+        Finding::ResetMidstream(e) => format!(
             "{} established connections reset by the peer ({} of connections closed).",
-            u(ev, "resets_received"),
-            pct(f(ev, "reset_share").unwrap_or(0.0))
+            e.figures.resets_received,
+            pct(e.figures.reset_share)
         ),
-        VerdictId::LocalResets => format!(
-            "this host sent {} resets, {} of them answering SYNs without a listening socket; \
-             {} connections accepted{}.",
-            u(ev, "resets_sent"),
-            u(ev, "answering_syn"),
-            u(ev, "connections_accepted"),
-            reset_reasons(ev)
-        ),
-        VerdictId::SlowHandshakes => format!(
-            "{} of {} handshakes took {:.1} ms or more (median of the slow ones {:.1} ms) \
-             against a baseline of {:.1} ms, with {} failures.",
-            u(ev, "slow"),
-            u(ev, "handshakes"),
-            f(ev, "threshold_ms").unwrap_or(0.0),
-            f(ev, "slow_p50_ms").unwrap_or(0.0),
-            f(ev, "baseline_p50_ms").unwrap_or(0.0),
-            u(ev, "failures")
-        ),
-        VerdictId::PoolPartialFailure => {
-            let names = |key: &str| -> String {
-                ev.get(key)
-                    .and_then(Value::as_array)
-                    .map(|list| {
-                        list.iter()
-                            .map(|m| {
-                                format!(
-                                    "{} ({} failing)",
-                                    m["destination"].as_str().unwrap_or("?"),
-                                    pct(m["failure_ratio"].as_f64().unwrap_or(0.0))
-                                )
-                            })
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    })
-                    .unwrap_or_default()
+        Finding::LocalResets(e) => {
+            let f = &e.figures;
+            format!(
+                "this host sent {} resets, {} of them answering SYNs without a listening socket; \
+                 {} connections accepted{}.",
+                f.resets_sent,
+                f.answering_syn,
+                f.connections_accepted,
+                reset_reasons(&f.by_reason)
+            )
+        }
+        Finding::SlowHandshakes(e) => {
+            let f = &e.figures;
+            format!(
+                "{} of {} handshakes took {:.1} ms or more (median of the slow ones {:.1} ms) \
+                 against a baseline of {:.1} ms, with {} failures.",
+                f.slow, f.handshakes, f.threshold_ms, f.slow_p50_ms, f.baseline_p50_ms, f.failures
+            )
+        }
+        Finding::PoolPartialFailure(e) => {
+            let names = |list: &[PoolMember]| -> String {
+                list.iter()
+                    .map(|m| format!("{} ({} failing)", m.destination, pct(m.failure_ratio)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             };
             format!(
                 "failing: {}; healthy: {}.",
-                names("failing"),
-                names("healthy")
+                names(&e.figures.failing),
+                names(&e.figures.healthy)
             )
         }
-        VerdictId::Healthy | VerdictId::NotEnoughData => format!(
-            "{} events, {} connects, {} failed{}.",
-            u(ev, "events"),
-            attempts,
-            u(ev, "failures"),
-            errnos(ev)
-        ),
+        Finding::Healthy(e) => health_sentence(&e.figures),
+        Finding::NotEnoughData(e) => health_sentence(&e.figures.figures),
     }
+}
+
+fn health_sentence(f: &super::verdict::Figures) -> String {
+    format!(
+        "{} events, {} connects, {} failed{}.",
+        f.events,
+        f.attempts,
+        f.failures,
+        errnos(&f.errnos)
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diagnose::engine::{
-        judge,
-        tests::{
+    use crate::diagnose::engine::{judge, tests::window};
+    use crate::event::{
+        FailureReason, Side, TcpState,
+        testing::{
             accepted, at, connect_failed, connect_ok, owned_by, reset_sent_by_service,
-            reset_sent_for_reason, window,
+            reset_sent_for_reason,
         },
     };
-    use crate::event::{FailureReason, Side, TcpState};
 
     #[test]
     fn worst_first_and_healthy_in_one_line() {
@@ -451,7 +450,7 @@ mod tests {
             reset_sent_for_reason(
                 "10.9.9.9:9000",
                 at(i as f64 + 0.5),
-                Some(TcpState(7)),
+                Some(TcpState::Close),
                 "TCP_ABORT_ON_CLOSE",
             )
         }));
@@ -486,7 +485,7 @@ mod tests {
             let t = at(i as f64);
             events.push(owned_by(accepted("10.9.9.9:8443", t), 812, "nginx"));
             events.push(owned_by(
-                reset_sent_for_reason("10.9.9.9:8443", t, Some(TcpState(7)), "TCP_STATE"),
+                reset_sent_for_reason("10.9.9.9:8443", t, Some(TcpState::Close), "TCP_STATE"),
                 812,
                 "nginx",
             ));
@@ -518,11 +517,11 @@ mod tests {
 
     #[test]
     fn the_processes_sentence_counts_the_others() {
-        let ev = |processes: serde_json::Value, unlisted: u64| {
-            serde_json::json!({"processes": processes, "unlisted_process_events": unlisted})
-                .as_object()
-                .unwrap()
-                .clone()
+        let ev = |processes: serde_json::Value, unlisted: u64| -> Owners {
+            serde_json::from_value(
+                serde_json::json!({"processes": processes, "unlisted_process_events": unlisted}),
+            )
+            .unwrap()
         };
         let curl = serde_json::json!({"pid": 4242, "comm": "curl", "events": 9});
         let other = |pid: u32| serde_json::json!({"pid": pid, "comm": "job", "events": 1});
@@ -599,7 +598,7 @@ mod tests {
             processes_sentence(Some("server"), &ev(serde_json::json!([]), 0)),
             None
         );
-        assert_eq!(processes_sentence(Some("server"), &Map::new()), None);
+        assert_eq!(processes_sentence(Some("server"), &Owners::default()), None);
     }
 
     #[test]

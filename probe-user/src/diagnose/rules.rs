@@ -6,17 +6,18 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use serde_json::{Map, Value, json};
-
 use super::{
-    destination::{DestinationEvidence, FailedConnect},
-    engine::DestinationKey,
+    fold::{DestinationEvidence, FailedConnect},
     pattern::shape,
     processes::ProcessCounts,
     round,
-    verdict::{GroupReport, Verdict, VerdictId},
+    verdict::{
+        BlackholeFigures, Evidence, FailureFigures, Figures, Finding, GroupReport,
+        LocalResetsFigures, LossyFigures, NotEnoughDataFigures, Owners, PoolFigures, PoolMember,
+        RefusedFigures, ResetMidstreamFigures, SlowHandshakeFigures, Verdict,
+    },
 };
-use crate::event::{FailureReason, Side};
+use crate::{destination::Destination, event::FailureReason, quantile};
 
 /// Confidence from the amount of evidence is n / (n + EVIDENCE_HALF): three matching events
 /// make the engine half sure, ten about 77%, a hundred 97%. One event is an anecdote.
@@ -71,24 +72,25 @@ pub const MIN_EVENTS_TO_JUDGE: u64 = 3;
 
 /// Every verdict that applies to one destination, most likely first; `healthy` or
 /// `not_enough_data` when none does.
-pub(super) fn destination_verdicts(dest: &str, ev: &DestinationEvidence) -> Vec<Verdict> {
+pub(super) fn destination_verdicts(key: &Destination, ev: &DestinationEvidence) -> Vec<Verdict> {
+    let dest = &key.addr.to_string();
+    let owners = ev.processes.owners();
     let mut verdicts: Vec<Verdict> = [
-        refused(dest, ev),
-        blackhole(dest, ev),
-        unreachable(dest, ev),
-        lossy(dest, ev),
-        reset_midstream(dest, ev),
-        local_resets(dest, ev),
-        slow_handshakes(dest, ev),
+        refused(dest, ev, &owners),
+        blackhole(dest, ev, &owners),
+        unreachable(key, ev, &owners),
+        lossy(dest, ev, &owners),
+        reset_midstream(dest, ev, &owners),
+        local_resets(dest, ev, &owners),
+        slow_handshakes(dest, ev, &owners),
     ]
     .into_iter()
     .flatten()
     .collect();
     if verdicts.is_empty() {
-        verdicts.push(healthy_or_not_enough(dest, ev));
+        verdicts.push(healthy_or_not_enough(dest, ev, &owners));
     }
     rank(&mut verdicts);
-    name_processes(&mut verdicts, &ev.processes);
     verdicts
 }
 
@@ -98,21 +100,8 @@ fn rank(verdicts: &mut [Verdict]) {
         b.confidence
             .partial_cmp(&a.confidence)
             .unwrap_or(std::cmp::Ordering::Equal)
-            .then(a.verdict.cmp(&b.verdict))
+            .then(a.id().cmp(&b.id()))
     });
-}
-
-/// Adds whose connections the verdicts are about to their evidence: `processes`, the owners of
-/// the events with their counts, busiest first, and `unlisted_process_events`, the events of
-/// processes past the bound.
-fn name_processes(verdicts: &mut [Verdict], processes: &ProcessCounts) {
-    for v in verdicts {
-        v.evidence.insert("processes".into(), processes.to_json());
-        v.evidence.insert(
-            "unlisted_process_events".into(),
-            json!(processes.unlisted_events()),
-        );
-    }
 }
 
 /// Grows with the amount of matching evidence (`n`) and its consistency (0..1).
@@ -139,11 +128,7 @@ fn impact(share: f64, full_at: f64) -> f64 {
 }
 
 fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    Some(sorted[rank - 1])
+    quantile::of_sorted(sorted, p)
 }
 
 fn ms(us: u64) -> f64 {
@@ -151,34 +136,28 @@ fn ms(us: u64) -> f64 {
 }
 
 fn verdict(
-    id: VerdictId,
+    finding: Finding,
     confidence: f64,
     times: &[SystemTime],
     active: (SystemTime, SystemTime),
-    evidence: Value,
     next_step: String,
 ) -> Verdict {
     let (pattern, bursts) = shape(times, active);
-    let evidence = match evidence {
-        Value::Object(map) => map,
-        _ => Map::new(),
-    };
     Verdict {
-        verdict: id,
+        finding,
         confidence,
         pattern,
         bursts,
-        evidence,
         next_step,
     }
 }
 
-/// The part of a connect-failure verdict shared by refused, blackhole and unreachable.
+/// The part of a connect-failure verdict shared by refused, blackhole and unreachable: `None`
+/// when the matching failures are noise, else the verdict `finding` makes of the figures.
 fn failure_verdict(
-    id: VerdictId,
     ev: &DestinationEvidence,
     matching: &[FailedConnect],
-    mut evidence: Value,
+    finding: impl FnOnce(FailureFigures) -> Finding,
     next_step: String,
 ) -> Option<Verdict> {
     let n = matching.len() as u64;
@@ -188,24 +167,30 @@ fn failure_verdict(
     let share_of_failures = ratio(n, ev.failures());
     let consistency = share_of_failures * impact(ev.failure_ratio(), FULL_IMPACT_RATIO);
     let times: Vec<SystemTime> = matching.iter().map(|f| f.time).collect();
-    if let Value::Object(map) = &mut evidence {
-        map.insert("attempts".into(), json!(ev.attempts));
-        map.insert("failures".into(), json!(ev.failures()));
-        map.insert("matching".into(), json!(n));
-        map.insert("failure_ratio".into(), json!(round(ev.failure_ratio(), 4)));
-        map.insert("errnos".into(), json!(ev.errnos));
-    }
+    let figures = FailureFigures {
+        attempts: ev.attempts,
+        failures: ev.failures(),
+        matching: n,
+        failure_ratio: round(ev.failure_ratio(), 4),
+        errnos: ev.errnos.clone(),
+    };
     Some(verdict(
-        id,
+        finding(figures),
         confidence(n, consistency),
         &times,
         ev.active(),
-        evidence,
         next_step,
     ))
 }
 
-fn refused(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
+fn evidence<F>(figures: F, owners: &Owners) -> Evidence<F> {
+    Evidence {
+        figures,
+        owners: owners.clone(),
+    }
+}
+
+fn refused(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Option<Verdict> {
     let matching: Vec<_> = ev
         .failed
         .iter()
@@ -213,10 +198,17 @@ fn refused(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
         .copied()
         .collect();
     failure_verdict(
-        VerdictId::Refused,
         ev,
         &matching,
-        json!({ "resets_received_in_syn_sent": ev.resets_received_in_syn_sent }),
+        |failures| {
+            Finding::Refused(evidence(
+                RefusedFigures {
+                    failures,
+                    resets_received_in_syn_sent: ev.resets_received_in_syn_sent,
+                },
+                owners,
+            ))
+        },
         format!(
             "SYNs to {dest} are answered with a reset: check that the service runs and listens \
              there (`ss -ltn`), that the load balancer in front has a healthy backend, and that \
@@ -225,7 +217,7 @@ fn refused(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
     )
 }
 
-fn blackhole(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
+fn blackhole(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Option<Verdict> {
     let matching: Vec<_> = ev
         .failed
         .iter()
@@ -242,18 +234,24 @@ fn blackhole(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
     let syn_retransmits: u64 = matching.iter().map(|f| u64::from(f.syn_retransmits)).sum();
     let mut waited: Vec<u64> = matching.iter().filter_map(|f| f.waited_us).collect();
     waited.sort_unstable();
+    let cancelled = (matching.len() - timeouts) as u64;
     failure_verdict(
-        VerdictId::Blackhole,
         ev,
         &matching,
-        json!({
-            "timeouts": timeouts,
-            "cancelled_after_syn_retransmit": matching.len() - timeouts,
-            "syn_retransmits": syn_retransmits,
-            "syn_retransmit_segments": ev.syn_retransmit_segments,
-            "established_after_syn_retransmit": ev.established_after_syn_retransmit,
-            "waited_p50_ms": percentile(&waited, 0.5).map(ms),
-        }),
+        |failures| {
+            Finding::Blackhole(evidence(
+                BlackholeFigures {
+                    failures,
+                    timeouts: timeouts as u64,
+                    cancelled_after_syn_retransmit: cancelled,
+                    syn_retransmits,
+                    syn_retransmit_segments: ev.syn_retransmit_segments,
+                    established_after_syn_retransmit: ev.established_after_syn_retransmit,
+                    waited_p50_ms: percentile(&waited, 0.5).map(ms),
+                },
+                owners,
+            ))
+        },
         format!(
             "SYNs to {dest} go unanswered: look for a firewall or security group dropping them \
              and for a routing hole on the path; on the server, check the listen backlog \
@@ -262,19 +260,18 @@ fn blackhole(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
     )
 }
 
-fn unreachable(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
+fn unreachable(key: &Destination, ev: &DestinationEvidence, owners: &Owners) -> Option<Verdict> {
+    let (dest, ip) = (key.addr, key.addr.ip());
     let matching: Vec<_> = ev
         .failed
         .iter()
         .filter(|f| f.reason == FailureReason::Unreachable)
         .copied()
         .collect();
-    let ip = dest.rsplit_once(':').map_or(dest, |(ip, _)| ip);
     failure_verdict(
-        VerdictId::Unreachable,
         ev,
         &matching,
-        json!({}),
+        |failures| Finding::Unreachable(evidence(failures, owners)),
         format!(
             "An ICMP unreachable comes back for {dest}: check the route (`ip route get {ip}`), \
              the neighbour table (`ip neigh`), and any firewall rule rejecting with ICMP."
@@ -282,7 +279,7 @@ fn unreachable(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
     )
 }
 
-fn lossy(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
+fn lossy(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Option<Verdict> {
     let affected = ev.closes_with_retransmits.len() as u64;
     let (n, consistency, times) = match ev.retransmit_ratio() {
         Some(r) if ev.segments_sent >= LOSSY_MIN_SEGMENTS => {
@@ -310,21 +307,21 @@ fn lossy(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
             (hits, 0.5, &ev.established_retransmit_times)
         }
     };
+    let figures = LossyFigures {
+        connections_closed: ev.closes,
+        connections_with_retransmits: affected,
+        segments_sent: ev.segments_sent,
+        segments_retransmitted: ev.segments_retransmitted,
+        retransmit_ratio: ev.retransmit_ratio().map(|r| round(r, 4)),
+        established_retransmit_segments: ev.established_retransmit_segments,
+        syn_retransmit_segments: ev.syn_retransmit_segments,
+        other_retransmit_segments: ev.other_retransmit_segments,
+    };
     Some(verdict(
-        VerdictId::Lossy,
+        Finding::Lossy(evidence(figures, owners)),
         confidence(n, consistency),
         times,
         ev.active(),
-        json!({
-            "connections_closed": ev.closes,
-            "connections_with_retransmits": affected,
-            "segments_sent": ev.segments_sent,
-            "segments_retransmitted": ev.segments_retransmitted,
-            "retransmit_ratio": ev.retransmit_ratio().map(|r| round(r, 4)),
-            "established_retransmit_segments": ev.established_retransmit_segments,
-            "syn_retransmit_segments": ev.syn_retransmit_segments,
-            "other_retransmit_segments": ev.other_retransmit_segments,
-        }),
         format!(
             "Segments to {dest} are lost or queued out: check interface errors and drops on \
              this host and the path (`ip -s link`, `nstat`), congestion on the links, and MTU \
@@ -333,23 +330,23 @@ fn lossy(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
     ))
 }
 
-fn reset_midstream(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
+fn reset_midstream(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Option<Verdict> {
     let n = ev.resets_received_midstream.len() as u64;
     if !significant(n, ev.closes) {
         return None;
     }
     let share = ratio(n, ev.closes.max(n));
+    let figures = ResetMidstreamFigures {
+        resets_received: n,
+        connections_closed: ev.closes,
+        reset_share: round(share, 4),
+        by_state: ev.resets_received_by_state.clone(),
+    };
     Some(verdict(
-        VerdictId::ResetMidstream,
+        Finding::ResetMidstream(evidence(figures, owners)),
         confidence(n, impact(share, FULL_RESET_SHARE)),
         &ev.resets_received_midstream,
         ev.active(),
-        json!({
-            "resets_received": n,
-            "connections_closed": ev.closes,
-            "reset_share": round(share, 4),
-            "by_state": ev.resets_received_by_state,
-        }),
         format!(
             "The peer at {dest} resets established connections: compare the reset times with \
              idle timeouts of load balancers, proxies and NAT on the path, and with restarts or \
@@ -358,7 +355,7 @@ fn reset_midstream(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
     ))
 }
 
-fn local_resets(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
+fn local_resets(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Option<Verdict> {
     let n = ev.resets_sent.len() as u64;
     let population = ev.attempts + ev.resets_sent_socketless;
     if !significant(n, population) {
@@ -377,18 +374,18 @@ fn local_resets(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
          or with SO_LINGER 0: check its logs and how it closes"
             .to_string()
     };
+    let figures = LocalResetsFigures {
+        resets_sent: n,
+        answering_syn: ev.resets_sent_socketless,
+        connections_accepted: ev.established,
+        by_state: ev.resets_sent_by_state.clone(),
+        by_reason: ev.resets_sent_by_reason.clone(),
+    };
     Some(verdict(
-        VerdictId::LocalResets,
+        Finding::LocalResets(evidence(figures, owners)),
         confidence(n, impact(share, FULL_RESET_SHARE)),
         &ev.resets_sent,
         ev.active(),
-        json!({
-            "resets_sent": n,
-            "answering_syn": ev.resets_sent_socketless,
-            "connections_accepted": ev.established,
-            "by_state": ev.resets_sent_by_state,
-            "by_reason": ev.resets_sent_by_reason,
-        }),
         format!("This host resets connections to its own {dest}: {cause}."),
     ))
 }
@@ -442,7 +439,7 @@ fn reset_cause(reason: &str) -> String {
     }
 }
 
-fn slow_handshakes(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
+fn slow_handshakes(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Option<Verdict> {
     if ev.handshakes.len() < SLOW_MIN_HANDSHAKES {
         return None;
     }
@@ -473,21 +470,21 @@ fn slow_handshakes(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
     slow_us.sort_unstable();
     let slow_p50 = percentile(&slow_us, 0.5).unwrap_or(0);
     let times: Vec<SystemTime> = slow.iter().map(|(t, _)| *t).collect();
+    let figures = SlowHandshakeFigures {
+        handshakes: by_time.len() as u64,
+        slow: n,
+        baseline_p50_ms: ms(baseline),
+        earlier_p50_ms: ms(earlier),
+        recent_p50_ms: ms(recent),
+        slow_p50_ms: ms(slow_p50),
+        threshold_ms: ms(threshold),
+        failures: ev.failures(),
+    };
     Some(verdict(
-        VerdictId::SlowHandshakes,
+        Finding::SlowHandshakes(evidence(figures, owners)),
         confidence(n, impact(share, 0.25) * (1.0 - ev.failure_ratio())),
         &times,
         ev.active(),
-        json!({
-            "handshakes": by_time.len(),
-            "slow": n,
-            "baseline_p50_ms": ms(baseline),
-            "earlier_p50_ms": ms(earlier),
-            "recent_p50_ms": ms(recent),
-            "slow_p50_ms": ms(slow_p50),
-            "threshold_ms": ms(threshold),
-            "failures": ev.failures(),
-        }),
         format!(
             "Handshakes with {dest} take {} ms against a usual {} ms: the server or something \
              in between queues SYNs; check the server's load and accept queue (`ss -ltn` \
@@ -498,21 +495,21 @@ fn slow_handshakes(dest: &str, ev: &DestinationEvidence) -> Option<Verdict> {
     ))
 }
 
-fn healthy_or_not_enough(dest: &str, ev: &DestinationEvidence) -> Verdict {
+fn healthy_or_not_enough(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Verdict {
     let mut latencies = ev.latencies_us.clone();
     latencies.sort_unstable();
-    let figures = json!({
-        "events": ev.events,
-        "attempts": ev.attempts,
-        "established": ev.established,
-        "failures": ev.failures(),
-        "failure_ratio": round(ev.failure_ratio(), 4),
-        "latency_p50_ms": percentile(&latencies, 0.5).map(ms),
-        "latency_p99_ms": percentile(&latencies, 0.99).map(ms),
-        "retransmit_ratio": ev.retransmit_ratio().map(|r| round(r, 4)),
-        "connections_closed": ev.closes,
-        "errnos": ev.errnos,
-    });
+    let figures = Figures {
+        events: ev.events,
+        attempts: ev.attempts,
+        established: ev.established,
+        failures: ev.failures(),
+        failure_ratio: round(ev.failure_ratio(), 4),
+        latency_p50_ms: percentile(&latencies, 0.5).map(ms),
+        latency_p99_ms: percentile(&latencies, 0.99).map(ms),
+        retransmit_ratio: ev.retransmit_ratio().map(|r| round(r, 4)),
+        connections_closed: ev.closes,
+        errnos: ev.errnos.clone(),
+    };
     // Failures that match no verdict's mapping: errors other than refused, timeout and
     // unreachable, and applications giving up before any SYN was retransmitted.
     let unmatched = ev
@@ -533,32 +530,30 @@ fn healthy_or_not_enough(dest: &str, ev: &DestinationEvidence) -> Verdict {
         } else {
             "Too few events to judge: widen the window or wait for more traffic.".to_string()
         };
-        let mut figures = figures;
-        if let Value::Object(map) = &mut figures {
-            map.insert("min_events".into(), json!(MIN_EVENTS_TO_JUDGE));
-        }
+        let figures = NotEnoughDataFigures {
+            figures,
+            min_events: MIN_EVENTS_TO_JUDGE,
+        };
         let n = ev.events.min(MIN_EVENTS_TO_JUDGE.saturating_sub(1)).max(1);
         return verdict(
-            VerdictId::NotEnoughData,
+            Finding::NotEnoughData(evidence(figures, owners)),
             confidence(
                 n,
                 1.0 - ratio(ev.events, MIN_EVENTS_TO_JUDGE).min(1.0) * 0.5,
             ),
             &[],
             ev.active(),
-            figures,
             next_step,
         );
     }
     verdict(
-        VerdictId::Healthy,
+        Finding::Healthy(evidence(figures, owners)),
         confidence(
             ev.events,
             1.0 - ev.failure_ratio() - ev.retransmit_ratio().unwrap_or(0.0),
         ),
         &[],
         ev.active(),
-        figures,
         "Nothing to do.".to_string(),
     )
 }
@@ -566,11 +561,11 @@ fn healthy_or_not_enough(dest: &str, ev: &DestinationEvidence) -> Verdict {
 /// Client destinations sharing a port where one or a few fail while the others work: a bad
 /// backend, not the network.
 pub(super) fn pool_verdicts(
-    destinations: &HashMap<DestinationKey, DestinationEvidence>,
+    destinations: &HashMap<Destination, DestinationEvidence>,
 ) -> Vec<GroupReport> {
-    let mut by_port: BTreeMap<u16, Vec<(&DestinationKey, &DestinationEvidence)>> = BTreeMap::new();
+    let mut by_port: BTreeMap<u16, Vec<(&Destination, &DestinationEvidence)>> = BTreeMap::new();
     for (key, ev) in destinations {
-        if key.side != Some(Side::Server) && ev.attempts >= POOL_MIN_ATTEMPTS {
+        if !key.is_server() && ev.attempts >= POOL_MIN_ATTEMPTS {
             by_port.entry(key.addr.port()).or_default().push((key, ev));
         }
     }
@@ -601,19 +596,17 @@ pub(super) fn pool_verdicts(
             / healthy.len() as f64;
         let clean_share = ratio(healthy.len() as u64, (members.len() - failing.len()) as u64);
         let consistency = failing_ratio * (1.0 - healthy_ratio) * clean_share;
-        let describe = |list: &[&(&DestinationKey, &DestinationEvidence)]| -> Vec<Value> {
+        let describe = |list: &[&(&Destination, &DestinationEvidence)]| -> Vec<PoolMember> {
             list.iter()
-                .map(|(k, ev)| {
-                    json!({
-                        "destination": k.addr.to_string(),
-                        "attempts": ev.attempts,
-                        "failures": ev.failures(),
-                        "failure_ratio": round(ev.failure_ratio(), 4),
-                    })
+                .map(|(k, ev)| PoolMember {
+                    destination: k.addr.to_string(),
+                    attempts: ev.attempts,
+                    failures: ev.failures(),
+                    failure_ratio: round(ev.failure_ratio(), 4),
                 })
                 .collect()
         };
-        let names = |list: &[&(&DestinationKey, &DestinationEvidence)]| -> String {
+        let names = |list: &[&(&Destination, &DestinationEvidence)]| -> String {
             list.iter()
                 .map(|(k, _)| k.addr.to_string())
                 .collect::<Vec<_>>()
@@ -632,17 +625,19 @@ pub(super) fn pool_verdicts(
                 })
             })
             .unwrap_or((SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH));
-        let mut v = verdict(
-            VerdictId::PoolPartialFailure,
+        // Whose connects fail: the processes of the failing members.
+        let owners = ProcessCounts::merged(failing.iter().map(|(_, ev)| &ev.processes)).owners();
+        let figures = PoolFigures {
+            port,
+            failing: describe(&failing),
+            healthy: describe(&healthy),
+            members: members.len() as u64,
+        };
+        let v = verdict(
+            Finding::PoolPartialFailure(evidence(figures, &owners)),
             confidence(failures, consistency),
             &times,
             active,
-            json!({
-                "port": port,
-                "failing": describe(&failing),
-                "healthy": describe(&healthy),
-                "members": members.len(),
-            }),
             format!(
                 "Among the destinations on port {port}, {} {} while {} work: the network is \
                  fine, the failing backend is not; take it out of rotation and check its \
@@ -652,9 +647,6 @@ pub(super) fn pool_verdicts(
                 names(&healthy)
             ),
         );
-        // Whose connects fail: the processes of the failing members.
-        let processes = ProcessCounts::merged(failing.iter().map(|(_, ev)| &ev.processes));
-        name_processes(std::slice::from_mut(&mut v), &processes);
         groups.push(GroupReport {
             port,
             verdicts: vec![v],

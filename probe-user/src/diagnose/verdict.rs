@@ -1,7 +1,14 @@
 //! What the engine says: a report of ranked verdicts per destination and per pool of
 //! destinations sharing a port. These types are the `--json` output and the body of
 //! `GET /diagnose`, so `connprobe diagnose` renders its text from the deserialised report.
+//! Each verdict's evidence is a typed struct ([`Finding`]): the JSON and the text (`render`)
+//! are two renderings of the same fields.
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
+use strum::{EnumDiscriminants, EnumString, IntoStaticStr};
+
+use crate::event::serde_by_name;
 
 /// The judgement of one window of events.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -26,6 +33,10 @@ pub struct WindowSummary {
     /// the verdicts rest on its newer part only.
     #[serde(default)]
     pub truncated: bool,
+    /// Events the agent lost since it started, by stage (`connprobe diagnose` only): verdicts
+    /// rest on the events that were delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events_lost: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -46,47 +57,185 @@ pub struct GroupReport {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
-    pub verdict: VerdictId,
+    /// `verdict` (the id) and `evidence` (what it rests on).
+    #[serde(flatten)]
+    pub finding: Finding,
     /// 0..1: grows with the amount and the consistency of the evidence.
     pub confidence: f64,
     pub pattern: Pattern,
     pub bursts: Vec<Burst>,
-    /// Counts, ratios, errnos, latency figures: what the verdict rests on. Keys depend on the
-    /// verdict; `render` knows them.
-    pub evidence: serde_json::Map<String, serde_json::Value>,
     pub next_step: String,
 }
 
-/// The fixed verdict identifiers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VerdictId {
-    Refused,
-    Blackhole,
-    Unreachable,
-    Lossy,
-    ResetMidstream,
-    LocalResets,
-    SlowHandshakes,
-    PoolPartialFailure,
-    Healthy,
-    NotEnoughData,
+impl Verdict {
+    pub fn id(&self) -> VerdictId {
+        VerdictId::from(&self.finding)
+    }
+}
+
+/// A verdict and its evidence; [`VerdictId`] is derived from it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, EnumDiscriminants)]
+#[serde(tag = "verdict", content = "evidence", rename_all = "snake_case")]
+#[strum_discriminants(
+    name(VerdictId),
+    derive(Hash, PartialOrd, Ord, IntoStaticStr, EnumString),
+    strum(serialize_all = "snake_case")
+)]
+pub enum Finding {
+    Refused(Evidence<RefusedFigures>),
+    Blackhole(Evidence<BlackholeFigures>),
+    Unreachable(Evidence<FailureFigures>),
+    Lossy(Evidence<LossyFigures>),
+    ResetMidstream(Evidence<ResetMidstreamFigures>),
+    LocalResets(Evidence<LocalResetsFigures>),
+    SlowHandshakes(Evidence<SlowHandshakeFigures>),
+    PoolPartialFailure(Evidence<PoolFigures>),
+    Healthy(Evidence<Figures>),
+    NotEnoughData(Evidence<NotEnoughDataFigures>),
+}
+
+/// A verdict's figures and whose connections they are about.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Evidence<F> {
+    #[serde(flatten)]
+    pub figures: F,
+    #[serde(flatten)]
+    pub owners: Owners,
+}
+
+/// The processes behind the events: for a service of this host, the owner of its listening
+/// socket; for a destination it calls, the processes that connect; for a pool, those of its
+/// failing members. Most events first; empty when no event knew its process.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Owners {
+    #[serde(default)]
+    pub processes: Vec<ProcessEvidence>,
+    /// Events of processes past the bound, which `processes` does not list.
+    #[serde(default)]
+    pub unlisted_process_events: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProcessEvidence {
+    pub pid: u32,
+    pub comm: String,
+    pub events: u64,
+}
+
+/// What every connect-failure verdict (refused, blackhole, unreachable) rests on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FailureFigures {
+    pub attempts: u64,
+    pub failures: u64,
+    /// Failures of this verdict's kind.
+    pub matching: u64,
+    pub failure_ratio: f64,
+    pub errnos: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RefusedFigures {
+    #[serde(flatten)]
+    pub failures: FailureFigures,
+    pub resets_received_in_syn_sent: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BlackholeFigures {
+    #[serde(flatten)]
+    pub failures: FailureFigures,
+    pub timeouts: u64,
+    pub cancelled_after_syn_retransmit: u64,
+    pub syn_retransmits: u64,
+    pub syn_retransmit_segments: u64,
+    pub established_after_syn_retransmit: u64,
+    pub waited_p50_ms: Option<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LossyFigures {
+    pub connections_closed: u64,
+    pub connections_with_retransmits: u64,
+    pub segments_sent: u64,
+    pub segments_retransmitted: u64,
+    /// `None` while the connections are still open.
+    pub retransmit_ratio: Option<f64>,
+    pub established_retransmit_segments: u64,
+    pub syn_retransmit_segments: u64,
+    pub other_retransmit_segments: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResetMidstreamFigures {
+    pub resets_received: u64,
+    pub connections_closed: u64,
+    pub reset_share: f64,
+    pub by_state: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LocalResetsFigures {
+    pub resets_sent: u64,
+    pub answering_syn: u64,
+    pub connections_accepted: u64,
+    pub by_state: BTreeMap<String, u64>,
+    /// By the kernel's reason (`NO_SOCKET`, ...); empty before Linux 6.10.
+    pub by_reason: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SlowHandshakeFigures {
+    pub handshakes: u64,
+    pub slow: u64,
+    pub baseline_p50_ms: f64,
+    pub earlier_p50_ms: f64,
+    pub recent_p50_ms: f64,
+    pub slow_p50_ms: f64,
+    pub threshold_ms: f64,
+    pub failures: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PoolFigures {
+    pub port: u16,
+    pub failing: Vec<PoolMember>,
+    pub healthy: Vec<PoolMember>,
+    pub members: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PoolMember {
+    pub destination: String,
+    pub attempts: u64,
+    pub failures: u64,
+    pub failure_ratio: f64,
+}
+
+/// A destination's figures when no problem verdict applies.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Figures {
+    pub events: u64,
+    pub attempts: u64,
+    pub established: u64,
+    pub failures: u64,
+    pub failure_ratio: f64,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub retransmit_ratio: Option<f64>,
+    pub connections_closed: u64,
+    pub errnos: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NotEnoughDataFigures {
+    #[serde(flatten)]
+    pub figures: Figures,
+    pub min_events: u64,
 }
 
 impl VerdictId {
     pub fn as_str(self) -> &'static str {
-        match self {
-            VerdictId::Refused => "refused",
-            VerdictId::Blackhole => "blackhole",
-            VerdictId::Unreachable => "unreachable",
-            VerdictId::Lossy => "lossy",
-            VerdictId::ResetMidstream => "reset_midstream",
-            VerdictId::LocalResets => "local_resets",
-            VerdictId::SlowHandshakes => "slow_handshakes",
-            VerdictId::PoolPartialFailure => "pool_partial_failure",
-            VerdictId::Healthy => "healthy",
-            VerdictId::NotEnoughData => "not_enough_data",
-        }
+        self.into()
     }
 
     /// Whether the verdict names a problem (everything but `healthy` and `not_enough_data`).
@@ -96,8 +245,8 @@ impl VerdictId {
 }
 
 /// Whether the matching events came in bursts separated by quiet, or at a steady rate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, IntoStaticStr, EnumString)]
+#[strum(serialize_all = "snake_case")]
 pub enum Pattern {
     Bursty,
     Steady,
@@ -105,12 +254,11 @@ pub enum Pattern {
 
 impl Pattern {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Pattern::Bursty => "bursty",
-            Pattern::Steady => "steady",
-        }
+        self.into()
     }
 }
+
+serde_by_name!(VerdictId, Pattern);
 
 /// One episode of matching events.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -128,7 +276,7 @@ impl Report {
         self.destinations
             .iter()
             .filter(|d| d.destination == destination)
-            .flat_map(|d| d.verdicts.iter().map(|v| v.verdict))
+            .flat_map(|d| d.verdicts.iter().map(Verdict::id))
             .collect()
     }
 

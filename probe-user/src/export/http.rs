@@ -4,9 +4,8 @@
 //! hand-written one on a port other programs can reach, and it gives header size limits and
 //! a header read timeout. On top of that: at most [`MAX_CONNECTIONS`] connections at once
 //! (more are closed on accept), and each connection lives at most [`MAX_CONNECTION_AGE`].
-//! `/metrics` encodes on request from atomics, on a blocking thread: it takes no lock the
-//! pipeline holds (the registry's own per-family locks are held only while one family is
-//! copied).
+//! `/metrics` is encoded on request, on a blocking thread, by the function it is given (the
+//! Prometheus exporter, which copies a snapshot of the aggregator under its lock).
 use std::{
     convert::Infallible,
     io,
@@ -33,7 +32,10 @@ use hyper_util::{
 };
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::export::prometheus::{CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics};
+use crate::units::parse_duration;
+
+/// `Content-Type` of `/metrics`: the Prometheus text exposition format 0.0.4.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Connections served at once; further ones are closed as soon as they are accepted.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -50,9 +52,12 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// or `[`, else plain text). Runs on a blocking thread.
 pub type DiagnoseFn = dyn Fn(Option<Duration>) -> (u16, String) + Send + Sync;
 
+/// Answers `/metrics`: the text exposition format. Runs on a blocking thread.
+pub type MetricsFn = dyn Fn() -> String + Send + Sync;
+
 /// What the endpoints serve.
 pub struct HttpState {
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<MetricsFn>,
     /// `/healthz` answers 200 once this is true (the programs are attached and events flow),
     /// 503 before.
     pub ready: AtomicBool,
@@ -62,7 +67,7 @@ pub struct HttpState {
 
 impl HttpState {
     /// Not ready yet; see [`HttpState::set_ready`].
-    pub fn new(metrics: Arc<Metrics>, diagnose: Option<Arc<DiagnoseFn>>) -> Self {
+    pub fn new(metrics: Arc<MetricsFn>, diagnose: Option<Arc<DiagnoseFn>>) -> Self {
         HttpState {
             metrics,
             ready: AtomicBool::new(false),
@@ -216,7 +221,7 @@ async fn respond(state: &HttpState, request: Request<Incoming>) -> Response<Full
             // Encoding 500 destinations takes milliseconds: keep it off the runtime's workers,
             // which also run the ring buffer reader.
             let metrics = Arc::clone(&state.metrics);
-            match tokio::task::spawn_blocking(move || metrics.encode()).await {
+            match tokio::task::spawn_blocking(move || metrics()).await {
                 Ok(text) => reply(StatusCode::OK, METRICS_CONTENT_TYPE, text),
                 Err(e) => reply(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -274,7 +279,7 @@ fn window_param(query: Option<&str>) -> Result<Option<Duration>, String> {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         if key == "window" {
             let value = percent_decode(value).ok_or_else(|| format!("bad window {value:?}"))?;
-            return crate::cli::parse_duration(&value)
+            return parse_duration(&value)
                 .map(Some)
                 .map_err(|e| format!("bad window: {e}"));
         }
@@ -326,7 +331,9 @@ mod tests {
     }
 
     fn state(diagnose: Option<Arc<DiagnoseFn>>) -> HttpState {
-        HttpState::new(Arc::new(Metrics::new(false)), diagnose)
+        let metrics: Arc<MetricsFn> =
+            Arc::new(|| "connprobe_events_lost_total{stage=\"ringbuf\"} 0\n".to_string());
+        HttpState::new(metrics, diagnose)
     }
 
     #[tokio::test]
@@ -434,5 +441,11 @@ mod tests {
         );
         assert!(window_param(Some("window=%zz")).is_err());
         assert!(window_param(Some("window=")).is_err());
+        let five = Ok(Some(Duration::from_secs(300)));
+        assert_eq!(window_param(Some("window=300s")), five);
+        assert_eq!(window_param(Some("a=b&window=5m")), five);
+        assert_eq!(window_param(Some("window=300")), five);
+        assert!(window_param(Some("window=soon")).is_err());
+        assert_eq!(window_param(Some("x=1")), Ok(None));
     }
 }

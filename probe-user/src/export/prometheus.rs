@@ -1,303 +1,398 @@
-//! The Prometheus metrics: one registry that owns every `connprobe_*` series.
+//! `/metrics`: a Prometheus collector that reads what the agent already holds, at scrape time.
 //!
-//! Names and labels are a contract (dashboards and alert rules depend on them): see issue 3 and
-//! README. Every counter is atomic, so `/metrics` encodes without taking the aggregator's lock;
-//! the aggregator creates and removes the per-destination series (it alone knows which
-//! destinations have a label) and keeps a handle on each so that the hot path is one atomic add.
-use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+//! Per-destination families come from an aggregator [`Snapshot`] (taken under its lock, for
+//! the length of a copy); event and loss counts from the [`Tally`]; the bundle count from the
+//! evidence writer's counter. Nothing is pushed into a registry from the hot path, and a
+//! destination's series go away with its slot. Names and labels are a contract (dashboards and
+//! alert rules depend on them): see README "Prometheus metrics". Label values come from the
+//! same derived names as the JSON log.
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::SystemTime,
 };
 
-use crate::event::EventType;
+use prometheus::{
+    Registry, TextEncoder,
+    core::{Collector, Desc},
+    proto::{self, MetricFamily, MetricType},
+};
+use strum::VariantArray;
 
-/// `Content-Type` of [`Metrics::encode`]'s output: the text exposition format 0.0.4.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+use crate::{
+    aggregate::{Aggregator, DestinationSummary, SideLabel, Snapshot},
+    event::{Direction, EventKind, FailureReason, Phase},
+    tally::{LossStage, Tally},
+};
 
-/// Buckets of `connprobe_connect_duration_seconds`: 50 us to 10 s, 1-2.5-5 steps.
-pub const CONNECT_DURATION_BUCKETS: [f64; 17] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0,
+/// Every family: name, help, type, and the labels of its series before `comm` (which
+/// per-destination families get last under `--by-comm`).
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    kind: MetricType,
+    per_destination: bool,
+    labels: &'static [&'static str],
+}
+
+const FAMILIES: [Family; 12] = [
+    Family {
+        name: "connprobe_connect_attempts_total",
+        help: "Connects this host opened to the destination (established or failed).",
+        kind: MetricType::COUNTER,
+        per_destination: true,
+        labels: &["destination"],
+    },
+    Family {
+        name: "connprobe_connect_failures_total",
+        help: "Connects to the destination that failed, by reason (refused, timeout, unreachable, \
+               cancelled, other).",
+        kind: MetricType::COUNTER,
+        per_destination: true,
+        labels: &["destination", "reason"],
+    },
+    Family {
+        name: "connprobe_connect_duration_seconds",
+        help: "Handshake time of established connects to the destination (SYN sent to \
+               ESTABLISHED).",
+        kind: MetricType::HISTOGRAM,
+        per_destination: true,
+        labels: &["destination"],
+    },
+    Family {
+        name: "connprobe_retransmits_total",
+        help: "TCP segments retransmitted, by side and connection phase (syn, established, or \
+               the TCP state's name); summed they match the kernel's TcpRetransSegs.",
+        kind: MetricType::COUNTER,
+        per_destination: true,
+        labels: &["destination", "side", "phase"],
+    },
+    Family {
+        name: "connprobe_segments_sent_total",
+        help: "TCP data segments sent, retransmissions included, counted when the connection \
+               closes: the denominator of the retransmit ratio.",
+        kind: MetricType::COUNTER,
+        per_destination: true,
+        labels: &["destination", "side"],
+    },
+    Family {
+        name: "connprobe_resets_total",
+        help: "TCP resets, by side and direction (sent, received).",
+        kind: MetricType::COUNTER,
+        per_destination: true,
+        labels: &["destination", "side", "direction"],
+    },
+    Family {
+        name: "connprobe_events_total",
+        help: "Events delivered from the kernel to the agent, by type.",
+        kind: MetricType::COUNTER,
+        per_destination: false,
+        labels: &["type"],
+    },
+    Family {
+        name: "connprobe_events_lost_total",
+        help: "Events lost, by stage: ringbuf (kernel ring buffer full), map (connect start \
+               evicted from the kernel socket map), queue (agent queue full), log (log write \
+               failed).",
+        kind: MetricType::COUNTER,
+        per_destination: false,
+        labels: &["stage"],
+    },
+    Family {
+        name: "connprobe_destinations_tracked",
+        help: "Destinations that currently have their own destination label.",
+        kind: MetricType::GAUGE,
+        per_destination: false,
+        labels: &[],
+    },
+    Family {
+        name: "connprobe_destinations_folded_total",
+        help: "Distinct destinations counted into destination=\"other\" because every label \
+               slot was taken; one that stays idle for --destination-idle counts again if it \
+               returns.",
+        kind: MetricType::COUNTER,
+        per_destination: false,
+        labels: &[],
+    },
+    Family {
+        name: "connprobe_evidence_bundles_total",
+        help: "Evidence bundles written to --evidence-dir because a destination crossed a \
+               trigger threshold.",
+        kind: MetricType::COUNTER,
+        per_destination: false,
+        labels: &[],
+    },
+    Family {
+        name: "connprobe_build_info",
+        help: "Always 1; the version label says which connprobe is running.",
+        kind: MetricType::GAUGE,
+        per_destination: false,
+        labels: &["version"],
+    },
 ];
 
-/// Where events were lost, the `stage` label of `connprobe_events_lost_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum LossStage {
-    /// The kernel could not reserve room in the ring buffer: the reader fell behind.
-    Ringbuf,
-    /// A connect's start record was evicted from the kernel's socket map.
-    Map,
-    /// The agent's queue to a consumer was full.
-    Queue,
-    /// Writing the JSON log failed.
-    Log,
-}
+/// Index of each family in [`FAMILIES`].
+const ATTEMPTS: usize = 0;
+const FAILURES: usize = 1;
+const DURATION: usize = 2;
+const RETRANSMITS: usize = 3;
+const SEGMENTS_SENT: usize = 4;
+const RESETS: usize = 5;
+const EVENTS: usize = 6;
+const LOST: usize = 7;
+const TRACKED: usize = 8;
+const FOLDED: usize = 9;
+const BUNDLES: usize = 10;
+const BUILD_INFO: usize = 11;
 
-impl LossStage {
-    pub const ALL: [LossStage; 4] = [
-        LossStage::Ringbuf,
-        LossStage::Map,
-        LossStage::Queue,
-        LossStage::Log,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LossStage::Ringbuf => "ringbuf",
-            LossStage::Map => "map",
-            LossStage::Queue => "queue",
-            LossStage::Log => "log",
-        }
-    }
-
-    fn index(self) -> usize {
-        match self {
-            LossStage::Ringbuf => 0,
-            LossStage::Map => 1,
-            LossStage::Queue => 2,
-            LossStage::Log => 3,
-        }
-    }
-}
-
-pub(crate) fn event_index(kind: EventType) -> usize {
-    match kind {
-        EventType::Connect => 0,
-        EventType::Retransmit => 1,
-        EventType::Reset => 2,
-        EventType::Close => 3,
-    }
-}
-
-/// Every metric connprobe exports, registered in one [`Registry`].
-///
-/// Per-destination families carry a `comm` label only when built with `by_comm`; it is always
-/// the last label, so [`Metrics::labels`] can cut it off. Cloning shares the same series.
+/// What the collector reads.
 #[derive(Clone)]
-pub struct Metrics {
-    registry: Registry,
-    by_comm: bool,
-    pub(crate) connect_attempts: IntCounterVec,
-    pub(crate) connect_failures: IntCounterVec,
-    pub(crate) connect_duration: HistogramVec,
-    pub(crate) retransmits: IntCounterVec,
-    pub(crate) segments_sent: IntCounterVec,
-    pub(crate) resets: IntCounterVec,
-    events: [IntCounter; 4],
-    lost: [IntCounter; 4],
-    pub(crate) destinations_tracked: IntGauge,
-    pub(crate) destinations_folded: IntCounter,
-    evidence_bundles: IntCounter,
+pub struct Sources {
+    pub aggregator: Arc<Mutex<Aggregator>>,
+    pub tally: Arc<Tally>,
+    /// The evidence writer's count of bundles written, when it runs.
+    pub bundles_written: Option<Arc<AtomicU64>>,
 }
 
-impl Metrics {
-    /// Registers every metric; the series known to exist (events by type, losses by stage,
-    /// the destination gauges, build info) start at 0 (build info at 1).
-    pub fn new(by_comm: bool) -> Self {
+struct AgentCollector {
+    descs: Vec<Desc>,
+    sources: Sources,
+}
+
+impl Collector for AgentCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let snapshot = self
+            .sources
+            .aggregator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .snapshot(SystemTime::now());
+        let bundles = self
+            .sources
+            .bundles_written
+            .as_ref()
+            .map_or(0, |b| b.load(Relaxed));
+        families(&snapshot, &self.sources.tally, bundles)
+    }
+}
+
+/// The agent's metrics, in one registry.
+pub struct PrometheusExporter {
+    registry: Registry,
+}
+
+impl PrometheusExporter {
+    pub fn new(sources: Sources) -> Self {
+        let by_comm = sources
+            .aggregator
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config()
+            .by_comm;
+        let descs = FAMILIES
+            .iter()
+            .map(|f| {
+                Desc::new(
+                    f.name.to_string(),
+                    f.help.to_string(),
+                    label_names(f, by_comm)
+                        .into_iter()
+                        .map(str::to_string)
+                        .collect(),
+                    HashMap::new(),
+                )
+                .expect("metric names, help and labels are valid")
+            })
+            .collect();
         let registry = Registry::new();
-        let per_destination = |extra: &[&'static str]| {
-            let mut names = vec!["destination"];
-            names.extend_from_slice(extra);
-            if by_comm {
-                names.push("comm");
-            }
-            names
-        };
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let vec = IntCounterVec::new(Opts::new(name, help), labels)
-                .expect("metric name, help and labels are valid");
-            registry
-                .register(Box::new(vec.clone()))
-                .expect("each metric is registered once");
-            vec
-        };
-
-        let connect_attempts = counter_vec(
-            "connprobe_connect_attempts_total",
-            "Connects this host opened to the destination (established or failed).",
-            &per_destination(&[]),
-        );
-        let connect_failures = counter_vec(
-            "connprobe_connect_failures_total",
-            "Connects to the destination that failed, by reason (refused, timeout, unreachable, \
-             cancelled, other).",
-            &per_destination(&["reason"]),
-        );
-        let connect_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "connprobe_connect_duration_seconds",
-                "Handshake time of established connects to the destination (SYN sent to \
-                 ESTABLISHED).",
-            )
-            .buckets(CONNECT_DURATION_BUCKETS.to_vec()),
-            &per_destination(&[]),
-        )
-        .expect("histogram definition is valid");
         registry
-            .register(Box::new(connect_duration.clone()))
-            .expect("each metric is registered once");
-        let retransmits = counter_vec(
-            "connprobe_retransmits_total",
-            "TCP segments retransmitted, by side and connection phase (syn, established, or the \
-             TCP state's name); summed they match the kernel's TcpRetransSegs.",
-            &per_destination(&["side", "phase"]),
-        );
-        let segments_sent = counter_vec(
-            "connprobe_segments_sent_total",
-            "TCP data segments sent, retransmissions included, counted when the connection \
-             closes: the denominator of the retransmit ratio.",
-            &per_destination(&["side"]),
-        );
-        let resets = counter_vec(
-            "connprobe_resets_total",
-            "TCP resets, by side and direction (sent, received).",
-            &per_destination(&["side", "direction"]),
-        );
-        let events_vec = counter_vec(
-            "connprobe_events_total",
-            "Events delivered from the kernel to the agent, by type.",
-            &["type"],
-        );
-        let lost_vec = counter_vec(
-            "connprobe_events_lost_total",
-            "Events lost, by stage: ringbuf (kernel ring buffer full), map (connect start \
-             evicted from the kernel socket map), queue (agent queue full), log (log write \
-             failed).",
-            &["stage"],
-        );
-        let destinations_tracked = IntGauge::new(
-            "connprobe_destinations_tracked",
-            "Destinations that currently have their own destination label.",
-        )
-        .expect("gauge definition is valid");
-        let destinations_folded = IntCounter::new(
-            "connprobe_destinations_folded_total",
-            "Distinct destinations counted into destination=\"other\" because every label slot \
-             was taken; one that stays idle for --destination-idle counts again if it returns.",
-        )
-        .expect("counter definition is valid");
-        let evidence_bundles = IntCounter::new(
-            "connprobe_evidence_bundles_total",
-            "Evidence bundles written to --evidence-dir because a destination crossed a trigger \
-             threshold.",
-        )
-        .expect("counter definition is valid");
-        let build_info = IntGaugeVec::new(
-            Opts::new(
-                "connprobe_build_info",
-                "Always 1; the version label says which connprobe is running.",
-            ),
-            &["version"],
-        )
-        .expect("gauge definition is valid");
-        for collector in [
-            Box::new(destinations_tracked.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(destinations_folded.clone()),
-            Box::new(evidence_bundles.clone()),
-            Box::new(build_info.clone()),
-        ] {
-            registry
-                .register(collector)
-                .expect("each metric is registered once");
-        }
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
-
-        Metrics {
-            registry,
-            by_comm,
-            connect_attempts,
-            connect_failures,
-            connect_duration,
-            retransmits,
-            segments_sent,
-            resets,
-            events: EventType::ALL.map(|t| events_vec.with_label_values(&[t.as_str()])),
-            lost: LossStage::ALL.map(|s| lost_vec.with_label_values(&[s.as_str()])),
-            destinations_tracked,
-            destinations_folded,
-            evidence_bundles,
-        }
+            .register(Box::new(AgentCollector { descs, sources }))
+            .expect("the collector is registered once");
+        PrometheusExporter { registry }
     }
 
-    /// Raises `connprobe_evidence_bundles_total` to the evidence writer's running total.
-    pub fn sync_evidence_bundles(&self, total: u64) {
-        let current = self.evidence_bundles.get();
-        if total > current {
-            self.evidence_bundles.inc_by(total - current);
-        }
-    }
-
-    /// Whether per-destination series carry a `comm` label.
-    pub fn by_comm(&self) -> bool {
-        self.by_comm
-    }
-
-    /// Label values for a per-destination family: `values` in the family's order, with the
-    /// trailing `comm` value dropped unless the metrics were built `by_comm`.
-    pub(crate) fn labels<'a, 'b>(&self, values: &'b [&'a str]) -> &'b [&'a str] {
-        if self.by_comm {
-            values
-        } else {
-            &values[..values.len() - 1]
-        }
-    }
-
-    /// Counts one event delivered to the agent (`connprobe_events_total{type}`).
-    /// [`crate::aggregate::Aggregator::record`] calls it; call it yourself only for events that
-    /// do not go through an aggregator.
-    pub fn event_delivered(&self, kind: EventType) {
-        self.events[event_index(kind)].inc();
-    }
-
-    pub(crate) fn events_counter(&self, kind: EventType) -> &IntCounter {
-        &self.events[event_index(kind)]
-    }
-
-    /// Adds `n` events lost at `stage` (`connprobe_events_lost_total{stage}`).
-    pub fn add_lost(&self, stage: LossStage, n: u64) {
-        self.lost[stage.index()].inc_by(n);
-    }
-
-    /// Raises the lost count of `stage` to a cumulative total read elsewhere (e.g. the kernel's
-    /// per-CPU counters); a total below the current count is ignored, so this never goes down.
-    pub fn sync_lost(&self, stage: LossStage, total: u64) {
-        let counter = &self.lost[stage.index()];
-        let current = counter.get();
-        if total > current {
-            counter.inc_by(total - current);
-        }
-    }
-
-    /// The current lost count of `stage`.
-    pub fn lost(&self, stage: LossStage) -> u64 {
-        self.lost[stage.index()].get()
-    }
-
-    /// The current delivered count of `kind`.
-    pub fn delivered(&self, kind: EventType) -> u64 {
-        self.events[event_index(kind)].get()
-    }
-
-    /// Every metric in the text exposition format (see [`CONTENT_TYPE`]). Reads atomics only.
+    /// Every metric in the text exposition format 0.0.4.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
         TextEncoder::new()
             .encode_utf8(&self.registry.gather(), &mut out)
-            .expect("text encoding of registered metrics cannot fail");
+            .expect("text encoding of gathered metrics cannot fail");
         out
     }
+}
 
-    /// The registry, for a caller that wants to add its own collectors.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
+fn label_names(family: &Family, by_comm: bool) -> Vec<&'static str> {
+    let mut names = family.labels.to_vec();
+    if family.per_destination && by_comm {
+        names.push("comm");
     }
+    names
+}
+
+/// The families of one snapshot; series that always exist (events by type, losses by stage,
+/// the destination gauges, build info) are there at 0 from the start.
+fn families(snapshot: &Snapshot, tally: &Tally, bundles: u64) -> Vec<MetricFamily> {
+    let mut metrics: Vec<Vec<proto::Metric>> = FAMILIES.iter().map(|_| Vec::new()).collect();
+    for d in &snapshot.destinations {
+        destination_series(d, &mut metrics);
+    }
+    for kind in EventKind::VARIANTS {
+        let value = tally.delivered(*kind) as f64;
+        metrics[EVENTS].push(counter(&[("type", kind.name())], value));
+    }
+    for stage in LossStage::VARIANTS {
+        let value = tally.lost(*stage) as f64;
+        metrics[LOST].push(counter(&[("stage", stage.name())], value));
+    }
+    metrics[TRACKED].push(gauge(&[], snapshot.tracked as f64));
+    metrics[FOLDED].push(counter(&[], snapshot.folded_total as f64));
+    metrics[BUNDLES].push(counter(&[], bundles as f64));
+    let version = [("version", env!("CARGO_PKG_VERSION"))];
+    metrics[BUILD_INFO].push(gauge(&version, 1.0));
+    FAMILIES
+        .iter()
+        .zip(metrics)
+        .map(|(f, metrics)| {
+            let mut family = MetricFamily::default();
+            family.set_name(f.name.to_string());
+            family.set_help(f.help.to_string());
+            family.set_field_type(f.kind);
+            family.set_metric(metrics);
+            family
+        })
+        .collect()
+}
+
+/// Every series of one destination label that has seen an event.
+fn destination_series(d: &DestinationSummary, metrics: &mut [Vec<proto::Metric>]) {
+    let destination = d.destination_label();
+    let labels = |extra: &[(&'static str, &str)]| {
+        let mut pairs = vec![("destination", destination.as_str())];
+        pairs.extend_from_slice(extra);
+        if let Some(comm) = &d.comm {
+            pairs.push(("comm", comm.as_str()));
+        }
+        label_pairs(pairs)
+    };
+    let s = &d.series;
+    if let Some(n) = s.attempts {
+        metrics[ATTEMPTS].push(metric(labels(&[]), counter_value(n)));
+    }
+    for (reason, cell) in FailureReason::VARIANTS.iter().zip(&s.failures) {
+        if let Some(n) = cell {
+            let pairs = labels(&[("reason", reason.name())]);
+            metrics[FAILURES].push(metric(pairs, counter_value(*n)));
+        }
+    }
+    if let Some(h) = &s.duration {
+        let mut histogram = proto::Histogram::default();
+        histogram.set_sample_count(h.count);
+        histogram.set_sample_sum(h.sum_seconds);
+        histogram.set_bucket(
+            h.cumulative()
+                .map(|(bound, count)| {
+                    let mut bucket = proto::Bucket::default();
+                    bucket.set_upper_bound(bound);
+                    bucket.set_cumulative_count(count);
+                    bucket
+                })
+                .collect(),
+        );
+        let mut m = proto::Metric::default();
+        m.set_label(labels(&[]));
+        m.set_histogram(histogram);
+        metrics[DURATION].push(m);
+    }
+    for (side, cells) in SideLabel::VARIANTS.iter().zip(&s.retransmits) {
+        for (phase, cell) in Phase::VARIANTS.iter().zip(cells) {
+            if let Some(n) = cell {
+                let pairs = labels(&[("side", side.name()), ("phase", phase.name())]);
+                metrics[RETRANSMITS].push(metric(pairs, counter_value(*n)));
+            }
+        }
+    }
+    for (side, cell) in SideLabel::VARIANTS.iter().zip(&s.segments_sent) {
+        if let Some(n) = cell {
+            let pairs = labels(&[("side", side.name())]);
+            metrics[SEGMENTS_SENT].push(metric(pairs, counter_value(*n)));
+        }
+    }
+    for (side, cells) in SideLabel::VARIANTS.iter().zip(&s.resets) {
+        for (direction, cell) in Direction::VARIANTS.iter().zip(cells) {
+            if let Some(n) = cell {
+                let pairs = labels(&[("side", side.name()), ("direction", direction.name())]);
+                metrics[RESETS].push(metric(pairs, counter_value(*n)));
+            }
+        }
+    }
+}
+
+/// Label pairs sorted by name, as the exposition format has them.
+fn label_pairs(mut pairs: Vec<(&str, &str)>) -> Vec<proto::LabelPair> {
+    pairs.sort_by_key(|(name, _)| *name);
+    pairs
+        .into_iter()
+        .map(|(name, value)| {
+            let mut pair = proto::LabelPair::default();
+            pair.set_name(name.to_string());
+            pair.set_value(value.to_string());
+            pair
+        })
+        .collect()
+}
+
+enum Value {
+    Counter(f64),
+    Gauge(f64),
+}
+
+fn counter_value(n: u64) -> Value {
+    Value::Counter(n as f64)
+}
+
+fn metric(labels: Vec<proto::LabelPair>, value: Value) -> proto::Metric {
+    let mut m = proto::Metric::default();
+    m.set_label(labels);
+    match value {
+        Value::Counter(v) => {
+            let mut c = proto::Counter::default();
+            c.set_value(v);
+            m.set_counter(c);
+        }
+        Value::Gauge(v) => {
+            let mut g = proto::Gauge::default();
+            g.set_value(v);
+            m.set_gauge(g);
+        }
+    }
+    m
+}
+
+fn counter(labels: &[(&str, &str)], value: f64) -> proto::Metric {
+    metric(label_pairs(labels.to_vec()), Value::Counter(value))
+}
+
+fn gauge(labels: &[(&str, &str)], value: f64) -> proto::Metric {
+    metric(label_pairs(labels.to_vec()), Value::Gauge(value))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        aggregate::{
+            AggregatorConfig,
+            tests::{self as agg, Fixture},
+        },
+        event::{Comm, FailureReason, Side},
+    };
 
     fn sample_lines(text: &str) -> Vec<&str> {
         text.lines().filter(|l| !l.starts_with('#')).collect()
@@ -305,8 +400,7 @@ mod tests {
 
     #[test]
     fn known_series_start_at_zero() {
-        let metrics = Metrics::new(false);
-        let text = metrics.encode();
+        let text = Fixture::new(10, false).encode();
         for t in ["connect", "retransmit", "reset", "close"] {
             let line = format!("connprobe_events_total{{type=\"{t}\"}} 0");
             assert!(text.contains(&line), "{line} missing in\n{text}");
@@ -333,34 +427,16 @@ mod tests {
 
     #[test]
     fn every_metric_has_help_and_the_documented_type() {
-        let metrics = Metrics::new(true);
+        let fixture = Fixture::new(10, true);
         // Make the per-destination families appear.
         let d = "10.0.0.1:80";
-        metrics
-            .connect_attempts
-            .with_label_values(&[d, "curl"])
-            .inc();
-        metrics
-            .connect_failures
-            .with_label_values(&[d, "refused", "curl"])
-            .inc();
-        metrics
-            .connect_duration
-            .with_label_values(&[d, "curl"])
-            .observe(0.001);
-        metrics
-            .retransmits
-            .with_label_values(&[d, "client", "syn", "curl"])
-            .inc();
-        metrics
-            .segments_sent
-            .with_label_values(&[d, "client", "curl"])
-            .inc();
-        metrics
-            .resets
-            .with_label_values(&[d, "client", "received", "curl"])
-            .inc();
-        let text = metrics.encode();
+        let t = agg::at(0);
+        fixture.record(&agg::established(t, d, 1000));
+        fixture.record(&agg::failed(t, d, FailureReason::Refused));
+        for detail in agg::every_other_kind() {
+            fixture.record(&agg::event(t, Some(Side::Client), d, detail));
+        }
+        let text = fixture.encode();
         let expected = [
             ("connprobe_connect_attempts_total", "counter"),
             ("connprobe_connect_failures_total", "counter"),
@@ -394,10 +470,11 @@ mod tests {
         assert_eq!(families.len(), expected.len(), "{families:?}");
         assert!(text.contains(
             r#"connprobe_retransmits_total{comm="curl",destination="10.0.0.1:80",phase="syn",side="client"} 1"#
-        ));
+        ), "{text}");
         // Buckets from 50 us to 10 s, then +Inf.
         assert!(text.contains(r#"le="0.00005""#), "{text}");
         assert!(text.contains(r#"le="10""#));
+        assert!(text.contains(r#"le="+Inf""#));
         assert!(sample_lines(&text).iter().all(|l| !l.contains("le=\"20\"")));
     }
 
@@ -405,33 +482,27 @@ mod tests {
     /// the aggregator, with and without the comm label, including a folded destination.
     #[test]
     fn promtool_finds_nothing_to_report() {
-        use crate::aggregate::{Aggregator, AggregatorConfig, tests as agg};
-        use crate::event::{FailureReason, Side};
         use std::{io::Write, process::Command, time::Duration};
 
         for by_comm in [false, true] {
-            let metrics = Metrics::new(by_comm);
-            let mut aggregator = Aggregator::new(
-                AggregatorConfig {
-                    max_destinations: 2,
-                    destination_idle: Duration::from_secs(600),
-                    by_comm,
-                },
-                &metrics,
-            );
+            let fixture = Fixture::with_config(AggregatorConfig {
+                max_destinations: 2,
+                destination_idle: Duration::from_secs(600),
+                by_comm,
+            });
             let t = agg::at(0);
-            aggregator.record(&agg::established(t, "10.0.0.1:80", 120));
-            aggregator.record(&agg::failed(t, "[fd00::1]:443", FailureReason::Refused));
-            aggregator.record(&agg::established(t, "10.0.0.3:80", 120));
+            fixture.record(&agg::established(t, "10.0.0.1:80", 120));
+            fixture.record(&agg::failed(t, "[fd00::1]:443", FailureReason::Refused));
+            fixture.record(&agg::established(t, "10.0.0.3:80", 120));
             let mut weird = agg::failed(t, "10.0.0.1:80", FailureReason::Timeout);
             weird.process.as_mut().unwrap().comm =
-                crate::event::Comm::from_kernel(b"a\"b\\c\nd\xff\0\0\0\0\0\0\0\0");
-            aggregator.record(&weird);
+                Comm::from_kernel(b"a\"b\\c\nd\xff\0\0\0\0\0\0\0\0");
+            fixture.record(&weird);
             for detail in agg::every_other_kind() {
-                aggregator.record(&agg::event(t, Some(Side::Client), "10.0.0.1:80", detail));
+                fixture.record(&agg::event(t, Some(Side::Client), "10.0.0.1:80", detail));
             }
-            metrics.add_lost(LossStage::Map, 2);
-            let text = metrics.encode();
+            fixture.tally.add_lost(LossStage::Map, 2);
+            let text = fixture.encode();
 
             let child = Command::new("promtool")
                 .args(["check", "metrics"])
@@ -464,18 +535,26 @@ mod tests {
     }
 
     #[test]
-    fn losses_count_and_sync_to_a_cumulative_total() {
-        let metrics = Metrics::new(false);
-        metrics.add_lost(LossStage::Queue, 3);
-        metrics.sync_lost(LossStage::Ringbuf, 10);
-        metrics.sync_lost(LossStage::Ringbuf, 7);
-        metrics.sync_lost(LossStage::Ringbuf, 12);
-        metrics.event_delivered(EventType::Close);
-        assert_eq!(metrics.lost(LossStage::Queue), 3);
-        assert_eq!(metrics.lost(LossStage::Ringbuf), 12);
-        assert_eq!(metrics.delivered(EventType::Close), 1);
-        let text = metrics.encode();
+    fn losses_and_bundles_are_read_where_they_are_counted() {
+        let mut fixture = Fixture::new(10, false);
+        fixture.tally.add_lost(LossStage::Queue, 3);
+        fixture.tally.set_kernel(crate::tally::KernelCounts {
+            lost_ringbuf: 12,
+            ..Default::default()
+        });
+        fixture.tally.add_delivered(EventKind::Close, 1);
+        let bundles = Arc::new(AtomicU64::new(2));
+        fixture.bundles(bundles.clone());
+        let text = fixture.encode();
         assert!(text.contains("connprobe_events_lost_total{stage=\"ringbuf\"} 12\n"));
+        assert!(text.contains("connprobe_events_lost_total{stage=\"queue\"} 3\n"));
         assert!(text.contains("connprobe_events_total{type=\"close\"} 1\n"));
+        assert!(text.contains("\nconnprobe_evidence_bundles_total 2\n"));
+        bundles.fetch_add(1, Relaxed);
+        assert!(
+            fixture
+                .encode()
+                .contains("\nconnprobe_evidence_bundles_total 3\n")
+        );
     }
 }

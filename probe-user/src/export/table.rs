@@ -9,6 +9,8 @@
 //! ```
 use std::{fmt::Write as _, time::Duration};
 
+use strum::VariantArray;
+
 use crate::{
     aggregate::{Counts, DestinationSummary},
     event::FailureReason,
@@ -50,13 +52,13 @@ fn percent(ratio: f64) -> String {
 
 fn reasons(c: &Counts) -> String {
     let mut out = String::new();
-    for reason in FailureReason::ALL {
+    for reason in FailureReason::VARIANTS.iter().copied() {
         let n = c.failure(reason);
         if n > 0 {
             if !out.is_empty() {
                 out.push_str(", ");
             }
-            let _ = write!(out, "{} {n}", reason.as_str());
+            let _ = write!(out, "{} {n}", reason.name());
         }
     }
     out
@@ -202,59 +204,36 @@ pub fn render(summaries: &[DestinationSummary], width: usize) -> String {
 mod tests {
     use super::*;
     use crate::{
-        aggregate::{
-            Aggregator, AggregatorConfig,
-            tests::{at, established, event, failed},
-        },
-        event::{Close, Direction, EventDetail, Reset, Side, TcpState},
-        export::prometheus::Metrics,
+        aggregate::tests::{Fixture, at, established, event, failed},
+        event::{Direction, Side, TcpState, testing},
     };
 
     fn summaries() -> Vec<DestinationSummary> {
-        let metrics = Metrics::new(false);
-        let mut agg = Aggregator::new(
-            AggregatorConfig {
-                max_destinations: 10,
-                destination_idle: Duration::from_secs(600),
-                by_comm: false,
-            },
-            &metrics,
-        );
+        let f = Fixture::new(10, false);
         let t = at(0);
         for _ in 0..12 {
-            agg.record(&failed(t, "10.200.0.2:8081", FailureReason::Refused));
-            agg.record(&event(
+            f.record(&failed(t, "10.200.0.2:8081", FailureReason::Refused));
+            f.record(&event(
                 t,
                 Some(Side::Client),
                 "10.200.0.2:8081",
-                EventDetail::Reset(Reset {
-                    direction: Direction::Received,
-                    state: Some(TcpState::SYN_SENT),
-                    reason: None,
-                }),
+                testing::reset(Direction::Received, Some(TcpState::SynSent), None),
             ));
         }
         for _ in 0..18 {
-            agg.record(&established(t, "10.200.0.2:8083", 10_000));
+            f.record(&established(t, "10.200.0.2:8083", 10_000));
         }
-        agg.record(&failed(t, "10.200.0.2:8083", FailureReason::Timeout));
-        agg.record(&event(
-            t,
-            Some(Side::Client),
-            "10.200.0.2:8083",
-            EventDetail::Close(Close {
-                duration: None,
-                bytes_sent: 0,
-                bytes_received: 0,
-                segments_sent: 100,
-                segments_retransmitted: 4,
-            }),
-        ));
+        f.record(&failed(t, "10.200.0.2:8083", FailureReason::Timeout));
+        let mut close = testing::closed(100, 4);
+        if let crate::event::EventDetail::Close(c) = &mut close {
+            c.duration = None;
+        }
+        f.record(&event(t, Some(Side::Client), "10.200.0.2:8083", close));
         for _ in 0..100 {
-            agg.record(&established(t, "10.200.0.2:8080", 100));
+            f.record(&established(t, "10.200.0.2:8080", 100));
         }
-        agg.record(&established(t, "[fd00::2]:8080", 2_000_000));
-        agg.summaries(at(5))
+        f.record(&established(t, "[fd00::2]:8080", 2_000_000));
+        f.agg().summaries(at(5))
     }
 
     #[test]

@@ -266,22 +266,11 @@ pub fn scrape_loop(addr: SocketAddr, every: Duration, stop: &AtomicBool) -> Vec<
     latencies
 }
 
-/// GET /metrics over a plain TcpStream; the body.
+/// GET /metrics; the body.
 pub fn get_metrics(addr: SocketAddr) -> anyhow::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("the /metrics response has no header end")?;
-    anyhow::ensure!(
-        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
-        "/metrics answered {}",
-        head.lines().next().unwrap_or("")
-    );
-    Ok(body.to_owned())
+    let (status, body) = ::tests::http::http_get(addr, "/metrics")?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}");
+    Ok(body)
 }
 
 /// Series in a Prometheus text body: its non-empty, non-comment lines.

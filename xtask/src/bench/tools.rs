@@ -1,24 +1,25 @@
-//! The configurations compared: nothing, connprobe (defaults, and empty programs), and the peers
-//! that work on this kernel. Each runs as a child process with its output in a file.
+//! The configurations compared: nothing, connprobe (defaults, its serde-encoder variant, a
+//! baseline binary, and empty programs), and the peers that work on this kernel. connprobe
+//! runs through the kernel tests' agent harness (`tests::agent`); a peer as a child process
+//! with its output in a file.
 use std::{
     collections::BTreeMap,
     fs::File,
     io::{BufRead as _, BufReader, Read as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex, mpsc},
+    sync::{Arc, Mutex},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
+use ::tests::agent::{Agent, Launch};
 use anyhow::{Context as _, bail};
 
 use super::sys;
 use crate::packages;
 
-/// What the agent prints on standard error once its programs are attached.
-const READY_LINE: &str = "connprobe is tracing";
 /// How long a tool may take to attach.
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 /// A peer has loaded its programs; this long after, it is attached and reading.
@@ -26,10 +27,16 @@ const PEER_SETTLE: Duration = Duration::from_millis(1500);
 /// The bpftrace one-liner: one line per state transition.
 const BPFTRACE_PROGRAM: &str = r#"tracepoint:sock:inet_sock_set_state { printf("%d %s %d %d %d %d\n", pid, comm, args->sport, args->dport, args->oldstate, args->newstate); }"#;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// A configuration of the bench; `--tools` names them by key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+#[value(rename_all = "kebab-case")]
 pub enum Tool {
     Untraced,
     Connprobe,
+    /// connprobe writing its log through serde_json instead of its fast formatter.
+    ConnprobeSerde,
+    /// Another connprobe binary (`--baseline PATH`), e.g. a build of the previous commit.
+    ConnprobeBaseline,
     Floor,
     Tcpstates,
     Tcplife,
@@ -37,9 +44,11 @@ pub enum Tool {
 }
 
 impl Tool {
-    pub const ALL: [Tool; 6] = [
+    /// Every configuration but the baseline, which needs `--baseline`.
+    pub const DEFAULT: [Tool; 7] = [
         Tool::Untraced,
         Tool::Connprobe,
+        Tool::ConnprobeSerde,
         Tool::Floor,
         Tool::Tcpstates,
         Tool::Tcplife,
@@ -51,6 +60,8 @@ impl Tool {
         match self {
             Tool::Untraced => "untraced",
             Tool::Connprobe => "connprobe",
+            Tool::ConnprobeSerde => "connprobe_serde",
+            Tool::ConnprobeBaseline => "connprobe_baseline",
             Tool::Floor => "floor",
             Tool::Tcpstates => "tcpstates",
             Tool::Tcplife => "tcplife",
@@ -63,12 +74,34 @@ impl Tool {
         match self {
             Tool::Untraced => "(a) untraced",
             Tool::Connprobe => "(b) connprobe defaults",
+            Tool::ConnprobeSerde => "(b') connprobe, log lines by serde_json",
+            Tool::ConnprobeBaseline => "(b0) connprobe baseline (--baseline)",
             Tool::Floor => "(c) floor: --hooks empty",
             Tool::Tcpstates => "(d) tcpstates",
             Tool::Tcplife => "(e) tcplife",
             Tool::Bpftrace => "(f) bpftrace one-liner",
         }
     }
+
+    /// A connprobe agent with its defaults (log, metrics), whichever binary or encoder.
+    pub fn is_agent(self) -> bool {
+        matches!(
+            self,
+            Tool::Connprobe | Tool::ConnprobeSerde | Tool::ConnprobeBaseline
+        )
+    }
+
+    /// Any connprobe process (the agents and the floor): ready when it says so, with a tally.
+    pub fn is_connprobe(self) -> bool {
+        self.is_agent() || self == Tool::Floor
+    }
+}
+
+/// The connprobe binaries the configurations run.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    pub connprobe: PathBuf,
+    pub baseline: Option<PathBuf>,
 }
 
 /// Everything a tool's tally or warnings said at exit.
@@ -100,50 +133,60 @@ impl Stopped {
     }
 }
 
-/// A running tool.
+/// A running tool: a connprobe agent through the kernel tests' harness, or a peer's process.
 pub struct Session {
     tool: Tool,
+    agent: Option<Agent>,
     child: Option<Child>,
     stderr: Arc<Mutex<Vec<String>>>,
     reader: Option<JoinHandle<()>>,
     output: Option<PathBuf>,
-    metrics: Option<SocketAddr>,
 }
 
 impl Session {
     /// Starts `tool` (nothing for Untraced), its output into `dir`, and waits until it is attached.
     /// `extra` is added to connprobe's arguments.
-    pub fn start(tool: Tool, connprobe: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+    pub fn start(tool: Tool, bins: &Binaries, dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
         let output = dir.join(format!("{}.out", tool.key()));
-        let mut metrics = None;
+        let mut session = Self {
+            tool,
+            agent: None,
+            child: None,
+            stderr: Arc::default(),
+            reader: None,
+            output: None,
+        };
         let mut command = match tool {
-            Tool::Untraced => {
-                return Ok(Self {
-                    tool,
-                    child: None,
-                    stderr: Arc::default(),
-                    reader: None,
-                    output: None,
-                    metrics: None,
-                });
-            }
-            Tool::Connprobe => {
-                let addr = free_loopback_addr()?;
-                metrics = Some(addr);
-                let mut c = Command::new(connprobe);
-                c.arg("run")
-                    .arg("--json-log")
-                    .arg(&output)
-                    .arg("--metrics-addr")
-                    .arg(addr.to_string())
-                    .args(extra);
-                c
-            }
-            Tool::Floor => {
-                let mut c = Command::new(connprobe);
-                c.args(["run", "--hooks", "empty", "--no-metrics"])
-                    .args(extra);
-                c
+            Tool::Untraced => return Ok(session),
+            Tool::Connprobe | Tool::ConnprobeSerde | Tool::ConnprobeBaseline | Tool::Floor => {
+                let binary = match tool {
+                    Tool::ConnprobeBaseline => bins
+                        .baseline
+                        .clone()
+                        .context("the baseline configuration needs --baseline PATH")?,
+                    _ => bins.connprobe.clone(),
+                };
+                let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+                match tool {
+                    Tool::ConnprobeSerde => args.extend(["--log-encoder".into(), "serde".into()]),
+                    Tool::Floor => {
+                        args.extend(["--hooks", "empty", "--no-metrics"].map(String::from))
+                    }
+                    _ => {}
+                }
+                let agent = Agent::launch(Launch {
+                    binary,
+                    json_log: tool.is_agent().then(|| output.clone()),
+                    metrics: tool.is_agent(),
+                    args,
+                    start_limit: START_TIMEOUT,
+                    remove_log: false,
+                    wrapper: Vec::new(),
+                })
+                .with_context(|| format!("{} did not start", tool.label()))?;
+                session.output = tool.is_agent().then_some(output);
+                session.agent = Some(agent);
+                return Ok(session);
             }
             Tool::Tcpstates | Tool::Tcplife => {
                 let name = tool.key();
@@ -160,42 +203,30 @@ impl Session {
                         .context("bpftrace is not installed (Debian package bpftrace)")?,
                 );
                 c.arg("-o").arg(&output).args(["-e", BPFTRACE_PROGRAM]);
+                c.stdout(Stdio::null());
                 c
             }
         };
-        if matches!(tool, Tool::Connprobe | Tool::Floor | Tool::Bpftrace) {
-            command.stdout(Stdio::null());
-        }
         command.stdin(Stdio::null()).stderr(Stdio::piped());
         let mut child = command
             .spawn()
             .with_context(|| format!("cannot start {}", tool.label()))?;
 
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let (ready_tx, ready_rx) = mpsc::channel();
         let pipe = child.stderr.take().expect("stderr is piped");
-        let lines = Arc::clone(&stderr);
-        let reader = std::thread::spawn(move || {
+        let lines = Arc::clone(&session.stderr);
+        session.reader = Some(std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if line.contains(READY_LINE) {
-                    let _ = ready_tx.send(());
-                }
                 lines.lock().expect("stderr lock").push(line);
             }
-        });
-        let mut session = Self {
-            tool,
-            child: Some(child),
-            stderr,
-            reader: Some(reader),
-            output: Some(output),
-            metrics,
-        };
-        session.wait_attached(&ready_rx)?;
+        }));
+        session.child = Some(child);
+        session.output = Some(output);
+        session.wait_attached()?;
         Ok(session)
     }
 
-    fn wait_attached(&mut self, ready: &mpsc::Receiver<()>) -> anyhow::Result<()> {
+    /// A peer is attached once its process holds eBPF programs (and a moment later, reading).
+    fn wait_attached(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         let pid = self.pid().expect("a started tool has a pid");
         loop {
@@ -211,14 +242,8 @@ impl Session {
                     self.stderr_text()
                 );
             }
-            let attached = match self.tool {
-                Tool::Connprobe | Tool::Floor => ready.try_recv().is_ok(),
-                _ => sys::prog_stats(pid).programs > 0,
-            };
-            if attached {
-                if !matches!(self.tool, Tool::Connprobe | Tool::Floor) {
-                    std::thread::sleep(PEER_SETTLE);
-                }
+            if sys::prog_stats(pid).programs > 0 {
+                std::thread::sleep(PEER_SETTLE);
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -234,11 +259,14 @@ impl Session {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        match &self.agent {
+            Some(agent) => agent.pid(),
+            None => self.child.as_ref().map(Child::id),
+        }
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics
+        self.agent.as_ref().and_then(Agent::metrics_addr)
     }
 
     pub fn output_path(&self) -> Option<&Path> {
@@ -251,6 +279,9 @@ impl Session {
 
     /// Sends a signal to the tool's process.
     pub fn signal(&self, signal: libc::c_int) {
+        if let Some(agent) = &self.agent {
+            return agent.signal(signal);
+        }
         if let Some(pid) = self.pid() {
             // SAFETY: kill(2) on our own child's pid.
             unsafe { libc::kill(pid as libc::pid_t, signal) };
@@ -259,6 +290,28 @@ impl Session {
 
     /// SIGINT, wait for a clean exit, and read what the tool reported.
     pub fn stop(mut self) -> anyhow::Result<Stopped> {
+        let output_lines = self.output.as_deref().map_or(0, count_lines);
+        if let Some(agent) = &mut self.agent {
+            let exit = agent.shutdown()?;
+            let output_lines = self.output.as_deref().map_or(0, count_lines);
+            let Some(tally) = exit.tally else {
+                bail!(
+                    "{} printed no tally line at exit: {}",
+                    self.tool.label(),
+                    exit.stderr
+                );
+            };
+            let lost = ["ringbuf", "map", "queue", "log"]
+                .iter()
+                .map(|k| tally.get(*k).copied().unwrap_or(0))
+                .sum();
+            return Ok(Stopped {
+                tally: Some(tally),
+                lost: Some(lost),
+                output_lines,
+            });
+        }
+        let _ = output_lines;
         let Some(mut child) = self.child.take() else {
             return Ok(Stopped::default());
         };
@@ -279,33 +332,12 @@ impl Session {
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
+        let _ = status;
         let stderr = self.stderr_text();
-        let connprobe = matches!(self.tool, Tool::Connprobe | Tool::Floor);
-        if connprobe && !status.success() {
-            bail!("{} exited with {status}: {stderr}", self.tool.label());
-        }
-        let output_lines = self.output.as_deref().map_or(0, count_lines);
-        let tally = connprobe.then(|| parse_tally(&stderr)).flatten();
-        if connprobe && tally.is_none() {
-            bail!(
-                "{} printed no tally line at exit: {stderr}",
-                self.tool.label()
-            );
-        }
-        let lost = if connprobe {
-            tally.as_ref().map(|t| {
-                ["ringbuf", "map", "queue", "log"]
-                    .iter()
-                    .map(|k| t.get(*k).copied().unwrap_or(0))
-                    .sum()
-            })
-        } else {
-            Some(peer_lost(&stderr))
-        };
         Ok(Stopped {
-            tally,
-            lost,
-            output_lines,
+            tally: None,
+            lost: Some(peer_lost(&stderr)),
+            output_lines: self.output.as_deref().map_or(0, count_lines),
         })
     }
 }
@@ -317,28 +349,6 @@ impl Drop for Session {
             let _ = child.wait();
         }
     }
-}
-
-/// An unused loopback address for connprobe's /metrics (so it never clashes with another agent
-/// on the default port).
-fn free_loopback_addr() -> anyhow::Result<SocketAddr> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?.local_addr()?)
-}
-
-/// The last tally line: every `key=value` after `connprobe: events:`.
-pub fn parse_tally(stderr: &str) -> Option<BTreeMap<String, u64>> {
-    let line = stderr
-        .lines()
-        .rev()
-        .find(|l| l.contains("events:") && l.contains("produced in kernel="))?;
-    let values = line
-        .split(|c: char| c.is_whitespace() || c == ';')
-        .filter_map(|token| {
-            let (key, value) = token.split_once('=')?;
-            Some((key.to_owned(), value.parse().ok()?))
-        })
-        .collect();
-    Some(values)
 }
 
 /// Events a peer reported lost: libbpf-tools warn "lost N events on CPU #C" per perf-buffer
@@ -374,16 +384,6 @@ fn count_lines(path: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tally_line_parses() {
-        let line = "connprobe: events: connect=3 retransmit=45 reset=1 close=2; produced in kernel=51; lost: ringbuf=0 map=4 queue=0 log=0; undecodable=0 kernel_read_errors=0";
-        let tally = parse_tally(&format!("noise\n{line}\n")).unwrap();
-        assert_eq!(tally["connect"], 3);
-        assert_eq!(tally["kernel"], 51);
-        assert_eq!(tally["map"], 4);
-        assert_eq!(tally["kernel_read_errors"], 0);
-    }
 
     #[test]
     fn peer_losses_add_up() {

@@ -1,24 +1,20 @@
 //! Every verdict on synthetic event streams, mixtures, and the boundaries. The builders are
 //! shared with the other diagnose tests.
-use std::{
-    net::SocketAddr,
-    time::{Duration, SystemTime},
-};
+use std::time::SystemTime;
 
 use super::*;
+pub(crate) use crate::event::testing::{
+    accepted, at, close, connect_failed, connect_ok, owned_by, reset_received,
+    reset_sent_by_service, reset_sent_for_reason, retransmit,
+};
 use crate::{
     diagnose::verdict::{Pattern, Verdict},
-    event::{
-        Close, Comm, Connect, Errno, FailureReason, Outcome, Process, Reset, ResetReason,
-        Retransmit, TcpState,
-    },
+    event::{FailureReason, Side, TcpState},
 };
 
-/// Seconds after a fixed epoch, at millisecond precision (what a log keeps exactly).
-pub(crate) fn at(secs: f64) -> SystemTime {
-    SystemTime::UNIX_EPOCH
-        + Duration::from_secs(1_795_000_000)
-        + Duration::from_millis((secs * 1000.0).round() as u64)
+/// A verdict's evidence as the JSON report has it.
+pub(crate) fn evidence(v: &Verdict) -> serde_json::Value {
+    serde_json::to_value(v).unwrap()["evidence"].clone()
 }
 
 pub(crate) fn window(from: f64, to: f64) -> Window {
@@ -26,167 +22,6 @@ pub(crate) fn window(from: f64, to: f64) -> Window {
         start: at(from),
         end: at(to),
     }
-}
-
-const LOCAL: &str = "10.9.9.9:40000";
-
-fn event(side: Option<Side>, src: &str, dst: &str, time: SystemTime, detail: EventDetail) -> Event {
-    Event {
-        time,
-        process: Some(Process {
-            pid: 42,
-            comm: Comm::from_str_lossy("app"),
-        }),
-        side,
-        src: src.parse::<SocketAddr>().unwrap(),
-        dst: dst.parse::<SocketAddr>().unwrap(),
-        detail,
-    }
-}
-
-fn client(dest: &str, time: SystemTime, detail: EventDetail) -> Event {
-    event(Some(Side::Client), LOCAL, dest, time, detail)
-}
-
-pub(crate) fn connect_ok(dest: &str, time: SystemTime, latency_us: u64) -> Event {
-    client(
-        dest,
-        time,
-        EventDetail::Connect(Connect {
-            outcome: Outcome::Established,
-            reason: None,
-            errno: None,
-            latency: Some(Duration::from_micros(latency_us)),
-            syn_retransmits: 0,
-        }),
-    )
-}
-
-pub(crate) fn connect_failed(
-    dest: &str,
-    time: SystemTime,
-    reason: FailureReason,
-    syn_retransmits: u32,
-) -> Event {
-    let errno = match reason {
-        FailureReason::Refused => Some(Errno(Errno::ECONNREFUSED)),
-        FailureReason::Timeout => Some(Errno(Errno::ETIMEDOUT)),
-        FailureReason::Unreachable => Some(Errno(Errno::EHOSTUNREACH)),
-        FailureReason::Cancelled => None,
-        FailureReason::Other => Some(Errno(Errno::EPROTO)),
-    };
-    client(
-        dest,
-        time,
-        EventDetail::Connect(Connect {
-            outcome: Outcome::Failed,
-            reason: Some(reason),
-            errno,
-            latency: Some(Duration::from_millis(1000 * u64::from(syn_retransmits) + 1)),
-            syn_retransmits,
-        }),
-    )
-}
-
-pub(crate) fn close(dest: &str, time: SystemTime, sent: u32, retransmitted: u32) -> Event {
-    client(
-        dest,
-        time,
-        EventDetail::Close(Close {
-            duration: Some(Duration::from_millis(200)),
-            bytes_sent: u64::from(sent) * 1000,
-            bytes_received: 1000,
-            segments_sent: sent,
-            segments_retransmitted: retransmitted,
-        }),
-    )
-}
-
-pub(crate) fn retransmit(dest: &str, time: SystemTime, state: TcpState, segments: u32) -> Event {
-    client(
-        dest,
-        time,
-        EventDetail::Retransmit(Retransmit { state, segments }),
-    )
-}
-
-pub(crate) fn reset_received(dest: &str, time: SystemTime, state: TcpState) -> Event {
-    client(
-        dest,
-        time,
-        EventDetail::Reset(Reset {
-            direction: Direction::Received,
-            state: Some(state),
-            reason: None,
-        }),
-    )
-}
-
-/// A reset this host's service at `local` sends to a client.
-pub(crate) fn reset_sent_by_service(
-    local: &str,
-    time: SystemTime,
-    side: Option<Side>,
-    state: Option<TcpState>,
-) -> Event {
-    event(
-        side,
-        local,
-        "10.7.7.7:51000",
-        time,
-        EventDetail::Reset(Reset {
-            direction: Direction::Sent,
-            state,
-            reason: None,
-        }),
-    )
-}
-
-/// A reset this host's service at `local` sends with the kernel's `reason` (Linux 6.10 and
-/// later).
-pub(crate) fn reset_sent_for_reason(
-    local: &str,
-    time: SystemTime,
-    state: Option<TcpState>,
-    reason: &str,
-) -> Event {
-    event(
-        Some(Side::Server),
-        local,
-        "10.7.7.7:51000",
-        time,
-        EventDetail::Reset(Reset {
-            direction: Direction::Sent,
-            state,
-            reason: Some(ResetReason::new(reason)),
-        }),
-    )
-}
-
-/// A connection this host's service at `local` accepted.
-pub(crate) fn accepted(local: &str, time: SystemTime) -> Event {
-    event(
-        Some(Side::Server),
-        local,
-        "10.7.7.7:51000",
-        time,
-        EventDetail::Connect(Connect {
-            outcome: Outcome::Established,
-            reason: None,
-            errno: None,
-            latency: None,
-            syn_retransmits: 0,
-        }),
-    )
-}
-
-/// `event` owned by process `pid` named `comm`, or by no known process (`pid` 0).
-pub(crate) fn owned_by(mut event: Event, pid: u32, comm: &str) -> Event {
-    event.process = (pid != 0).then(|| Process {
-        pid,
-        comm: Comm::from_str_lossy(comm),
-    });
-    event
 }
 
 /// A bit of everything over ten minutes: refused, blackholed, lossy, healthy destinations, a
@@ -212,7 +47,7 @@ pub(crate) fn mixed_log() -> Vec<Event> {
         events.push(retransmit(
             "10.0.0.3:443",
             at(t + 2.5),
-            TcpState::ESTABLISHED,
+            TcpState::Established,
             30,
         ));
         events.push(connect_ok("10.0.0.4:80", at(t + 4.0), 300));
@@ -255,7 +90,7 @@ fn find(report: &Report, dest: &str, id: VerdictId) -> Option<Verdict> {
         .iter()
         .filter(|d| d.destination == dest)
         .flat_map(|d| d.verdicts.iter())
-        .find(|v| v.verdict == id)
+        .find(|v| v.id() == id)
         .cloned()
 }
 
@@ -284,10 +119,10 @@ fn refused() {
     });
     let report = judged(&events);
     let v = top(&report, "10.0.0.1:80");
-    assert_eq!(v.verdict, VerdictId::Refused);
+    assert_eq!(v.id(), VerdictId::Refused);
     assert!(v.confidence > 0.9, "{v:?}");
-    assert_eq!(v.evidence["matching"], 40);
-    assert_eq!(v.evidence["errnos"]["ECONNREFUSED"], 40);
+    assert_eq!(evidence(&v)["matching"], 40);
+    assert_eq!(evidence(&v)["errnos"]["ECONNREFUSED"], 40);
     assert!(v.next_step.contains("10.0.0.1:80"));
     assert_eq!(report.destinations[0].side.as_deref(), Some("client"));
 }
@@ -310,10 +145,10 @@ fn blackhole_needs_unanswered_syns() {
         ));
     }
     let v = top(&judged(&events), "10.0.0.2:80");
-    assert_eq!(v.verdict, VerdictId::Blackhole);
-    assert_eq!(v.evidence["timeouts"], 10);
-    assert_eq!(v.evidence["cancelled_after_syn_retransmit"], 10);
-    assert_eq!(v.evidence["syn_retransmits"], 30);
+    assert_eq!(v.id(), VerdictId::Blackhole);
+    assert_eq!(evidence(&v)["timeouts"], 10);
+    assert_eq!(evidence(&v)["cancelled_after_syn_retransmit"], 10);
+    assert_eq!(evidence(&v)["syn_retransmits"], 30);
 
     // The application giving up before any SYN was retransmitted says nothing about the path.
     let early: Vec<_> = (0..10)
@@ -328,8 +163,8 @@ fn unreachable() {
         connect_failed("10.0.0.5:22", t, FailureReason::Unreachable, 0)
     });
     let v = top(&judged(&events), "10.0.0.5:22");
-    assert_eq!(v.verdict, VerdictId::Unreachable);
-    assert_eq!(v.evidence["matching"], 15);
+    assert_eq!(v.id(), VerdictId::Unreachable);
+    assert_eq!(evidence(&v)["matching"], 15);
     assert!(v.next_step.contains("ip route get 10.0.0.5"));
 }
 
@@ -341,8 +176,8 @@ fn lossy_from_close_ratios() {
         events.push(close("10.0.0.3:443", at(i as f64 + 0.5), 200, 10));
     }
     let v = top(&judged(&events), "10.0.0.3:443");
-    assert_eq!(v.verdict, VerdictId::Lossy);
-    assert_eq!(v.evidence["retransmit_ratio"], 0.05);
+    assert_eq!(v.id(), VerdictId::Lossy);
+    assert_eq!(evidence(&v)["retransmit_ratio"], 0.05);
     assert!(v.confidence > 0.85, "{v:?}");
 
     // Half a percent is a healthy path.
@@ -359,10 +194,7 @@ fn lossy_from_close_ratios() {
             ]
         })
         .collect();
-    assert_eq!(
-        top(&judged(&fine), "10.0.0.3:443").verdict,
-        VerdictId::Healthy
-    );
+    assert_eq!(top(&judged(&fine), "10.0.0.3:443").id(), VerdictId::Healthy);
 }
 
 #[test]
@@ -372,14 +204,14 @@ fn lossy_from_retransmits_of_open_connections() {
         events.push(retransmit(
             "10.0.0.3:443",
             at(1.0 + i as f64),
-            TcpState::ESTABLISHED,
+            TcpState::Established,
             2,
         ));
     }
     let v = top(&judged(&events), "10.0.0.3:443");
-    assert_eq!(v.verdict, VerdictId::Lossy);
+    assert_eq!(v.id(), VerdictId::Lossy);
     assert!(v.confidence <= 0.5, "no ratio, so at most half sure: {v:?}");
-    assert_eq!(v.evidence["established_retransmit_segments"], 40);
+    assert_eq!(evidence(&v)["established_retransmit_segments"], 40);
 }
 
 #[test]
@@ -390,29 +222,29 @@ fn reset_midstream_on_client_connections() {
         events.push(reset_received(
             "10.0.0.6:5432",
             at(i as f64 * 5.0 + 2.0),
-            TcpState::ESTABLISHED,
+            TcpState::Established,
         ));
         events.push(close("10.0.0.6:5432", at(i as f64 * 5.0 + 2.0), 20, 0));
     }
     let v = top(&judged(&events), "10.0.0.6:5432");
-    assert_eq!(v.verdict, VerdictId::ResetMidstream);
-    assert_eq!(v.evidence["resets_received"], 20);
-    assert_eq!(v.evidence["by_state"]["ESTABLISHED"], 20);
+    assert_eq!(v.id(), VerdictId::ResetMidstream);
+    assert_eq!(evidence(&v)["resets_received"], 20);
+    assert_eq!(evidence(&v)["by_state"]["ESTABLISHED"], 20);
 
     // Resets answering SYNs are refusals, not mid-stream resets.
     let refused: Vec<_> = (0..10)
         .flat_map(|i| {
             [
-                reset_received("10.0.0.6:5432", at(i as f64), TcpState::SYN_SENT),
+                reset_received("10.0.0.6:5432", at(i as f64), TcpState::SynSent),
                 connect_failed("10.0.0.6:5432", at(i as f64), FailureReason::Refused, 0),
             ]
         })
         .collect();
     let report = judged(&refused);
-    assert_eq!(top(&report, "10.0.0.6:5432").verdict, VerdictId::Refused);
+    assert_eq!(top(&report, "10.0.0.6:5432").id(), VerdictId::Refused);
     assert!(find(&report, "10.0.0.6:5432", VerdictId::ResetMidstream).is_none());
     assert_eq!(
-        top(&report, "10.0.0.6:5432").evidence["resets_received_in_syn_sent"],
+        evidence(&top(&report, "10.0.0.6:5432"))["resets_received_in_syn_sent"],
         10
     );
 }
@@ -436,13 +268,13 @@ fn local_resets_count_against_the_local_service() {
     assert_eq!(d.destination, "10.9.9.9:9000");
     assert_eq!(d.side.as_deref(), Some("server"));
     let v = &d.verdicts[0];
-    assert_eq!(v.verdict, VerdictId::LocalResets);
-    assert_eq!(v.evidence["answering_syn"], 15);
+    assert_eq!(v.id(), VerdictId::LocalResets);
+    assert_eq!(evidence(v)["answering_syn"], 15);
     assert!(v.next_step.contains("nothing listens"), "{}", v.next_step);
 }
 
 /// TCP_CLOSE: where `tcp_close` has moved a socket by the time it sends its reset.
-const CLOSE: TcpState = TcpState(7);
+const CLOSE: TcpState = TcpState::Close;
 
 #[test]
 fn local_resets_count_the_kernels_reasons() {
@@ -471,13 +303,13 @@ fn local_resets_count_the_kernels_reasons() {
         None,
     ));
     let v = top(&judged(&events), "10.9.9.9:9000");
-    assert_eq!(v.verdict, VerdictId::LocalResets);
-    assert_eq!(v.evidence["resets_sent"], 16);
-    assert_eq!(v.evidence["by_reason"]["TCP_ABORT_ON_CLOSE"], 12);
-    assert_eq!(v.evidence["by_reason"]["NO_SOCKET"], 3);
-    assert_eq!(v.evidence["by_reason"].as_object().unwrap().len(), 2);
-    assert_eq!(v.evidence["by_state"]["CLOSE"], 12);
-    assert_eq!(v.evidence["by_state"]["none"], 4);
+    assert_eq!(v.id(), VerdictId::LocalResets);
+    assert_eq!(evidence(&v)["resets_sent"], 16);
+    assert_eq!(evidence(&v)["by_reason"]["TCP_ABORT_ON_CLOSE"], 12);
+    assert_eq!(evidence(&v)["by_reason"]["NO_SOCKET"], 3);
+    assert_eq!(evidence(&v)["by_reason"].as_object().unwrap().len(), 2);
+    assert_eq!(evidence(&v)["by_state"]["CLOSE"], 12);
+    assert_eq!(evidence(&v)["by_state"]["none"], 4);
 }
 
 #[test]
@@ -494,7 +326,7 @@ fn local_resets_next_step_follows_the_dominant_reason() {
         ),
         (
             "TCP_ABORT_ON_DATA",
-            Some(TcpState(5)),
+            Some(TcpState::FinWait2),
             &["data arrives after the application has closed"],
         ),
         (
@@ -504,12 +336,12 @@ fn local_resets_next_step_follows_the_dominant_reason() {
         ),
         (
             "TCP_ABORT_ON_LINGER",
-            Some(TcpState(5)),
+            Some(TcpState::FinWait2),
             &["aborts connections", "TCP_LINGER2"],
         ),
         (
             "TCP_KEEPALIVE_TIMEOUT",
-            Some(TcpState::ESTABLISHED),
+            Some(TcpState::Established),
             &["keepalive probes went unanswered"],
         ),
         (
@@ -519,7 +351,7 @@ fn local_resets_next_step_follows_the_dominant_reason() {
         ),
         (
             "TCP_INVALID_ACK_SEQUENCE",
-            Some(TcpState::SYN_RECV),
+            Some(TcpState::SynRecv),
             &["enum sk_rst_reason"],
         ),
     ];
@@ -528,7 +360,7 @@ fn local_resets_next_step_follows_the_dominant_reason() {
             .map(|i| reset_sent_for_reason("10.9.9.9:9000", at(i as f64), state, reason))
             .collect();
         let v = top(&judged(&events), "10.9.9.9:9000");
-        assert_eq!(v.verdict, VerdictId::LocalResets, "{reason}");
+        assert_eq!(v.id(), VerdictId::LocalResets, "{reason}");
         assert!(
             v.next_step
                 .starts_with("This host resets connections to its own 10.9.9.9:9000: "),
@@ -582,13 +414,13 @@ fn local_resets_without_reasons_judge_by_state_as_before() {
         .map(|i| reset_sent_by_service("10.9.9.9:9000", at(i as f64), Some(Side::Server), None))
         .collect();
     let v = top(&judged(&socketless), "10.9.9.9:9000");
-    assert_eq!(v.verdict, VerdictId::LocalResets);
+    assert_eq!(v.id(), VerdictId::LocalResets);
     assert_eq!(
         v.next_step,
         "This host resets connections to its own 10.9.9.9:9000: most answer SYNs, so nothing \
          listens there: start the service or stop sending traffic to it (`ss -ltn`)."
     );
-    assert_eq!(v.evidence["by_reason"], serde_json::json!({}));
+    assert_eq!(evidence(&v)["by_reason"], serde_json::json!({}));
 
     let open: Vec<_> = (0..10)
         .map(|i| {
@@ -596,12 +428,12 @@ fn local_resets_without_reasons_judge_by_state_as_before() {
                 "10.9.9.9:9000",
                 at(i as f64),
                 Some(Side::Server),
-                Some(TcpState::ESTABLISHED),
+                Some(TcpState::Established),
             )
         })
         .collect();
     let v = top(&judged(&open), "10.9.9.9:9000");
-    assert_eq!(v.verdict, VerdictId::LocalResets);
+    assert_eq!(v.id(), VerdictId::LocalResets);
     assert_eq!(
         v.next_step,
         "This host resets connections to its own 10.9.9.9:9000: they come from open sockets, so \
@@ -618,17 +450,17 @@ fn slow_handshakes_against_the_destinations_own_baseline() {
         events.push(connect_ok("10.0.0.7:443", at(i as f64), us));
     }
     let v = top(&judged(&events), "10.0.0.7:443");
-    assert_eq!(v.verdict, VerdictId::SlowHandshakes);
-    assert_eq!(v.evidence["slow"], 10);
-    assert_eq!(v.evidence["slow_p50_ms"], 250.0);
-    assert!(v.evidence["baseline_p50_ms"].as_f64().unwrap() < 1.1);
+    assert_eq!(v.id(), VerdictId::SlowHandshakes);
+    assert_eq!(evidence(&v)["slow"], 10);
+    assert_eq!(evidence(&v)["slow_p50_ms"], 250.0);
+    assert!(evidence(&v)["baseline_p50_ms"].as_f64().unwrap() < 1.1);
 
     // Uniformly slow is this destination's normal: no baseline to be slow against.
     let uniform: Vec<_> = (0..40)
         .map(|i| connect_ok("10.0.0.7:443", at(i as f64), 250_000))
         .collect();
     assert_eq!(
-        top(&judged(&uniform), "10.0.0.7:443").verdict,
+        top(&judged(&uniform), "10.0.0.7:443").id(),
         VerdictId::Healthy
     );
 
@@ -642,10 +474,7 @@ fn slow_handshakes_against_the_destinations_own_baseline() {
             )
         })
         .collect();
-    assert_eq!(
-        top(&judged(&tiny), "10.0.0.7:443").verdict,
-        VerdictId::Healthy
-    );
+    assert_eq!(top(&judged(&tiny), "10.0.0.7:443").id(), VerdictId::Healthy);
 }
 
 #[test]
@@ -655,9 +484,9 @@ fn pool_partial_failure_names_the_bad_backend() {
     let g = &report.groups[0];
     assert_eq!(g.port, 8080);
     let v = &g.verdicts[0];
-    assert_eq!(v.verdict, VerdictId::PoolPartialFailure);
-    assert_eq!(v.evidence["failing"][0]["destination"], "10.0.1.2:8080");
-    assert_eq!(v.evidence["healthy"].as_array().unwrap().len(), 2);
+    assert_eq!(v.id(), VerdictId::PoolPartialFailure);
+    assert_eq!(evidence(v)["failing"][0]["destination"], "10.0.1.2:8080");
+    assert_eq!(evidence(v)["healthy"].as_array().unwrap().len(), 2);
     assert!(
         v.next_step.contains("10.0.1.2:8080 fails"),
         "{}",
@@ -683,9 +512,9 @@ fn pool_partial_failure_names_the_bad_backend() {
 
 /// The `processes` of a verdict's evidence as (pid, comm, events).
 fn processes(v: &Verdict) -> Vec<(u64, String, u64)> {
-    v.evidence["processes"]
+    evidence(v)["processes"]
         .as_array()
-        .unwrap_or_else(|| panic!("no processes in {:?}", v.evidence))
+        .unwrap_or_else(|| panic!("no processes in {:?}", v.finding))
         .iter()
         .map(|p| {
             (
@@ -716,25 +545,25 @@ fn client_verdicts_name_the_processes_that_connect() {
     }
     // A retransmit is an event of its owner too.
     events.push(owned_by(
-        retransmit(dest, at(20.0), TcpState::SYN_SENT, 1),
+        retransmit(dest, at(20.0), TcpState::SynSent, 1),
         17,
         "psql",
     ));
     let report = judged(&events);
     let d = &report.destinations[0];
     assert_eq!(d.side.as_deref(), Some("client"));
-    assert_eq!(d.verdicts[0].verdict, VerdictId::Refused);
+    assert_eq!(d.verdicts[0].id(), VerdictId::Refused);
     for v in &d.verdicts {
         assert_eq!(
             processes(v),
             vec![(4242, "app".to_string(), 6), (17, "psql".to_string(), 4)],
             "{:?}",
-            v.verdict
+            v.id()
         );
-        assert_eq!(v.evidence["unlisted_process_events"], 0);
+        assert_eq!(evidence(v)["unlisted_process_events"], 0);
     }
     // The evidence the verdict had before is all still there.
-    assert_eq!(d.verdicts[0].evidence["matching"], 12);
+    assert_eq!(evidence(&d.verdicts[0])["matching"], 12);
 }
 
 #[test]
@@ -757,9 +586,9 @@ fn server_verdicts_name_the_process_that_serves() {
         ));
     }
     let v = top(&judged(&events), local);
-    assert_eq!(v.verdict, VerdictId::LocalResets);
+    assert_eq!(v.id(), VerdictId::LocalResets);
     assert_eq!(processes(&v), vec![(812, "nginx".to_string(), 12)]);
-    assert_eq!(v.evidence["resets_sent"], 12);
+    assert_eq!(evidence(&v)["resets_sent"], 12);
 
     // Nothing listens: no event knows a process, and the list says so.
     let nobody: Vec<_> = (0..5)
@@ -772,8 +601,8 @@ fn server_verdicts_name_the_process_that_serves() {
         })
         .collect();
     let v = top(&judged(&nobody), local);
-    assert_eq!(v.verdict, VerdictId::LocalResets);
-    assert_eq!(v.evidence["processes"], serde_json::json!([]));
+    assert_eq!(v.id(), VerdictId::LocalResets);
+    assert_eq!(evidence(&v)["processes"], serde_json::json!([]));
 }
 
 #[test]
@@ -791,8 +620,8 @@ fn a_destination_names_at_most_eight_processes() {
     assert_eq!(listed.len(), 8, "{listed:?}");
     assert_eq!(listed[0], (1003, "job".to_string(), 6));
     assert_eq!(listed[1], (1000, "job".to_string(), 1));
-    assert_eq!(v.evidence["unlisted_process_events"], 92);
-    assert_eq!(v.evidence["events"], 105);
+    assert_eq!(evidence(&v)["unlisted_process_events"], 92);
+    assert_eq!(evidence(&v)["events"], 105);
 }
 
 #[test]
@@ -818,9 +647,9 @@ fn a_pool_names_the_processes_whose_connects_fail() {
     }
     let report = judged(&events);
     let v = &report.groups[0].verdicts[0];
-    assert_eq!(v.verdict, VerdictId::PoolPartialFailure);
+    assert_eq!(v.id(), VerdictId::PoolPartialFailure);
     assert_eq!(processes(v), vec![(4242, "app".to_string(), 10)]);
-    assert_eq!(v.evidence["unlisted_process_events"], 0);
+    assert_eq!(evidence(v)["unlisted_process_events"], 0);
 }
 
 #[test]
@@ -859,8 +688,8 @@ fn one_refusal_among_many_good_connects_is_noise() {
         connect_failed("10.0.0.9:80", t, FailureReason::Refused, 0)
     });
     let v = top(&judged(&events), "10.0.0.9:80");
-    assert_eq!(v.verdict, VerdictId::Healthy);
-    assert_eq!(v.evidence["failures"], 1);
+    assert_eq!(v.id(), VerdictId::Healthy);
+    assert_eq!(evidence(&v)["failures"], 1);
 }
 
 #[test]
@@ -881,9 +710,9 @@ fn a_little_noise_of_several_kinds_is_still_healthy() {
         1,
     ));
     let v = top(&judged(&events), "10.0.0.9:80");
-    assert_eq!(v.verdict, VerdictId::Healthy, "{v:?}");
-    assert_eq!(v.evidence["failures"], 4);
-    assert_eq!(v.evidence["errnos"]["ETIMEDOUT"], 2);
+    assert_eq!(v.id(), VerdictId::Healthy, "{v:?}");
+    assert_eq!(evidence(&v)["failures"], 4);
+    assert_eq!(evidence(&v)["errnos"]["ETIMEDOUT"], 2);
 }
 
 #[test]
@@ -894,7 +723,7 @@ fn too_few_events_is_not_enough_data() {
     ];
     let report = judged(&events);
     let v = top(&report, "10.0.0.10:80");
-    assert_eq!(v.verdict, VerdictId::NotEnoughData);
+    assert_eq!(v.id(), VerdictId::NotEnoughData);
     assert!(v.confidence > 0.0 && v.confidence < 1.0);
     assert_eq!(report.destinations[0].verdicts.len(), 1);
     assert!(judged(&[]).destinations.is_empty());
@@ -932,7 +761,7 @@ fn confidence_grows_with_the_amount_of_evidence() {
             let e = (0..n)
                 .flat_map(|i| {
                     [
-                        reset_received("10.0.0.1:80", at(i as f64), TcpState::ESTABLISHED),
+                        reset_received("10.0.0.1:80", at(i as f64), TcpState::Established),
                         close("10.0.0.1:80", at(i as f64), 10, 0),
                     ]
                 })
@@ -1022,7 +851,7 @@ fn bursts_of_refusals_are_bursty_with_their_times() {
         }
     }
     let v = top(&judged(&events), "10.0.0.1:80");
-    assert_eq!(v.verdict, VerdictId::Refused);
+    assert_eq!(v.id(), VerdictId::Refused);
     assert_eq!(v.pattern, Pattern::Bursty);
     assert_eq!(v.bursts.len(), 2);
     assert_eq!(v.bursts[0].failures, 10);
@@ -1050,7 +879,7 @@ fn worst_destinations_first() {
     let order: Vec<_> = report
         .destinations
         .iter()
-        .map(|d| (d.destination.as_str(), d.verdicts[0].verdict))
+        .map(|d| (d.destination.as_str(), d.verdicts[0].id()))
         .collect();
     let first_healthy = order
         .iter()

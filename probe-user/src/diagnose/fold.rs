@@ -5,10 +5,12 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::engine::DestinationKey;
 use super::processes::ProcessCounts;
 use super::rules::ratio;
-use crate::event::{Direction, Event, EventDetail, FailureReason, Outcome, Phase, Side, TcpState};
+use crate::{
+    destination::Destination,
+    event::{ConnectOutcome, Direction, Event, EventDetail, FailureReason, Phase, TcpState},
+};
 
 /// A connect that failed, reduced to what the verdicts need.
 #[derive(Clone, Copy, Debug)]
@@ -89,7 +91,7 @@ impl DestinationEvidence {
         }
     }
 
-    pub(super) fn add(&mut self, key: &DestinationKey, event: &Event) {
+    pub(super) fn add(&mut self, key: &Destination, event: &Event) {
         // Milliseconds, as reports print them: an agent's nanoseconds and its log's
         // microseconds then give the same bursts and the same order.
         let time = truncate_to_millis(event.time);
@@ -103,7 +105,7 @@ impl DestinationEvidence {
                 self.events += 1;
                 self.attempts += 1;
                 match c.outcome {
-                    Outcome::Established => {
+                    ConnectOutcome::Established => {
                         self.established += 1;
                         let latency_us = c.latency.map(|l| l.as_micros() as u64);
                         if let Some(us) = latency_us {
@@ -115,13 +117,13 @@ impl DestinationEvidence {
                             self.handshakes.push((time, us));
                         }
                     }
-                    Outcome::Failed => {
-                        if let Some(errno) = c.errno {
+                    ConnectOutcome::Failed { reason, errno } => {
+                        if let Some(errno) = errno {
                             *self.errnos.entry(errno.name().into_owned()).or_default() += 1;
                         }
                         self.failed.push(FailedConnect {
                             time,
-                            reason: c.reason.unwrap_or(FailureReason::Other),
+                            reason,
                             syn_retransmits: c.syn_retransmits,
                             waited_us: c.latency.map(|l| l.as_micros() as u64),
                         });
@@ -134,7 +136,7 @@ impl DestinationEvidence {
                     self.established_retransmit_segments += u64::from(r.segments);
                     self.established_retransmit_times.push(time);
                 }
-                Phase::Other(_) => self.other_retransmit_segments += u64::from(r.segments),
+                _ => self.other_retransmit_segments += u64::from(r.segments),
             },
             EventDetail::Close(c) => {
                 self.events += 1;
@@ -148,12 +150,13 @@ impl DestinationEvidence {
             EventDetail::Reset(r) => {
                 self.events += 1;
                 let state = r.state.map_or("none", TcpState::name).to_string();
+                let server = key.is_server();
                 match r.direction {
                     Direction::Received => {
                         *self.resets_received_by_state.entry(state).or_default() += 1;
                         match r.state {
-                            Some(TcpState::SYN_SENT) => self.resets_received_in_syn_sent += 1,
-                            Some(s) if is_midstream(s) && key.side != Some(Side::Server) => {
+                            Some(TcpState::SynSent) => self.resets_received_in_syn_sent += 1,
+                            Some(s) if s.is_midstream() && !server => {
                                 self.resets_received_midstream.push(time)
                             }
                             _ => {}
@@ -167,7 +170,7 @@ impl DestinationEvidence {
                                 .entry(reason.as_str().to_string())
                                 .or_default() += 1;
                         }
-                        if key.side == Some(Side::Server) {
+                        if server {
                             self.resets_sent.push(time);
                             if r.state.is_none() {
                                 self.resets_sent_socketless += 1;
@@ -194,14 +197,6 @@ impl DestinationEvidence {
     pub(super) fn active(&self) -> (SystemTime, SystemTime) {
         (self.first, self.last)
     }
-}
-
-/// Established or on the way to closing: a reset received there ends a working connection.
-fn is_midstream(state: TcpState) -> bool {
-    matches!(
-        state.name(),
-        "ESTABLISHED" | "FIN_WAIT1" | "FIN_WAIT2" | "CLOSE_WAIT" | "LAST_ACK" | "CLOSING"
-    )
 }
 
 fn truncate_to_millis(time: SystemTime) -> SystemTime {

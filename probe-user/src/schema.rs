@@ -1,0 +1,402 @@
+//! The JSON event log's schema: one serde type, [`LogLine`], through which every event is
+//! written (the log, evidence bundles) and read back (`connprobe analyze`). One flat object per
+//! event (README "The JSON event log"): `type` first, then the fields every event has, then
+//! the kind's own. `Event` is serialised and deserialised through it, so there is no second
+//! description of the format anywhere; the log writer's fast formatter is pinned to it
+//! byte for byte by a test.
+use std::{
+    net::IpAddr,
+    time::{Duration, SystemTime},
+};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::event::{
+    Close, Comm, Connect, ConnectOutcome, Direction, Endpoint, Errno, Event, EventDetail,
+    FailureReason, Outcome, Phase, Process, Reset, ResetReason, Retransmit, Side, TcpState,
+};
+
+/// One line of the log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum LogLine {
+    Connect(Line<ConnectFields>),
+    Retransmit(Line<RetransmitFields>),
+    Reset(Line<ResetFields>),
+    Close(Line<CloseFields>),
+}
+
+/// The fields every line has, then the kind's own (`fields`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Line<F> {
+    /// RFC 3339 UTC with microseconds.
+    #[serde(with = "rfc3339_micros")]
+    pub time: SystemTime,
+    pub pid: Option<u32>,
+    /// Always valid text: bytes that are not UTF-8 become U+FFFD.
+    pub comm: Option<String>,
+    pub side: Option<Side>,
+    pub src_ip: IpAddr,
+    pub src_port: u16,
+    pub dst_ip: IpAddr,
+    pub dst_port: u16,
+    #[serde(flatten)]
+    pub fields: F,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnectFields {
+    pub outcome: Outcome,
+    /// Set exactly when the connect failed.
+    pub reason: Option<FailureReason>,
+    pub errno: Option<Errno>,
+    pub latency_us: Option<u64>,
+    #[serde(default)]
+    pub syn_retransmits: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RetransmitFields {
+    /// Derived from `state`; written for readers of the log, not read back.
+    pub phase: Phase,
+    pub state: TcpState,
+    pub segments: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResetFields {
+    pub direction: Direction,
+    pub state: Option<TcpState>,
+    /// Absent in logs from before reset reasons: read as none.
+    #[serde(default)]
+    pub reset_reason: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CloseFields {
+    pub duration_ms: Option<u64>,
+    #[serde(default)]
+    pub bytes_sent: u64,
+    #[serde(default)]
+    pub bytes_received: u64,
+    #[serde(default)]
+    pub segments_sent: u32,
+    #[serde(default)]
+    pub segments_retransmitted: u32,
+}
+
+/// A line that is valid JSON of the right shape but describes no possible event.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SchemaError {
+    #[error("a failed connect needs a reason")]
+    MissingReason,
+    #[error("an established connect has no reason or errno")]
+    EstablishedWithReason,
+}
+
+impl Line<()> {
+    fn common(event: &Event) -> Self {
+        Line {
+            time: event.time,
+            pid: event.process.as_ref().map(|p| p.pid),
+            comm: event
+                .process
+                .as_ref()
+                .map(|p| p.comm.to_string_lossy().into_owned()),
+            side: event.side,
+            src_ip: event.src.ip(),
+            src_port: event.src.port(),
+            dst_ip: event.dst.ip(),
+            dst_port: event.dst.port(),
+            fields: (),
+        }
+    }
+
+    fn with<F>(self, fields: F) -> Line<F> {
+        Line {
+            time: self.time,
+            pid: self.pid,
+            comm: self.comm,
+            side: self.side,
+            src_ip: self.src_ip,
+            src_port: self.src_port,
+            dst_ip: self.dst_ip,
+            dst_port: self.dst_port,
+            fields,
+        }
+    }
+}
+
+impl From<&Event> for LogLine {
+    fn from(event: &Event) -> Self {
+        let line = Line::common(event);
+        match &event.detail {
+            EventDetail::Connect(c) => {
+                let (reason, errno) = match c.outcome {
+                    ConnectOutcome::Established => (None, None),
+                    ConnectOutcome::Failed { reason, errno } => (Some(reason), errno),
+                };
+                LogLine::Connect(line.with(ConnectFields {
+                    outcome: Outcome::from(c.outcome),
+                    reason,
+                    errno,
+                    latency_us: c.latency.map(|d| d.as_micros() as u64),
+                    syn_retransmits: c.syn_retransmits,
+                }))
+            }
+            EventDetail::Retransmit(r) => LogLine::Retransmit(line.with(RetransmitFields {
+                phase: r.state.phase(),
+                state: r.state,
+                segments: r.segments,
+            })),
+            EventDetail::Reset(r) => LogLine::Reset(line.with(ResetFields {
+                direction: r.direction,
+                state: r.state,
+                reset_reason: r.reason.as_ref().map(|r| r.as_str().to_owned()),
+            })),
+            EventDetail::Close(c) => LogLine::Close(line.with(CloseFields {
+                duration_ms: c.duration.map(|d| d.as_millis() as u64),
+                bytes_sent: c.bytes_sent,
+                bytes_received: c.bytes_received,
+                segments_sent: c.segments_sent,
+                segments_retransmitted: c.segments_retransmitted,
+            })),
+        }
+    }
+}
+
+impl<F> Line<F> {
+    fn event(self, detail: EventDetail) -> Event {
+        Event {
+            time: self.time,
+            process: self.pid.map(|pid| Process {
+                pid,
+                comm: Comm::from_str_lossy(self.comm.as_deref().unwrap_or("")),
+            }),
+            side: self.side,
+            src: Endpoint::new(self.src_ip, self.src_port),
+            dst: Endpoint::new(self.dst_ip, self.dst_port),
+            detail,
+        }
+    }
+}
+
+impl TryFrom<LogLine> for Event {
+    type Error = SchemaError;
+
+    fn try_from(line: LogLine) -> Result<Self, SchemaError> {
+        Ok(match line {
+            LogLine::Connect(l) => {
+                let f = &l.fields;
+                let outcome = match (f.outcome, f.reason) {
+                    (Outcome::Established, None) if f.errno.is_none() => {
+                        ConnectOutcome::Established
+                    }
+                    (Outcome::Established, _) => return Err(SchemaError::EstablishedWithReason),
+                    (Outcome::Failed, Some(reason)) => ConnectOutcome::Failed {
+                        reason,
+                        errno: f.errno,
+                    },
+                    (Outcome::Failed, None) => return Err(SchemaError::MissingReason),
+                };
+                let detail = EventDetail::Connect(Connect {
+                    outcome,
+                    latency: f.latency_us.map(Duration::from_micros),
+                    syn_retransmits: f.syn_retransmits,
+                });
+                l.event(detail)
+            }
+            LogLine::Retransmit(l) => {
+                let detail = EventDetail::Retransmit(Retransmit {
+                    state: l.fields.state,
+                    segments: l.fields.segments,
+                });
+                l.event(detail)
+            }
+            LogLine::Reset(l) => {
+                let detail = EventDetail::Reset(Reset {
+                    direction: l.fields.direction,
+                    state: l.fields.state,
+                    reason: l.fields.reset_reason.as_deref().map(ResetReason::new),
+                });
+                l.event(detail)
+            }
+            LogLine::Close(l) => {
+                let f = &l.fields;
+                let detail = EventDetail::Close(Close {
+                    duration: f.duration_ms.map(Duration::from_millis),
+                    bytes_sent: f.bytes_sent,
+                    bytes_received: f.bytes_received,
+                    segments_sent: f.segments_sent,
+                    segments_retransmitted: f.segments_retransmitted,
+                });
+                l.event(detail)
+            }
+        })
+    }
+}
+
+/// An event is written and read as its log line.
+impl Serialize for Event {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        LogLine::from(self).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Event {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Event::try_from(LogLine::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Times as RFC 3339 UTC with microseconds (`2026-11-30T05:15:03.568555Z`).
+mod rfc3339_micros {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_micros(*time))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_rfc3339(&text)
+            .map_err(|e| serde::de::Error::custom(format_args!("bad time {text:?}: {e}")))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::event::testing::{self, reset};
+
+    /// One event of every kind and shape the log can hold: established and failed connects (with
+    /// and without errno and latency), retransmits in several phases, resets sent and received
+    /// (socketless, with a reason), closes, unknown owners and sides, IPv6, odd process names.
+    pub(crate) fn every_shape() -> Vec<Event> {
+        let t = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(1_795_000_000)
+            + Duration::from_micros(123_456);
+        let mut events = vec![
+            testing::client("10.200.0.2:8081", t, testing::established(87)),
+            testing::client(
+                "10.200.0.2:8081",
+                t,
+                testing::failed(FailureReason::Refused, 0),
+            ),
+            testing::client(
+                "10.200.0.2:8081",
+                t,
+                testing::failed(FailureReason::Cancelled, 2),
+            ),
+            testing::client(
+                "10.200.0.2:8081",
+                t,
+                testing::failed(FailureReason::Other, 1),
+            ),
+            testing::client(
+                "10.200.0.2:8083",
+                t,
+                testing::retransmitted(TcpState::Established, 7),
+            ),
+            testing::client(
+                "10.200.0.2:8083",
+                t,
+                testing::retransmitted(TcpState::SynSent, 1),
+            ),
+            testing::client(
+                "10.200.0.2:8083",
+                t,
+                testing::retransmitted(TcpState::FinWait1, 2),
+            ),
+            testing::client(
+                "10.200.0.2:8081",
+                t,
+                reset(Direction::Received, Some(TcpState::SynSent), None),
+            ),
+            testing::event(
+                Some(Side::Server),
+                "10.0.0.1:1",
+                "10.0.0.2:55500",
+                t,
+                reset(Direction::Sent, None, Some("NO_SOCKET")),
+            ),
+            testing::client("10.200.0.2:8083", t, testing::closed(900, 12)),
+            testing::accepted("[fd00:200:61::1]:443", t),
+        ];
+        let mut unknown = testing::client(
+            "[2001:db8::a:0:0:1]:8080",
+            t,
+            reset(Direction::Sent, None, None),
+        );
+        unknown.process = None;
+        unknown.side = None;
+        events.push(unknown);
+        let mut no_latency = testing::client("10.1.1.1:80", t, testing::established(1));
+        if let EventDetail::Connect(c) = &mut no_latency.detail {
+            c.latency = None;
+        }
+        events.push(no_latency);
+        let mut big = testing::close("10.1.1.1:80", t, 1, 0);
+        if let EventDetail::Close(c) = &mut big.detail {
+            c.bytes_sent = 1 << 33;
+            c.duration = None;
+        }
+        events.push(big);
+        for raw in [
+            &b"plain"[..],
+            b"with space",
+            b"q\"uote",
+            b"back\\slash",
+            b"\x00\x01\x08\x0c\x1f\x7f",
+            b"tab\tnl\ncr\r",
+            b"\xc3\xa9t\xc3\xa9",
+            b"\xff\xfe",
+        ] {
+            let mut bytes = [0u8; 16];
+            bytes[..raw.len()].copy_from_slice(raw);
+            let mut e = testing::client("10.1.1.1:80", t, testing::established(5));
+            e.process = Some(Process {
+                pid: 7,
+                comm: Comm::from_kernel(&bytes),
+            });
+            events.push(e);
+        }
+        events
+    }
+
+    #[test]
+    fn every_shape_round_trips() {
+        for event in every_shape() {
+            let text = serde_json::to_string(&event).unwrap();
+            let back: Event = serde_json::from_str(&text).unwrap();
+            // Names are kept as text: a name with invalid UTF-8 comes back with U+FFFD.
+            let mut expected = event.clone();
+            if let Some(p) = &mut expected.process {
+                p.comm = Comm::from_str_lossy(&p.comm.to_string_lossy());
+            }
+            assert_eq!(back, expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn impossible_connects_are_errors() {
+        let base = r#""time":"2026-01-01T00:00:00Z","pid":null,"comm":null,"side":"client","src_ip":"1.2.3.4","src_port":1,"dst_ip":"1.2.3.5","dst_port":2,"latency_us":null,"syn_retransmits":0"#;
+        let failed =
+            format!(r#"{{"type":"connect",{base},"outcome":"failed","reason":null,"errno":null}}"#);
+        assert!(
+            serde_json::from_str::<Event>(&failed)
+                .unwrap_err()
+                .to_string()
+                .contains("needs a reason")
+        );
+        let odd = format!(
+            r#"{{"type":"connect",{base},"outcome":"established","reason":"refused","errno":null}}"#
+        );
+        assert!(serde_json::from_str::<Event>(&odd).is_err());
+        let unknown =
+            format!(r#"{{"type":"connect",{base},"outcome":"maybe","reason":null,"errno":null}}"#);
+        assert!(serde_json::from_str::<Event>(&unknown).is_err());
+    }
+}

@@ -1,0 +1,159 @@
+//! What the pipeline counted, in one plain place: events delivered by kind, produced in the
+//! kernel, lost by stage, undecodable records, failed kernel reads. The reader, the log writer
+//! and the pipeline (from the kernel's per-CPU counters) write it; the stderr tally line,
+//! `/metrics` and `/diagnose` read it. Atomics: no writer waits for a reader.
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+};
+
+use strum::{EnumCount, IntoStaticStr, VariantArray};
+
+use crate::event::EventKind;
+
+/// Where events were lost, the `stage` label of `connprobe_events_lost_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, IntoStaticStr, VariantArray, EnumCount)]
+#[strum(serialize_all = "lowercase")]
+pub enum LossStage {
+    /// The kernel could not reserve room in the ring buffer: the reader fell behind.
+    Ringbuf,
+    /// A connect's start record was evicted from the kernel's socket map.
+    Map,
+    /// The agent's queue to the log writer was full.
+    Queue,
+    /// Writing the JSON log failed.
+    Log,
+}
+
+impl LossStage {
+    pub fn name(self) -> &'static str {
+        self.into()
+    }
+}
+
+/// The kernel programs' own cumulative counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounts {
+    /// Events the programs tried to emit (delivered + lost in the ring buffer).
+    pub produced: u64,
+    pub lost_ringbuf: u64,
+    pub lost_map: u64,
+    pub read_errors: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Tally {
+    delivered: [AtomicU64; EventKind::COUNT],
+    lost: [AtomicU64; LossStage::COUNT],
+    produced: AtomicU64,
+    kernel_read_errors: AtomicU64,
+    undecodable: AtomicU64,
+}
+
+impl Tally {
+    /// `n` events of `kind` handed to the consumers.
+    pub fn add_delivered(&self, kind: EventKind, n: u64) {
+        self.delivered[kind as usize].fetch_add(n, Relaxed);
+    }
+
+    pub fn delivered(&self, kind: EventKind) -> u64 {
+        self.delivered[kind as usize].load(Relaxed)
+    }
+
+    /// `n` events lost at `stage` in the agent (queue, log).
+    pub fn add_lost(&self, stage: LossStage, n: u64) {
+        self.lost[stage as usize].fetch_add(n, Relaxed);
+    }
+
+    pub fn lost(&self, stage: LossStage) -> u64 {
+        self.lost[stage as usize].load(Relaxed)
+    }
+
+    /// Every stage's losses, by the stage's name.
+    pub fn lost_by_stage(&self) -> BTreeMap<String, u64> {
+        LossStage::VARIANTS
+            .iter()
+            .map(|s| (s.name().to_string(), self.lost(*s)))
+            .collect()
+    }
+
+    /// One more record the decoder rejected; true for the first.
+    pub fn add_undecodable(&self) -> bool {
+        self.undecodable.fetch_add(1, Relaxed) == 0
+    }
+
+    pub fn undecodable(&self) -> u64 {
+        self.undecodable.load(Relaxed)
+    }
+
+    /// Takes the kernel's cumulative counters. Losses only grow: a total below the count
+    /// already held is ignored.
+    pub fn set_kernel(&self, kernel: KernelCounts) {
+        self.produced.store(kernel.produced, Relaxed);
+        self.kernel_read_errors.store(kernel.read_errors, Relaxed);
+        self.lost[LossStage::Ringbuf as usize].fetch_max(kernel.lost_ringbuf, Relaxed);
+        self.lost[LossStage::Map as usize].fetch_max(kernel.lost_map, Relaxed);
+    }
+
+    /// One line: events by kind, produced, lost by stage, undecodable, read errors.
+    pub fn line(&self) -> String {
+        let kinds = EventKind::VARIANTS
+            .iter()
+            .map(|k| format!("{}={}", k.name(), self.delivered(*k)))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let lost = LossStage::VARIANTS
+            .iter()
+            .map(|s| format!("{}={}", s.name(), self.lost(*s)))
+            .collect::<Vec<_>>()
+            .join(" ");
+        format!(
+            "events: {kinds}; produced in kernel={}; lost: {lost}; undecodable={} \
+             kernel_read_errors={}",
+            self.produced.load(Relaxed),
+            self.undecodable(),
+            self.kernel_read_errors.load(Relaxed),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tally_line_names_every_kind_and_stage() {
+        let tally = Tally::default();
+        tally.add_delivered(EventKind::Connect, 1);
+        tally.add_lost(LossStage::Queue, 2);
+        let line = tally.line();
+        assert!(
+            line.contains("connect=1 retransmit=0 reset=0 close=0"),
+            "{line}"
+        );
+        assert!(
+            line.contains("lost: ringbuf=0 map=0 queue=2 log=0"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn losses_count_and_follow_the_kernels_cumulative_totals() {
+        let tally = Tally::default();
+        tally.add_lost(LossStage::Queue, 3);
+        for ringbuf in [10, 7, 12] {
+            tally.set_kernel(KernelCounts {
+                lost_ringbuf: ringbuf,
+                ..KernelCounts::default()
+            });
+        }
+        tally.add_delivered(EventKind::Close, 1);
+        assert_eq!(tally.lost(LossStage::Queue), 3);
+        assert_eq!(tally.lost(LossStage::Ringbuf), 12);
+        assert_eq!(tally.delivered(EventKind::Close), 1);
+        assert_eq!(tally.lost_by_stage()["ringbuf"], 12);
+        assert!(tally.add_undecodable());
+        assert!(!tally.add_undecodable());
+        assert_eq!(tally.undecodable(), 2);
+    }
+}
