@@ -30,7 +30,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Load the eBPF programs and trace until stopped (needs root). The default.
+    /// Load the eBPF programs and trace until stopped (needs root, or CAP_BPF and CAP_PERFMON).
+    /// The default.
     Run(RunArgs),
     /// Judge a JSON event log after the fact (no root needed).
     Analyze(AnalyzeArgs),

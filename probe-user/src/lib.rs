@@ -17,6 +17,7 @@ pub mod listeners;
 pub mod loader;
 pub mod offsets;
 pub mod pipeline;
+pub mod privileges;
 pub mod quantile;
 pub mod reader;
 pub mod schema;

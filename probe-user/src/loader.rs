@@ -17,6 +17,7 @@ use crate::{
     decode::ResetReasons,
     listeners,
     offsets::{self, Hook, OffsetsError, Tracefs},
+    privileges::{self, PrivilegeError},
 };
 
 /// The eBPF object built by build.rs (probe-ebpf for bpfel-unknown-none).
@@ -24,11 +25,8 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pr
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error(
-        "connprobe needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN) to load eBPF programs; \
-         run it with sudo"
-    )]
-    NotPrivileged,
+    #[error(transparent)]
+    Privileges(#[from] PrivilegeError),
     #[error(
         "this kernel exposes no BTF at {0} (it needs CONFIG_DEBUG_INFO_BTF=y); connprobe reads \
          kernel struct layouts from it"
@@ -118,21 +116,20 @@ pub struct KernelMaps {
 
 /// Loaded and attached programs. Dropping this detaches every program.
 pub struct Probes {
-    // Field order is drop order: programs go before the tracefs mount they were found through.
     _ebpf: Ebpf,
     pub plan: Vec<(Hook, Attachment)>,
     /// Features this kernel lacks, one sentence each, to report once at start.
     pub missing: Vec<String>,
-    _tracefs: Option<Tracefs>,
 }
 
 /// Checks privileges and kernel support, loads the object and attaches every hook.
 /// `before_attach` runs once the maps exist but before any program fires (start consumers there).
+/// Privileged: run it on the thread that holds the capabilities (see `privileges`).
 pub fn load_and_attach(
     config: &LoaderConfig,
     mut before_attach: impl FnMut(KernelMaps),
 ) -> Result<Probes, LoadError> {
-    check_privileges()?;
+    privileges::check_at_start()?;
     if !config.ring_buffer_bytes.is_power_of_two() || config.ring_buffer_bytes < 4096 {
         return Err(LoadError::RingSize(config.ring_buffer_bytes));
     }
@@ -315,11 +312,13 @@ fn try_load(
             }
         }
     }
+    // Attached programs do not depend on the mount: a tracefs mounted here goes now, while the
+    // agent still holds the capability to unmount it.
+    drop(tracefs);
     Ok(Probes {
         _ebpf: ebpf,
         plan,
         missing,
-        _tracefs: tracefs,
     })
 }
 
@@ -353,34 +352,17 @@ fn add_existing_listeners(ebpf: &mut Ebpf) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// `uname -r`.
+/// `uname -r` (from the syscall: /proc/sys may be hidden, e.g. by systemd's ProcSubset=pid).
 fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|r| r.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-/// Root, or the three capabilities loading and attaching need.
-fn check_privileges() -> Result<(), LoadError> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return Ok(());
+    // SAFETY: uname fills a zeroed utsname; its fields are NUL-terminated.
+    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut name) } != 0 {
+        return "unknown".into();
     }
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_PERFMON: u32 = 38;
-    const CAP_BPF: u32 = 39;
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let effective = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |cap: u32| effective & (1 << cap) != 0;
-    if has(CAP_BPF) && has(CAP_PERFMON) && has(CAP_SYS_ADMIN) {
-        Ok(())
-    } else {
-        Err(LoadError::NotPrivileged)
-    }
+    // SAFETY: the kernel NUL-terminates release within the array.
+    unsafe { std::ffi::CStr::from_ptr(name.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the cgroup. Raise the
@@ -398,6 +380,13 @@ fn raise_memlock() {
             std::io::Error::last_os_error()
         );
     }
+}
+
+/// Whether a `bpf()` lookup in the counters map works (see `privileges::drop_after_attach`).
+pub fn counters_readable(counters: &PerCpuArray<MapData, u64>) -> bool {
+    counters
+        .get(&(probe_common::Counter::ProducedConnect as u32), 0)
+        .is_ok()
 }
 
 /// Sums a per-CPU counter.

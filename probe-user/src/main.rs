@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use probe_user::{
     cli::{Cli, Command, RunArgs},
-    diagnose, pipeline,
+    diagnose, pipeline, privileges,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -47,6 +47,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("connprobe")
+        // Only the main thread, which loads and attaches, ever holds a capability.
+        .on_thread_start(privileges::drop_in_this_thread)
         .enable_all()
         .build()?;
     runtime.block_on(pipeline::run(args))

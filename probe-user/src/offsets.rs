@@ -28,13 +28,15 @@ pub enum OffsetsError {
     #[error("tracepoint {0} has no field {1}; this kernel's tracepoint is not supported")]
     NoField(String, String),
     #[error(
-        "tracefs is not mounted and mounting it at {path} failed ({source}); mount it with \
-         `mount -t tracefs tracefs {path}` or use `--hooks btf`"
+        "tracefs is not mounted and mounting it at {path} failed ({cause}; mounting needs \
+         CAP_SYS_ADMIN); mount it with `mount -t tracefs tracefs {path}` or use `--hooks btf`"
     )]
-    Mount {
-        path: String,
-        source: std::io::Error,
-    },
+    Mount { path: String, cause: std::io::Error },
+    #[error(
+        "tracefs at {path} cannot be read by this user ({cause}); classic tracepoints need \
+         CAP_DAC_READ_SEARCH to read it when connprobe does not run as root, or use `--hooks btf`"
+    )]
+    Unreadable { path: String, cause: std::io::Error },
     #[error("cannot read {path}: {source}")]
     Read {
         path: String,
@@ -275,7 +277,8 @@ pub fn parse_format(text: &str) -> HashMap<String, (u32, u32)> {
     fields
 }
 
-/// The tracefs mount, mounted by the agent when it was missing (and unmounted again on drop).
+/// The tracefs mount, mounted by the agent when it was missing (and unmounted again on drop,
+/// right after attaching).
 pub struct Tracefs {
     root: PathBuf,
     mounted_by_us: bool,
@@ -284,14 +287,24 @@ pub struct Tracefs {
 impl Tracefs {
     const PATHS: [&'static str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
-    /// Finds tracefs, mounting it at /sys/kernel/tracing if no mount has `events/`.
+    /// Finds tracefs, mounting it at /sys/kernel/tracing if no mount has `events/`. A tracefs
+    /// this user may not enter (it is mode 0700, root's) is an error: mounting cannot help.
     pub fn find_or_mount() -> Result<Self, OffsetsError> {
         for path in Self::PATHS {
-            if Path::new(path).join("events").is_dir() {
-                return Ok(Tracefs {
-                    root: path.into(),
-                    mounted_by_us: false,
-                });
+            match std::fs::metadata(Path::new(path).join("events")) {
+                Ok(events) if events.is_dir() => {
+                    return Ok(Tracefs {
+                        root: path.into(),
+                        mounted_by_us: false,
+                    });
+                }
+                Err(cause) if cause.kind() == std::io::ErrorKind::PermissionDenied => {
+                    return Err(OffsetsError::Unreadable {
+                        path: path.into(),
+                        cause,
+                    });
+                }
+                _ => {}
             }
         }
         let path = Self::PATHS[0];
@@ -310,10 +323,12 @@ impl Tracefs {
         if rc != 0 {
             return Err(OffsetsError::Mount {
                 path: path.into(),
-                source: std::io::Error::last_os_error(),
+                cause: std::io::Error::last_os_error(),
             });
         }
-        tracing::info!("mounted tracefs at {path} (it will be unmounted at exit)");
+        tracing::info!(
+            "mounted tracefs at {path} (unmounted again once the programs are attached)"
+        );
         Ok(Tracefs {
             root: path.into(),
             mounted_by_us: true,

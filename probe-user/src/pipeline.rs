@@ -32,6 +32,7 @@ use crate::{
         table,
     },
     loader::{self, KernelMaps, LoaderConfig, read_counter},
+    privileges,
     reader::{BATCH, spawn_program_log, spawn_reader},
     tally::{KernelCounts, LossStage, Tally},
 };
@@ -192,6 +193,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = handle.await;
     }
     let counters = counters.context("the loader handed over no counters")?;
+    privileges::drop_after_attach(|| loader::counters_readable(&counters))?;
     let plan = probes
         .plan
         .iter()

@@ -1,13 +1,14 @@
 //! The real agent, the one harness the kernel tests and the bench share: `connprobe run` with a
 //! JSON log and/or a metrics endpoint on a free loopback port, started and waited for until it
 //! says it is tracing (and `/healthz` answers, with metrics), stopped with SIGINT, its exit
-//! status checked and its tally read back; then, for the tests, its log.
+//! status checked and its tally read back; then, for the tests, its log. It may run under a
+//! wrapper command (`setpriv`) that starts it as another user with chosen capabilities.
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU32, Ordering},
@@ -43,6 +44,9 @@ pub struct Launch {
     pub start_limit: Duration,
     /// Remove the JSON log when the agent is dropped.
     pub remove_log: bool,
+    /// A command that ends by running the command line after it, e.g. `setpriv --reuid 65534
+    /// ... --`; empty for none.
+    pub wrapper: Vec<String>,
 }
 
 impl Launch {
@@ -63,7 +67,34 @@ impl Launch {
             args: args.iter().map(|a| a.to_string()).collect(),
             start_limit: START_LIMIT,
             remove_log: true,
+            wrapper: Vec::new(),
         })
+    }
+
+    /// The command line, with the binary staged where every user can run it when there is a
+    /// wrapper (another user may not reach a checkout under /root).
+    fn command(
+        &self,
+        metrics_addr: Option<SocketAddr>,
+    ) -> anyhow::Result<(Command, Option<StagedBinary>)> {
+        let (mut command, staged) = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let staged = StagedBinary::new(&self.binary)?;
+                let mut command = Command::new(program);
+                command.args(args).arg(staged.path());
+                (command, Some(staged))
+            }
+            None => (Command::new(&self.binary), None),
+        };
+        command.arg("run");
+        if let Some(log) = &self.json_log {
+            command.arg("--json-log").arg(log);
+        }
+        if let Some(addr) = metrics_addr {
+            command.arg("--metrics-addr").arg(addr.to_string());
+        }
+        command.args(&self.args);
+        Ok((command, staged))
     }
 }
 
@@ -82,6 +113,7 @@ pub struct Agent {
     metrics_addr: Option<SocketAddr>,
     stderr: Arc<Mutex<Vec<String>>>,
     reader: Option<std::thread::JoinHandle<()>>,
+    _binary: Option<StagedBinary>,
 }
 
 impl Agent {
@@ -94,6 +126,64 @@ impl Agent {
     /// `--evidence-dir`) and waits until it says it is tracing.
     pub fn start_with_args(extra: &[&str]) -> anyhow::Result<Self> {
         Self::launch(Launch::from_env(extra)?)
+    }
+
+    /// Like [`Agent::start_with_args`], under `wrapper` (see [`Launch::wrapper`]). The JSON log
+    /// sits in the temporary directory, where every user may write.
+    pub fn start_under(wrapper: &[&str], extra: &[&str]) -> anyhow::Result<Self> {
+        Self::launch(Launch {
+            wrapper: wrapper.iter().map(|a| a.to_string()).collect(),
+            ..Launch::from_env(extra)?
+        })
+    }
+
+    /// Runs `connprobe run --json-log FILE EXTRA...` under `wrapper` for a start that must
+    /// fail: waits until it exits by itself and returns its exit status and stderr. An agent
+    /// that starts tracing instead is stopped, and that is an error.
+    pub fn run_until_exit(
+        wrapper: &[&str],
+        extra: &[&str],
+    ) -> anyhow::Result<(ExitStatus, String)> {
+        let launch = Launch {
+            wrapper: wrapper.iter().map(|a| a.to_string()).collect(),
+            ..Launch::from_env(extra)?
+        };
+        let (mut command, _binary) = launch.command(None)?;
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let pipe = child.stderr.take().expect("stderr is piped");
+        let reader = std::thread::spawn(move || {
+            let mut stderr = String::new();
+            let _ = std::io::Read::read_to_string(&mut BufReader::new(pipe), &mut stderr);
+            stderr
+        });
+        let remove_log = || {
+            if let Some(log) = &launch.json_log {
+                let _ = std::fs::remove_file(log);
+            }
+        };
+        let deadline = Instant::now() + START_LIMIT;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                remove_log();
+                bail!("connprobe did not exit within {START_LIMIT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stderr = reader.join().expect("stderr reader");
+        remove_log();
+        if stderr.contains(READY) {
+            bail!("connprobe started tracing where it had to fail; its stderr:\n{stderr}");
+        }
+        Ok((status, stderr))
     }
 
     /// Starts `connprobe run --json-log FILE --metrics-addr ADDR EXTRA...` on a free loopback
@@ -110,16 +200,8 @@ impl Agent {
             let _ = std::fs::remove_file(log);
         }
         let metrics_addr = launch.metrics.then(free_loopback_addr).transpose()?;
-        let mut command = Command::new(&launch.binary);
-        command.arg("run");
-        if let Some(log) = &launch.json_log {
-            command.arg("--json-log").arg(log);
-        }
-        if let Some(addr) = metrics_addr {
-            command.arg("--metrics-addr").arg(addr.to_string());
-        }
+        let (mut command, binary) = launch.command(metrics_addr)?;
         let mut child = command
-            .args(&launch.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -149,6 +231,7 @@ impl Agent {
             metrics_addr,
             stderr,
             reader: Some(reader),
+            _binary: binary,
         };
         match ready_rx.recv_timeout(start_limit) {
             Ok(()) => {}
@@ -286,6 +369,47 @@ impl Drop for Agent {
         {
             let _ = std::fs::remove_file(log);
         }
+    }
+}
+
+/// A world-readable directory in the temporary directory holding the agent's binary (a hard
+/// link where the binary is world-executable and on the same file system, else a copy);
+/// removed on drop.
+struct StagedBinary {
+    dir: PathBuf,
+}
+
+impl StagedBinary {
+    fn new(binary: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!(
+            "connprobe-lab-bin-{}-{}",
+            std::process::id(),
+            NEXT_LOG.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir)?;
+        let staged = StagedBinary { dir };
+        std::fs::set_permissions(&staged.dir, std::fs::Permissions::from_mode(0o755))?;
+        let path = staged.path();
+        let world_executable = std::fs::metadata(binary)?.permissions().mode() & 0o005 == 0o005;
+        if !world_executable || std::fs::hard_link(binary, &path).is_err() {
+            std::fs::copy(binary, &path).with_context(|| {
+                format!("cannot copy {} to {}", binary.display(), path.display())
+            })?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        }
+        Ok(staged)
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join("connprobe")
+    }
+}
+
+impl Drop for StagedBinary {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -85,6 +85,11 @@ pub const REQUIREMENTS: &[Requirement] = &[
     row("bpftool", "bpftool", Some("bpftool"), TEST_AND_BENCH),
     // Real server shapes in the lab: a pre-forked server, SO_REUSEPORT processes.
     row("python3", "python3", Some("python3"), &[Test]),
+    // Least privilege: the agent as another user with chosen capabilities, in a mount namespace
+    // of its own; the systemd unit checked.
+    row("setpriv", "util-linux", Some("util-linux"), &[Test]),
+    row("unshare", "util-linux", Some("util-linux"), &[Test]),
+    row("systemd-analyze", "systemd", Some("systemd"), &[Test]),
     // The bench's peers. Fedora's libbpf-tools names its programs bpf-tcpstates and so on.
     row("tcpstates", "libbpf-tools", None, TEST_AND_BENCH),
     row("tcplife", "libbpf-tools", None, TEST_AND_BENCH),
@@ -121,7 +126,7 @@ pub fn table() -> String {
     for r in REQUIREMENTS {
         let tasks: Vec<&str> = r.tasks.iter().map(|t| t.name()).collect();
         text.push_str(&format!(
-            "  {:<11} {:<16} {:<25} {}\n",
+            "  {:<15} {:<16} {:<25} {}\n",
             r.command,
             r.debian,
             r.fedora.unwrap_or("-"),
@@ -376,6 +381,9 @@ mod tests {
             "tcpstates",
             "tcplife",
             "bpftrace",
+            "setpriv",
+            "unshare",
+            "systemd-analyze",
         ] {
             assert!(test.contains(&command), "test should need {command}");
         }

@@ -181,6 +181,7 @@ impl Session {
                     args,
                     start_limit: START_TIMEOUT,
                     remove_log: false,
+                    wrapper: Vec::new(),
                 })
                 .with_context(|| format!("{} did not start", tool.label()))?;
                 session.output = tool.is_agent().then_some(output);

@@ -166,7 +166,10 @@ pub fn spawn_writer(
     let (tx, rx) = mpsc::sync_channel::<Vec<Event>>(QUEUE_BATCHES);
     let handle = thread::Builder::new()
         .name("connprobe-log".into())
-        .spawn(move || LogWriter::new(out, encoder, tally).run(rx))?;
+        .spawn(move || {
+            crate::privileges::drop_in_this_thread();
+            LogWriter::new(out, encoder, tally).run(rx)
+        })?;
     Ok((tx, handle))
 }
 
