@@ -231,12 +231,21 @@ fn try_load(
                 || (*how == Attachment::Classic && offsets.has_reset_reason != 0))
     });
     let mut missing = Vec::new();
-    if !sent_reset_reasons || reset_reasons.is_empty() {
+    if reset_reasons.is_empty() {
+        // The same rework of `tcp_send_reset` (Linux 6.10) added its reason and made it fire for
+        // resets the kernel sends without a socket; the reason enum's presence stands for both.
         missing.push(format!(
-            "this kernel ({}) gives no reason for the resets it sends (that needs Linux 6.10): \
-             reset_reason stays null",
+            "this kernel ({}) gives no reason for the resets it sends and does not trace the \
+             resets sent without a socket, e.g. to a SYN for a port nobody listens on (both need \
+             Linux 6.10): reset_reason stays null and such resets are not logged",
             kernel_release()
         ));
+    } else if !sent_reset_reasons {
+        missing.push(
+            "the tcp_send_reset program attached does not read the kernel's reset reasons: \
+             reset_reason stays null"
+                .to_owned(),
+        );
         reset_reasons = ResetReasons::default();
     }
 
