@@ -235,15 +235,14 @@ pub fn server_reset_sent(flow: Flow, listener: &Listener, state: &str, reason: &
 }
 
 /// A reset the server's kernel sent for a SYN to a port nobody listens on: no socket, so no
-/// state and no owner.
-pub fn server_reset_sent_socketless(flow: Flow) -> Pattern {
+/// state and no owner. `reason`: what the agent reports, e.g. `sent_reset_reason("NO_SOCKET")`.
+pub fn server_reset_sent_socketless(flow: Flow, reason: Value) -> Pattern {
     Pattern::new(
         "server reset sent without a socket",
         merge([
             ends(flow.server, flow.client),
             json!({"pid": null, "comm": null, "side": "server", "type": "reset",
-                   "direction": "sent", "state": null,
-                   "reset_reason": sent_reset_reason("NO_SOCKET")}),
+                   "direction": "sent", "state": null, "reset_reason": reason}),
         ]),
     )
 }

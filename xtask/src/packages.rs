@@ -80,7 +80,9 @@ pub const REQUIREMENTS: &[Requirement] = &[
     // A real non-blocking client, reading JSON logs, inspecting loaded programs.
     row("curl", "curl", Some("curl"), &[Test]),
     row("jq", "jq", Some("jq"), &[Test]),
-    row("bpftool", "bpftool", Some("bpftool"), &[Test]),
+    // Inspecting loaded programs; the bench names its programs and refuses to run while
+    // foreign programs sit on the hooks it measures.
+    row("bpftool", "bpftool", Some("bpftool"), TEST_AND_BENCH),
     // Real server shapes in the lab: a pre-forked server, SO_REUSEPORT processes; and the venv
     // that holds virtme-ng for the kernel matrix.
     row("python3", "python3", Some("python3"), &[Test]),
@@ -413,7 +415,15 @@ mod tests {
     #[test]
     fn bench_needs_its_peers_and_the_lab_but_not_prometheus() {
         let bench = commands(Task::Bench);
-        for command in ["tcpstates", "tcplife", "bpftrace", "nft", "ip", "nstat"] {
+        for command in [
+            "tcpstates",
+            "tcplife",
+            "bpftrace",
+            "nft",
+            "ip",
+            "nstat",
+            "bpftool",
+        ] {
             assert!(bench.contains(&command), "bench should need {command}");
         }
         assert!(!bench.contains(&"promtool"));
