@@ -88,6 +88,8 @@ pub const REQUIREMENTS: &[Requirement] = &[
     row("setpriv", "util-linux", Some("util-linux"), &[Test]),
     row("unshare", "util-linux", Some("util-linux"), &[Test]),
     row("systemd-analyze", "systemd", Some("systemd"), &[Test]),
+    // `connprobe top` driven as an operator would, in a terminal of its own.
+    row("tmux", "tmux", Some("tmux"), &[Test]),
     // The bench's peers. Fedora's libbpf-tools names its programs bpf-tcpstates and so on.
     row("tcpstates", "libbpf-tools", None, TEST_AND_BENCH),
     row("tcplife", "libbpf-tools", None, TEST_AND_BENCH),
@@ -382,6 +384,7 @@ mod tests {
             "setpriv",
             "unshare",
             "systemd-analyze",
+            "tmux",
         ] {
             assert!(test.contains(&command), "test should need {command}");
         }
