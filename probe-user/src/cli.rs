@@ -117,7 +117,7 @@ pub struct RunArgs {
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
-    /// How often the tally (with -v) and the terminal table are printed.
+    /// How often the tally (with -v) is printed and the screen on a terminal redrawn.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub stats_interval: Duration,
 

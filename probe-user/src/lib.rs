@@ -2,7 +2,7 @@
 //! kernel offsets (`btf`, `offsets`) -> `loader` -> `reader` (ring buffer) -> `decode` ->
 //! `event` (the typed event; `schema` is its JSON form) -> `aggregate` (the one owner of
 //! per-destination state, keyed by `destination`) -> readers of that state: `export`
-//! (Prometheus, the terminal table; the JSON log takes the events) and `diagnose` (verdicts,
+//! (Prometheus, the `/destinations` view; the JSON log takes the events) and `diagnose` (verdicts,
 //! flight recorder, evidence bundles). `tally` counts what was delivered and lost.
 //! `pipeline` wires them together and handles shutdown; `cli` is the command line, `logging`
 //! its stderr. `top` is the live console on a running agent (it reads `export::view`).
