@@ -7,6 +7,7 @@
 #![no_main]
 
 mod access;
+mod dns;
 mod emit;
 mod empty;
 mod listeners;

@@ -5,11 +5,14 @@ use std::path::Path;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, RawTracePoint, TracePoint},
+    programs::{
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint, TracePoint,
+    },
 };
 use probe_common::{
-    COUNTERS_MAP, EVENTS_MAP, KernelOffsets, LISTENERS_MAP, ListenerKey, ListenerRecord,
-    OFFSETS_GLOBAL, RECORDS_IN_STORAGE_GLOBAL, SOCKETS_MAP, WAKEUP_BYTES_GLOBAL,
+    COUNTERS_MAP, DNS_EVENTS_MAP, DNS_PORTS_GLOBAL, DnsPorts, EVENTS_MAP, KernelOffsets,
+    LISTENERS_MAP, ListenerKey, ListenerRecord, OFFSETS_GLOBAL, RECORDS_IN_STORAGE_GLOBAL,
+    SOCKETS_MAP, WAKEUP_BYTES_GLOBAL,
 };
 
 use crate::{
@@ -101,6 +104,8 @@ pub struct LoaderConfig {
     pub hooks: HookMode,
     pub ring_buffer_bytes: u32,
     pub max_sockets: u32,
+    /// The DNS ports to watch; `None` attaches no DNS programs (`--no-dns`).
+    pub dns_ports: Option<DnsPorts>,
 }
 
 /// The maps the agent reads, taken out of the object before the programs are attached.
@@ -112,6 +117,9 @@ pub struct KernelMaps {
     pub logger: aya_log::EbpfLogger<&'static dyn log::Log>,
     /// Names of this kernel's reset reasons, for the decoder (empty where the kernel has none).
     pub reset_reasons: ResetReasons,
+    /// The DNS packets' ring buffer (nothing arrives in it when the DNS programs are not
+    /// attached).
+    pub dns_events: RingBuf<MapData>,
 }
 
 /// Loaded and attached programs. Dropping this detaches every program.
@@ -120,6 +128,8 @@ pub struct Probes {
     pub plan: Vec<(Hook, Attachment)>,
     /// Features this kernel lacks, one sentence each, to report once at start.
     pub missing: Vec<String>,
+    /// How the DNS programs are attached, if they are (e.g. `cgroup_skb on /sys/fs/cgroup`).
+    pub dns: Option<String>,
 }
 
 /// Checks privileges and kernel support, loads the object and attaches every hook.
@@ -259,6 +269,11 @@ fn try_load(
         .override_global(OFFSETS_GLOBAL, &offsets, true)
         .override_global(WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
         .override_global(RECORDS_IN_STORAGE_GLOBAL, &u32::from(in_storage), true)
+        .override_global(
+            DNS_PORTS_GLOBAL,
+            &config.dns_ports.unwrap_or_default(),
+            true,
+        )
         .map_max_entries(EVENTS_MAP, config.ring_buffer_bytes)
         .map_max_entries(SOCKETS_MAP, config.max_sockets)
         .load(OBJECT)
@@ -273,6 +288,11 @@ fn try_load(
         .ok_or_else(|| LoadError::Missing(COUNTERS_MAP.into()))?;
     let counters =
         PerCpuArray::try_from(counters).map_err(|e| LoadError::Map(COUNTERS_MAP, Box::new(e)))?;
+    let dns_events = ebpf
+        .take_map(DNS_EVENTS_MAP)
+        .ok_or_else(|| LoadError::Missing(DNS_EVENTS_MAP.into()))?;
+    let dns_events =
+        RingBuf::try_from(dns_events).map_err(|e| LoadError::Map(DNS_EVENTS_MAP, Box::new(e)))?;
     let logger = aya_log::EbpfLogger::init(&mut ebpf).map_err(LoadError::Logger)?;
     add_existing_listeners(&mut ebpf)?;
     before_attach(KernelMaps {
@@ -280,6 +300,7 @@ fn try_load(
         counters,
         logger,
         reset_reasons,
+        dns_events,
     });
 
     let plan: Vec<(Hook, Attachment)> = plan
@@ -324,11 +345,66 @@ fn try_load(
     // Attached programs do not depend on the mount: a tracefs mounted here goes now, while the
     // agent still holds the capability to unmount it.
     drop(tracefs);
+    let dns = match config.dns_ports {
+        Some(_) if config.hooks != HookMode::Empty => match attach_dns(&mut ebpf) {
+            Ok(how) => Some(how),
+            Err(why) => {
+                missing.push(format!("DNS is not watched: {why}"));
+                None
+            }
+        },
+        _ => None,
+    };
     Ok(Probes {
         _ebpf: ebpf,
         plan,
         missing,
+        dns,
     })
+}
+
+/// The cgroup v2 hierarchy's mount point, from a `/proc/mounts` text.
+pub fn cgroup2_mount(mounts: &str) -> Option<&str> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then_some(dir)
+    })
+}
+
+/// Attaches the DNS programs to the root of the cgroup v2 hierarchy, where they see the packets
+/// of every socket on the host, in every network namespace. Egress names the sending process
+/// where the kernel lets cgroup_skb programs ask (Linux 6.10 and later), and goes without it
+/// elsewhere. Any failure is one sentence: DNS alone goes missing.
+fn attach_dns(ebpf: &mut Ebpf) -> Result<String, String> {
+    let mounts = std::fs::read_to_string("/proc/mounts")
+        .map_err(|e| format!("cannot read /proc/mounts ({e})"))?;
+    let root = cgroup2_mount(&mounts)
+        .ok_or("no cgroup v2 hierarchy is mounted (cgroup_skb programs attach to one)")?
+        .to_owned();
+    let cgroup = std::fs::File::open(&root).map_err(|e| format!("cannot open {root} ({e})"))?;
+    let attach = |ebpf: &mut Ebpf, name: &str, kind: CgroupSkbAttachType| {
+        let prog: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("the eBPF object has no {name}"))?
+            .try_into()
+            .map_err(|e| format!("{name}: {e}"))?;
+        prog.load()
+            .map_err(|e| format!("the kernel refused {name} ({e})"))?;
+        prog.attach(&cgroup, kind, CgroupAttachMode::AllowMultiple)
+            .map_err(|e| format!("cannot attach {name} to {root} ({e})"))?;
+        Ok::<_, String>(())
+    };
+    attach(ebpf, "dns_ingress", CgroupSkbAttachType::Ingress)?;
+    let egress = match attach(ebpf, "dns_egress", CgroupSkbAttachType::Egress) {
+        Ok(()) => "dns_egress",
+        Err(e) => {
+            tracing::debug!("{e}; trying the egress program without the sending process");
+            attach(ebpf, "dns_egress_anonymous", CgroupSkbAttachType::Egress)?;
+            "dns_egress_anonymous"
+        }
+    };
+    Ok(format!("cgroup_skb dns_ingress+{egress} on {root}"))
 }
 
 /// Whether the per-socket records can live in socket storage: only BTF programs can reach it,

@@ -53,6 +53,9 @@ pub struct ConnectFields {
     pub latency_us: Option<u64>,
     #[serde(default)]
     pub syn_retransmits: u32,
+    /// The name a recent DNS answer gave for `dst_ip`; absent when none is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_name: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -142,6 +145,7 @@ impl From<&Event> for LogLine {
                     errno,
                     latency_us: c.latency.map(|d| d.as_micros() as u64),
                     syn_retransmits: c.syn_retransmits,
+                    dst_name: c.dst_name.as_deref().map(str::to_owned),
                 }))
             }
             EventDetail::Retransmit(r) => LogLine::Retransmit(line.with(RetransmitFields {
@@ -203,6 +207,7 @@ impl TryFrom<LogLine> for Event {
                     outcome,
                     latency: f.latency_us.map(Duration::from_micros),
                     syn_retransmits: f.syn_retransmits,
+                    dst_name: f.dst_name.as_deref().map(Into::into),
                 });
                 l.event(detail)
             }
@@ -250,7 +255,7 @@ impl<'de> Deserialize<'de> for Event {
 }
 
 /// Times as RFC 3339 UTC with microseconds (`2026-11-30T05:15:03.568555Z`).
-mod rfc3339_micros {
+pub(crate) mod rfc3339_micros {
     use std::time::SystemTime;
 
     use serde::{Deserialize, Deserializer, Serializer};

@@ -11,6 +11,7 @@
 //! `cargo xtask test`, which builds the agent and sets `CONNPROBE_BIN`.
 pub mod agent;
 pub mod clients;
+pub mod dns_lab;
 pub mod events;
 pub mod expect;
 pub mod http;

@@ -97,6 +97,10 @@ fn for_each_event(
         if text.is_empty() {
             continue;
         }
+        // DNS exchanges share the log; the verdicts here are about connections.
+        if text.starts_with(r#"{"type":"dns""#) {
+            continue;
+        }
         let event = serde_json::from_str::<Event>(text)
             .with_context(|| format!("{name} line {number} is not a connprobe event"))?;
         each(event);

@@ -15,6 +15,7 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
+    dns::exchange::{DnsExchange, DnsLine},
     event::Event,
     tally::{LossStage, Tally},
 };
@@ -30,6 +31,26 @@ pub enum Encoder {
     #[default]
     Fast,
     Serde,
+}
+
+/// What the writer is sent: a batch of TCP events from the ring buffer reader, or of DNS
+/// exchanges from the DNS reader.
+pub enum LogBatch {
+    Events(Vec<Event>),
+    Dns(Vec<DnsExchange>),
+}
+
+impl LogBatch {
+    pub fn len(&self) -> usize {
+        match self {
+            LogBatch::Events(b) => b.len(),
+            LogBatch::Dns(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Batches waiting for the writer (each up to the reader's batch size); past this, the newest
@@ -83,6 +104,18 @@ impl LogWriter {
         }
     }
 
+    /// A `dns` line: through serde with either encoder (DNS lines are few next to TCP events).
+    fn push_dns(&mut self, exchange: &DnsExchange) {
+        let mut line = Vec::with_capacity(320);
+        // Serialising plain data cannot fail.
+        let _ = serde_json::to_writer(&mut line, &DnsLine::from(exchange));
+        line.push(b'\n');
+        match self.encoder {
+            Encoder::Fast => self.formatter.push_line(&line),
+            Encoder::Serde => self.serde_lines.extend_from_slice(&line),
+        }
+    }
+
     fn buffered(&self) -> &[u8] {
         match self.encoder {
             Encoder::Fast => self.formatter.buffered(),
@@ -90,12 +123,16 @@ impl LogWriter {
         }
     }
 
-    fn run(mut self, rx: mpsc::Receiver<Vec<Event>>) {
+    fn run(mut self, rx: mpsc::Receiver<LogBatch>) {
         loop {
             match rx.recv_timeout(IDLE_FLUSH) {
                 Ok(batch) => {
-                    for event in &batch {
-                        self.push(event);
+                    let n = batch.len();
+                    for i in 0..n {
+                        match &batch {
+                            LogBatch::Events(events) => self.push(&events[i]),
+                            LogBatch::Dns(exchanges) => self.push_dns(&exchanges[i]),
+                        }
                         self.pending += 1;
                         if self.buffered().len() >= WRITE_CHUNK {
                             self.write_out(false);
@@ -154,7 +191,7 @@ pub fn open(path: &Path) -> anyhow::Result<Box<dyn Write + Send>> {
     Ok(Box::new(file))
 }
 
-/// Writes queued batches of events as JSON lines on a thread of its own, so a slow disk never
+/// Writes queued batches of events (and DNS exchanges) as JSON lines on a thread of its own, so a slow disk never
 /// stalls the ring buffer reader. One wakeup per batch, not per event. Flushes whenever the
 /// queue runs dry for a moment, and at the end, when every sender is gone. Write errors count
 /// every event they cost (stage log).
@@ -162,8 +199,8 @@ pub fn spawn_writer(
     out: Box<dyn Write + Send>,
     encoder: Encoder,
     tally: Arc<Tally>,
-) -> io::Result<(SyncSender<Vec<Event>>, thread::JoinHandle<()>)> {
-    let (tx, rx) = mpsc::sync_channel::<Vec<Event>>(QUEUE_BATCHES);
+) -> io::Result<(SyncSender<LogBatch>, thread::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::sync_channel::<LogBatch>(QUEUE_BATCHES);
     let handle = thread::Builder::new()
         .name("connprobe-log".into())
         .spawn(move || {
@@ -207,7 +244,7 @@ mod tests {
             written: written.clone(),
         };
         let (tx, handle) = spawn_writer(Box::new(sink), encoder, tally.clone()).unwrap();
-        tx.send(every_shape()).unwrap();
+        tx.send(LogBatch::Events(every_shape())).unwrap();
         drop(tx);
         handle.join().unwrap();
         let bytes = written.lock().unwrap().clone();
