@@ -22,6 +22,8 @@ use probe_common::{
 
 use crate::maps::bump;
 
+const _: () = assert!(DNS_PAYLOAD_BYTES.is_power_of_two());
+
 /// DNS packets to the agent, apart from the TCP events: a burst of queries never crowds them out.
 #[map(name = "DNS_EVENTS")]
 pub static DNS_EVENTS: RingBuf = RingBuf::with_byte_size(DNS_RING_BYTES, 0);
@@ -182,15 +184,14 @@ fn capture(ctx: &SkBuffContext, dir: u8, with_process: bool) {
         (*packet).dst_addr = l.dst_addr;
         (*packet).comm = comm;
     }
-    let copy = payload_len as u64;
-    let copy = if copy > DNS_PAYLOAD_BYTES as u64 {
-        DNS_PAYLOAD_BYTES as u64
-    } else {
-        copy
-    };
-    if copy > 0 {
-        // SAFETY: `copy` is in 1..=DNS_PAYLOAD_BYTES, the size of the payload field, and the
-        // packet holds at least `copy` bytes past `payload_at`.
+    if payload_len > 0 {
+        // The length must be provably in 1..=DNS_PAYLOAD_BYTES where the helper is called. The
+        // compiler folds range checks into forms the verifier cannot follow, so the bound is a
+        // mask on a value the compiler knows nothing about (black_box): ((n - 1) & 511) + 1.
+        let copy = core::hint::black_box(payload_len.min(DNS_PAYLOAD_BYTES as u32) as u64);
+        let copy = ((copy.wrapping_sub(1)) & (DNS_PAYLOAD_BYTES as u64 - 1)) + 1;
+        // SAFETY: `copy` is in 1..=DNS_PAYLOAD_BYTES, the size of the payload field; the
+        // helper fails (and nothing is sent) should the packet hold fewer bytes.
         let ret = unsafe {
             bpf_skb_load_bytes(
                 ctx.skb.skb.cast(),

@@ -389,10 +389,21 @@ fn attach_dns(ebpf: &mut Ebpf) -> Result<String, String> {
             .ok_or_else(|| format!("the eBPF object has no {name}"))?
             .try_into()
             .map_err(|e| format!("{name}: {e}"))?;
-        prog.load()
-            .map_err(|e| format!("the kernel refused {name} ({e})"))?;
+        prog.load().map_err(|e| {
+            let full = e.to_string();
+            tracing::debug!("loading {name}: {full}");
+            // The verifier's log goes to the debug log; the sentence keeps its first line.
+            let short = full.split(". Verifier output").next().unwrap_or(&full);
+            format!("the kernel refused {name} ({short})")
+        })?;
         prog.attach(&cgroup, kind, CgroupAttachMode::AllowMultiple)
-            .map_err(|e| format!("cannot attach {name} to {root} ({e})"))?;
+            .map_err(|e| {
+                let cause = std::error::Error::source(&e).map(|s| format!(": {s}"));
+                format!(
+                    "cannot attach {name} to {root} ({e}{})",
+                    cause.unwrap_or_default()
+                )
+            })?;
         Ok::<_, String>(())
     };
     attach(ebpf, "dns_ingress", CgroupSkbAttachType::Ingress)?;

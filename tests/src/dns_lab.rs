@@ -92,16 +92,13 @@ impl DnsLab {
     }
 
     /// `getent ahostsv4 NAME` in the client namespace: glibc's getaddrinfo, as applications
-    /// resolve. Its exit status (non-zero when the name does not resolve).
+    /// resolve. Its exit status (non-zero when the name does not resolve). It is stopped after
+    /// 3 s, as an application gives up: glibc waits for a TCP answer without a limit.
     pub fn getent(&self, name: &str) -> anyhow::Result<ExitStatus> {
+        let ns = self.lab.client_ns().name();
         let status = Command::new("ip")
             .args([
-                "netns",
-                "exec",
-                self.lab.client_ns().name(),
-                "getent",
-                "ahostsv4",
-                name,
+                "netns", "exec", ns, "timeout", "3", "getent", "ahostsv4", name,
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -164,6 +161,8 @@ impl Drop for DnsLab {
         let _ = self.server.kill();
         let _ = self.server.wait();
         let _ = std::fs::remove_dir_all(&self.netns_etc);
+        // Only when empty: another lab may have its own there.
+        let _ = std::fs::remove_dir("/etc/netns");
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
