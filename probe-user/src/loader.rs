@@ -377,6 +377,9 @@ pub fn cgroup2_mount(mounts: &str) -> Option<&str> {
 /// where the kernel lets cgroup_skb programs ask (Linux 6.10 and later), and goes without it
 /// elsewhere. Any failure is one sentence: DNS alone goes missing.
 fn attach_dns(ebpf: &mut Ebpf) -> Result<String, String> {
+    if let Some(note) = privileges::dns_attach_note() {
+        return Err(note);
+    }
     let mounts = std::fs::read_to_string("/proc/mounts")
         .map_err(|e| format!("cannot read /proc/mounts ({e})"))?;
     let root = cgroup2_mount(&mounts)
@@ -396,7 +399,9 @@ fn attach_dns(ebpf: &mut Ebpf) -> Result<String, String> {
             let short = full.split(". Verifier output").next().unwrap_or(&full);
             format!("the kernel refused {name} ({short})")
         })?;
-        prog.attach(&cgroup, kind, CgroupAttachMode::AllowMultiple)
+        // A bpf_link (Linux 5.7+, what aya uses there) takes no attach flags and always shares
+        // the cgroup with other programs: `Single` passes none. (Multiple would be EINVAL.)
+        prog.attach(&cgroup, kind, CgroupAttachMode::Single)
             .map_err(|e| {
                 let cause = std::error::Error::source(&e).map(|s| format!(": {s}"));
                 format!(

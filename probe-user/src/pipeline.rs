@@ -214,8 +214,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => (None, None),
     };
     let (stop_http, http_stopped) = watch::channel(false);
-    let diagnose: Arc<DiagnoseFn> =
-        Arc::new(diagnose_handler(recorder.clone(), tally.clone(), started));
+    let diagnose: Arc<DiagnoseFn> = Arc::new(diagnose_handler(
+        recorder.clone(),
+        tally.clone(),
+        started,
+        dns_state.clone(),
+    ));
     let metrics: Arc<MetricsFn> = Arc::new(move || prometheus.encode());
     let view_sources = ViewSources {
         aggregator: aggregator.clone(),

@@ -178,6 +178,9 @@ fn udp_queries_answers_and_silences_through_glibc_and_the_name_behind_curls_conn
     let addr = agent.metrics_addr().context("metrics")?;
     let (code, metrics) = http_get(addr, "/metrics")?;
     ensure!(code == 200, "/metrics: {code}");
+    let (code, diagnose) = http_get(addr, "/diagnose?window=5m")?;
+    ensure!(code == 200, "/diagnose: {code}");
+    let report: Value = serde_json::from_str(&diagnose)?;
     let log = agent.stop()?;
     let queries = dns.logged()?;
     ensure!(
@@ -214,6 +217,62 @@ fn udp_queries_answers_and_silences_through_glibc_and_the_name_behind_curls_conn
         "curl's connect names its destination: {}",
         connects[0]
     );
+
+    // The verdicts: the resolver (client side) timed out, SERVFAILed and REFUSED, each with its
+    // names; NXDOMAIN is evidence only. The connect's destination carries its name.
+    let destinations = report["destinations"].as_array().context("destinations")?;
+    let resolver_report = destinations
+        .iter()
+        .find(|d| d["destination"] == format!("{resolver}:53").as_str() && d["side"] == "client")
+        .with_context(|| format!("no verdict on the resolver: {report:#}"))?;
+    let verdicts: BTreeMap<&str, &Value> = resolver_report["verdicts"]
+        .as_array()
+        .context("verdicts")?
+        .iter()
+        .filter_map(|v| Some((v["verdict"].as_str()?, &v["evidence"])))
+        .collect();
+    for (id, action) in [
+        ("dns_timeout", "silent"),
+        ("dns_servfail", "fail"),
+        ("dns_refused", "refuse"),
+    ] {
+        let evidence = verdicts
+            .get(id)
+            .with_context(|| format!("no {id}: {resolver_report:#}"))?;
+        ensure!(
+            evidence["matching"].as_f64() == Some(count(&queries, action))
+                && evidence["queries"].as_f64() == Some(queries.len() as f64),
+            "{id} counts what the server logged: {evidence:#}"
+        );
+        let name = evidence["names"][0]["name"].as_str().unwrap_or_default();
+        ensure!(
+            name.starts_with(action),
+            "{id} names a {action}-* name: {evidence:#}"
+        );
+        ensure!(
+            evidence["nxdomain"].as_f64() == Some(count(&queries, "nx")),
+            "{evidence:#}"
+        );
+    }
+    ensure!(
+        verdicts.len() == 3,
+        "NXDOMAIN is no verdict of its own: {resolver_report:#}"
+    );
+    let web = destinations
+        .iter()
+        .find(|d| d["destination"] == format!("{resolver}:8080").as_str())
+        .with_context(|| format!("no report on the web destination: {report:#}"))?;
+    ensure!(
+        web["name"] == "ok-web.lab.test",
+        "the destination is named: {web:#}"
+    );
+    for line in log
+        .iter()
+        .filter(|e| e["type"] == "dns" || e["dst_port"] == 8080)
+    {
+        eprintln!("{line}");
+    }
+    eprintln!("{}", serde_json::to_string_pretty(resolver_report)?);
 
     // The resolver's metrics: each exchange once (the server side is not counted).
     let r = format!("resolver=\"{resolver}:53\"");

@@ -23,11 +23,15 @@ pub mod message;
 pub mod metrics;
 pub mod names;
 pub mod stats;
+pub mod verdicts;
 
 use capture::Transport;
 use exchange::{DnsExchange, DnsOutcome, Tracker};
 use names::NameCache;
 use stats::DnsStats;
+
+/// Client-side exchanges kept for the verdicts (the flight recorder of DNS).
+pub const RECENT: usize = 20_000;
 
 /// The DNS port watched always.
 pub const DNS_PORT: u16 = 53;
@@ -113,6 +117,8 @@ pub struct DnsCounts {
 /// consumer per batch (names) and by scrapes.
 pub struct DnsState {
     tracker: Tracker,
+    /// The most recent client-side exchanges (at most [`RECENT`]), for the verdicts.
+    recent: std::collections::VecDeque<DnsExchange>,
     pub stats: DnsStats,
     pub names: NameCache,
     pub counts: DnsCounts,
@@ -124,6 +130,7 @@ impl DnsState {
     pub fn new(config: &DnsConfig, clock: Clock) -> Self {
         DnsState {
             tracker: Tracker::new(config.timeout, config.max_pending, clock),
+            recent: std::collections::VecDeque::new(),
             stats: DnsStats::new(config.max_resolvers),
             names: NameCache::new(config.max_names),
             counts: DnsCounts::default(),
@@ -132,6 +139,15 @@ impl DnsState {
 
     pub fn shared(config: &DnsConfig, clock: Clock) -> SharedDns {
         Arc::new(Mutex::new(Self::new(config, clock)))
+    }
+
+    /// Client-side exchanges whose query was sent at or after `start`.
+    pub fn recent_since(&self, start: std::time::SystemTime) -> Vec<DnsExchange> {
+        self.recent
+            .iter()
+            .filter(|x| x.time >= start)
+            .cloned()
+            .collect()
     }
 
     pub fn evicted(&self) -> u64 {
@@ -195,6 +211,10 @@ impl DnsState {
             if x.side != crate::event::Side::Client {
                 continue;
             }
+            if self.recent.len() >= RECENT {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(x.clone());
             if let DnsOutcome::Answered { answers, .. } = &x.outcome {
                 for (addr, ttl) in answers {
                     self.names.insert(*addr, x.name.clone(), *ttl, now);
