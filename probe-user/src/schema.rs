@@ -283,8 +283,13 @@ pub(crate) mod tests {
         let t = SystemTime::UNIX_EPOCH
             + Duration::from_secs(1_795_000_000)
             + Duration::from_micros(123_456);
+        let mut named = testing::established(87);
+        if let EventDetail::Connect(c) = &mut named {
+            c.dst_name = Some("api.lab.test".into());
+        }
         let mut events = vec![
             testing::client("10.200.0.2:8081", t, testing::established(87)),
+            testing::client("10.200.0.2:8081", t, named),
             testing::client(
                 "10.200.0.2:8081",
                 t,

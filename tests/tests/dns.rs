@@ -181,6 +181,16 @@ fn udp_queries_answers_and_silences_through_glibc_and_the_name_behind_curls_conn
     let (code, diagnose) = http_get(addr, "/diagnose?window=5m")?;
     ensure!(code == 200, "/diagnose: {code}");
     let report: Value = serde_json::from_str(&diagnose)?;
+    // What an operator reads: `connprobe diagnose` against the running agent.
+    let binary = std::env::var("CONNPROBE_BIN")?;
+    let rendered = std::process::Command::new(binary)
+        .args(["diagnose", "--addr", &addr.to_string()])
+        .output()?;
+    let verdict_text = String::from_utf8_lossy(&rendered.stdout).into_owned();
+    ensure!(
+        verdict_text.contains(&format!("{resolver}:8080 (ok-web.lab.test, client)")),
+        "the verdict text names the destination:\n{verdict_text}"
+    );
     let log = agent.stop()?;
     let queries = dns.logged()?;
     ensure!(
@@ -272,7 +282,10 @@ fn udp_queries_answers_and_silences_through_glibc_and_the_name_behind_curls_conn
     {
         eprintln!("{line}");
     }
-    eprintln!("{}", serde_json::to_string_pretty(resolver_report)?);
+    for line in metrics.lines().filter(|l| l.starts_with("connprobe_dns_")) {
+        eprintln!("{line}");
+    }
+    eprintln!("{verdict_text}");
 
     // The resolver's metrics: each exchange once (the server side is not counted).
     let r = format!("resolver=\"{resolver}:53\"");

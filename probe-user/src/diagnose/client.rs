@@ -266,6 +266,7 @@ mod tests {
             Arc::new(Mutex::new(FlightRecorder::new(10))),
             tally,
             SystemTime::now(),
+            None,
         );
         let (status, body) = handler(None);
         assert_eq!(status, 200);
