@@ -497,3 +497,20 @@ pub fn read_counter(counters: &PerCpuArray<MapData, u64>, counter: probe_common:
         .map(|per_cpu| per_cpu.iter().sum())
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cgroup_v2_mount_is_found_in_a_hybrid_layout() {
+        let mounts = "tmpfs /sys/fs/cgroup tmpfs ro,nosuid 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nosuid 0 0\n\
+                      cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n";
+        assert_eq!(cgroup2_mount(mounts), Some("/sys/fs/cgroup/unified"));
+        assert_eq!(
+            cgroup2_mount("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"),
+            None
+        );
+    }
+}

@@ -332,3 +332,22 @@ fn hand_on(
     };
     lock(state).counts.lost_queue += lost as u64;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_53_and_each_dns_port_once_within_the_kernels_table() {
+        let c = DnsConfig::new(&[5353, 53, 5353], Duration::from_secs(5), 1, 1, 1).unwrap();
+        assert_eq!(c.ports, vec![53, 5353]);
+        let k = c.kernel_ports();
+        assert_eq!((k.count, &k.ports[..3]), (2, &[53, 5353, 0][..]));
+        let many: Vec<u16> = (1..=8).collect();
+        assert_eq!(
+            DnsConfig::new(&many, Duration::from_secs(5), 1, 1, 1).unwrap_err(),
+            DnsConfigError::TooManyPorts { max: 7, given: 8 }
+        );
+        assert!(DnsConfig::new(&[], Duration::ZERO, 1, 1, 1).is_err());
+    }
+}
