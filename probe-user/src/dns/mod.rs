@@ -281,14 +281,19 @@ pub fn spawn_reader(
                     let mut guard = guard.context("polling the DNS ring buffer failed")?;
                     drain(guard.get_inner_mut(), &state, &mut out);
                     guard.clear_ready();
+                    // Exchanges go to the log in batches (one queue slot each): at most a
+                    // tick late, or as soon as a batch is full.
+                    if out.len() >= crate::reader::BATCH {
+                        hand_on(&mut out, &log, &state, &tally);
+                    }
                 }
                 _ = tick.tick() => {
                     drain(fd.get_mut(), &state, &mut out);
                     lock(&state).expire(monotonic_ns(), Instant::now(), &mut out);
+                    hand_on(&mut out, &log, &state, &tally);
                 }
                 _ = stop.changed() => break,
             }
-            hand_on(&mut out, &log, &state, &tally);
         }
         drain(fd.get_mut(), &state, &mut out);
         hand_on(&mut out, &log, &state, &tally);
