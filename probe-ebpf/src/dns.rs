@@ -85,8 +85,23 @@ struct Layout {
     closing: bool,
 }
 
+/// The packet's socket, from the context alone (no helper call): most packets of a host are
+/// on connected sockets whose ports are known, and those not to or from a watched port are
+/// passed over here. An unconnected socket (remote port 0, e.g. a UDP client that never called
+/// `connect()`) may send to any port: its packets are parsed.
+#[inline(always)]
+fn socket_may_carry_dns(ctx: &SkBuffContext) -> bool {
+    // `local_port` is in host order, `remote_port` in network order (linux/bpf.h).
+    let local = ctx.skb.local_port() as u16;
+    let remote = u16::from_be(ctx.skb.remote_port() as u16);
+    remote == 0 || watched(local) || watched(remote)
+}
+
 #[inline(always)]
 fn layout(ctx: &SkBuffContext) -> Option<Layout> {
+    if !socket_may_carry_dns(ctx) {
+        return None;
+    }
     // In cgroup_skb programs the packet starts at its IP header.
     let first: u8 = ctx.load(0).ok()?;
     let mut src_addr = [0u8; 16];
