@@ -1,5 +1,5 @@
-//! The ring buffer reader: drains the kernel's records, decodes them in place, counts them in
-//! the tally and hands each batch to the consumer the pipeline gives it.
+//! The ring buffer reader: drains the kernel's records, decodes them in place, numbers them
+//! (`seq`), counts them in the tally and hands each batch to the consumer the pipeline gives it.
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
@@ -46,7 +46,8 @@ impl<C: Consume> Reader<C> {
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
         while let Some(item) = ring.next() {
             match self.decoder.decode(&item) {
-                Ok(event) => {
+                Ok(mut event) => {
+                    event.seq = self.tally.next_seq();
                     self.kinds[event.kind() as usize] += 1;
                     self.batch.push(event);
                 }

@@ -48,6 +48,8 @@ pub struct Tally {
     produced: AtomicU64,
     kernel_read_errors: AtomicU64,
     undecodable: AtomicU64,
+    /// The next event's sequence number: events numbered so far.
+    sequence: AtomicU64,
 }
 
 impl Tally {
@@ -58,6 +60,12 @@ impl Tally {
 
     pub fn delivered(&self, kind: EventKind) -> u64 {
         self.delivered[kind as usize].load(Relaxed)
+    }
+
+    /// The sequence number of the next event handed on ([`crate::event::Event::seq`]): one
+    /// counter for the agent's life, whichever reader delivers.
+    pub fn next_seq(&self) -> u64 {
+        self.sequence.fetch_add(1, Relaxed)
     }
 
     /// `n` events lost at `stage` in the agent (queue, log).
