@@ -81,6 +81,8 @@ pub const REQUIREMENTS: &[Requirement] = &[
     row("curl", "curl", Some("curl"), &[Test]),
     row("jq", "jq", Some("jq"), &[Test]),
     row("bpftool", "bpftool", Some("bpftool"), &[Test]),
+    // Certificates for the TLS tests of --web-config-file.
+    row("openssl", "openssl", Some("openssl"), &[Test]),
     // Real server shapes in the lab: a pre-forked server, SO_REUSEPORT processes.
     row("python3", "python3", Some("python3"), &[Test]),
     // Least privilege: the agent as another user with chosen capabilities, in a mount namespace

@@ -37,8 +37,11 @@ pub struct LogFile {
     file: File,
     /// Bytes in the current file.
     size: u64,
+    /// Where the size limit counts from: 0, or the size at a failed rotation (the next try
+    /// comes `max_size` bytes later, not at every line).
+    counted_from: u64,
     rotation: Option<Rotation>,
-    /// A rotation failed; said once, tried again at the next one.
+    /// A rotation failed; said once, tried again `max_size` bytes later.
     rotation_failing: bool,
 }
 
@@ -50,6 +53,7 @@ impl LogFile {
             path: path.to_owned(),
             file,
             size,
+            counted_from: 0,
             rotation,
             rotation_failing: false,
         })
@@ -67,14 +71,12 @@ impl LogFile {
             let rest = &lines[done..];
             let piece = match self.rotation {
                 Some(rotation) => {
-                    let room = rotation.max_size.saturating_sub(self.size);
-                    let fits = lines_within(rest, room);
-                    if fits == 0 && self.size > 0 {
+                    let fits = lines_within(rest, self.room(rotation));
+                    if fits == 0 && self.size > self.counted_from {
+                        // After a failed rotation this goes on in the current file rather than
+                        // lose lines.
                         self.rotate(rotation);
-                        // After a failed rotation, go on in the current file rather than lose
-                        // lines.
-                        let room = rotation.max_size.saturating_sub(self.size);
-                        lines_within(rest, room).max(first_line(rest))
+                        lines_within(rest, self.room(rotation)).max(first_line(rest))
                     } else {
                         fits.max(first_line(rest))
                     }
@@ -90,6 +92,13 @@ impl LogFile {
             done += written;
         }
         Ok(())
+    }
+
+    /// Bytes the current file may still take before it is rotated.
+    fn room(&self, rotation: Rotation) -> u64 {
+        rotation
+            .max_size
+            .saturating_sub(self.size.saturating_sub(self.counted_from))
     }
 
     /// Writes `lines`; on an error, cuts the file back to the last whole line written.
@@ -134,6 +143,7 @@ impl LogFile {
             let (file, size) = open_append(&self.path)?;
             self.file = file;
             self.size = size;
+            self.counted_from = 0;
             Ok(())
         })();
         match result {
@@ -144,6 +154,7 @@ impl LogFile {
                 self.rotation_failing = false;
             }
             Err(e) => {
+                self.counted_from = self.size;
                 if !self.rotation_failing {
                     tracing::error!(
                         "cannot rotate the JSON log {}: {e}; writing on past --json-log-max-size",
@@ -161,6 +172,7 @@ impl LogFile {
         let (file, size) = open_append(&self.path)?;
         self.file = file;
         self.size = size;
+        self.counted_from = 0;
         Ok(())
     }
 }
@@ -297,6 +309,38 @@ mod tests {
         let long = format!("{}\n", "x".repeat(100));
         log.write_lines(long.as_bytes()).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), long);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_failed_rotation_keeps_writing_and_tries_again_later() {
+        let dir = dir("failing");
+        let path = dir.join("e.jsonl");
+        let rotation = Rotation {
+            max_size: 26,
+            max_files: 1,
+        };
+        let mut log = LogFile::open(&path, Some(rotation)).unwrap();
+        log.write_lines(&lines(0, 2)).unwrap();
+        // PATH.1 cannot be made: a directory stands there.
+        std::fs::create_dir(numbered(&path, 1)).unwrap();
+        std::fs::write(numbered(&path, 1).join("x"), "x").unwrap();
+        log.write_lines(&lines(2, 6)).unwrap();
+        // The rotation before line 2 failed: lines 2 and 3 went on in the file, and the next
+        // try came 26 bytes later (before line 4), not before every line.
+        assert_eq!(read_all(&path, 0).len(), 6);
+        assert!(log.rotation_failing);
+        std::fs::remove_dir_all(numbered(&path, 1)).unwrap();
+        log.write_lines(&lines(6, 7)).unwrap();
+        assert!(!log.rotation_failing);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"seq\":0006}\n");
+        assert_eq!(
+            std::fs::read_to_string(numbered(&path, 1))
+                .unwrap()
+                .lines()
+                .count(),
+            6
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
