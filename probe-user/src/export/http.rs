@@ -608,6 +608,32 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_request_body_is_never_read() {
+        let (addr, _shutdown, _task) = start(state(None)).await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+            .await
+            .unwrap();
+        // A few megabytes of the promised gigabyte: the answer comes without them being read.
+        let chunk = vec![b'a'; 64 * 1024];
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            for _ in 0..16 {
+                if stream.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        let mut head = [0u8; 12];
+        let answered =
+            tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut head)).await;
+        assert!(matches!(answered, Ok(Ok(_))), "{answered:?}");
+        assert_eq!(&head, b"HTTP/1.1 405");
+        assert_eq!(get(addr, "GET /healthz").await.0, 503);
+    }
+
     #[test]
     fn the_quietest_idle_connection_makes_room() {
         let connections = Connections::new();
