@@ -82,11 +82,16 @@ impl BpfObjects {
         Ok(left)
     }
 
-    /// The agent's socket map: the LRU hash with `max_entries` entries.
-    pub fn lru_map(&self, max_entries: u32) -> Option<&MapFd> {
-        self.maps
-            .iter()
-            .find(|m| m.map_type == LRU_HASH && m.max_entries == max_entries)
+    /// The agent's map named `name` (as the kernel keeps it, at most 15 bytes), by asking
+    /// bpftool for the name of each map the agent holds.
+    pub fn map_named(&self, name: &str) -> anyhow::Result<Option<MapFd>> {
+        for map in &self.maps {
+            let shown = bpftool(&["map", "show", "id", &map.id.to_string()])?;
+            if shown["name"].as_str() == Some(name) {
+                return Ok(Some(map.clone()));
+            }
+        }
+        Ok(None)
     }
 }
 

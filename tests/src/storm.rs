@@ -7,6 +7,7 @@ use std::{
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     ops::RangeInclusive,
     os::fd::{FromRawFd as _, OwnedFd},
+    path::Path,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -162,6 +163,38 @@ pub fn half_open(
     })
     .join()
     .expect("the half-open client panicked")
+}
+
+/// What a log says of a half-open storm to `server`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HalfOpenLogged {
+    /// Connects logged as given up (`reason: cancelled`).
+    pub cancelled: u64,
+    /// Of those, the ones whose start record was gone from the kernel's socket map when they
+    /// ended: no latency and no owner (each one counted under stage `map`).
+    pub without_start: u64,
+}
+
+/// Counts the half-open storm's connects in the JSON log at `log`.
+pub fn half_open_logged(log: &Path, server: IpAddr) -> anyhow::Result<HalfOpenLogged> {
+    let text = std::fs::read_to_string(log)?;
+    let server = server.to_string();
+    let mut logged = HalfOpenLogged::default();
+    for event in text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    {
+        if event["type"] == "connect"
+            && event["dst_ip"] == server.as_str()
+            && event["reason"] == "cancelled"
+        {
+            logged.cancelled += 1;
+            if event["latency_us"].is_null() && event["pid"].is_null() {
+                logged.without_start += 1;
+            }
+        }
+    }
+    Ok(logged)
 }
 
 /// A non-blocking connect that is under way (EINPROGRESS).
