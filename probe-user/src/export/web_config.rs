@@ -36,7 +36,7 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
     server::WebPkiClientVerifier,
 };
-use serde::Deserialize;
+use serde::{Deserialize, de::IgnoredAny};
 
 /// What the file asks for, as exporter-toolkit spells it.
 #[derive(Debug, Default, Deserialize)]
@@ -72,9 +72,8 @@ struct TlsServerConfig {
     #[serde(default)]
     max_version: Option<TlsVersion>,
     /// Go's crypto/tls ignores it since Go 1.18; so does connprobe.
-    #[serde(default)]
-    #[allow(dead_code)]
-    prefer_server_cipher_suites: Option<bool>,
+    #[serde(default, rename = "prefer_server_cipher_suites")]
+    _prefer_server_cipher_suites: Option<IgnoredAny>,
     #[serde(default)]
     cipher_suites: Option<Vec<String>>,
     #[serde(default)]
@@ -86,10 +85,10 @@ struct TlsServerConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HttpServerConfig {
-    /// connprobe serves HTTP/1.1 only; `http2: true` (exporter-toolkit's default) is accepted.
-    #[serde(default)]
-    #[allow(dead_code)]
-    http2: Option<bool>,
+    /// connprobe serves HTTP/1.1 only; `http2` (true by default in exporter-toolkit) is
+    /// accepted and has no effect.
+    #[serde(default, rename = "http2")]
+    _http2: Option<IgnoredAny>,
     #[serde(default)]
     headers: BTreeMap<String, String>,
 }
@@ -518,6 +517,15 @@ pub(crate) mod tests {
         let auth = WebSecurity::load(&write(&dir, "auth.yml", &yaml)).unwrap();
         assert!(auth.tls.is_none());
         assert_eq!(auth.auth.unwrap().users.len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn keys_without_effect_here_are_accepted() {
+        let dir = temp("accepted");
+        let yaml =
+            format!("http_server_config:\n  http2: true\nbasic_auth_users:\n  p: {SECRET_HASH}\n");
+        assert!(WebSecurity::load(&write(&dir, "web.yml", &yaml)).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -23,7 +23,7 @@ use crate::{
 mod file;
 mod line;
 
-pub use file::{LogFile, Rotation, numbered};
+pub use file::{LogFile, Rotation};
 pub use line::LineFormatter;
 
 /// How lines are made: the fast formatter, or `serde_json` on the schema type (the same bytes;
