@@ -19,6 +19,11 @@ pub const LISTENERS_MAP: &str = "LISTENERS";
 pub const OFFSETS_GLOBAL: &str = "OFFSETS";
 /// The global holding the unread byte count at which a submit wakes the agent (u64).
 pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
+/// The global (u32) that is 1 when the programs keep per-socket records in [`SOCKET_STORAGE_MAP`]
+/// rather than [`SOCKETS_MAP`].
+pub const RECORDS_IN_STORAGE_GLOBAL: &str = "RECORDS_IN_STORAGE";
+/// Socket storage (`BPF_MAP_TYPE_SK_STORAGE`) holding a [`SocketRecord`] per followed socket.
+pub const SOCKET_STORAGE_MAP: &str = "SOCKET_STORAGE";
 
 /// Default ring buffer size: 4 MiB holds ~40,000 events, a few seconds of a connect storm.
 pub const DEFAULT_RING_BYTES: u32 = 4 << 20;

@@ -7,9 +7,12 @@ use aya_ebpf::{
     },
 };
 use aya_log_ebpf::warn;
-use probe_common::{COMM_LEN, Counter, EventHeader, EventKind, Owner, SocketRecord, owner_flags};
+use probe_common::{COMM_LEN, Counter, EventHeader, EventKind, Owner, owner_flags};
 
-use crate::maps::{EVENTS, SOCKETS, WAKEUP_BYTES, bump};
+use crate::{
+    access::Kernel,
+    maps::{EVENTS, WAKEUP_BYTES, bump},
+};
 
 #[inline(always)]
 pub fn now_ns() -> u64 {
@@ -50,26 +53,23 @@ pub fn current_owner(side: u8) -> Owner {
     }
 }
 
-/// The socket's record, if it is being followed.
-#[inline(always)]
-pub fn record(sk: u64) -> Option<SocketRecord> {
-    // SAFETY: the value is copied out at once; a concurrent update can at worst tear a record,
-    // which only affects reporting, never memory safety.
-    unsafe { SOCKETS.get(&sk) }.copied()
-}
-
 /// The socket's owner as recorded at its start, or unknown.
 #[inline(always)]
-pub fn owner_of(sk: u64) -> Owner {
-    match record(sk) {
-        Some(rec) => rec.owner,
+pub fn owner_of<K: Kernel>(k: K, sk: u64) -> Owner {
+    match k.record(sk) {
+        // SAFETY: a valid map value pointer while the program runs; copied out at once (a
+        // concurrent update can at worst tear a record, which only affects reporting).
+        Some(rec) => unsafe { (*rec).owner },
         None => unknown_owner(probe_common::side::UNKNOWN),
     }
 }
 
 /// Counts the event as produced and writes it to the ring buffer, or counts it lost there.
-/// Submits wake the agent only once a batch has built up: a wakeup per event would cost more
-/// than the event.
+///
+/// Submits wake the agent only when this event's record carries the unread data across the
+/// threshold (an eighth of the ring): a wakeup per event would cost more than the event, and so
+/// would one per event while the agent is behind, as it is in a storm (the agent drains
+/// everything once woken; its periodic poll covers a wakeup that two producers both missed).
 #[inline(always)]
 pub fn emit<T: 'static>(kind: EventKind, event: T) {
     bump(kind.produced_counter());
@@ -78,7 +78,14 @@ pub fn emit<T: 'static>(kind: EventKind, event: T) {
             entry.write(event);
             // SAFETY: a plain read of a load-time constant.
             let threshold = unsafe { core::ptr::read_volatile(&raw const WAKEUP_BYTES) };
-            let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+            let unread = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+            // The record as the ring holds it: its 8-byte header, rounded up to 8 bytes.
+            let record = (core::mem::size_of::<T>() as u64 + 8 + 7) & !7;
+            let crossed = unread >= threshold && unread < threshold + record;
+            // Far behind (half the ring): every event wakes it, as a safety net for a crossing
+            // that concurrent producers both missed.
+            let far_behind = unread >= 4 * threshold;
+            let flags = if crossed || far_behind {
                 BPF_RB_FORCE_WAKEUP
             } else {
                 BPF_RB_NO_WAKEUP

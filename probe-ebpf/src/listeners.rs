@@ -4,15 +4,16 @@
 use probe_common::{ListenerKey, ListenerRecord, Owner, side};
 
 use crate::{
+    access::Kernel,
     emit::{current_owner, unknown_owner},
     maps::{LISTENERS, offset},
-    sock::{local_port, netns, read},
+    sock::{local_port, netns},
 };
 
 #[inline(always)]
-fn key(sk: u64, port: u16) -> Result<ListenerKey, i32> {
+fn key<K: Kernel>(k: K, sk: u64, port: u16) -> Result<ListenerKey, i32> {
     Ok(ListenerKey {
-        netns: netns(sk)?,
+        netns: netns(k, sk)?,
         port,
         _pad: 0,
     })
@@ -22,13 +23,13 @@ fn key(sk: u64, port: u16) -> Result<ListenerKey, i32> {
 /// only after this transition. With SO_REUSEPORT several processes listen on one port: the last
 /// one to call `listen()` names them all.
 #[inline(always)]
-pub fn listen(sk: u64) -> Result<(), i32> {
-    let port = read::<u16>(sk, offset!(skc_num))?;
+pub fn listen<K: Kernel>(k: K, sk: u64) -> Result<(), i32> {
+    let port = k.read::<u16>(sk, offset!(skc_num))?;
     let record = ListenerRecord {
         sk,
         owner: current_owner(side::SERVER),
     };
-    let _ = LISTENERS.insert(&key(sk, port)?, &record, 0);
+    let _ = LISTENERS.insert(&key(k, sk, port)?, &record, 0);
     Ok(())
 }
 
@@ -36,8 +37,8 @@ pub fn listen(sk: u64) -> Result<(), i32> {
 /// restart with SO_REUSEPORT). A listener found at start-up (`sk == 0`) goes with the first close.
 /// The port comes from `inet_sport`: CLOSE may have released `skc_num` already.
 #[inline(always)]
-pub fn unlisten(sk: u64) -> Result<(), i32> {
-    let key = key(sk, local_port(sk)?)?;
+pub fn unlisten<K: Kernel>(k: K, sk: u64) -> Result<(), i32> {
+    let key = key(k, sk, local_port(k, sk)?)?;
     // SAFETY: the value is copied out at once.
     if let Some(record) = unsafe { LISTENERS.get(&key) }
         && (record.sk == sk || record.sk == 0)
@@ -50,9 +51,9 @@ pub fn unlisten(sk: u64) -> Result<(), i32> {
 /// The owner of the listener on `port` in the namespace of `sk` (a socket of that namespace:
 /// the listener itself, or a connection it accepted), marked as the server side.
 #[inline(always)]
-pub fn listener_owner(sk: u64, port: u16) -> Result<Owner, i32> {
+pub fn listener_owner<K: Kernel>(k: K, sk: u64, port: u16) -> Result<Owner, i32> {
     // SAFETY: the value is copied out at once.
-    Ok(match unsafe { LISTENERS.get(&key(sk, port)?) } {
+    Ok(match unsafe { LISTENERS.get(&key(k, sk, port)?) } {
         Some(record) => {
             let mut owner = record.owner;
             owner.side = side::SERVER;

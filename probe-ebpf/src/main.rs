@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod access;
 mod emit;
 mod empty;
 mod listeners;

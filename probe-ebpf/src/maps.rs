@@ -1,6 +1,7 @@
 //! Maps and load-time globals shared by every program.
 use aya_ebpf::{
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
 use probe_common::{
@@ -12,7 +13,13 @@ use probe_common::{
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
-/// Sockets followed from connect (or accept) to close, keyed by `struct sock *`.
+/// Sockets followed from connect (or accept) to close, kept in the sockets themselves: used when
+/// every hook runs on a BTF tracepoint (see `access`).
+#[btf_map]
+pub static SOCKET_STORAGE: SkStorage<SocketRecord> = SkStorage::new();
+
+/// Sockets followed from connect (or accept) until the kernel destroys them, keyed by
+/// `struct sock *`: used when any hook runs on a classic tracepoint.
 #[map(name = "SOCKETS")]
 pub static SOCKETS: LruHashMap<u64, SocketRecord> =
     LruHashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
@@ -73,6 +80,11 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     has_retransmit_err: 0,
     has_reset_reason: 0,
 };
+
+/// 1 when the records live in [`SOCKET_STORAGE`], 0 for [`SOCKETS`]. Set by the agent before
+/// load.
+#[unsafe(no_mangle)]
+pub static RECORDS_IN_STORAGE: u32 = 0;
 
 /// Unread bytes in [`EVENTS`] at which a submit wakes the agent; below it the agent's
 /// periodic poll picks the events up. Set by the agent before load.

@@ -9,9 +9,9 @@
 //! and later, whatever IP_RECVERR says), which reports it, and only then sets `sk_err_soft`. So
 //! the errno is read from the queued error (`sock_extended_err` of the queue's last skb).
 use crate::{
+    access::{Kernel, Raw, Typed},
     emit::finish,
-    maps::{SOCKETS, offset},
-    sock::read,
+    maps::offset,
 };
 use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint},
@@ -21,7 +21,7 @@ use aya_ebpf::{
 #[btf_tracepoint(function = "inet_sk_error_report")]
 pub fn sock_error_btf(ctx: BtfTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
-    finish(&ctx, "inet_sk_error_report", on_error_report(sk))
+    finish(&ctx, "inet_sk_error_report", on_error_report(Typed, sk))
 }
 
 /// The fallback where BTF tracepoints are refused. Not the classic tracepoint: its record holds
@@ -30,22 +30,22 @@ pub fn sock_error_btf(ctx: BtfTracePointContext) -> u32 {
 #[raw_tracepoint(tracepoint = "inet_sk_error_report")]
 pub fn sock_error_tp(ctx: RawTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
-    finish(&ctx, "inet_sk_error_report", on_error_report(sk)) as i32
+    finish(&ctx, "inet_sk_error_report", on_error_report(Raw, sk)) as i32
 }
 
 #[inline(always)]
-fn on_error_report(sk: u64) -> Result<(), i32> {
+fn on_error_report<K: Kernel>(k: K, sk: u64) -> Result<(), i32> {
     if sk == 0 {
         return Ok(());
     }
     // Only followed sockets (TCP sockets whose connect or accept was seen): reports on any other
     // socket cost one hash lookup.
-    let Some(rec) = SOCKETS.get_ptr_mut(&sk) else {
+    let Some(rec) = k.record(sk) else {
         return Ok(());
     };
-    let error = match read::<i32>(sk, offset!(sk_err))? {
-        0 => match queued_icmp_error(sk)? {
-            0 => read::<i32>(sk, offset!(sk_err_soft))? as u32,
+    let error = match k.read::<i32>(sk, offset!(sk_err))? {
+        0 => match queued_icmp_error(k, sk)? {
+            0 => k.read::<i32>(sk, offset!(sk_err_soft))? as u32,
             err => err,
         },
         err => err as u32,
@@ -65,17 +65,17 @@ const ORIGIN_ICMP6: u8 = 3;
 
 /// The errno of the ICMP error last queued on the socket's error queue, or 0.
 #[inline(always)]
-fn queued_icmp_error(sk: u64) -> Result<u32, i32> {
-    if read::<u32>(sk, offset!(sk_error_queue_qlen))? == 0 {
+fn queued_icmp_error<K: Kernel>(k: K, sk: u64) -> Result<u32, i32> {
+    if k.read::<u32>(sk, offset!(sk_error_queue_qlen))? == 0 {
         return Ok(0);
     }
-    let last = read::<u64>(sk, offset!(sk_error_queue_prev))?;
+    let last = k.read::<u64>(sk, offset!(sk_error_queue_prev))?;
     if last == 0 {
         return Ok(0);
     }
     // struct sock_extended_err { __u32 ee_errno; __u8 ee_origin; ... }
-    let errno = read::<u32>(last, offset!(skb_cb_ee))?;
-    let origin = read::<u8>(last, offset!(skb_cb_ee) + 4)?;
+    let errno = k.read::<u32>(last, offset!(skb_cb_ee))?;
+    let origin = k.read::<u8>(last, offset!(skb_cb_ee) + 4)?;
     Ok(if origin == ORIGIN_ICMP || origin == ORIGIN_ICMP6 {
         errno
     } else {

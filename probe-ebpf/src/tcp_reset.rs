@@ -6,6 +6,7 @@ use aya_ebpf::{
 use probe_common::{EventKind, ResetEvent, direction, side, tcp_state};
 
 use crate::{
+    access::{Kernel, Raw, Typed},
     emit::{emit, finish, header, now_ns, owner_of, unknown_owner},
     maps::offset,
     sock::{endpoints, packet_endpoints, state},
@@ -14,11 +15,23 @@ use crate::{
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn tcp_send_reset_btf(ctx: BtfTracePointContext) -> u32 {
     // The agent picks this program only on kernels whose tracepoint has the `reason` argument
-    // (Linux 6.10 and later); older ones use the classic tracepoint.
+    // (Linux 6.10 and later); `tcp_send_reset_btf_older` is for the others.
     let sk: u64 = ctx.arg(0);
     let skb: u64 = ctx.arg(1);
     let reason: u32 = ctx.arg(2);
-    finish(&ctx, "tcp_send_reset", on_send_reset(sk, skb, Some(reason)))
+    finish(
+        &ctx,
+        "tcp_send_reset",
+        on_send_reset(Typed, sk, skb, Some(reason)),
+    )
+}
+
+/// Kernels before 6.10: no `reason` argument.
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset_btf_older(ctx: BtfTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    let skb: u64 = ctx.arg(1);
+    finish(&ctx, "tcp_send_reset", on_send_reset(Typed, sk, skb, None))
 }
 
 #[tracepoint]
@@ -34,23 +47,23 @@ fn try_tcp_send_reset_tp(ctx: &TracePointContext) -> Result<(), i32> {
     } else {
         None
     };
-    on_send_reset(sk, skb, reason)
+    on_send_reset(Raw, sk, skb, reason)
 }
 
 /// `skb`, when present, is the received packet the reset answers; without it (an active reset,
 /// e.g. `close()` with SO_LINGER 0) the socket gives the ends. `reason` is the kernel's
 /// `enum sk_rst_reason`, where the kernel has one.
 #[inline(always)]
-fn on_send_reset(sk: u64, skb: u64, reason: Option<u32>) -> Result<(), i32> {
+fn on_send_reset<K: Kernel>(k: K, sk: u64, skb: u64, reason: Option<u32>) -> Result<(), i32> {
     let (endpoints, answers_syn) = if skb != 0 {
-        packet_endpoints(skb)?
+        packet_endpoints(k, skb)?
     } else if sk != 0 {
-        (endpoints(sk)?, false)
+        (endpoints(k, sk)?, false)
     } else {
         return Ok(());
     };
     let (mut owner, state) = if sk != 0 {
-        (owner_of(sk), state(sk)?)
+        (owner_of(k, sk), state(k, sk)?)
     } else {
         (unknown_owner(side::UNKNOWN), tcp_state::NONE)
     };
@@ -74,7 +87,7 @@ fn on_send_reset(sk: u64, skb: u64, reason: Option<u32>) -> Result<(), i32> {
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn tcp_receive_reset_btf(ctx: BtfTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
-    finish(&ctx, "tcp_receive_reset", on_receive_reset(sk))
+    finish(&ctx, "tcp_receive_reset", on_receive_reset(Typed, sk))
 }
 
 #[tracepoint]
@@ -84,20 +97,20 @@ pub fn tcp_receive_reset_tp(ctx: TracePointContext) -> u32 {
 
 fn try_tcp_receive_reset_tp(ctx: &TracePointContext) -> Result<(), i32> {
     let sk: u64 = unsafe { ctx.read_at(offset!(tp_receive_reset_skaddr))? };
-    on_receive_reset(sk)
+    on_receive_reset(Raw, sk)
 }
 
 #[inline(always)]
-fn on_receive_reset(sk: u64) -> Result<(), i32> {
+fn on_receive_reset<K: Kernel>(k: K, sk: u64) -> Result<(), i32> {
     if sk == 0 {
         return Ok(());
     }
     let event = ResetEvent {
         header: header(EventKind::Reset, now_ns()),
-        endpoints: endpoints(sk)?,
-        owner: owner_of(sk),
+        endpoints: endpoints(k, sk)?,
+        owner: owner_of(k, sk),
         direction: direction::RECEIVED,
-        state: state(sk)?,
+        state: state(k, sk)?,
         has_reason: 0,
         _pad: 0,
         reason: 0,

@@ -1,5 +1,5 @@
 //! The connect lifecycle from `inet_sock_set_state`: connects started and ended, connections
-//! accepted and closed.
+//! accepted and closed, listeners opened and closed.
 use aya_ebpf::{
     macros::{btf_tracepoint, tracepoint},
     programs::{BtfTracePointContext, TracePointContext},
@@ -10,10 +10,11 @@ use probe_common::{
 };
 
 use crate::{
-    emit::{current_owner, emit, finish, header, now_ns, record, unknown_owner},
+    access::{Kernel, Raw, Typed},
+    emit::{current_owner, emit, finish, header, now_ns, unknown_owner},
     listeners::{self, listener_owner},
-    maps::{SOCKETS, bump, offset},
-    sock::{endpoints, local_port, payload_bytes_received, protocol, read},
+    maps::{bump, offset},
+    sock::{endpoints, local_port, payload_bytes_received, protocol},
 };
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
@@ -21,7 +22,11 @@ pub fn tcp_state_btf(ctx: BtfTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
-    finish(&ctx, "inet_sock_set_state", on_state_change(sk, old, new))
+    finish(
+        &ctx,
+        "inet_sock_set_state",
+        on_state_change(Typed, sk, old, new),
+    )
 }
 
 #[tracepoint]
@@ -33,10 +38,15 @@ fn try_tcp_state_tp(ctx: &TracePointContext) -> Result<(), i32> {
     let sk: u64 = unsafe { ctx.read_at(offset!(tp_state_skaddr))? };
     let old: i32 = unsafe { ctx.read_at(offset!(tp_state_oldstate))? };
     let new: i32 = unsafe { ctx.read_at(offset!(tp_state_newstate))? };
-    on_state_change(sk, old, new)
+    on_state_change(Raw, sk, old, new)
 }
 
-/// The transitions connprobe acts on.
+/// The transitions connprobe acts on. Each one's handler is a BPF function of its own
+/// (`#[inline(never)]`): the verifier adds up the stack frames along a call chain, and with every
+/// handler inlined the program's one frame held all their events and records at once (456 bytes).
+/// With the frame of its log call that is more than Linux 6.1's verifier allows, which rounds each
+/// frame up to 32 bytes (544 of 512: it refused the classic program). Apart, no chain is deeper
+/// than 416 bytes by 6.1's count; a call costs a few nanoseconds.
 enum Transition {
     Listen,
     Unlisten,
@@ -49,7 +59,7 @@ enum Transition {
 }
 
 #[inline(always)]
-fn on_state_change(sk: u64, old: i32, new: i32) -> Result<(), i32> {
+fn on_state_change<K: Kernel>(k: K, sk: u64, old: i32, new: i32) -> Result<(), i32> {
     // Decide on the transition first: most hits (FIN_WAIT1, CLOSE_WAIT, ...) need nothing, and
     // then no kernel memory is read at all.
     let transition = match (old as u8, new as u8) {
@@ -64,25 +74,25 @@ fn on_state_change(sk: u64, old: i32, new: i32) -> Result<(), i32> {
         (_, tcp_state::CLOSE) => Transition::Closed,
         _ => return Ok(()),
     };
-    if sk == 0 || protocol(sk)? != IPPROTO_TCP {
+    if sk == 0 || protocol(k, sk)? != IPPROTO_TCP {
         return Ok(());
     }
     match transition {
-        Transition::Listen => listeners::listen(sk),
-        Transition::Unlisten => listeners::unlisten(sk),
-        Transition::ConnectStart => start_connect(sk),
-        Transition::ConnectEstablished => end_connect(sk, outcome::ESTABLISHED),
-        Transition::ConnectFailed => end_connect(sk, outcome::FAILED),
-        Transition::AcceptStart => start_accept(sk),
-        Transition::Accepted => accepted(sk),
-        Transition::Closed => closed(sk),
+        Transition::Listen => listeners::listen(k, sk),
+        Transition::Unlisten => listeners::unlisten(k, sk),
+        Transition::ConnectStart => start_connect(k, sk),
+        Transition::ConnectEstablished => end_connect(k, sk, outcome::ESTABLISHED),
+        Transition::ConnectFailed => end_connect(k, sk, outcome::FAILED),
+        Transition::AcceptStart => start_accept(k, sk),
+        Transition::Accepted => accepted(k, sk),
+        Transition::Closed => closed(k, sk),
     }
 }
 
 /// CLOSE -> SYN_SENT runs in the connecting process's `connect()`: the one place the owner is
 /// known for sure.
-#[inline(always)]
-fn start_connect(sk: u64) -> Result<(), i32> {
+#[inline(never)]
+fn start_connect<K: Kernel>(k: K, sk: u64) -> Result<(), i32> {
     let mut owner = current_owner(side::CLIENT);
     owner.flags |= owner_flags::START_KNOWN;
     let rec = SocketRecord {
@@ -92,15 +102,15 @@ fn start_connect(sk: u64) -> Result<(), i32> {
         error: 0,
         _pad: 0,
     };
-    let _ = SOCKETS.insert(&sk, &rec, 0);
+    k.follow(sk, &rec);
     Ok(())
 }
 
 /// SYN_SENT -> ESTABLISHED or CLOSE, in softirq or timer context: identity comes from the record.
-#[inline(always)]
-fn end_connect(sk: u64, result: u8) -> Result<(), i32> {
+#[inline(never)]
+fn end_connect<K: Kernel>(k: K, sk: u64, result: u8) -> Result<(), i32> {
     let now = now_ns();
-    let (owner, latency_ns, reported_error) = match SOCKETS.get_ptr_mut(&sk) {
+    let (owner, latency_ns, reported_error) = match k.record(sk) {
         Some(rec) => {
             // SAFETY: a valid map value pointer for the duration of the program.
             let rec = unsafe { &mut *rec };
@@ -120,7 +130,7 @@ fn end_connect(sk: u64, result: u8) -> Result<(), i32> {
                     error: 0,
                     _pad: 0,
                 };
-                let _ = SOCKETS.insert(&sk, &rec, 0);
+                k.follow(sk, &rec);
             }
             (owner, 0, 0)
         }
@@ -128,20 +138,21 @@ fn end_connect(sk: u64, result: u8) -> Result<(), i32> {
     // A connect that fails has `sk_err` set, unless its error came while the application held
     // the socket (a non-blocking connect's ICMP error): then only the error report saw it.
     let sk_err = if result == outcome::FAILED {
-        match read::<i32>(sk, offset!(sk_err))? as u32 {
+        match k.read::<i32>(sk, offset!(sk_err))? as u32 {
             0 => reported_error,
             err => err,
         }
     } else {
         0
     };
+    let tcp = k.tcp(sk)?;
     let event = ConnectEvent {
         header: header(EventKind::Connect, now),
-        endpoints: endpoints(sk)?,
+        endpoints: endpoints(k, sk)?,
         owner,
         latency_ns,
         sk_err,
-        syn_retransmits: read::<u32>(sk, offset!(tcp_total_retrans))?,
+        syn_retransmits: k.read::<u32>(tcp, offset!(tcp_total_retrans))?,
         outcome: result,
         _pad: [0; 7],
     };
@@ -151,25 +162,25 @@ fn end_connect(sk: u64, result: u8) -> Result<(), i32> {
 
 /// A child socket of a listener appears in SYN_RECV when the handshake's last ACK arrives, in
 /// softirq context: its owner is the process that listens on its port.
-#[inline(always)]
-fn start_accept(sk: u64) -> Result<(), i32> {
+#[inline(never)]
+fn start_accept<K: Kernel>(k: K, sk: u64) -> Result<(), i32> {
     let rec = SocketRecord {
         start_ns: now_ns(),
         established_ns: 0,
-        owner: listener_owner(sk, local_port(sk)?)?,
+        owner: listener_owner(k, sk, local_port(k, sk)?)?,
         error: 0,
         _pad: 0,
     };
-    let _ = SOCKETS.insert(&sk, &rec, 0);
+    k.follow(sk, &rec);
     Ok(())
 }
 
 /// SYN_RECV -> ESTABLISHED: an accepted connection. The handshake is timed on the side that
 /// starts it, so the server's connect carries no latency.
-#[inline(always)]
-fn accepted(sk: u64) -> Result<(), i32> {
+#[inline(never)]
+fn accepted<K: Kernel>(k: K, sk: u64) -> Result<(), i32> {
     let now = now_ns();
-    let owner = match SOCKETS.get_ptr_mut(&sk) {
+    let owner = match k.record(sk) {
         Some(rec) => {
             // SAFETY: as in end_connect.
             let rec = unsafe { &mut *rec };
@@ -177,7 +188,7 @@ fn accepted(sk: u64) -> Result<(), i32> {
             rec.owner
         }
         None => {
-            let owner = listener_owner(sk, local_port(sk)?)?;
+            let owner = listener_owner(k, sk, local_port(k, sk)?)?;
             let rec = SocketRecord {
                 start_ns: 0,
                 established_ns: now,
@@ -185,13 +196,13 @@ fn accepted(sk: u64) -> Result<(), i32> {
                 error: 0,
                 _pad: 0,
             };
-            let _ = SOCKETS.insert(&sk, &rec, 0);
+            k.follow(sk, &rec);
             owner
         }
     };
     let event = ConnectEvent {
         header: header(EventKind::Connect, now),
-        endpoints: endpoints(sk)?,
+        endpoints: endpoints(k, sk)?,
         owner,
         latency_ns: 0,
         sk_err: 0,
@@ -204,11 +215,12 @@ fn accepted(sk: u64) -> Result<(), i32> {
 }
 
 /// A connection that got past the handshake reaches CLOSE: its lifetime and counters.
-#[inline(always)]
-fn closed(sk: u64) -> Result<(), i32> {
+#[inline(never)]
+fn closed<K: Kernel>(k: K, sk: u64) -> Result<(), i32> {
     let now = now_ns();
-    let (mut owner, established_ns) = match record(sk) {
-        Some(rec) => (rec.owner, rec.established_ns),
+    let (mut owner, established_ns) = match k.record(sk) {
+        // SAFETY: as in end_connect; copied out at once.
+        Some(rec) => unsafe { ((*rec).owner, (*rec).established_ns) },
         None => (unknown_owner(side::UNKNOWN), 0),
     };
     let duration_ns = if established_ns != 0 {
@@ -218,15 +230,16 @@ fn closed(sk: u64) -> Result<(), i32> {
         owner.flags &= !owner_flags::START_KNOWN;
         0
     };
+    let tcp = k.tcp(sk)?;
     let event = CloseEvent {
         header: header(EventKind::Close, now),
-        endpoints: endpoints(sk)?,
+        endpoints: endpoints(k, sk)?,
         owner,
         duration_ns,
-        bytes_sent: read::<u64>(sk, offset!(tcp_bytes_sent))?,
-        bytes_received: payload_bytes_received(sk)?,
-        segments_sent: read::<u32>(sk, offset!(tcp_data_segs_out))?,
-        segments_retransmitted: read::<u32>(sk, offset!(tcp_total_retrans))?,
+        bytes_sent: k.read::<u64>(tcp, offset!(tcp_bytes_sent))?,
+        bytes_received: payload_bytes_received(k, sk)?,
+        segments_sent: k.read::<u32>(tcp, offset!(tcp_data_segs_out))?,
+        segments_retransmitted: k.read::<u32>(tcp, offset!(tcp_total_retrans))?,
     };
     emit(EventKind::Close, event);
     Ok(())
@@ -235,7 +248,8 @@ fn closed(sk: u64) -> Result<(), i32> {
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn tcp_destroy_btf(ctx: BtfTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
-    finish(&ctx, "tcp_destroy_sock", forget(sk))
+    Typed.forget(sk);
+    0
 }
 
 #[tracepoint]
@@ -243,15 +257,11 @@ pub fn tcp_destroy_tp(ctx: TracePointContext) -> u32 {
     finish(&ctx, "tcp_destroy_sock", try_tcp_destroy_tp(&ctx))
 }
 
+/// The socket is gone: its record goes too. Records live until here rather than until CLOSE
+/// because an abortive close sends its reset after the socket reached CLOSE. Only needed for
+/// the LRU hash: socket storage goes with the socket.
 fn try_tcp_destroy_tp(ctx: &TracePointContext) -> Result<(), i32> {
     let sk: u64 = unsafe { ctx.read_at(offset!(tp_destroy_skaddr))? };
-    forget(sk)
-}
-
-/// The socket is gone: its record goes too. Records live until here rather than until CLOSE
-/// because an abortive close sends its reset after the socket reached CLOSE.
-#[inline(always)]
-fn forget(sk: u64) -> Result<(), i32> {
-    let _ = SOCKETS.remove(&sk);
+    Raw.forget(sk);
     Ok(())
 }

@@ -9,7 +9,7 @@ use aya::{
 };
 use probe_common::{
     COUNTERS_MAP, EVENTS_MAP, KernelOffsets, LISTENERS_MAP, ListenerKey, ListenerRecord,
-    OFFSETS_GLOBAL, SOCKETS_MAP, WAKEUP_BYTES_GLOBAL,
+    OFFSETS_GLOBAL, RECORDS_IN_STORAGE_GLOBAL, SOCKETS_MAP, WAKEUP_BYTES_GLOBAL,
 };
 
 use crate::{
@@ -67,12 +67,20 @@ pub enum HookMode {
     /// Empty BTF programs on the same hooks, emitting nothing: the benchmark's floor.
     #[value(hide = true)]
     Empty,
+    /// BTF tracepoints, with the programs written for older kernels' tracepoints where a hook
+    /// has them (no `err` in tcp_retransmit_skb, no `reason` in tcp_send_reset): lets the tests
+    /// check those programs on a newer kernel.
+    #[value(hide = true)]
+    BtfOlder,
 }
 
 /// How one hook is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attachment {
     Btf,
+    /// The BTF program for a kernel whose tracepoint has fewer arguments (no `err` in
+    /// `tcp_retransmit_skb` before 6.13, no `reason` in `tcp_send_reset` before 6.10).
+    BtfOlder,
     Classic,
     /// Empty BTF programs (benchmark floor).
     Empty,
@@ -82,6 +90,7 @@ impl Attachment {
     pub fn as_str(self) -> &'static str {
         match self {
             Attachment::Btf => "btf",
+            Attachment::BtfOlder => "btf-older",
             Attachment::Classic => "classic",
             Attachment::Empty => "empty",
         }
@@ -155,7 +164,9 @@ pub fn load_and_attach(
         Ok(probes) => Ok(probes),
         Err(e @ LoadError::Program { .. })
             if config.hooks == HookMode::Auto
-                && plan.iter().any(|(_, a)| *a == Attachment::Btf) =>
+                && plan
+                    .iter()
+                    .any(|(_, a)| matches!(a, Attachment::Btf | Attachment::BtfOlder)) =>
         {
             tracing::warn!("{e}; falling back to classic tracepoints");
             let classic = Hook::ALL.map(|h| (h, Attachment::Classic)).to_vec();
@@ -170,15 +181,22 @@ fn plan_hooks(btf: &Btf, mode: HookMode) -> Vec<(Hook, Attachment)> {
     Hook::ALL
         .iter()
         .map(|&hook| {
-            let has_btf = btf
-                .tracepoint_args(hook.tracepoint().1)
-                .is_ok_and(|n| n >= hook.btf_args_needed());
-            let how = match mode {
-                HookMode::Classic => Attachment::Classic,
-                HookMode::Btf => Attachment::Btf,
-                HookMode::Empty => Attachment::Empty,
-                HookMode::Auto if has_btf => Attachment::Btf,
-                HookMode::Auto => Attachment::Classic,
+            let args = btf.tracepoint_args(hook.tracepoint().1).unwrap_or(0);
+            let btf_program = if args >= hook.btf_args_needed() {
+                Some(Attachment::Btf)
+            } else {
+                hook.btf_older_args()
+                    .filter(|&older| args >= older)
+                    .map(|_| Attachment::BtfOlder)
+            };
+            let how = match (mode, btf_program) {
+                (HookMode::Classic, _) => Attachment::Classic,
+                (HookMode::Empty, _) => Attachment::Empty,
+                (HookMode::BtfOlder, _) if hook.btf_older_args().is_some() => Attachment::BtfOlder,
+                (HookMode::BtfOlder, _) => Attachment::Btf,
+                (HookMode::Btf | HookMode::Auto, Some(program)) => program,
+                (HookMode::Btf, None) => Attachment::Btf,
+                (HookMode::Auto, None) => Attachment::Classic,
             };
             (hook, how)
         })
@@ -213,21 +231,34 @@ fn try_load(
                 || (*how == Attachment::Classic && offsets.has_reset_reason != 0))
     });
     let mut missing = Vec::new();
-    if !sent_reset_reasons || reset_reasons.is_empty() {
+    if reset_reasons.is_empty() {
+        // The same rework of `tcp_send_reset` (Linux 6.10) added its reason and made it fire for
+        // resets the kernel sends without a socket; the reason enum's presence stands for both.
         missing.push(format!(
-            "this kernel ({}) gives no reason for the resets it sends (that needs Linux 6.10): \
-             reset_reason stays null",
+            "this kernel ({}) gives no reason for the resets it sends and does not trace the \
+             resets sent without a socket, e.g. to a SYN for a port nobody listens on (both need \
+             Linux 6.10): reset_reason stays null and such resets are not logged",
             kernel_release()
         ));
+    } else if !sent_reset_reasons {
+        missing.push(
+            "the tcp_send_reset program attached does not read the kernel's reset reasons: \
+             reset_reason stays null"
+                .to_owned(),
+        );
         reset_reasons = ResetReasons::default();
     }
 
     // Wake the agent once an eighth of the ring is waiting; the reader also polls every
     // POLL_INTERVAL, so a quiet host still sees its events promptly.
     let wakeup_bytes = u64::from(config.ring_buffer_bytes / 8);
+    // Socket storage holds the per-socket records when every program can reach it (BTF
+    // tracepoints); then nothing needs to forget a socket at tcp_destroy_sock.
+    let in_storage = records_in_storage(&plan);
     let mut ebpf = EbpfLoader::new()
         .override_global(OFFSETS_GLOBAL, &offsets, true)
         .override_global(WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
+        .override_global(RECORDS_IN_STORAGE_GLOBAL, &u32::from(in_storage), true)
         .map_max_entries(EVENTS_MAP, config.ring_buffer_bytes)
         .map_max_entries(SOCKETS_MAP, config.max_sockets)
         .load(OBJECT)
@@ -251,10 +282,15 @@ fn try_load(
         reset_reasons,
     });
 
+    let plan: Vec<(Hook, Attachment)> = plan
+        .into_iter()
+        .filter(|(hook, _)| !(in_storage && *hook == Hook::TcpDestroy))
+        .collect();
     for (hook, how) in &plan {
         let (category, name) = hook.tracepoint();
         let suffix = match how {
             Attachment::Btf => "btf",
+            Attachment::BtfOlder => "btf_older",
             Attachment::Classic => "tp",
             Attachment::Empty => "empty",
         };
@@ -268,7 +304,7 @@ fn try_load(
             .program_mut(&program)
             .ok_or_else(|| LoadError::Missing(program.clone()))?;
         match how {
-            Attachment::Btf | Attachment::Empty => {
+            Attachment::Btf | Attachment::BtfOlder | Attachment::Empty => {
                 let prog: &mut BtfTracePoint = prog.try_into().map_err(fail)?;
                 prog.load(name, aya_btf).map_err(fail)?;
                 prog.attach().map_err(fail)?;
@@ -292,6 +328,18 @@ fn try_load(
         _ebpf: ebpf,
         plan,
         missing,
+    })
+}
+
+/// Whether the per-socket records can live in socket storage: only BTF programs can reach it,
+/// and every program must use the same store. The benchmark's empty programs count as BTF, so
+/// that the floor attaches the same hooks as the default set (no `tcp_destroy_sock`).
+fn records_in_storage(plan: &[(Hook, Attachment)]) -> bool {
+    plan.iter().all(|(_, how)| {
+        matches!(
+            how,
+            Attachment::Btf | Attachment::BtfOlder | Attachment::Empty
+        )
     })
 }
 

@@ -176,6 +176,18 @@ impl Hook {
         }
     }
 
+    /// Arguments of the tracepoint on older kernels that a second BTF program (`<stem>_btf_older`)
+    /// takes, for the hooks that have one.
+    pub fn btf_older_args(self) -> Option<u32> {
+        match self {
+            // Before 6.13 the tracepoint has no `err` and fires only for successful resends.
+            Hook::TcpRetransmit => Some(2),
+            // Before 6.10 the tracepoint has no `reason`.
+            Hook::TcpSendReset => Some(2),
+            _ => None,
+        }
+    }
+
     /// Whether the fallback program is a raw tracepoint rather than a classic one: the classic
     /// `inet_sk_error_report` record has no socket, and only `sk_err`, which is 0 for the soft
     /// errors a non-blocking connect gets. Raw tracepoints need no tracefs.

@@ -77,6 +77,17 @@ pub fn sent_reset_reason(name: &str) -> Value {
     }
 }
 
+/// Whether the kernel traces the resets it sends without a socket (a SYN to a port nobody listens
+/// on): `tcp:tcp_send_reset` fires for them since Linux 6.10, together with its `reason`. Before,
+/// the agent says so at start (see [`SOCKETLESS_RESETS_MISSING`]) and such resets are not logged.
+pub fn socketless_resets_traced() -> bool {
+    kernel_at_least(6, 10)
+}
+
+/// What the agent says at start on a kernel that neither traces socketless resets nor gives
+/// reset reasons.
+pub const SOCKETLESS_RESETS_MISSING: &str = "resets sent without a socket";
+
 /// Whether the running kernel is at least `major.minor`.
 pub fn kernel_at_least(major: u32, minor: u32) -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -224,15 +235,14 @@ pub fn server_reset_sent(flow: Flow, listener: &Listener, state: &str, reason: &
 }
 
 /// A reset the server's kernel sent for a SYN to a port nobody listens on: no socket, so no
-/// state and no owner.
-pub fn server_reset_sent_socketless(flow: Flow) -> Pattern {
+/// state and no owner. `reason`: what the agent reports, e.g. `sent_reset_reason("NO_SOCKET")`.
+pub fn server_reset_sent_socketless(flow: Flow, reason: Value) -> Pattern {
     Pattern::new(
         "server reset sent without a socket",
         merge([
             ends(flow.server, flow.client),
             json!({"pid": null, "comm": null, "side": "server", "type": "reset",
-                   "direction": "sent", "state": null,
-                   "reset_reason": sent_reset_reason("NO_SOCKET")}),
+                   "direction": "sent", "state": null, "reset_reason": reason}),
         ]),
     )
 }

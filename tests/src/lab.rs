@@ -178,6 +178,18 @@ impl Lab {
         self.client.exec("sysctl", &["-q", "-w", setting]).map(drop)
     }
 
+    /// Makes the client namespace's kernel give up a connect after `retries` SYN retransmits
+    /// with exponential backoff (1 s, then 2 s, ...). Linux 6.7 added `tcp_syn_linear_timeouts`
+    /// (default 4), which resends the first SYNs at a fixed 1 s on top; it is turned off where
+    /// the kernel has it, so that the count is `retries` on every kernel.
+    pub fn client_syn_retries(&self, retries: u32) -> anyhow::Result<()> {
+        self.client_sysctl(&format!("net.ipv4.tcp_syn_retries={retries}"))?;
+        if crate::events::kernel_at_least(6, 7) {
+            self.client_sysctl("net.ipv4.tcp_syn_linear_timeouts=0")?;
+        }
+        Ok(())
+    }
+
     pub fn client_counters(&self) -> TcpCounters {
         self.client.run_in(read_tcp_counters)
     }

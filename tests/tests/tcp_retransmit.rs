@@ -23,14 +23,25 @@ const BYTES_EACH: usize = 2 << 20;
 
 #[test]
 fn lossy_path() -> anyhow::Result<()> {
-    let mut lab = Lab::new(31)?;
+    lossy(31, &["--no-metrics"])
+}
+
+/// The BTF program written for older kernels' `tcp_retransmit_skb` (no `err`, before 6.13),
+/// forced on whatever kernel runs the tests: the same sums.
+#[test]
+fn lossy_path_older_btf_programs() -> anyhow::Result<()> {
+    lossy(35, &["--no-metrics", "--hooks", "btf-older"])
+}
+
+fn lossy(subnet: u8, agent_args: &[&str]) -> anyhow::Result<()> {
+    let mut lab = Lab::new(subnet)?;
     let client_ip = IpAddr::from(lab.client_v4());
     let server = SocketAddr::new(lab.server_v4().into(), 8083);
     lab.server_rule("tcp dport 8083 numgen random mod 100 < 20 drop")?;
     let listener = serve(&lab, server, CONNECTIONS, traffic::sink);
     let owner = Listener::process();
     let (client_before, server_before) = (lab.client_counters(), lab.server_counters());
-    let agent = Agent::start()?;
+    let agent = Agent::start_with_args(agent_args)?;
     let clients: Vec<SocketAddr> = lab
         .client(CLIENT.comm, move || {
             let payload = vec![0x5au8; BYTES_EACH];

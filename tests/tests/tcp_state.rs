@@ -408,14 +408,12 @@ fn admin_prohibited_classic_tracepoints() -> anyhow::Result<()> {
 /// SYNs dropped and `tcp_syn_retries=1`: the kernel resends the SYN once (after 1 s) and gives
 /// up (after 3 s) with ETIMEDOUT. Since Linux 6.7 `tcp_syn_linear_timeouts` (default 4) adds
 /// SYN retransmits at a fixed 1 s interval on top (two here, at 1 s and 2 s); it is turned off
-/// where it exists so that the count equals the setting. Every client waits for the kernel.
+/// where it exists so that the count equals the setting (see `Lab::client_syn_retries`). Every
+/// client waits for the kernel.
 fn kernel_timeout(lab: &mut Lab, hooks: Hooks) -> anyhow::Result<()> {
     let server = SocketAddr::new(lab.server_v4().into(), 8082);
     lab.server_rule("tcp dport 8082 drop")?;
-    lab.client_sysctl("net.ipv4.tcp_syn_retries=1")?;
-    if events::kernel_at_least(6, 7) {
-        lab.client_sysctl("net.ipv4.tcp_syn_linear_timeouts=0")?;
-    }
+    lab.client_syn_retries(1)?;
     let failure = Failure {
         seen: Seen::Failed(libc::ETIMEDOUT),
         reason: "timeout",

@@ -163,6 +163,7 @@ pub fn measure(options: &Options) -> anyhow::Result<()> {
         connprobe,
         baseline: options.baseline.clone(),
     };
+    refuse_foreign_programs()?;
     let _tracefs = sys::Tracefs::ensure()?;
     let json_path = match &options.json {
         Some(path) => path.clone(),
@@ -174,6 +175,40 @@ pub fn measure(options: &Options) -> anyhow::Result<()> {
     let result = bench(&plan, &bins, &work, &json_path);
     let _ = fs::remove_dir_all(&work);
     result
+}
+
+/// The tracepoints connprobe's programs attach to (and the peers' too).
+const MEASURED_HOOKS: [&str; 7] = [
+    "inet_sock_set_state",
+    "inet_sk_error_report",
+    "tcp_retransmit_skb",
+    "tcp_retransmit_synack",
+    "tcp_send_reset",
+    "tcp_receive_reset",
+    "tcp_destroy_sock",
+];
+
+/// Refuses to measure while other programs sit on the hooks being measured: a forgotten bpftrace
+/// or agent slows every configuration, the untraced one too, and the ratios then lie.
+fn refuse_foreign_programs() -> anyhow::Result<()> {
+    let attached = sys::attached_to(&MEASURED_HOOKS)?;
+    if attached.is_empty() {
+        return Ok(());
+    }
+    let named: Vec<String> = attached
+        .iter()
+        .map(|a| {
+            format!(
+                "{} (program {}, held by {} pid {})",
+                a.tracepoint, a.prog_id, a.comm, a.pid
+            )
+        })
+        .collect();
+    bail!(
+        "other eBPF programs are attached to the hooks the bench measures: {}; stop them \
+         (`bpftool perf show` lists them) and run the bench again",
+        named.join(", ")
+    )
 }
 
 fn bench(plan: &Plan, bins: &Binaries, work: &Path, json_path: &Path) -> anyhow::Result<()> {

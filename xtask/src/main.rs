@@ -7,6 +7,7 @@
 mod bench;
 mod build;
 mod cmd;
+mod matrix;
 mod packages;
 mod run;
 mod setup;
@@ -32,7 +33,8 @@ struct Cli {
 enum Task {
     /// Install what every task needs where it is missing: the system packages of build, run,
     /// test and bench (as root: apt-get on Debian and Ubuntu, dnf on Fedora), then nightly with
-    /// rust-src, and bpf-linker built against nightly's LLVM.
+    /// rust-src, bpf-linker built against nightly's LLVM, and the kernel matrix's virtme-ng (a
+    /// venv in ~/.cache/connprobe) and guest kernels.
     ///
     /// `run`, `build`, `test` and `bench` do this first, for their own commands only (the table
     /// below). With --no-install (or CONNPROBE_NO_INSTALL=1), as non-root, or on another system,
@@ -51,8 +53,11 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Set up, then run what CI runs: fmt, clippy, unit tests, and the kernel tests (needs root).
-    Test,
+    /// Set up, then run what CI runs: fmt, clippy, unit tests, the kernel tests on this kernel and
+    /// in a QEMU guest per kernel of the matrix (Debian's 6.1 and 6.12), and the bench's smoke
+    /// run (needs root).
+    #[command(after_long_help = matrix::help())]
+    Test(test::Options),
     /// Set up, build (release), then measure connprobe's cost side by side with the peers
     /// (needs root; several minutes, `--quick` for a smoke run).
     Bench(bench::Options),
@@ -71,7 +76,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(packages::Task::Setup, install),
         Task::Build { release } => build::run(release, install).map(|_| ()),
         Task::Run { args } => run::run(&args, install),
-        Task::Test => test::run(install),
+        Task::Test(options) => test::run(&options, install),
         Task::Bench(options) => bench::run(&options, install),
         Task::Soak => soak::run(install),
     };

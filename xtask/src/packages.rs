@@ -80,16 +80,37 @@ pub const REQUIREMENTS: &[Requirement] = &[
     // A real non-blocking client, reading JSON logs, inspecting loaded programs.
     row("curl", "curl", Some("curl"), &[Test]),
     row("jq", "jq", Some("jq"), &[Test]),
-    row("bpftool", "bpftool", Some("bpftool"), &[Test]),
+    // Inspecting loaded programs; the bench names its programs and refuses to run while
+    // foreign programs sit on the hooks it measures.
+    row("bpftool", "bpftool", Some("bpftool"), TEST_AND_BENCH),
     // Certificates for the TLS tests of --web-config-file.
     row("openssl", "openssl", Some("openssl"), &[Test]),
-    // Real server shapes in the lab: a pre-forked server, SO_REUSEPORT processes.
+    // Real server shapes in the lab: a pre-forked server, SO_REUSEPORT processes; and the venv
+    // that holds virtme-ng for the kernel matrix.
     row("python3", "python3", Some("python3"), &[Test]),
     // Least privilege: the agent as another user with chosen capabilities, in a mount namespace
     // of its own; the systemd unit checked.
     row("setpriv", "util-linux", Some("util-linux"), &[Test]),
     row("unshare", "util-linux", Some("util-linux"), &[Test]),
     row("systemd-analyze", "systemd", Some("systemd"), &[Test]),
+    // The kernel matrix (xtask/src/matrix.rs): QEMU runs the guests; virtme-ng builds their
+    // initramfs with busybox; the guest kernels' modules (veth, nf_tables, ...) need an index
+    // (depmod) and modprobe, which the guest takes from the host's root filesystem, like udev,
+    // which names the ports that carry the guest's exit status. The kernels are Debian packages,
+    // fetched with apt-get download and unpacked with dpkg-deb.
+    row(
+        "qemu-system-x86_64",
+        "qemu-system-x86",
+        Some("qemu-system-x86-core"),
+        &[Test],
+    ),
+    row("busybox", "busybox-static", Some("busybox"), &[Test]),
+    row("depmod", "kmod", Some("kmod"), &[Test]),
+    row("modprobe", "kmod", Some("kmod"), &[Test]),
+    row("udevadm", "udev", Some("systemd-udev"), &[Test]),
+    row("dpkg-deb", "dpkg", Some("dpkg"), &[Test]),
+    // `connprobe top` driven as an operator would, in a terminal of its own.
+    row("tmux", "tmux", Some("tmux"), &[Test]),
     // The bench's peers. Fedora's libbpf-tools names its programs bpf-tcpstates and so on.
     row("tcpstates", "libbpf-tools", None, TEST_AND_BENCH),
     row("tcplife", "libbpf-tools", None, TEST_AND_BENCH),
@@ -126,7 +147,7 @@ pub fn table() -> String {
     for r in REQUIREMENTS {
         let tasks: Vec<&str> = r.tasks.iter().map(|t| t.name()).collect();
         text.push_str(&format!(
-            "  {:<15} {:<16} {:<25} {}\n",
+            "  {:<19} {:<16} {:<25} {}\n",
             r.command,
             r.debian,
             r.fedora.unwrap_or("-"),
@@ -378,12 +399,19 @@ mod tests {
             "jq",
             "bpftool",
             "python3",
+            "qemu-system-x86_64",
+            "busybox",
+            "depmod",
+            "modprobe",
+            "udevadm",
+            "dpkg-deb",
             "tcpstates",
             "tcplife",
             "bpftrace",
             "setpriv",
             "unshare",
             "systemd-analyze",
+            "tmux",
         ] {
             assert!(test.contains(&command), "test should need {command}");
         }
@@ -392,7 +420,15 @@ mod tests {
     #[test]
     fn bench_needs_its_peers_and_the_lab_but_not_prometheus() {
         let bench = commands(Task::Bench);
-        for command in ["tcpstates", "tcplife", "bpftrace", "nft", "ip", "nstat"] {
+        for command in [
+            "tcpstates",
+            "tcplife",
+            "bpftrace",
+            "nft",
+            "ip",
+            "nstat",
+            "bpftool",
+        ] {
             assert!(bench.contains(&command), "bench should need {command}");
         }
         assert!(!bench.contains(&"promtool"));

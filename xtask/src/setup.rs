@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 
 use crate::{
-    cmd,
+    cmd, matrix,
     packages::{self, Install, Task},
 };
 
@@ -34,7 +34,12 @@ pub fn run(task: Task, install: Install) -> anyhow::Result<()> {
     ensure_nightly()?;
     ensure_rust_src()?;
     let llvm_major = nightly_llvm_major()?;
-    ensure_bpf_linker(llvm_major)
+    ensure_bpf_linker(llvm_major)?;
+    // `test` fetches the guests it runs itself (`--kernel` may name only some).
+    if task == Task::Setup {
+        matrix::prepare(&matrix::Series::ALL)?;
+    }
+    Ok(())
 }
 
 fn ensure_nightly() -> anyhow::Result<()> {

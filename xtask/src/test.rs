@@ -1,19 +1,30 @@
 //! `cargo xtask test`: everything CI checks, in order, each step reported, then one summary line.
 //!
 //! Setup, `cargo fmt --check`, clippy with warnings denied, the unit tests of the host crates,
-//! then the kernel tests of `tests/` (namespace lab + the real agent), which need root.
+//! then the kernel tests of `tests/` (namespace lab + the real agent), which need root: on the
+//! host's kernel, then in a guest per kernel of the matrix (see `matrix`), then the bench's smoke
+//! run. `--kernel SERIES` runs only the guests named.
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
 use crate::{
     bench, build, cmd,
+    matrix::{self, Series},
     packages::{Install, Task},
     setup,
 };
 
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Run only the kernel tests in a guest booting this Debian kernel series (repeatable), after
+    /// building what they need: no fmt, clippy, unit tests, host kernel tests or bench smoke.
+    #[arg(long = "kernel", value_name = "SERIES")]
+    pub kernels: Vec<Series>,
+}
+
 struct Step {
-    name: &'static str,
+    name: String,
     took: Duration,
     passed: bool,
 }
@@ -21,9 +32,10 @@ struct Step {
 /// Runs one step, reports it, and records how it went; the step's value if it passed.
 fn step<T>(
     steps: &mut Vec<Step>,
-    name: &'static str,
+    name: impl Into<String>,
     task: impl FnOnce() -> anyhow::Result<T>,
 ) -> Option<T> {
+    let name = name.into();
     eprintln!("test: {name}");
     let begun = Instant::now();
     let result = task();
@@ -38,7 +50,7 @@ fn step<T>(
     result.ok()
 }
 
-pub fn run(install: Install) -> anyhow::Result<()> {
+pub fn run(options: &Options, install: Install) -> anyhow::Result<()> {
     if !cmd::is_root() {
         bail!(
             "the kernel tests load eBPF programs and create network namespaces, so `cargo xtask test` must run as root (e.g. `sudo -E cargo xtask test`)"
@@ -48,70 +60,62 @@ pub fn run(install: Install) -> anyhow::Result<()> {
     // Every command the steps below run, the bench smoke's peers included, is checked here once:
     // a missing program stops the run before any test, not a dozen tests later.
     setup::run(Task::Test, install)?;
+    let only_guests = !options.kernels.is_empty();
+    let mut series = if only_guests {
+        options.kernels.clone()
+    } else {
+        Series::ALL.to_vec()
+    };
+    series.sort_unstable();
+    series.dedup();
+    // virtme-ng and the guest kernels, fetched where missing before any step, like the packages.
+    let guests = matrix::prepare(&series)?;
 
     let mut steps = Vec::new();
-    step(&mut steps, "fmt", || {
-        cmd::status(cmd::cargo().args(["fmt", "--all", "--", "--check"]))
-    });
-    step(&mut steps, "clippy", || {
-        cmd::status(
-            cmd::cargo()
-                .args([
-                    "clippy",
-                    "--workspace",
-                    "--exclude",
-                    "probe-ebpf",
-                    "--all-targets",
-                    "--",
-                    "-D",
-                    "warnings",
-                ])
-                // Lint against an empty placeholder object (see probe-user/build.rs): clippy would
-                // otherwise build the eBPF object once more under its own fingerprint, for minutes.
-                .env("AYA_BUILD_SKIP", "1"),
-        )
-    });
-    step(&mut steps, "unit tests", || {
-        cmd::status(cmd::cargo().args([
-            "test",
-            "--no-fail-fast",
-            "--workspace",
-            "--exclude",
-            "probe-ebpf",
-            "--exclude",
-            "tests",
-        ]))
-    });
-    let binary = step(&mut steps, "build connprobe", || build::connprobe(false));
-    step(&mut steps, "kernel tests", || match &binary {
-        Some(binary) => cmd::status(
-            cmd::cargo()
-                .args([
-                    "test",
-                    "--no-fail-fast",
-                    "--package",
-                    "tests",
-                    "--",
-                    "--test-threads=1",
-                ])
-                .env("CONNPROBE_BIN", binary),
-        ),
-        None => bail!("not run: connprobe did not build"),
-    });
-
-    // The benchmark's smoke run: every configuration starts and yields numbers (no ratios are
-    // asserted: this machine is shared and noisy).
-    step(
+    if !only_guests {
+        host_steps(&mut steps);
+    }
+    let built = step(
         &mut steps,
-        "bench smoke (cargo xtask bench --quick)",
-        || bench::measure(&bench::Options::quick()),
+        "build for the guests (release agent, test binaries)",
+        || {
+            let agent = build::connprobe(true)?;
+            let binaries = matrix::build_test_binaries()?;
+            matrix::check_guest_tests(&binaries)?;
+            Ok((agent, binaries))
+        },
     );
+    for kernel in &guests.kernels {
+        step(
+            &mut steps,
+            format!("kernel tests, {} guest ({})", kernel.series, kernel.release),
+            || match &built {
+                Some((agent, binaries)) => {
+                    matrix::run_guest(&guests.virtme, kernel, agent, binaries)
+                }
+                None => bail!("not run: the agent or the tests did not build"),
+            },
+        );
+    }
+    if !only_guests {
+        // The benchmark's smoke run: every configuration starts and yields numbers (no ratios
+        // are asserted: this machine is shared and noisy).
+        step(
+            &mut steps,
+            "bench smoke (cargo xtask bench --quick)",
+            || bench::measure(&bench::Options::quick()),
+        );
+    }
 
-    let failed: Vec<&str> = steps.iter().filter(|s| !s.passed).map(|s| s.name).collect();
+    let failed: Vec<&str> = steps
+        .iter()
+        .filter(|s| !s.passed)
+        .map(|s| s.name.as_str())
+        .collect();
     for s in &steps {
         let verdict = if s.passed { "ok" } else { "FAILED" };
         eprintln!(
-            "test: {:<36} {verdict:<6} {:>6.1} s",
+            "test: {:<52} {verdict:<6} {:>6.1} s",
             s.name,
             s.took.as_secs_f64()
         );
@@ -131,4 +135,67 @@ pub fn run(install: Install) -> anyhow::Result<()> {
             failed.join(", ")
         )
     }
+}
+
+/// fmt, clippy, unit tests, and the kernel tests on the host's own kernel.
+fn host_steps(steps: &mut Vec<Step>) {
+    step(steps, "fmt", || {
+        cmd::status(cmd::cargo().args(["fmt", "--all", "--", "--check"]))
+    });
+    step(steps, "clippy", || {
+        cmd::status(
+            cmd::cargo()
+                .args([
+                    "clippy",
+                    "--workspace",
+                    "--exclude",
+                    "probe-ebpf",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ])
+                // Lint against an empty placeholder object (see probe-user/build.rs): clippy would
+                // otherwise build the eBPF object once more under its own fingerprint, for minutes.
+                .env("AYA_BUILD_SKIP", "1"),
+        )
+    });
+    step(steps, "unit tests", || {
+        cmd::status(cmd::cargo().args([
+            "test",
+            "--no-fail-fast",
+            "--workspace",
+            "--exclude",
+            "probe-ebpf",
+            "--exclude",
+            "tests",
+        ]))
+    });
+    let binary = step(steps, "build connprobe", || build::connprobe(false));
+    step(
+        steps,
+        format!("kernel tests, host kernel {}", host_release()),
+        || match &binary {
+            Some(binary) => cmd::status(
+                cmd::cargo()
+                    .args([
+                        "test",
+                        "--no-fail-fast",
+                        "--package",
+                        "tests",
+                        "--",
+                        "--test-threads=1",
+                    ])
+                    .env("CONNPROBE_BIN", binary),
+            ),
+            None => bail!("not run: connprobe did not build"),
+        },
+    );
+}
+
+/// `uname -r`.
+fn host_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
 }

@@ -8,7 +8,7 @@ use std::{
 
 use super::{
     fold::{DestinationEvidence, FailedConnect},
-    pattern::shape,
+    pattern::{Episode, shape},
     processes::ProcessCounts,
     round,
     verdict::{
@@ -138,11 +138,11 @@ fn ms(us: u64) -> f64 {
 fn verdict(
     finding: Finding,
     confidence: f64,
-    times: &[SystemTime],
+    episodes: &[Episode],
     active: (SystemTime, SystemTime),
     next_step: String,
 ) -> Verdict {
-    let (pattern, bursts) = shape(times, active);
+    let (pattern, bursts) = shape(episodes, active);
     Verdict {
         finding,
         confidence,
@@ -166,7 +166,7 @@ fn failure_verdict(
     }
     let share_of_failures = ratio(n, ev.failures());
     let consistency = share_of_failures * impact(ev.failure_ratio(), FULL_IMPACT_RATIO);
-    let times: Vec<SystemTime> = matching.iter().map(|f| f.time).collect();
+    let episodes: Vec<Episode> = matching.iter().map(FailedConnect::episode).collect();
     let figures = FailureFigures {
         attempts: ev.attempts,
         failures: ev.failures(),
@@ -177,10 +177,14 @@ fn failure_verdict(
     Some(verdict(
         finding(figures),
         confidence(n, consistency),
-        &times,
+        &episodes,
         ev.active(),
         next_step,
     ))
+}
+
+fn instants(times: &[SystemTime]) -> Vec<Episode> {
+    times.iter().copied().map(Episode::at).collect()
 }
 
 fn evidence<F>(figures: F, owners: &Owners) -> Evidence<F> {
@@ -320,7 +324,7 @@ fn lossy(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Option<Verdic
     Some(verdict(
         Finding::Lossy(evidence(figures, owners)),
         confidence(n, consistency),
-        times,
+        &instants(times),
         ev.active(),
         format!(
             "Segments to {dest} are lost or queued out: check interface errors and drops on \
@@ -345,7 +349,7 @@ fn reset_midstream(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Opt
     Some(verdict(
         Finding::ResetMidstream(evidence(figures, owners)),
         confidence(n, impact(share, FULL_RESET_SHARE)),
-        &ev.resets_received_midstream,
+        &instants(&ev.resets_received_midstream),
         ev.active(),
         format!(
             "The peer at {dest} resets established connections: compare the reset times with \
@@ -384,7 +388,7 @@ fn local_resets(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Option
     Some(verdict(
         Finding::LocalResets(evidence(figures, owners)),
         confidence(n, impact(share, FULL_RESET_SHARE)),
-        &ev.resets_sent,
+        &instants(&ev.resets_sent),
         ev.active(),
         format!("This host resets connections to its own {dest}: {cause}."),
     ))
@@ -469,7 +473,7 @@ fn slow_handshakes(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Opt
     let mut slow_us: Vec<u64> = slow.iter().map(|(_, us)| *us).collect();
     slow_us.sort_unstable();
     let slow_p50 = percentile(&slow_us, 0.5).unwrap_or(0);
-    let times: Vec<SystemTime> = slow.iter().map(|(t, _)| *t).collect();
+    let episodes: Vec<Episode> = slow.iter().map(|(t, _)| Episode::at(*t)).collect();
     let figures = SlowHandshakeFigures {
         handshakes: by_time.len() as u64,
         slow: n,
@@ -483,7 +487,7 @@ fn slow_handshakes(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Opt
     Some(verdict(
         Finding::SlowHandshakes(evidence(figures, owners)),
         confidence(n, impact(share, 0.25) * (1.0 - ev.failure_ratio())),
-        &times,
+        &episodes,
         ev.active(),
         format!(
             "Handshakes with {dest} take {} ms against a usual {} ms: the server or something \
@@ -612,9 +616,9 @@ pub(super) fn pool_verdicts(
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let times: Vec<SystemTime> = failing
+        let episodes: Vec<Episode> = failing
             .iter()
-            .flat_map(|(_, ev)| ev.failed.iter().map(|f| f.time))
+            .flat_map(|(_, ev)| ev.failed.iter().map(FailedConnect::episode))
             .collect();
         let active = members
             .iter()
@@ -636,7 +640,7 @@ pub(super) fn pool_verdicts(
         let v = verdict(
             Finding::PoolPartialFailure(evidence(figures, &owners)),
             confidence(failures, consistency),
-            &times,
+            &episodes,
             active,
             format!(
                 "Among the destinations on port {port}, {} {} while {} work: the network is \

@@ -2,5 +2,5 @@
 pub mod http;
 pub mod json_log;
 pub mod prometheus;
-pub mod table;
+pub mod view;
 pub mod web_config;

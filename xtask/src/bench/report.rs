@@ -142,6 +142,27 @@ pub fn table(tools: &[Tool], r: &Value) -> String {
             spread(&format!("/tools/{k}/fixed_rate/rss_mib"), 1),
         );
     }
+    let _ = writeln!(
+        out,
+        "\nin-kernel time per program (fixed rate, bpf_stats): ns per hit, hits per connection\n"
+    );
+    let _ = writeln!(out, "| configuration | program | ns/hit | hits/conn |");
+    let _ = writeln!(out, "| --- | --- | --- | --- |");
+    for &tool in tools {
+        let k = tool.key();
+        let programs = r["tools"][k]["fixed_rate"]["bpf_programs"].as_object();
+        for name in programs.into_iter().flat_map(|p| p.keys()) {
+            let at = format!("/tools/{k}/fixed_rate/bpf_programs/{name}");
+            let _ = writeln!(
+                out,
+                "| {} | {name} | {} | {} |",
+                tool.label(),
+                spread(&format!("{at}/ns_per_hit"), 0),
+                spread(&format!("{at}/hits_per_conn"), 2),
+            );
+        }
+    }
+    let _ = writeln!(out);
     for c in r["comparisons"].as_array().into_iter().flatten() {
         if c.is_null() {
             continue;

@@ -29,6 +29,8 @@ pub struct Sample {
     tool_cpu_s: f64,
     bpf_ns_per_conn: Option<f64>,
     bpf_runs_per_conn: Option<f64>,
+    /// Per program: (ns per hit, hits per connection).
+    bpf_programs: BTreeMap<String, (f64, f64)>,
     rss_bytes: Option<u64>,
     scrape_ms: Vec<f64>,
     scrape_storm_rate: Option<f64>,
@@ -72,10 +74,19 @@ pub fn measure_tool(
         let after = sys::prog_stats(pid);
         drop(stats_on);
         let conns = measured.completed.max(1) as f64;
-        sample.bpf_ns_per_conn =
-            Some(after.run_time_ns.saturating_sub(before.run_time_ns) as f64 / conns);
-        sample.bpf_runs_per_conn =
-            Some(after.run_cnt.saturating_sub(before.run_cnt) as f64 / conns);
+        let runs = after.since(&before, &sys::program_names());
+        let time: u64 = runs.values().map(|r| r.run_time_ns).sum();
+        let count: u64 = runs.values().map(|r| r.run_cnt).sum();
+        sample.bpf_ns_per_conn = Some(time as f64 / conns);
+        sample.bpf_runs_per_conn = Some(count as f64 / conns);
+        sample.bpf_programs = runs
+            .into_iter()
+            .filter(|(_, r)| r.run_cnt > 0)
+            .map(|(name, r)| {
+                let per_hit = r.run_time_ns as f64 / r.run_cnt as f64;
+                (name, (per_hit, r.run_cnt as f64 / conns))
+            })
+            .collect();
     }
 
     if let Some(addr) = session.metrics_addr() {
@@ -134,6 +145,26 @@ pub fn summarize_rounds(configurations: &[Tool], samples: &BTreeMap<Tool, Vec<Sa
         let tool_cpu = values(&|s, _| (tool != Tool::Untraced).then(|| per_conn(s, s.tool_cpu_s)));
         let bpf = values(&|s, _| s.bpf_ns_per_conn);
         let bpf_runs = values(&|s, _| s.bpf_runs_per_conn);
+        let program_names: std::collections::BTreeSet<&String> =
+            list.iter().flat_map(|s| s.bpf_programs.keys()).collect();
+        let programs: serde_json::Map<String, Value> = program_names
+            .into_iter()
+            .map(|name| {
+                let of = |f: &dyn Fn(&(f64, f64)) -> f64| {
+                    Spread::of(
+                        &list
+                            .iter()
+                            .filter_map(|s| s.bpf_programs.get(name).map(f))
+                            .collect::<Vec<_>>(),
+                    )
+                };
+                let entry = json!({
+                    "ns_per_hit": json_of(of(&|p| p.0)),
+                    "hits_per_conn": json_of(of(&|p| p.1)),
+                });
+                (name.clone(), entry)
+            })
+            .collect();
         let rss = values(&|s, _| s.rss_bytes.map(|b| b as f64 / (1 << 20) as f64));
         let achieved = values(&|s, _| Some(s.fixed_rate));
         let scrape: Vec<f64> = list
@@ -165,6 +196,7 @@ pub fn summarize_rounds(configurations: &[Tool], samples: &BTreeMap<Tool, Vec<Sa
                 "tool_process_cpu_us_per_conn": json_of(tool_cpu),
                 "bpf_prog_ns_per_conn": json_of(bpf),
                 "bpf_prog_runs_per_conn": json_of(bpf_runs),
+                "bpf_programs": programs,
                 "rss_mib": json_of(rss),
             },
             "events_lost": lost,

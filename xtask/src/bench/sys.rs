@@ -1,8 +1,9 @@
 //! What the bench reads from and sets in the kernel: CPU time (/proc/stat, /proc/PID),
 //! RSS, eBPF program run time (fdinfo, with `kernel.bpf_stats_enabled`), tracefs.
-use std::{fs, path::Path, process::Command};
+use std::{collections::BTreeMap, fs, path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
+use serde_json::Value;
 
 use crate::cmd;
 
@@ -86,18 +87,47 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Run time and run count, summed over the eBPF programs process `pid` holds open (read from
-/// each program fd's fdinfo: the same numbers `bpftool prog show` prints).
-#[derive(Clone, Copy, Debug, Default)]
+/// Run time and run count of each eBPF program process `pid` holds open (read from each program
+/// fd's fdinfo: the same numbers `bpftool prog show` prints), by program id.
+#[derive(Clone, Debug, Default)]
 pub struct ProgStats {
-    pub programs: u32,
+    pub by_id: BTreeMap<u64, ProgRun>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProgRun {
     pub run_time_ns: u64,
     pub run_cnt: u64,
 }
 
+impl ProgStats {
+    pub fn programs(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// What each program did between `before` and `self`, by the program's name.
+    pub fn since(
+        &self,
+        before: &ProgStats,
+        names: &BTreeMap<u64, String>,
+    ) -> BTreeMap<String, ProgRun> {
+        let mut runs = BTreeMap::new();
+        for (id, after) in &self.by_id {
+            let start = before.by_id.get(id).copied().unwrap_or_default();
+            let name = names
+                .get(id)
+                .cloned()
+                .unwrap_or_else(|| format!("prog {id}"));
+            let run: &mut ProgRun = runs.entry(name).or_default();
+            run.run_time_ns += after.run_time_ns.saturating_sub(start.run_time_ns);
+            run.run_cnt += after.run_cnt.saturating_sub(start.run_cnt);
+        }
+        runs
+    }
+}
+
 pub fn prog_stats(pid: u32) -> ProgStats {
     let mut stats = ProgStats::default();
-    let mut seen = Vec::new();
     let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
         return stats;
     };
@@ -114,16 +144,77 @@ pub fn prog_stats(pid: u32) -> ProgStats {
                 .find_map(|l| l.strip_prefix(name))
                 .and_then(|v| v.trim().parse().ok())
         };
-        let id = field("prog_id:");
-        if seen.contains(&id) {
+        let Some(id) = field("prog_id:") else {
             continue;
-        }
-        seen.push(id);
-        stats.programs += 1;
-        stats.run_time_ns += field("run_time_ns:").unwrap_or(0);
-        stats.run_cnt += field("run_cnt:").unwrap_or(0);
+        };
+        stats.by_id.insert(
+            id,
+            ProgRun {
+                run_time_ns: field("run_time_ns:").unwrap_or(0),
+                run_cnt: field("run_cnt:").unwrap_or(0),
+            },
+        );
     }
     stats
+}
+
+/// The names of loaded eBPF programs by id (`bpftool prog show`).
+pub fn program_names() -> BTreeMap<u64, String> {
+    let Ok(text) = output("bpftool", &["prog", "show", "--json"]) else {
+        return BTreeMap::new();
+    };
+    let Ok(Value::Array(programs)) = serde_json::from_str::<Value>(&text) else {
+        return BTreeMap::new();
+    };
+    programs
+        .iter()
+        .filter_map(|p| Some((p["id"].as_u64()?, p["name"].as_str()?.to_owned())))
+        .collect()
+}
+
+/// A program attached to a tracepoint (`bpftool perf show`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attached {
+    pub tracepoint: String,
+    pub prog_id: u64,
+    pub pid: u64,
+    pub comm: String,
+}
+
+/// Programs attached to any of `tracepoints`, by any process: before a measurement, a forgotten
+/// bpftrace or agent on the hooks being measured slows every configuration, the untraced one too.
+pub fn attached_to(tracepoints: &[&str]) -> anyhow::Result<Vec<Attached>> {
+    let text = output("bpftool", &["perf", "show", "--json"])?;
+    let attached = parse_perf_show(&text)?
+        .into_iter()
+        .filter(|a| tracepoints.contains(&a.tracepoint.as_str()))
+        .map(|mut a| {
+            a.comm = fs::read_to_string(format!("/proc/{}/comm", a.pid))
+                .map(|c| c.trim().to_owned())
+                .unwrap_or_else(|_| "?".into());
+            a
+        })
+        .collect();
+    Ok(attached)
+}
+
+fn parse_perf_show(text: &str) -> anyhow::Result<Vec<Attached>> {
+    let Value::Array(entries) = serde_json::from_str::<Value>(text)
+        .context("`bpftool perf show --json` printed no JSON")?
+    else {
+        bail!("`bpftool perf show --json` printed no list");
+    };
+    Ok(entries
+        .iter()
+        .filter_map(|e| {
+            Some(Attached {
+                tracepoint: e["tracepoint"].as_str()?.to_owned(),
+                prog_id: e["prog_id"].as_u64()?,
+                pid: e["pid"].as_u64()?,
+                comm: String::new(),
+            })
+        })
+        .collect())
 }
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -194,4 +285,44 @@ pub fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn perf_show_lists_tracepoint_attachments() {
+        let text = r#"[{"pid":29821,"fd":21,"prog_id":5558,"fd_type":"raw_tracepoint","tracepoint":"inet_sock_set_state"},{"pid":7,"fd":3,"prog_id":9,"fd_type":"kprobe","func":"tcp_connect","offset":0}]"#;
+        let attached = parse_perf_show(text).unwrap();
+        assert_eq!(
+            attached,
+            vec![Attached {
+                tracepoint: "inet_sock_set_state".into(),
+                prog_id: 5558,
+                pid: 29821,
+                comm: String::new(),
+            }]
+        );
+    }
+
+    #[test]
+    fn program_runs_are_differences_by_name() {
+        let run = |t, c| ProgRun {
+            run_time_ns: t,
+            run_cnt: c,
+        };
+        let before = ProgStats {
+            by_id: BTreeMap::from([(1, run(100, 10)), (2, run(5, 1))]),
+        };
+        let after = ProgStats {
+            by_id: BTreeMap::from([(1, run(400, 20)), (2, run(5, 1)), (3, run(50, 5))]),
+        };
+        let names = BTreeMap::from([(1, "tcp_state_btf".to_string())]);
+        let runs = after.since(&before, &names);
+        assert_eq!(runs["tcp_state_btf"].run_time_ns, 300);
+        assert_eq!(runs["tcp_state_btf"].run_cnt, 10);
+        assert_eq!(runs["prog 2"].run_cnt, 0);
+        assert_eq!(runs["prog 3"].run_time_ns, 50);
+    }
 }

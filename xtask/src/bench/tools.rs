@@ -242,7 +242,7 @@ impl Session {
                     self.stderr_text()
                 );
             }
-            if sys::prog_stats(pid).programs > 0 {
+            if sys::prog_stats(pid).programs() > 0 {
                 std::thread::sleep(PEER_SETTLE);
                 return Ok(());
             }
