@@ -102,7 +102,8 @@ fn trigger_config(args: &RunArgs) -> Option<TriggerConfig> {
 
 /// Every batch the reader decodes goes to the aggregator, the flight recorder and the JSON
 /// log's queue (losses at the queue or past a failed writer are counted in the tally), after
-/// the agent's own traffic (`own`) is taken out and counted.
+/// the agent's own traffic (`own`) is taken out and counted. What is left is numbered (`seq`)
+/// here, so a gap in the log's numbers is a loss counted at `queue` or `log`, nothing else.
 fn consumer(
     aggregator: Arc<Mutex<Aggregator>>,
     recorder: Arc<Mutex<FlightRecorder>>,
@@ -118,6 +119,9 @@ fn consumer(
             if skipped > 0 {
                 tally.add_own_traffic(skipped as u64);
             }
+        }
+        for event in batch.iter_mut() {
+            event.seq = tally.next_seq();
         }
         {
             let mut aggregator = aggregator.lock().unwrap_or_else(|e| e.into_inner());

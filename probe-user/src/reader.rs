@@ -1,5 +1,6 @@
-//! The ring buffer reader: drains the kernel's records, decodes them in place, numbers them
-//! (`seq`), counts them in the tally and hands each batch to the consumer the pipeline gives it.
+//! The ring buffer reader: drains the kernel's records, decodes them in place, counts them in
+//! the tally and hands each batch to the consumer the pipeline gives it (which numbers them,
+//! `seq`).
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
@@ -46,8 +47,7 @@ impl<C: Consume> Reader<C> {
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
         while let Some(item) = ring.next() {
             match self.decoder.decode(&item) {
-                Ok(mut event) => {
-                    event.seq = self.tally.next_seq();
+                Ok(event) => {
                     self.kinds[event.kind() as usize] += 1;
                     self.batch.push(event);
                 }

@@ -102,7 +102,7 @@ impl Launch {
 #[derive(Clone, Debug, Default)]
 pub struct Exit {
     /// The tally line's `key=value`s (connect, retransmit, reset, close, kernel (produced),
-    /// ringbuf, map, queue, log, undecodable, kernel_read_errors).
+    /// ringbuf, map, queue, log, undecodable, kernel_read_errors, own_traffic).
     pub tally: Option<BTreeMap<String, u64>>,
     pub stderr: String,
 }
@@ -460,11 +460,12 @@ mod tests {
 
     #[test]
     fn tally_line_parses() {
-        let line = "connprobe: events: connect=3 retransmit=45 reset=1 close=2; produced in kernel=51; lost: ringbuf=0 map=4 queue=0 log=0; undecodable=0 kernel_read_errors=0";
+        let line = "connprobe: events: connect=3 retransmit=45 reset=1 close=2; produced in kernel=51; lost: ringbuf=0 map=4 queue=0 log=0; undecodable=0 kernel_read_errors=0; own_traffic=7";
         let tally = parse_tally(&format!("noise\n{line}\n")).unwrap();
         assert_eq!(tally["connect"], 3);
         assert_eq!(tally["kernel"], 51);
         assert_eq!(tally["map"], 4);
         assert_eq!(tally["kernel_read_errors"], 0);
+        assert_eq!(tally["own_traffic"], 7);
     }
 }
