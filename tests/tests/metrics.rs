@@ -428,10 +428,23 @@ fn destinations_stay_within_the_cap() -> anyhow::Result<()> {
     let (m, seen) = loop {
         let before = scrape(&agent)?;
         std::thread::sleep(Duration::from_millis(500)); // the log writer flushes when idle
-        let seen = destinations_in_log(&log)?;
+        let (seen, lines) = destinations_in_log(&log)?;
         let after = scrape(&agent)?;
         let folded = |m: &Metrics| m.get("connprobe_destinations_folded_total");
-        if folded(&before) == folded(&after) && before.destinations() == after.destinations() {
+        // The log holds every event the aggregator had counted at the first scrape (the writer
+        // may lag on a busy host): delivered, less the agent's own traffic and its own losses.
+        // Lines past that came later and reached the aggregator first, so the second scrape
+        // has them.
+        let logged = |m: &Metrics| {
+            m.sum("connprobe_events_total", &[])
+                - m.get("connprobe_own_traffic_events_total")
+                - m.sum("connprobe_events_lost_total", &["stage=\"queue\""])
+                - m.sum("connprobe_events_lost_total", &["stage=\"log\""])
+        };
+        if folded(&before) == folded(&after)
+            && before.destinations() == after.destinations()
+            && lines as f64 >= logged(&before)
+        {
             break (after, seen);
         }
         tries += 1;
@@ -472,10 +485,14 @@ fn destinations_stay_within_the_cap() -> anyhow::Result<()> {
 
 /// Every destination in a JSON log: the remote end for side client or unknown, this host's end
 /// for side server and for resets sent without a socket.
-fn destinations_in_log(path: &std::path::Path) -> anyhow::Result<BTreeSet<String>> {
+/// Also the number of lines (events) in it.
+fn destinations_in_log(path: &std::path::Path) -> anyhow::Result<(BTreeSet<String>, usize)> {
     let text = std::fs::read_to_string(path)?;
     let mut seen = BTreeSet::new();
-    for line in text.lines() {
+    let mut lines = 0;
+    // A line the writer is still writing (no newline yet) is counted next time.
+    for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
+        lines += 1;
         let e: serde_json::Value = serde_json::from_str(line)?;
         let socketless_reset =
             e["type"] == "reset" && e["direction"] == "sent" && e["state"].is_null();
@@ -489,7 +506,7 @@ fn destinations_in_log(path: &std::path::Path) -> anyhow::Result<BTreeSet<String
         let port = e[port].as_u64().context("a port")? as u16;
         seen.insert(SocketAddr::new(ip, port).to_string());
     }
-    Ok(seen)
+    Ok((seen, lines))
 }
 
 #[test]
