@@ -202,6 +202,8 @@ fn decode(bytes: &[u8], clock: &Clock, reasons: &ResetReasons) -> Result<Event, 
     };
     let (src, dst) = addresses(&endpoints)?;
     Ok(Event {
+        // Numbered by the reader, in the order it hands events on.
+        seq: 0,
         time: clock.wall(header.timestamp_ns),
         process: process(&owner),
         side: match owner.side {

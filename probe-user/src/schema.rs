@@ -1,7 +1,7 @@
 //! The JSON event log's schema: one serde type, [`LogLine`], through which every event is
 //! written (the log, evidence bundles) and read back (`connprobe analyze`). One flat object per
-//! event (README "The JSON event log"): `type` first, then the fields every event has, then
-//! the kind's own. `Event` is serialised and deserialised through it, so there is no second
+//! event (README "The JSON event log"): `type` first, then the agent's sequence number `seq`,
+//! then the fields every event has, then the kind's own. `Event` is serialised and deserialised through it, so there is no second
 //! description of the format anywhere; the log writer's fast formatter is pinned to it
 //! byte for byte by a test.
 use std::{
@@ -29,6 +29,10 @@ pub enum LogLine {
 /// The fields every line has, then the kind's own (`fields`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Line<F> {
+    /// The agent's sequence number of the event (see [`Event::seq`]); absent in logs from
+    /// before it: read as 0.
+    #[serde(default)]
+    pub seq: u64,
     /// RFC 3339 UTC with microseconds.
     #[serde(with = "rfc3339_micros")]
     pub time: SystemTime,
@@ -97,6 +101,7 @@ pub enum SchemaError {
 impl Line<()> {
     fn common(event: &Event) -> Self {
         Line {
+            seq: event.seq,
             time: event.time,
             pid: event.process.as_ref().map(|p| p.pid),
             comm: event
@@ -114,6 +119,7 @@ impl Line<()> {
 
     fn with<F>(self, fields: F) -> Line<F> {
         Line {
+            seq: self.seq,
             time: self.time,
             pid: self.pid,
             comm: self.comm,
@@ -168,6 +174,7 @@ impl From<&Event> for LogLine {
 impl<F> Line<F> {
     fn event(self, detail: EventDetail) -> Event {
         Event {
+            seq: self.seq,
             time: self.time,
             process: self.pid.map(|pid| Process {
                 pid,
@@ -344,6 +351,9 @@ pub(crate) mod tests {
             c.duration = None;
         }
         events.push(big);
+        let mut last = testing::client("10.1.1.1:80", t, testing::established(2));
+        last.seq = u64::MAX;
+        events.push(last);
         for raw in [
             &b"plain"[..],
             b"with space",
@@ -362,6 +372,11 @@ pub(crate) mod tests {
                 comm: Comm::from_kernel(&bytes),
             });
             events.push(e);
+        }
+        for (seq, event) in events.iter_mut().enumerate() {
+            if event.seq == 0 {
+                event.seq = seq as u64;
+            }
         }
         events
     }

@@ -18,6 +18,11 @@ use strum::{EnumCount, EnumDiscriminants, EnumString, FromRepr, IntoStaticStr, V
 /// One TCP event on this host.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Event {
+    /// The agent's sequence number: the events it reported before this one (from 0, in the
+    /// order the kernel's records were read; the agent's own traffic, left out, takes no
+    /// number). A gap in a log is exactly the events lost after delivery (stages `queue` and
+    /// `log`); a repeat would be a duplicate.
+    pub seq: u64,
     /// Wall-clock time the kernel produced it.
     pub time: SystemTime,
     /// The process that owns the socket, where the agent knows it.
