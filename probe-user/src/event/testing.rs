@@ -35,6 +35,8 @@ pub(crate) fn event(
         src: src.parse().unwrap(),
         dst: dst.parse().unwrap(),
         detail,
+        workload: None,
+        backend: None,
     }
 }
 

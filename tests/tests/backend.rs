@@ -1,0 +1,286 @@
+//! The backend behind a virtual address (probe-ebpf `backend`, probe-user `backend`): an nft DNAT
+//! in the client namespace spreads connects to a virtual IP over three backends round robin
+//! (`numgen inc`), one of which refuses (nothing listens there). Clients connect in production
+//! styles; the servers' accepted peers and the clients' own errors say which backend each
+//! connect reached, and the JSON log's `backend_ip`/`backend_port` and the backend metrics must
+//! say the same.
+use std::{
+    collections::BTreeMap,
+    io::{self, Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+use tests::{
+    Agent, Lab,
+    clients::{self, ClientStyle, Seen},
+    expect::lab_events,
+    http::http_get,
+    netns,
+    traffic::serve,
+};
+
+const SUBNET: u8 = 132;
+const NFT_TABLE: &str = "connprobe_lab_nat";
+const VIP_PORT: u16 = 80;
+const BACKEND_PORT: u16 = 8080;
+
+fn vip() -> Ipv4Addr {
+    Ipv4Addr::new(10, 96, SUBNET, 10)
+}
+
+fn backend(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 200, SUBNET, 11 + n)
+}
+
+/// Reads a request (up to its blank line, or EOF), answers 200 and closes. A client that only
+/// connected and closed gets its answer dropped.
+fn http_ok(mut stream: TcpStream) -> io::Result<()> {
+    let mut data = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !data.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+        }
+    }
+    let _ = stream.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    Ok(())
+}
+
+/// The NAT rule and the backends' addresses, removed on drop (before the lab goes).
+struct Nat<'a> {
+    lab: &'a Lab,
+}
+
+impl<'a> Nat<'a> {
+    fn new(lab: &'a Lab) -> anyhow::Result<Self> {
+        let nat = Nat { lab };
+        for n in 0..3 {
+            netns::run(
+                "ip",
+                &[
+                    "-n",
+                    lab.server_ns().name(),
+                    "addr",
+                    "add",
+                    &format!("{}/24", backend(n)),
+                    "dev",
+                    "lab0",
+                ],
+            )?;
+        }
+        netns::run(
+            "ip",
+            &[
+                "-n",
+                lab.client_ns().name(),
+                "route",
+                "add",
+                &format!("{}/32", vip()),
+                "dev",
+                "lab0",
+            ],
+        )?;
+        let script = format!(
+            "add table ip {NFT_TABLE}\n\
+             add chain ip {NFT_TABLE} out {{ type nat hook output priority -100; policy accept; }}\n\
+             add rule ip {NFT_TABLE} out ip daddr {vip} tcp dport {VIP_PORT} dnat to numgen inc mod 3 \
+             map {{ 0 : {b0}, 1 : {b1}, 2 : {b2} }} : {BACKEND_PORT}\n",
+            vip = vip(),
+            b0 = backend(0),
+            b1 = backend(1),
+            b2 = backend(2),
+        );
+        netns::run_with_input(
+            "ip",
+            &["netns", "exec", lab.client_ns().name(), "nft", "-f", "-"],
+            &script,
+        )?;
+        Ok(nat)
+    }
+}
+
+impl Drop for Nat<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self
+            .lab
+            .client_ns()
+            .exec("nft", &["delete", "table", "ip", NFT_TABLE])
+        {
+            eprintln!("backend: could not delete the nftables table: {e:#}");
+        }
+    }
+}
+
+fn scrape(agent: &Agent) -> anyhow::Result<String> {
+    let (status, body) = http_get(agent.metrics_addr().context("metrics")?, "/metrics")?;
+    if status != 200 {
+        bail!("/metrics answered {status}");
+    }
+    Ok(body)
+}
+
+fn series(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn connects_to_a_virtual_address_carry_the_backend_they_reached() -> anyhow::Result<()> {
+    let lab = Lab::new(SUBNET)?;
+    let nat = Nat::new(&lab)?;
+    let agent = Agent::start_with_metrics(&[])?;
+    let stderr = agent.stderr_text();
+    assert!(
+        !stderr.contains("backend program is not attached") && !stderr.contains("CAP_NET_ADMIN"),
+        "the backend program must attach here:\n{stderr}"
+    );
+    // Backends 0 and 1 serve; backend 2 has nobody listening and refuses.
+    let styles = [ClientStyle::NonBlocking, ClientStyle::Curl];
+    let per_style = 3;
+    let live: Vec<_> = (0..2)
+        .map(|n| {
+            serve(
+                &lab,
+                SocketAddr::new(backend(n).into(), BACKEND_PORT),
+                styles.len() * per_style / 3,
+                http_ok,
+            )
+        })
+        .collect();
+    let target = SocketAddr::new(vip().into(), VIP_PORT);
+    let client_ip = IpAddr::V4(lab.client_v4());
+    let mut runs = Vec::new();
+    for style in styles {
+        for _ in 0..per_style {
+            let give_up = (style != ClientStyle::Blocking).then_some(Duration::from_secs(10));
+            runs.push(clients::connect(&lab, style, client_ip, target, give_up)?);
+        }
+    }
+    // Ground truth: which backend accepted each client port, or refused it.
+    let mut truth: BTreeMap<u16, SocketAddr> = BTreeMap::new();
+    for (n, server) in live.into_iter().enumerate() {
+        for peer in server.join().expect("backend server") {
+            truth.insert(
+                peer.port(),
+                SocketAddr::new(backend(n as u8).into(), BACKEND_PORT),
+            );
+        }
+    }
+    let dead = SocketAddr::new(backend(2).into(), BACKEND_PORT);
+    for run in &runs {
+        match run.seen {
+            Seen::Connected => assert!(truth.contains_key(&run.local.port()), "{run:?}"),
+            Seen::Failed(libc::ECONNREFUSED) => {
+                truth.insert(run.local.port(), dead);
+            }
+            other => bail!("{:?} saw {other:?}", run.style),
+        }
+    }
+    let refused = runs.iter().filter(|r| r.seen != Seen::Connected).count();
+    assert_eq!(refused, 2, "one connect in three is refused: {runs:?}");
+
+    let destination = target.to_string();
+    let attempts = |b: SocketAddr| {
+        format!(
+            "connprobe_backend_connect_attempts_total{{backend=\"{b}\",destination=\"{destination}\"}}"
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let metrics = scrape(&agent)?;
+        let total: f64 = (0..3)
+            .map(|n| {
+                series(
+                    &metrics,
+                    &attempts(SocketAddr::new(backend(n).into(), BACKEND_PORT)),
+                )
+                .unwrap_or(0.0)
+            })
+            .sum();
+        if total >= runs.len() as f64 || Instant::now() > deadline {
+            break metrics;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    lab.settle(Duration::from_secs(10))?;
+    let events = lab_events(&lab, &agent.stop()?);
+    drop(nat);
+
+    for n in 0..3u8 {
+        let b = SocketAddr::new(backend(n).into(), BACKEND_PORT);
+        let expected = truth.values().filter(|&&v| v == b).count() as f64;
+        assert_eq!(
+            series(&metrics, &attempts(b)),
+            Some(expected),
+            "{b}\n{metrics}"
+        );
+    }
+    assert_eq!(
+        series(
+            &metrics,
+            &format!(
+                "connprobe_backend_connect_failures_total{{backend=\"{dead}\",destination=\"{destination}\",reason=\"refused\"}}"
+            )
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.lines().any(
+            |l| l.starts_with("connprobe_backend_connect_failures_total")
+                && !l.contains(&dead.to_string())
+        ),
+        "only the dead backend fails\n{metrics}"
+    );
+
+    // Every event of a socket connected to the VIP carries the backend it reached, and no
+    // other event has one.
+    let mut annotated = BTreeMap::<&str, usize>::new();
+    for event in &events {
+        let to_vip = event["dst_ip"] == vip().to_string() && event["dst_port"] == VIP_PORT;
+        if !to_vip {
+            assert!(
+                event["backend_ip"].is_null(),
+                "no translation here: {event}"
+            );
+            continue;
+        }
+        let port = event["src_port"].as_u64().context("src_port")? as u16;
+        let expected = truth
+            .get(&port)
+            .with_context(|| format!("a connect nobody made: {event}"))?;
+        let got: Value = serde_json::json!([event["backend_ip"], event["backend_port"]]);
+        assert_eq!(
+            got,
+            serde_json::json!([expected.ip().to_string(), expected.port()]),
+            "{event}"
+        );
+        let kind = match (event["type"].as_str(), event["direction"].as_str()) {
+            // A client that closes before the server's answer arrives sends resets of its own
+            // (from FIN_WAIT2, or later from TIME_WAIT).
+            (Some("reset"), Some("sent")) => "reset sent",
+            (Some(kind), _) => kind,
+            (None, _) => "?",
+        };
+        *annotated.entry(kind).or_default() += 1;
+    }
+    assert_eq!(annotated.get("connect"), Some(&runs.len()), "{annotated:?}");
+    assert_eq!(
+        annotated.get("close"),
+        Some(&(runs.len() - refused)),
+        "{annotated:?}"
+    );
+    assert_eq!(
+        annotated.get("reset"),
+        Some(&refused),
+        "received resets: {annotated:?}"
+    );
+    drop(lab);
+    Ok(())
+}
