@@ -20,6 +20,7 @@ use tests::{
     http::http_get,
     netns,
     traffic::serve,
+    verdict_lab,
 };
 
 const SUBNET: u8 = 132;
@@ -141,7 +142,7 @@ fn connects_to_a_virtual_address_carry_the_backend_they_reached() -> anyhow::Res
         "the backend program must attach here:\n{stderr}"
     );
     // Backends 0 and 1 serve; backend 2 has nobody listening and refuses.
-    let styles = [ClientStyle::NonBlocking, ClientStyle::Curl];
+    let styles = ClientStyle::ALL;
     let per_style = 3;
     let live: Vec<_> = (0..2)
         .map(|n| {
@@ -159,6 +160,7 @@ fn connects_to_a_virtual_address_carry_the_backend_they_reached() -> anyhow::Res
     for style in styles {
         for _ in 0..per_style {
             let give_up = (style != ClientStyle::Blocking).then_some(Duration::from_secs(10));
+            // Round robin: connect k goes to backend k mod 3, so each style meets every one.
             runs.push(clients::connect(&lab, style, client_ip, target, give_up)?);
         }
     }
@@ -183,7 +185,11 @@ fn connects_to_a_virtual_address_carry_the_backend_they_reached() -> anyhow::Res
         }
     }
     let refused = runs.iter().filter(|r| r.seen != Seen::Connected).count();
-    assert_eq!(refused, 2, "one connect in three is refused: {runs:?}");
+    assert_eq!(
+        refused,
+        runs.len() / 3,
+        "one connect in three is refused: {runs:?}"
+    );
 
     let destination = target.to_string();
     let attempts = |b: SocketAddr| {
@@ -208,6 +214,9 @@ fn connects_to_a_virtual_address_carry_the_backend_they_reached() -> anyhow::Res
         }
         std::thread::sleep(Duration::from_millis(200));
     };
+    let metrics_addr = agent.metrics_addr().context("metrics")?.to_string();
+    let diagnose: Value = serde_json::from_str(&verdict_lab::diagnose(&metrics_addr, "5m", true)?)?;
+    let diagnose_text = verdict_lab::diagnose(&metrics_addr, "5m", false)?;
     lab.settle(Duration::from_secs(10))?;
     let events = lab_events(&lab, &agent.stop()?);
     drop(nat);
@@ -228,9 +237,47 @@ fn connects_to_a_virtual_address_carry_the_backend_they_reached() -> anyhow::Res
                 "connprobe_backend_connect_failures_total{{backend=\"{dead}\",destination=\"{destination}\",reason=\"refused\"}}"
             )
         ),
-        Some(2.0),
+        Some(refused as f64),
         "{metrics}"
     );
+
+    // The pool verdict behind the VIP names the refusing backend and only it.
+    let pool = diagnose["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["verdicts"].as_array().into_iter().flatten())
+        .find(|v| v["evidence"]["behind"] == destination.as_str())
+        .with_context(|| format!("no pool verdict behind {destination}:\n{diagnose:#}"))?;
+    assert_eq!(pool["verdict"], "pool_partial_failure", "{pool:#}");
+    let failing: Vec<_> = pool["evidence"]["failing"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| m["destination"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(failing, [dead.to_string()], "{pool:#}");
+    assert_eq!(
+        pool["evidence"]["healthy"].as_array().map(Vec::len),
+        Some(2),
+        "{pool:#}"
+    );
+    let said = format!("Behind {destination}, backend {dead} refuses");
+    assert!(
+        diagnose_text.contains(&said),
+        "{said:?} not in:\n{diagnose_text}"
+    );
+    // For the README: the lab's lines as the agent wrote them.
+    eprintln!("{diagnose_text}");
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("connprobe_backend_"))
+    {
+        eprintln!("{line}");
+    }
+    for event in events.iter().filter(|e| e["dst_ip"] == vip().to_string()) {
+        eprintln!("{event}");
+    }
     assert!(
         !metrics.lines().any(
             |l| l.starts_with("connprobe_backend_connect_failures_total")

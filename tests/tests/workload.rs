@@ -288,6 +288,16 @@ fn docker_and_pod_cgroups_name_their_container_and_pod() -> anyhow::Result<()> {
         "{server_series}\n{metrics}"
     );
 
+    // For the README: the lab's lines as the agent wrote them.
+    for event in events.iter().filter(|e| field(e, "type") == "connect") {
+        eprintln!("{event}");
+    }
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("connprobe_connect_attempts_total{"))
+    {
+        eprintln!("{line}");
+    }
     let pod_workload = (
         pod_path.clone(),
         POD_CONTAINER_ID.to_string(),

@@ -394,8 +394,12 @@ pub fn evidence_sentence(finding: &Finding) -> String {
                     .collect::<Vec<_>>()
                     .join(", ")
             };
+            let behind = match &e.figures.behind {
+                Some(address) => format!("behind {address}, backends "),
+                None => String::new(),
+            };
             format!(
-                "failing: {}; healthy: {}.",
+                "{behind}failing: {}; healthy: {}.",
                 names(&e.figures.failing),
                 names(&e.figures.healthy)
             )

@@ -205,6 +205,10 @@ pub struct PoolFigures {
     pub failing: Vec<PoolMember>,
     pub healthy: Vec<PoolMember>,
     pub members: u64,
+    /// The virtual address the members are backends of (DNAT on this host); absent for a pool
+    /// of destinations sharing a port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behind: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
