@@ -262,6 +262,20 @@ fn connects_to_a_virtual_address_carry_the_backend_they_reached() -> anyhow::Res
         Some(2),
         "{pool:#}"
     );
+    // The virtual address's own `refused` verdict names the backend that refused.
+    let refused_verdict = diagnose["destinations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["destination"] == destination.as_str())
+        .flat_map(|d| d["verdicts"].as_array().into_iter().flatten())
+        .find(|v| v["verdict"] == "refused")
+        .with_context(|| format!("no refused verdict for {destination}:\n{diagnose:#}"))?;
+    assert_eq!(
+        refused_verdict["evidence"]["backends"],
+        serde_json::json!({ dead.to_string(): refused }),
+        "{refused_verdict:#}"
+    );
     let said = format!("Behind {destination}, backend {dead} refuses");
     assert!(
         diagnose_text.contains(&said),

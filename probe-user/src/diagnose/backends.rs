@@ -88,6 +88,7 @@ impl Pools {
                 reason,
                 syn_retransmits: c.syn_retransmits,
                 waited_us: c.latency.map(|l| l.as_micros() as u64),
+                backend: Some(backend),
             });
         }
     }
@@ -241,6 +242,26 @@ mod tests {
             "{}",
             v.next_step
         );
+        // The destination's own verdict (a third refused) names the backend behind it.
+        let vip_report = report
+            .destinations
+            .iter()
+            .find(|d| d.destination == vip)
+            .expect("the VIP's report");
+        let refused = vip_report
+            .verdicts
+            .iter()
+            .find_map(|v| match &v.finding {
+                Finding::Refused(e) => Some(e),
+                _ => None,
+            })
+            .expect("a refused verdict");
+        assert_eq!(
+            refused.figures.failures.backends,
+            [("10.1.4.7:8080".to_string(), 4)].into()
+        );
+        let text = render::evidence_sentence(&vip_report.verdicts[0].finding);
+        assert!(text.contains(", through backend 10.1.4.7:8080"), "{text}");
         let text = render::evidence_sentence(&v.finding);
         assert!(
             text.starts_with("behind 10.96.0.10:80, backends failing: 10.1.4.7:8080"),

@@ -173,6 +173,13 @@ fn failure_verdict(
         matching: n,
         failure_ratio: round(ev.failure_ratio(), 4),
         errnos: ev.errnos.clone(),
+        backends: matching.iter().filter_map(|f| f.backend).fold(
+            BTreeMap::new(),
+            |mut by, backend| {
+                *by.entry(backend.to_string()).or_default() += 1;
+                by
+            },
+        ),
     };
     Some(verdict(
         finding(figures),
