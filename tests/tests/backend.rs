@@ -345,3 +345,63 @@ fn connects_to_a_virtual_address_carry_the_backend_they_reached() -> anyhow::Res
     drop(lab);
     Ok(())
 }
+
+/// The same over IPv6: a virtual address DNAT'd to the server's IPv6 address.
+#[test]
+fn ipv6_connects_carry_their_backend_too() -> anyhow::Result<()> {
+    let lab = Lab::new(133)?;
+    let vip: std::net::Ipv6Addr = "fd00:96:133::10".parse()?;
+    let backend = SocketAddr::new(lab.server_v6().into(), BACKEND_PORT);
+    netns::run(
+        "ip",
+        &[
+            "-n",
+            lab.client_ns().name(),
+            "route",
+            "add",
+            &format!("{vip}/128"),
+            "dev",
+            "lab0",
+        ],
+    )?;
+    let table = "connprobe_lab_nat6";
+    netns::run_with_input(
+        "ip",
+        &["netns", "exec", lab.client_ns().name(), "nft", "-f", "-"],
+        &format!(
+            "add table ip6 {table}\n\
+             add chain ip6 {table} out {{ type nat hook output priority -100; policy accept; }}\n\
+             add rule ip6 {table} out ip6 daddr {vip} tcp dport {VIP_PORT} dnat to {backend}\n"
+        ),
+    )?;
+    let result = (|| -> anyhow::Result<()> {
+        let agent = Agent::start()?;
+        let server = serve(&lab, backend, 1, http_ok);
+        let run = clients::connect(
+            &lab,
+            ClientStyle::NonBlocking,
+            IpAddr::V6(lab.client_v6()),
+            SocketAddr::new(vip.into(), VIP_PORT),
+            Some(Duration::from_secs(10)),
+        )?;
+        assert_eq!(run.seen, Seen::Connected, "{run:?}");
+        server.join().expect("backend server");
+        lab.settle(Duration::from_secs(10))?;
+        let events = lab_events(&lab, &agent.stop()?);
+        let connect = events
+            .iter()
+            .find(|e| e["type"] == "connect" && e["src_port"] == run.local.port())
+            .with_context(|| format!("no connect from {}: {events:#?}", run.local))?;
+        assert_eq!(connect["dst_ip"], vip.to_string(), "{connect}");
+        assert_eq!(
+            connect["backend_ip"],
+            lab.server_v6().to_string(),
+            "{connect}"
+        );
+        assert_eq!(connect["backend_port"], BACKEND_PORT, "{connect}");
+        Ok(())
+    })();
+    lab.client_ns()
+        .exec("nft", &["delete", "table", "ip6", table])?;
+    result
+}
