@@ -104,13 +104,13 @@ pub const GUEST_TESTS: &[GuestTests] = &[
         file: "workload",
         only: &[],
         skip: &[],
-        what: "containers and pods from real cgroups, seconds",
+        what: "containers and pods from real cgroups (about a minute emulated)",
     },
     GuestTests {
         file: "backend",
         only: &[],
         skip: &[],
-        what: "the backend behind a DNAT'd address, its metrics and verdict, seconds",
+        what: "the backend behind a DNAT'd address, its metrics and verdicts (about a minute)",
     },
 ];
 
