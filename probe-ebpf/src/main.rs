@@ -7,6 +7,7 @@
 #![no_main]
 
 mod access;
+mod backend;
 mod emit;
 mod empty;
 mod listeners;

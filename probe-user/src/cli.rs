@@ -34,13 +34,22 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Trace until stopped, the default subcommand (needs root, or CAP_BPF and CAP_PERFMON)
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Judge a JSON event log after the fact (no root needed)
     Analyze(AnalyzeArgs),
     /// Ask a running agent for its verdicts on the last window
     Diagnose(DiagnoseArgs),
     /// Watch a running agent live: destinations worst first, keys to sort, filter and drill down
     Top(TopArgs),
+}
+
+/// An owner label of the per-destination metrics (`--by`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GroupBy {
+    /// The owning process's name.
+    Comm,
+    /// The owner's container: the first 12 characters of its id, or `host`.
+    Container,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -87,8 +96,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
     pub destination_idle: Duration,
 
-    /// Add a `comm` label (the owning process's name) to per-destination metrics.
-    #[arg(long)]
+    /// Split per-destination metrics by the owner: `comm` adds a `comm` label (the process
+    /// name), `container` a `container` label (the short container id, or `host`). Repeatable.
+    #[arg(long, value_enum, value_name = "LABEL")]
+    pub by: Vec<GroupBy>,
+
+    /// Deprecated: use `--by comm`.
+    #[arg(long, hide = true)]
     pub by_comm: bool,
 
     /// Keep the agent's own traffic (connections to or from its --metrics-addr: scrapes,
@@ -190,6 +204,17 @@ pub struct TopArgs {
     pub window: ViewWindow,
 }
 
+impl RunArgs {
+    /// Whether `--by comm` (or the deprecated `--by-comm`) was given.
+    pub fn by_comm(&self) -> bool {
+        self.by_comm || self.by.contains(&GroupBy::Comm)
+    }
+
+    pub fn by_container(&self) -> bool {
+        self.by.contains(&GroupBy::Container)
+    }
+}
+
 fn parse_view_window(text: &str) -> Result<ViewWindow, String> {
     text.parse()
 }
@@ -197,6 +222,15 @@ fn parse_view_window(text: &str) -> Result<ViewWindow, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn by_is_repeatable_and_by_comm_still_works() {
+        let cli = Cli::try_parse_from(["connprobe", "--by", "container", "--by", "comm"]).unwrap();
+        assert!(cli.run.by_comm() && cli.run.by_container());
+        let old = Cli::try_parse_from(["connprobe", "--by-comm"]).unwrap();
+        assert!(old.run.by_comm() && !old.run.by_container());
+        assert!(Cli::try_parse_from(["connprobe", "--by", "pod"]).is_err());
+    }
 
     #[test]
     fn bare_flags_mean_run() {

@@ -40,6 +40,7 @@ use crate::{
     reader::{BATCH, spawn_program_log, spawn_reader},
     tally::{KernelCounts, LossStage, Tally},
     top::{Console, screen},
+    workload::Workloads,
 };
 
 /// How often idle destinations are expired and the kernel's counters read.
@@ -163,8 +164,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let aggregator = Arc::new(Mutex::new(Aggregator::new(AggregatorConfig {
         max_destinations: args.max_destinations,
         destination_idle: args.destination_idle,
-        by_comm: args.by_comm,
+        by_comm: args.by_comm(),
+        by_container: args.by_container(),
     })));
+    if args.by_comm {
+        tracing::warn!("--by-comm is deprecated and will go; use --by comm");
+    }
     let recorder = Arc::new(Mutex::new(FlightRecorder::new(args.recorder_events)));
 
     // Bad input fails here, before anything is loaded.
@@ -229,6 +234,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ring_buffer_bytes: args.ring_buffer_bytes,
         max_sockets: args.max_sockets,
     };
+    let cgroup_root = match Workloads::for_this_host() {
+        Ok(w) => Some(w.root().to_owned()),
+        Err(why) => {
+            tracing::warn!("{why}: cgroup, container_id and pod_uid stay null");
+            None
+        }
+    };
     let mut readers = Vec::new();
     let mut counters = None;
     let probes = tokio::task::block_in_place(|| {
@@ -250,6 +262,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         clock,
                         reset_reasons: maps.reset_reasons,
                     },
+                    cgroup_root
+                        .clone()
+                        .map(|root| Workloads::new(root, "/proc".into())),
                     tally.clone(),
                     consume,
                     stop_rx,

@@ -6,6 +6,7 @@
 //! byte for byte by a test.
 use std::{
     net::IpAddr,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -15,6 +16,7 @@ use crate::event::{
     Close, Comm, Connect, ConnectOutcome, Direction, Endpoint, Errno, Event, EventDetail,
     FailureReason, Outcome, Phase, Process, Reset, ResetReason, Retransmit, Side, TcpState,
 };
+use crate::workload::Workload;
 
 /// One line of the log.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -46,6 +48,18 @@ pub struct Line<F> {
     pub dst_port: u16,
     #[serde(flatten)]
     pub fields: F,
+    /// The owner's cgroup v2 path; absent in logs from before workloads: read as unknown.
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    #[serde(default)]
+    pub container_id: Option<String>,
+    #[serde(default)]
+    pub pod_uid: Option<String>,
+    /// Where a DNAT on this host sent the connection; null when nothing translated it.
+    #[serde(default)]
+    pub backend_ip: Option<IpAddr>,
+    #[serde(default)]
+    pub backend_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -114,6 +128,11 @@ impl Line<()> {
             dst_ip: event.dst.ip(),
             dst_port: event.dst.port(),
             fields: (),
+            cgroup: event.workload.as_ref().map(|w| w.cgroup.clone()),
+            container_id: event.workload.as_ref().and_then(|w| w.container_id.clone()),
+            pod_uid: event.workload.as_ref().and_then(|w| w.pod_uid.clone()),
+            backend_ip: event.backend.map(|b| b.ip()),
+            backend_port: event.backend.map(|b| b.port()),
         }
     }
 
@@ -129,6 +148,11 @@ impl Line<()> {
             dst_ip: self.dst_ip,
             dst_port: self.dst_port,
             fields,
+            cgroup: self.cgroup,
+            container_id: self.container_id,
+            pod_uid: self.pod_uid,
+            backend_ip: self.backend_ip,
+            backend_port: self.backend_port,
         }
     }
 }
@@ -184,6 +208,17 @@ impl<F> Line<F> {
             src: Endpoint::new(self.src_ip, self.src_port),
             dst: Endpoint::new(self.dst_ip, self.dst_port),
             detail,
+            workload: self.cgroup.map(|cgroup| {
+                Arc::new(Workload {
+                    cgroup,
+                    container_id: self.container_id,
+                    pod_uid: self.pod_uid,
+                })
+            }),
+            backend: self
+                .backend_ip
+                .zip(self.backend_port)
+                .map(|(ip, port)| Endpoint::new(ip, port)),
         }
     }
 }
@@ -340,6 +375,23 @@ pub(crate) mod tests {
         unknown.process = None;
         unknown.side = None;
         events.push(unknown);
+        let mut pod = testing::client(
+            "10.96.0.10:80",
+            t,
+            testing::failed(FailureReason::Refused, 0),
+        );
+        pod.workload = Some(Arc::new(Workload::from_cgroup(
+            "/kubepods.slice/kubepods-besteffort.slice/\
+             kubepods-besteffort-pod5a1c3e7b_2f4d_4b8a_9c6e_1d2f3a4b5c6d.slice/\
+             cri-containerd-3f4e1a2b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f.scope",
+        )));
+        pod.backend = Some("10.1.4.7:8080".parse().unwrap());
+        events.push(pod);
+        let mut host = testing::client("10.1.1.1:80", t, testing::closed(1, 0));
+        host.workload = Some(Arc::new(Workload::from_cgroup(
+            "/system.slice/nginx.service",
+        )));
+        events.push(host);
         let mut no_latency = testing::client("10.1.1.1:80", t, testing::established(1));
         if let EventDetail::Connect(c) = &mut no_latency.detail {
             c.latency = None;

@@ -13,6 +13,7 @@ use std::{
 };
 
 use super::{
+    backends::Pools,
     fold::DestinationEvidence,
     format_time, round, rules,
     verdict::{DestinationReport, Report, VerdictId, WindowSummary},
@@ -61,6 +62,8 @@ pub struct Judge {
     seen: Option<(SystemTime, SystemTime)>,
     events: u64,
     destinations: HashMap<Destination, DestinationEvidence>,
+    /// Connects to translated addresses by backend.
+    pools: Pools,
 }
 
 impl Judge {
@@ -71,6 +74,7 @@ impl Judge {
             seen: None,
             events: 0,
             destinations: HashMap::new(),
+            pools: Pools::default(),
         }
     }
 
@@ -85,6 +89,7 @@ impl Judge {
             None => (event.time, event.time),
             Some((a, b)) => (a.min(event.time), b.max(event.time)),
         });
+        self.pools.add(event);
         let key = Destination::of(event);
         self.destinations
             .entry(key)
@@ -123,7 +128,11 @@ impl Judge {
                 observed_seconds: None,
             },
             destinations: destinations.into_iter().map(|(_, d)| d).collect(),
-            groups: rules::pool_verdicts(&self.destinations),
+            groups: {
+                let mut groups = rules::pool_verdicts(&self.destinations);
+                groups.extend(self.pools.verdicts());
+                groups
+            },
         }
     }
 }

@@ -7,6 +7,7 @@
 //! recorder of recent events, and the evidence bundles it writes when a destination crosses a
 //! trigger threshold).
 pub mod analyze;
+mod backends;
 pub mod client;
 pub mod engine;
 pub mod evidence;

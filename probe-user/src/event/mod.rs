@@ -34,6 +34,11 @@ pub struct Event {
     /// The remote end.
     pub dst: Endpoint,
     pub detail: EventDetail,
+    /// The owner's cgroup, container and pod, where the owner and its cgroup are known.
+    pub workload: Option<Arc<crate::workload::Workload>>,
+    /// Where the connection really goes when a DNAT on this host translated `dst` (a virtual
+    /// address: kube-proxy, an nft or iptables rule); `None` when nothing translated it.
+    pub backend: Option<Endpoint>,
 }
 
 /// What happened; its kind ([`EventKind`], the log's `type`) is derived from it.

@@ -36,6 +36,8 @@ pub(crate) fn event(
         src: src.parse().unwrap(),
         dst: dst.parse().unwrap(),
         detail,
+        workload: None,
+        backend: None,
     }
 }
 
