@@ -1,14 +1,14 @@
 // Renders the mixin into the files committed under rendered/:
-//   jsonnet -S -m deploy/mixin/rendered deploy/mixin/render.jsonnet
+//   jsonnet -m deploy/mixin/rendered deploy/mixin/render.jsonnet
+// JSON throughout: Prometheus and promtool read rule and test files as YAML, of which JSON is a
+// part, and jsonnet writes JSON natively (its YAML writer takes minutes on these files).
 // The tests render it again and fail when the committed files differ.
 local mixin = import 'mixin.libsonnet';
-local tests = import 'tests/alerts.jsonnet';
-local header = '# Rendered from deploy/mixin/*.libsonnet by `jsonnet -S -m deploy/mixin/rendered deploy/mixin/render.jsonnet`; do not edit.\n';
 {
-  'prometheus_rules.yaml': header + std.manifestYamlDoc(mixin.prometheusRules, quote_keys=false),
-  'prometheus_alerts.yaml': header + std.manifestYamlDoc(mixin.prometheusAlerts, quote_keys=false),
-  'alerts_test.yaml': header + std.manifestYamlDoc(tests, quote_keys=false),
+  'prometheus_rules.json': mixin.prometheusRules,
+  'prometheus_alerts.json': mixin.prometheusAlerts,
+  'alerts_test.json': import 'tests/alerts.jsonnet',
 } + {
-  ['dashboards/' + name]: std.manifestJsonEx(mixin.grafanaDashboards[name], '  ') + '\n'
+  ['dashboards/' + name]: mixin.grafanaDashboards[name]
   for name in std.objectFields(mixin.grafanaDashboards)
 }

@@ -16,6 +16,7 @@ pub mod expect;
 pub mod http;
 pub mod lab;
 pub mod netns;
+pub mod prometheus;
 pub mod socket;
 pub mod traffic;
 pub mod verdict_lab;

@@ -8,6 +8,8 @@ local g = import '../lib/dashboard.libsonnet';
     // Every connprobe series of the chosen hosts; per-destination metrics add the destination.
     local sel = '%s, %s=~"$%s"' % [c.selector, h, h],
     local dsel = sel + ', destination=~"$destination"',
+    // Recorded series keep the host label, not the job's.
+    local rsel = '%s=~"$%s"' % [h, h],
     local rate(metric, extra='') = 'rate(%s{%s%s}[$__rate_interval])' % [metric, dsel, extra],
 
     'connprobe.json': {
@@ -59,8 +61,8 @@ local g = import '../lib/dashboard.libsonnet';
           g.target('histogram_quantile(0.5, sum by (destination, le) (%s))' % rate('connprobe_connect_duration_seconds_bucket'), '{{destination}} p50'),
           g.target('histogram_quantile(0.99, sum by (destination, le) (%s))' % rate('connprobe_connect_duration_seconds_bucket'), '{{destination}} p99'),
         ], 's'),
-        g.timeseries('Retransmit ratio (data phase)', 'Data segments resent as a share of data segments sent (counted when connections close).', [
-          g.target('sum by (destination) (%s) / sum by (destination) (%s)' % [rate('connprobe_retransmits_total', ', phase="established"'), rate('connprobe_segments_sent_total')], '{{destination}}'),
+        g.timeseries('Retransmit ratio (data)', 'Segments resent after the handshake (established, and closing: a sender that shuts down its side with data still queued resends in fin_wait1) as a share of data segments sent (counted when connections close).', [
+          g.target('sum by (destination) (%s) / sum by (destination) (%s)' % [rate('connprobe_retransmits_total', ', phase!="syn"'), rate('connprobe_segments_sent_total')], '{{destination}}'),
         ], 'percentunit'),
         g.timeseries('SYN retransmits/s', 'SYNs (client) and SYN-ACKs (server) resent: the handshake is waiting for an answer.', [
           g.target('sum by (destination, side) (%s)' % rate('connprobe_retransmits_total', ', phase="syn"'), '{{destination}} {{side}}'),
@@ -69,7 +71,7 @@ local g = import '../lib/dashboard.libsonnet';
           g.target('sum by (destination, direction) (%s)' % rate('connprobe_resets_total'), '{{destination}} {{direction}}'),
         ], 'pps'),
         g.timeseries('Resets of established connections/s', 'Resets received on connections this host opened, less the refused connects: the peer or a middlebox resets connections mid-stream.', [
-          g.target('sum by (destination) (connprobe:%s_destination_midstream_resets:rate5m{%s, destination=~"$destination"})' % [h, sel], '{{destination}}'),
+          g.target('sum by (destination) (connprobe:%s_destination_midstream_resets:rate5m{%s, destination=~"$destination"})' % [h, rsel], '{{destination}}'),
         ], 'pps'),
 
         g.row('Fleet'),
@@ -77,7 +79,7 @@ local g = import '../lib/dashboard.libsonnet';
           g.target('connprobe:destination_hosts_failing:ratio{destination=~"$destination"}', '{{destination}}'),
         ], 'percentunit'),
         g.timeseries('Failing destinations, per host', 'Destinations each host fails to (at least %g%% of its connects). One host failing to many destinations that others reach: its own path is broken.' % (c.fleetFailingRatio * 100), [
-          g.target('count by (%s) (connprobe:%s_destination_failure_ratio:rate5m{%s} >= %g)' % [h, h, sel, c.fleetFailingRatio], '{{%s}}' % h),
+          g.target('count by (%s) (connprobe:%s_destination_failure_ratio:rate5m{%s} >= %g)' % [h, h, rsel, c.fleetFailingRatio], '{{%s}}' % h),
         ]),
 
         g.row('DNS'),

@@ -1,6 +1,6 @@
 // promtool unit tests for every alert: each fires on the series it is written for and stays
-// quiet on the look-alikes. Rendered to rendered/alerts_test.yaml; run with
-//   promtool test rules deploy/mixin/rendered/alerts_test.yaml
+// quiet on the look-alikes. Rendered to rendered/alerts_test.json; run with
+//   promtool test rules deploy/mixin/rendered/alerts_test.json
 // The tests in tests/tests/mixin.rs check that every alert has a case where it fires and one
 // where it stays quiet.
 local job = { job: 'connprobe' };
@@ -17,7 +17,7 @@ local healthy(host, dest) = [attempts(host, dest, '0+60x20'), failures(host, des
 local refusing(host, dest) = [attempts(host, dest, '0+60x20'), failures(host, dest, 'refused', '0+60x20')];
 
 {
-  rule_files: ['prometheus_rules.yaml', 'prometheus_alerts.yaml'],
+  rule_files: ['prometheus_rules.json', 'prometheus_alerts.json'],
   evaluation_interval: '1m',
   // Input series one sample a minute (promtool's default spacing is none at all).
   tests: [{ interval: '1m' } + t for t in self.cases],
