@@ -8,6 +8,7 @@ mod build;
 mod cmd;
 mod matrix;
 mod packages;
+mod pypi;
 mod run;
 mod setup;
 mod test;

@@ -10,6 +10,7 @@ pub mod analyze;
 pub mod client;
 pub mod engine;
 pub mod evidence;
+pub mod fleet;
 mod fold;
 pub mod pattern;
 mod processes;
