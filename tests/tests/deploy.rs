@@ -274,3 +274,64 @@ fn the_manifests_agree_with_each_other_and_with_the_unit() -> anyhow::Result<()>
     );
     Ok(())
 }
+
+/// The DaemonSet's container, as a command: `connprobe` with its arguments (the metrics address
+/// moved to a free loopback port), as root with exactly its added capabilities in the bounding
+/// set and `no_new_privs` (`allowPrivilegeEscalation: false`): what the runtime gives it.
+#[test]
+fn the_agent_serves_healthz_with_the_daemonsets_arguments_and_capabilities() -> anyhow::Result<()> {
+    let daemonset = document("daemonset.yaml")?;
+    let agent = &daemonset["spec"]["template"]["spec"]["containers"][0];
+    let caps: Vec<String> = agent["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .context("capabilities")?
+        .iter()
+        .filter_map(|c| c.as_str().map(|c| format!("+{}", c.to_lowercase())))
+        .collect();
+    let addr = tests::http::free_loopback_addr()?;
+    let mut args: Vec<String> = agent["args"]
+        .as_array()
+        .context("args")?
+        .iter()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    ensure!(args.first().map(String::as_str) == Some("run"), "{args:?}");
+    args.remove(0);
+    for arg in &mut args {
+        if arg.starts_with("--metrics-addr=") {
+            *arg = format!("--metrics-addr={addr}");
+        }
+    }
+    let bounding = format!("--bounding-set=-all,{}", caps.join(","));
+    let launch = tests::agent::Launch {
+        json_log: None,
+        metrics: false,
+        args,
+        wrapper: vec![
+            "setpriv".into(),
+            bounding,
+            "--inh-caps=-all".into(),
+            "--no-new-privs".into(),
+            "--".into(),
+        ],
+        ..tests::agent::Launch::from_env(&[])?
+    };
+    let running = tests::Agent::launch(launch)?;
+    // The readiness and liveness probe.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match tests::http::http_get(addr, "/healthz") {
+            Ok((200, _)) => break,
+            other if std::time::Instant::now() > deadline => {
+                bail!(
+                    "/healthz did not answer 200 within 10 s: {other:?}; stderr:\n{}",
+                    running.stderr_text()
+                )
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
+    let (status, metrics) = tests::http::http_get(addr, "/metrics")?;
+    ensure!(status == 200 && metrics.contains("connprobe_build_info"));
+    Ok(())
+}
