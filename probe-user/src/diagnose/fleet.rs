@@ -166,9 +166,31 @@ impl FleetReport {
     }
 }
 
-/// Names, at most a few, then how many more.
+/// Orders host names as people count: `web-2` before `web-10`.
+fn natural_key(name: &str) -> Vec<(u8, u64, String)> {
+    let mut key = Vec::new();
+    let mut rest = name;
+    while !rest.is_empty() {
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        if digits > 0 {
+            let (number, tail) = rest.split_at(digits);
+            key.push((0, number.parse().unwrap_or(u64::MAX), number.to_owned()));
+            rest = tail;
+        } else {
+            let text = rest.len() - rest.trim_start_matches(|c: char| !c.is_ascii_digit()).len();
+            let (word, tail) = rest.split_at(text);
+            key.push((1, 0, word.to_owned()));
+            rest = tail;
+        }
+    }
+    key
+}
+
+/// Names, at most a few (in natural order), then how many more.
 fn listed(names: &[String]) -> String {
     const SHOWN: usize = 4;
+    let mut names = names.to_vec();
+    names.sort_by_cached_key(|n| natural_key(n));
     let mut text = names
         .iter()
         .take(SHOWN)
@@ -235,7 +257,9 @@ pub fn text(fleet: &FleetReport) -> String {
             listed(&h.failing_alone)
         );
     }
-    for (host, report) in &fleet.hosts {
+    let mut hosts: Vec<(&String, &Report)> = fleet.hosts.iter().collect();
+    hosts.sort_by_cached_key(|(h, _)| natural_key(h));
+    for (host, report) in hosts {
         let _ = write!(out, "\n== {host} ==\n{}", render::text(report));
     }
     out
@@ -338,6 +362,14 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("\n== a ==\n"), "{t}");
+    }
+
+    #[test]
+    fn hosts_are_listed_as_people_count() {
+        let names: Vec<String> = ["web-10", "web-2", "web-1", "db"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(listed(&names), "db, web-1, web-2, web-10");
     }
 
     #[test]
