@@ -161,9 +161,11 @@ pub struct RunArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct AnalyzeArgs {
-    /// The JSON event log (`.gz` is read compressed; `-` is standard input).
-    #[arg(value_name = "EVENTS.jsonl")]
-    pub file: PathBuf,
+    /// JSON event logs (`.gz` is read compressed; `-` is standard input). Several files are
+    /// several hosts, named by file name, or by the `host` field a log shipper added to each
+    /// line; they are judged per host and compared ("refused from 11 of 12 hosts").
+    #[arg(value_name = "EVENTS.jsonl", required = true, num_args = 1..)]
+    pub files: Vec<PathBuf>,
 
     /// Judge only this long a window, ending at the log's last event (e.g. `5m`).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]

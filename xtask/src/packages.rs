@@ -111,6 +111,10 @@ pub const REQUIREMENTS: &[Requirement] = &[
     row("dpkg-deb", "dpkg", Some("dpkg"), &[Test]),
     // `connprobe top` driven as an operator would, in a terminal of its own.
     row("tmux", "tmux", Some("tmux"), &[Test]),
+    // The monitoring mixin (deploy/mixin/): its jsonnet rendered to the committed rules and
+    // dashboard, which the tests render again and compare.
+    row("jsonnet", "jsonnet", Some("jsonnet"), &[Test]),
+    row("jsonnetfmt", "jsonnet", Some("jsonnet"), &[Test]),
     // The bench's peers. Fedora's libbpf-tools names its programs bpf-tcpstates and so on.
     row("tcpstates", "libbpf-tools", None, TEST_AND_BENCH),
     row("tcplife", "libbpf-tools", None, TEST_AND_BENCH),

@@ -11,6 +11,7 @@ mod backends;
 pub mod client;
 pub mod engine;
 pub mod evidence;
+pub mod fleet;
 mod fold;
 pub mod pattern;
 mod processes;
