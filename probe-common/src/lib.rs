@@ -78,14 +78,18 @@ pub enum EventKind {
     Retransmit = 2,
     Reset = 3,
     Close = 4,
+    /// Not a TCP event of its own: a connect's first SYN left with another destination than
+    /// the socket's (DNAT on this host); the agent pairs it with the socket's events.
+    Translation = 5,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 4] = [
+    pub const ALL: [EventKind; 5] = [
         EventKind::Connect,
         EventKind::Retransmit,
         EventKind::Reset,
         EventKind::Close,
+        EventKind::Translation,
     ];
 
     pub const fn from_u32(v: u32) -> Option<Self> {
@@ -94,6 +98,7 @@ impl EventKind {
             2 => Some(EventKind::Retransmit),
             3 => Some(EventKind::Reset),
             4 => Some(EventKind::Close),
+            5 => Some(EventKind::Translation),
             _ => None,
         }
     }
@@ -105,6 +110,7 @@ impl EventKind {
             EventKind::Retransmit => Counter::ProducedRetransmit,
             EventKind::Reset => Counter::ProducedReset,
             EventKind::Close => Counter::ProducedClose,
+            EventKind::Translation => Counter::ProducedTranslation,
         }
     }
 }
@@ -125,10 +131,12 @@ pub enum Counter {
     LostMap = 5,
     /// A kernel read (`bpf_probe_read_kernel`) failed; the event was dropped.
     ReadError = 6,
+    /// [`TranslationEvent`]s the backend program tried to emit (delivered + lost).
+    ProducedTranslation = 7,
     /// DNS packets the cgroup_skb programs tried to hand over (delivered + lost).
-    ProducedDns = 7,
+    ProducedDns = 8,
     /// DNS packets lost because the DNS ring buffer was full.
-    LostDnsRingbuf = 8,
+    LostDnsRingbuf = 9,
 }
 
 pub const COUNTER_SLOTS: u32 = 16;
@@ -188,6 +196,9 @@ pub struct Owner {
     pub flags: u8,
     pub _pad: [u8; 2],
     pub comm: [u8; COMM_LEN],
+    /// The cgroup v2 id of the owning process (`bpf_get_current_cgroup_id()` in its syscall
+    /// context: the inode number of its cgroup directory); 0 when not known.
+    pub cgroup_id: u64,
 }
 
 /// How a connect ended.
@@ -269,6 +280,23 @@ pub struct CloseEvent {
     pub segments_sent: u32,
     /// `tcp_sock.total_retrans`.
     pub segments_retransmitted: u32,
+}
+
+/// A connect's SYN left this host for `backend` rather than for the socket's own remote end
+/// (`endpoints`, the address the application connected to): a DNAT on this host (kube-proxy,
+/// an nft or iptables rule, a local load balancer) translated it. Written by the cgroup_skb
+/// egress program, which runs after the netfilter nat hooks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TranslationEvent {
+    pub header: EventHeader,
+    /// The socket's ends, as its other events carry them.
+    pub endpoints: Endpoints,
+    /// Where the SYN actually went (same family as `endpoints`; for `AF_INET` the first 4 bytes).
+    pub backend_addr: [u8; 16],
+    /// Host byte order.
+    pub backend_port: u16,
+    pub _pad: [u8; 6],
 }
 
 /// Per-socket state kept in [`SOCKETS_MAP`] from the start of a connect (or an accept) until the
@@ -425,14 +453,15 @@ const _: () = {
     assert!(core::mem::size_of::<DnsPacket>() == 88 + DNS_PAYLOAD_BYTES);
     assert!(core::mem::size_of::<EventHeader>() == 16);
     assert!(core::mem::size_of::<Endpoints>() == 40);
-    assert!(core::mem::size_of::<Owner>() == 24);
-    assert!(core::mem::size_of::<ConnectEvent>() == 104);
-    assert!(core::mem::size_of::<RetransmitEvent>() == 88);
-    assert!(core::mem::size_of::<ResetEvent>() == 88);
-    assert!(core::mem::size_of::<CloseEvent>() == 112);
-    assert!(core::mem::size_of::<SocketRecord>() == 48);
+    assert!(core::mem::size_of::<Owner>() == 32);
+    assert!(core::mem::size_of::<ConnectEvent>() == 112);
+    assert!(core::mem::size_of::<RetransmitEvent>() == 96);
+    assert!(core::mem::size_of::<ResetEvent>() == 96);
+    assert!(core::mem::size_of::<CloseEvent>() == 120);
+    assert!(core::mem::size_of::<SocketRecord>() == 56);
+    assert!(core::mem::size_of::<TranslationEvent>() == 80);
     assert!(core::mem::size_of::<ListenerKey>() == 8);
-    assert!(core::mem::size_of::<ListenerRecord>() == 32);
+    assert!(core::mem::size_of::<ListenerRecord>() == 40);
     assert!(core::mem::size_of::<KernelOffsets>() == 42 * 4);
 };
 

@@ -7,6 +7,7 @@
 #![no_main]
 
 mod access;
+mod backend;
 mod dns;
 mod emit;
 mod empty;

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 pub use crate::loader::HookMode;
 use crate::{
     export::{json_log::Encoder, view::ViewWindow},
-    units::parse_duration,
+    units::{parse_duration, parse_size},
 };
 
 /// Default address of the metrics, health and diagnose endpoints: loopback only.
@@ -34,7 +34,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Trace until stopped, the default subcommand (needs root, or CAP_BPF and CAP_PERFMON)
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Judge a JSON event log after the fact (no root needed)
     Analyze(AnalyzeArgs),
     /// Ask a running agent for its verdicts on the last window
@@ -43,11 +43,31 @@ pub enum Command {
     Top(TopArgs),
 }
 
+/// An owner label of the per-destination metrics (`--by`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GroupBy {
+    /// The owning process's name.
+    Comm,
+    /// The owner's container: the first 12 characters of its id, or `host`.
+    Container,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Write one JSON object per event to PATH (`-` for standard output).
     #[arg(long, value_name = "PATH")]
     pub json_log: Option<PathBuf>,
+
+    /// Rotate the JSON log file before a line would take it past this size (`1048576`, `512K`,
+    /// `100M`, `1G`): PATH becomes PATH.1, PATH.1 becomes PATH.2, and so on.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "json_log")]
+    pub json_log_max_size: Option<u64>,
+
+    /// Rotated JSON log files kept beside PATH (PATH.1, newest, to PATH.N) with
+    /// --json-log-max-size; older ones are deleted.
+    #[arg(long, value_name = "N", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub json_log_max_files: u32,
 
     /// Stop cleanly after this long (e.g. `10`, `30s`, `5m`; a bare number is seconds).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -61,6 +81,13 @@ pub struct RunArgs {
     #[arg(long, conflicts_with = "metrics_addr")]
     pub no_metrics: bool,
 
+    /// TLS and basic authentication for the metrics endpoint, in the web configuration format
+    /// of Prometheus exporters (exporter-toolkit): `tls_server_config` (cert_file, key_file,
+    /// client_auth_type, client_ca_file) and `basic_auth_users` (bcrypt hashes). Read again on
+    /// SIGHUP.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_metrics")]
+    pub web_config_file: Option<PathBuf>,
+
     /// Destinations that get their own label; the rest fold into destination="other".
     #[arg(long, value_name = "N", default_value_t = 500)]
     pub max_destinations: usize,
@@ -69,8 +96,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
     pub destination_idle: Duration,
 
-    /// Add a `comm` label (the owning process's name) to per-destination metrics.
-    #[arg(long)]
+    /// Split per-destination metrics by the owner: `comm` adds a `comm` label (the process
+    /// name), `container` a `container` label (the short container id, or `host`). Repeatable.
+    #[arg(long, value_enum, value_name = "LABEL")]
+    pub by: Vec<GroupBy>,
+
+    /// Deprecated: use `--by comm`.
+    #[arg(long, hide = true)]
     pub by_comm: bool,
 
     /// Keep the agent's own traffic (connections to or from its --metrics-addr: scrapes,
@@ -154,9 +186,11 @@ pub struct RunArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct AnalyzeArgs {
-    /// The JSON event log (`.gz` is read compressed; `-` is standard input).
-    #[arg(value_name = "EVENTS.jsonl")]
-    pub file: PathBuf,
+    /// JSON event logs (`.gz` is read compressed; `-` is standard input). Several files are
+    /// several hosts, named by file name, or by the `host` field a log shipper added to each
+    /// line; they are judged per host and compared ("refused from 11 of 12 hosts").
+    #[arg(value_name = "EVENTS.jsonl", required = true, num_args = 1..)]
+    pub files: Vec<PathBuf>,
 
     /// Judge only this long a window, ending at the log's last event (e.g. `5m`).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -197,6 +231,17 @@ pub struct TopArgs {
     pub window: ViewWindow,
 }
 
+impl RunArgs {
+    /// Whether `--by comm` (or the deprecated `--by-comm`) was given.
+    pub fn by_comm(&self) -> bool {
+        self.by_comm || self.by.contains(&GroupBy::Comm)
+    }
+
+    pub fn by_container(&self) -> bool {
+        self.by.contains(&GroupBy::Container)
+    }
+}
+
 fn parse_view_window(text: &str) -> Result<ViewWindow, String> {
     text.parse()
 }
@@ -204,6 +249,15 @@ fn parse_view_window(text: &str) -> Result<ViewWindow, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn by_is_repeatable_and_by_comm_still_works() {
+        let cli = Cli::try_parse_from(["connprobe", "--by", "container", "--by", "comm"]).unwrap();
+        assert!(cli.run.by_comm() && cli.run.by_container());
+        let old = Cli::try_parse_from(["connprobe", "--by-comm"]).unwrap();
+        assert!(old.run.by_comm() && !old.run.by_container());
+        assert!(Cli::try_parse_from(["connprobe", "--by", "pod"]).is_err());
+    }
 
     #[test]
     fn bare_flags_mean_run() {

@@ -20,6 +20,8 @@ pub struct FoundListener {
     pub port: u16,
     pub pid: u32,
     pub comm: String,
+    /// The process's cgroup v2 id (0 if unknown), for its workload.
+    pub cgroup_id: u64,
 }
 
 impl FoundListener {
@@ -42,6 +44,7 @@ impl FoundListener {
                 flags: owner_flags::PROCESS_KNOWN,
                 _pad: [0; 2],
                 comm,
+                cgroup_id: self.cgroup_id,
             },
         };
         (key, record)
@@ -96,6 +99,9 @@ pub fn scan(proc: &Path) -> Vec<FoundListener> {
             }
         }
     }
+    let cgroup_root = fs::read_to_string(proc.join("self/mounts"))
+        .ok()
+        .and_then(|m| crate::workload::cgroup2_mount(&m));
     let mut found = Vec::new();
     for (&netns, task) in &namespaces {
         for table in ["tcp", "tcp6"] {
@@ -112,6 +118,9 @@ pub fn scan(proc: &Path) -> Vec<FoundListener> {
                     port,
                     pid: owner,
                     comm,
+                    cgroup_id: cgroup_root.as_deref().map_or(0, |root| {
+                        crate::workload::process_cgroup_id(root, proc, owner)
+                    }),
                 };
                 if !found
                     .iter()
@@ -183,6 +192,7 @@ mod tests {
             port: 8080,
             pid: 99,
             comm: "a-very-long-command-name".into(),
+            cgroup_id: 12345,
         };
         let (key, record) = found.map_entry();
         assert_eq!((key.netns, key.port), (7, 8080));
@@ -192,6 +202,7 @@ mod tests {
         assert_eq!(record.owner.flags, owner_flags::PROCESS_KNOWN);
         assert_eq!(&record.owner.comm[..15], b"a-very-long-com");
         assert_eq!(record.owner.comm[15], 0);
+        assert_eq!(record.owner.cgroup_id, 12345);
     }
 
     /// This process's own listener, found through the real /proc.

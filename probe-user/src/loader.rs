@@ -342,6 +342,12 @@ fn try_load(
             }
         }
     }
+    if !plan.iter().any(|(_, how)| *how == Attachment::Empty) {
+        match attach_backend(&mut ebpf) {
+            Ok(()) => tracing::debug!("backend program attached to the cgroup v2 root"),
+            Err(why) => missing.push(why),
+        }
+    }
     // Attached programs do not depend on the mount: a tracefs mounted here goes now, while the
     // agent still holds the capability to unmount it.
     drop(tracefs);
@@ -422,6 +428,43 @@ fn attach_dns(ebpf: &mut Ebpf) -> Result<String, String> {
     };
     Ok(format!("cgroup_skb dns_ingress+{egress} on {root}"))
 }
+
+/// The program that reports where a DNAT sent each connect's SYN (probe-ebpf `backend`), on
+/// egress of the cgroup v2 root: every socket of every network namespace is below it. Optional:
+/// the reason it is not attached is one sentence for the start-up report.
+fn attach_backend(ebpf: &mut Ebpf) -> Result<(), String> {
+    if let Some(note) = privileges::backend_note() {
+        return Err(note);
+    }
+    let unattached = |why: String| {
+        format!(
+            "the backend program is not attached ({why}): backend_ip and backend_port stay null"
+        )
+    };
+    let workloads = crate::workload::Workloads::for_this_host().map_err(unattached)?;
+    let root = std::fs::File::open(workloads.root())
+        .map_err(|e| unattached(format!("cannot open {}: {e}", workloads.root().display())))?;
+    let prog: &mut CgroupSkb = ebpf
+        .program_mut(BACKEND_PROGRAM)
+        .ok_or_else(|| unattached(format!("the eBPF object has no {BACKEND_PROGRAM}")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| unattached(e.to_string()))?;
+    prog.load()
+        .map_err(|e| unattached(format!("the kernel refused it: {e}")))?;
+    // A bpf_link (Linux 5.7 and later) always shares the hook with other programs (another
+    // agent's, or systemd's); the kernel refuses the legacy ALLOW_MULTI flag on a link.
+    prog.attach(root, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+        .map_err(|e| {
+            let cause = std::error::Error::source(&e)
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default();
+            unattached(format!("cannot attach it: {e}{cause}"))
+        })?;
+    Ok(())
+}
+
+/// The cgroup_skb program in probe-ebpf `backend`.
+const BACKEND_PROGRAM: &str = "backend_egress";
 
 /// Whether the per-socket records can live in socket storage: only BTF programs can reach it,
 /// and every program must use the same store. The benchmark's empty programs count as BTF, so

@@ -32,6 +32,7 @@ use crate::{
         json_log::{self, LogBatch},
         prometheus::{PrometheusExporter, Sources},
         view::{View, ViewRequest, ViewSources},
+        web_config::WebSecurity,
     },
     loader::{self, KernelMaps, LoaderConfig, read_counter},
     logging,
@@ -40,6 +41,7 @@ use crate::{
     reader::{BATCH, spawn_program_log, spawn_reader},
     tally::{KernelCounts, LossStage, Tally},
     top::{Console, screen},
+    workload::Workloads,
 };
 
 /// How often idle destinations are expired and the kernel's counters read.
@@ -70,6 +72,33 @@ fn dns_kernel_counts(dns: &SharedDns, counters: &PerCpuArray<MapData, u64>) {
     let mut dns = dns.lock().unwrap_or_else(|e| e.into_inner());
     dns.counts.kernel_produced = produced;
     dns.counts.lost_ringbuf = dns.counts.lost_ringbuf.max(lost);
+}
+
+/// Reads `--web-config-file` again (SIGHUP): new certificates and users apply to the
+/// connections accepted from then on. A file that no longer loads keeps the old settings.
+fn reload_web_config(path: Option<&std::path::Path>, http: &HttpState) {
+    let Some(path) = path else { return };
+    match tokio::task::block_in_place(|| WebSecurity::load(path)) {
+        Ok(web) => {
+            http.set_web_security(web);
+            tracing::info!("read the web config {} again", path.display());
+        }
+        Err(e) => tracing::error!("{e}; the metrics endpoint keeps its previous settings"),
+    }
+}
+
+/// Size rotation of the JSON log, from `--json-log-max-size` and `--json-log-max-files`.
+fn log_rotation(args: &RunArgs) -> anyhow::Result<Option<json_log::Rotation>> {
+    let Some(max_size) = args.json_log_max_size else {
+        return Ok(None);
+    };
+    if args.json_log.as_deref() == Some(std::path::Path::new("-")) {
+        anyhow::bail!("--json-log-max-size rotates a file: give --json-log a path, not -");
+    }
+    Ok(Some(json_log::Rotation {
+        max_size,
+        max_files: args.json_log_max_files,
+    }))
 }
 
 /// The evidence triggers' settings from `connprobe run` flags; `None` without `--evidence-dir`.
@@ -108,6 +137,8 @@ fn name_destinations(batch: &mut [Event], dns: &SharedDns) {
 /// Every batch the reader decodes goes to the aggregator, the flight recorder and the JSON
 /// log's queue (losses at the queue or past a failed writer are counted in the tally), after
 /// the agent's own traffic (`own`) is taken out and counted, and connects are named from DNS.
+/// What is left is numbered (`seq`) here, so a gap in the log's numbers is a loss counted at
+/// `queue` or `log`, nothing else.
 fn consumer(
     aggregator: Arc<Mutex<Aggregator>>,
     recorder: Arc<Mutex<FlightRecorder>>,
@@ -127,6 +158,9 @@ fn consumer(
         }
         if let Some(dns) = &dns {
             name_destinations(batch, dns);
+        }
+        for event in batch.iter_mut() {
+            event.seq = tally.next_seq();
         }
         {
             let mut aggregator = aggregator.lock().unwrap_or_else(|e| e.into_inner());
@@ -168,8 +202,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let aggregator = Arc::new(Mutex::new(Aggregator::new(AggregatorConfig {
         max_destinations: args.max_destinations,
         destination_idle: args.destination_idle,
-        by_comm: args.by_comm,
+        by_comm: args.by_comm(),
+        by_container: args.by_container(),
     })));
+    if args.by_comm {
+        tracing::warn!("--by-comm is deprecated and will go; use --by comm");
+    }
     let recorder = Arc::new(Mutex::new(FlightRecorder::new(args.recorder_events)));
 
     // Bad input fails here, before anything is loaded.
@@ -186,11 +224,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let dns_state = dns_config
         .as_ref()
         .map(|config| DnsState::shared(config, clock));
-    let log_out = args.json_log.as_deref().map(json_log::open).transpose()?;
+    let log_out = args
+        .json_log
+        .as_deref()
+        .map(|path| json_log::open(path, log_rotation(&args)?))
+        .transpose()?;
     let listener = match args.no_metrics {
         true => None,
         false => Some(http::bind(args.metrics_addr).await?),
     };
+    let web_security = args
+        .web_config_file
+        .as_deref()
+        .map(|path| tokio::task::block_in_place(|| WebSecurity::load(path)))
+        .transpose()?;
     let evidence = trigger_config(&args).map(EvidenceWriter::new).transpose()?;
     let prometheus = Arc::new(PrometheusExporter::new(Sources {
         aggregator: aggregator.clone(),
@@ -204,14 +251,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
 
-    let (log_tx, log_thread) = match log_out {
+    let (log_tx, log_thread, log_reopen) = match log_out {
         Some(out) => {
-            let (tx, handle) = json_log::spawn_writer(out, args.log_encoder, tally.clone())
+            let writer = json_log::spawn_writer(out, args.log_encoder, tally.clone())
                 .context("cannot start the JSON log writer")?;
-            (Some(tx), Some(handle))
+            (Some(writer.queue), Some(writer.thread), Some(writer.reopen))
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     let (stop_http, http_stopped) = watch::channel(false);
     let diagnose: Arc<DiagnoseFn> = Arc::new(diagnose_handler(
@@ -230,6 +278,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let destinations: Arc<DestinationsFn> = Arc::new(view_sources.clone().handler());
     let http_state =
         Arc::new(HttpState::new(metrics, Some(diagnose)).with_destinations(destinations));
+    let scheme = web_security.as_ref().map_or("http", WebSecurity::scheme);
+    if let Some(web) = web_security {
+        http_state.set_web_security(web);
+    }
     let own_traffic =
         (!args.no_metrics && !args.include_own_traffic).then(|| OwnTraffic::new(args.metrics_addr));
     let http_task =
@@ -240,6 +292,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ring_buffer_bytes: args.ring_buffer_bytes,
         max_sockets: args.max_sockets,
         dns_ports: dns_config.as_ref().map(DnsConfig::kernel_ports),
+    };
+    let cgroup_root = match Workloads::for_this_host() {
+        Ok(w) => Some(w.root().to_owned()),
+        Err(why) => {
+            tracing::warn!("{why}: cgroup, container_id and pod_uid stay null");
+            None
+        }
     };
     let mut readers = Vec::new();
     let mut dns_readers = Vec::new();
@@ -276,6 +335,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         clock,
                         reset_reasons: maps.reset_reasons,
                     },
+                    cgroup_root
+                        .clone()
+                        .map(|root| Workloads::new(root, "/proc".into())),
                     tally.clone(),
                     consume,
                     stop_rx,
@@ -318,7 +380,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     http_state.set_ready(true);
     if !args.no_metrics {
-        tracing::info!("metrics on http://{}/metrics", args.metrics_addr);
+        tracing::info!("metrics on {scheme}://{}/metrics", args.metrics_addr);
     }
 
     let stop_evidence = Arc::new(AtomicBool::new(false));
@@ -350,6 +412,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigint.recv() => break Stop::Signal("SIGINT"),
             _ = sigterm.recv() => break Stop::Signal("SIGTERM"),
+            _ = sighup.recv() => {
+                // logrotate's convention: it has renamed the log; open the path anew.
+                tracing::info!("SIGHUP received; reopening the JSON log, reading the web config");
+                if let Some(reopen) = &log_reopen {
+                    reopen.request();
+                }
+                reload_web_config(args.web_config_file.as_deref(), &http_state);
+            }
             _ = &mut deadline => break Stop::Duration,
             result = &mut reader => {
                 let err = match result {

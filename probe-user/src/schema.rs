@@ -1,11 +1,12 @@
 //! The JSON event log's schema: one serde type, [`LogLine`], through which every event is
 //! written (the log, evidence bundles) and read back (`connprobe analyze`). One flat object per
-//! event (README "The JSON event log"): `type` first, then the fields every event has, then
-//! the kind's own. `Event` is serialised and deserialised through it, so there is no second
+//! event (README "The JSON event log"): `type` first, then the agent's sequence number `seq`,
+//! then the fields every event has, then the kind's own. `Event` is serialised and deserialised through it, so there is no second
 //! description of the format anywhere; the log writer's fast formatter is pinned to it
 //! byte for byte by a test.
 use std::{
     net::IpAddr,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -15,6 +16,7 @@ use crate::event::{
     Close, Comm, Connect, ConnectOutcome, Direction, Endpoint, Errno, Event, EventDetail,
     FailureReason, Outcome, Phase, Process, Reset, ResetReason, Retransmit, Side, TcpState,
 };
+use crate::workload::Workload;
 
 /// One line of the log.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -29,6 +31,10 @@ pub enum LogLine {
 /// The fields every line has, then the kind's own (`fields`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Line<F> {
+    /// The agent's sequence number of the event (see [`Event::seq`]); absent in logs from
+    /// before it: read as 0.
+    #[serde(default)]
+    pub seq: u64,
     /// RFC 3339 UTC with microseconds.
     #[serde(with = "rfc3339_micros")]
     pub time: SystemTime,
@@ -42,6 +48,18 @@ pub struct Line<F> {
     pub dst_port: u16,
     #[serde(flatten)]
     pub fields: F,
+    /// The owner's cgroup v2 path; absent in logs from before workloads: read as unknown.
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    #[serde(default)]
+    pub container_id: Option<String>,
+    #[serde(default)]
+    pub pod_uid: Option<String>,
+    /// Where a DNAT on this host sent the connection; null when nothing translated it.
+    #[serde(default)]
+    pub backend_ip: Option<IpAddr>,
+    #[serde(default)]
+    pub backend_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -100,6 +118,7 @@ pub enum SchemaError {
 impl Line<()> {
     fn common(event: &Event) -> Self {
         Line {
+            seq: event.seq,
             time: event.time,
             pid: event.process.as_ref().map(|p| p.pid),
             comm: event
@@ -112,11 +131,17 @@ impl Line<()> {
             dst_ip: event.dst.ip(),
             dst_port: event.dst.port(),
             fields: (),
+            cgroup: event.workload.as_ref().map(|w| w.cgroup.clone()),
+            container_id: event.workload.as_ref().and_then(|w| w.container_id.clone()),
+            pod_uid: event.workload.as_ref().and_then(|w| w.pod_uid.clone()),
+            backend_ip: event.backend.map(|b| b.ip()),
+            backend_port: event.backend.map(|b| b.port()),
         }
     }
 
     fn with<F>(self, fields: F) -> Line<F> {
         Line {
+            seq: self.seq,
             time: self.time,
             pid: self.pid,
             comm: self.comm,
@@ -126,6 +151,11 @@ impl Line<()> {
             dst_ip: self.dst_ip,
             dst_port: self.dst_port,
             fields,
+            cgroup: self.cgroup,
+            container_id: self.container_id,
+            pod_uid: self.pod_uid,
+            backend_ip: self.backend_ip,
+            backend_port: self.backend_port,
         }
     }
 }
@@ -172,6 +202,7 @@ impl From<&Event> for LogLine {
 impl<F> Line<F> {
     fn event(self, detail: EventDetail) -> Event {
         Event {
+            seq: self.seq,
             time: self.time,
             process: self.pid.map(|pid| Process {
                 pid,
@@ -181,6 +212,17 @@ impl<F> Line<F> {
             src: Endpoint::new(self.src_ip, self.src_port),
             dst: Endpoint::new(self.dst_ip, self.dst_port),
             detail,
+            workload: self.cgroup.map(|cgroup| {
+                Arc::new(Workload {
+                    cgroup,
+                    container_id: self.container_id,
+                    pod_uid: self.pod_uid,
+                })
+            }),
+            backend: self
+                .backend_ip
+                .zip(self.backend_port)
+                .map(|(ip, port)| Endpoint::new(ip, port)),
         }
     }
 }
@@ -343,6 +385,23 @@ pub(crate) mod tests {
         unknown.process = None;
         unknown.side = None;
         events.push(unknown);
+        let mut pod = testing::client(
+            "10.96.0.10:80",
+            t,
+            testing::failed(FailureReason::Refused, 0),
+        );
+        pod.workload = Some(Arc::new(Workload::from_cgroup(
+            "/kubepods.slice/kubepods-besteffort.slice/\
+             kubepods-besteffort-pod5a1c3e7b_2f4d_4b8a_9c6e_1d2f3a4b5c6d.slice/\
+             cri-containerd-3f4e1a2b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f.scope",
+        )));
+        pod.backend = Some("10.1.4.7:8080".parse().unwrap());
+        events.push(pod);
+        let mut host = testing::client("10.1.1.1:80", t, testing::closed(1, 0));
+        host.workload = Some(Arc::new(Workload::from_cgroup(
+            "/system.slice/nginx.service",
+        )));
+        events.push(host);
         let mut no_latency = testing::client("10.1.1.1:80", t, testing::established(1));
         if let EventDetail::Connect(c) = &mut no_latency.detail {
             c.latency = None;
@@ -354,6 +413,9 @@ pub(crate) mod tests {
             c.duration = None;
         }
         events.push(big);
+        let mut last = testing::client("10.1.1.1:80", t, testing::established(2));
+        last.seq = u64::MAX;
+        events.push(last);
         for raw in [
             &b"plain"[..],
             b"with space",
@@ -372,6 +434,11 @@ pub(crate) mod tests {
                 comm: Comm::from_kernel(&bytes),
             });
             events.push(e);
+        }
+        for (seq, event) in events.iter_mut().enumerate() {
+            if event.seq == 0 {
+                event.seq = seq as u64;
+            }
         }
         events
     }

@@ -10,6 +10,7 @@
 //! Everything here needs root and a kernel that lets connprobe attach; run it through
 //! `cargo xtask test`, which builds the agent and sets `CONNPROBE_BIN`.
 pub mod agent;
+pub mod bpf;
 pub mod clients;
 pub mod dns_lab;
 pub mod events;
@@ -17,7 +18,10 @@ pub mod expect;
 pub mod http;
 pub mod lab;
 pub mod netns;
+pub mod prometheus;
+pub mod seqlog;
 pub mod socket;
+pub mod storm;
 pub mod traffic;
 pub mod verdict_lab;
 

@@ -83,6 +83,8 @@ pub const REQUIREMENTS: &[Requirement] = &[
     // Inspecting loaded programs; the bench names its programs and refuses to run while
     // foreign programs sit on the hooks it measures.
     row("bpftool", "bpftool", Some("bpftool"), TEST_AND_BENCH),
+    // Certificates for the TLS tests of --web-config-file.
+    row("openssl", "openssl", Some("openssl"), &[Test]),
     // Real server shapes in the lab: a pre-forked server, SO_REUSEPORT processes; and the venv
     // that holds virtme-ng for the kernel matrix.
     row("python3", "python3", Some("python3"), &[Test]),
@@ -113,6 +115,10 @@ pub const REQUIREMENTS: &[Requirement] = &[
     row("dpkg-deb", "dpkg", Some("dpkg"), &[Test]),
     // `connprobe top` driven as an operator would, in a terminal of its own.
     row("tmux", "tmux", Some("tmux"), &[Test]),
+    // The monitoring mixin (deploy/mixin/): its jsonnet rendered to the committed rules and
+    // dashboard, which the tests render again and compare.
+    row("jsonnet", "jsonnet", Some("jsonnet"), &[Test]),
+    row("jsonnetfmt", "jsonnet", Some("jsonnet"), &[Test]),
     // The bench's peers. Fedora's libbpf-tools names its programs bpf-tcpstates and so on.
     row("tcpstates", "libbpf-tools", None, TEST_AND_BENCH),
     row("tcplife", "libbpf-tools", None, TEST_AND_BENCH),

@@ -13,6 +13,7 @@ use std::{
 };
 
 use super::{
+    backends::Pools,
     fold::DestinationEvidence,
     format_time, round, rules,
     verdict::{DestinationReport, Report, VerdictId, WindowSummary},
@@ -30,7 +31,12 @@ impl Window {
     /// The `length` up to `end`.
     pub fn ending_at(end: SystemTime, length: Duration) -> Self {
         Window {
-            start: end.checked_sub(length).unwrap_or(SystemTime::UNIX_EPOCH),
+            // Never before the epoch: a window longer than the clock's age (`100y`) starts
+            // there, like one too long to subtract at all.
+            start: end
+                .checked_sub(length)
+                .filter(|start| *start >= SystemTime::UNIX_EPOCH)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
             end,
         }
     }
@@ -56,6 +62,8 @@ pub struct Judge {
     seen: Option<(SystemTime, SystemTime)>,
     events: u64,
     destinations: HashMap<Destination, DestinationEvidence>,
+    /// Connects to translated addresses by backend.
+    pools: Pools,
 }
 
 impl Judge {
@@ -66,6 +74,7 @@ impl Judge {
             seen: None,
             events: 0,
             destinations: HashMap::new(),
+            pools: Pools::default(),
         }
     }
 
@@ -80,6 +89,7 @@ impl Judge {
             None => (event.time, event.time),
             Some((a, b)) => (a.min(event.time), b.max(event.time)),
         });
+        self.pools.add(event);
         let key = Destination::of(event);
         self.destinations
             .entry(key)
@@ -118,7 +128,11 @@ impl Judge {
                 observed_seconds: None,
             },
             destinations: destinations.into_iter().map(|(_, d)| d).collect(),
-            groups: rules::pool_verdicts(&self.destinations),
+            groups: {
+                let mut groups = rules::pool_verdicts(&self.destinations);
+                groups.extend(self.pools.verdicts());
+                groups
+            },
         }
     }
 }

@@ -10,7 +10,9 @@ use super::processes::ProcessCounts;
 use super::rules::ratio;
 use crate::{
     destination::Destination,
-    event::{ConnectOutcome, Direction, Event, EventDetail, FailureReason, Phase, TcpState},
+    event::{
+        ConnectOutcome, Direction, Endpoint, Event, EventDetail, FailureReason, Phase, TcpState,
+    },
 };
 
 /// A connect that failed, reduced to what the verdicts need.
@@ -20,6 +22,8 @@ pub(super) struct FailedConnect {
     pub(super) reason: FailureReason,
     pub(super) syn_retransmits: u32,
     pub(super) waited_us: Option<u64>,
+    /// Where a DNAT on this host sent it, if one did.
+    pub(super) backend: Option<Endpoint>,
 }
 
 impl FailedConnect {
@@ -149,6 +153,7 @@ impl DestinationEvidence {
                             reason,
                             syn_retransmits: c.syn_retransmits,
                             waited_us: c.latency.map(|l| l.as_micros() as u64),
+                            backend: event.backend,
                         });
                     }
                 }

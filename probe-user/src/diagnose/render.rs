@@ -201,6 +201,26 @@ fn burst(b: &Burst) -> String {
     )
 }
 
+/// `, through backend 10.1.4.7:8080` or `, through backends A (2), B (1)`; empty when no
+/// failure was translated.
+fn backends(by_backend: &BTreeMap<String, u64>) -> String {
+    match by_backend.len() {
+        0 => String::new(),
+        1 => format!(
+            ", through backend {}",
+            by_backend.keys().next().expect("one")
+        ),
+        _ => format!(
+            ", through backends {}",
+            by_backend
+                .iter()
+                .map(|(b, n)| format!("{b} ({n})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
 fn pct(x: f64) -> String {
     format!("{:.1}%", x * 100.0)
 }
@@ -305,7 +325,7 @@ pub fn evidence_sentence(finding: &Finding) -> String {
         (
             f.matching,
             counted(f.attempts, "connect", "connects"),
-            errnos(&f.errnos),
+            errnos(&f.errnos) + &backends(&f.backends),
         )
     };
     match finding {
@@ -398,8 +418,12 @@ pub fn evidence_sentence(finding: &Finding) -> String {
                     .collect::<Vec<_>>()
                     .join(", ")
             };
+            let behind = match &e.figures.behind {
+                Some(address) => format!("behind {address}, backends "),
+                None => String::new(),
+            };
             format!(
-                "failing: {}; healthy: {}.",
+                "{behind}failing: {}; healthy: {}.",
                 names(&e.figures.failing),
                 names(&e.figures.healthy)
             )

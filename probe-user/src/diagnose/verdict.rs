@@ -167,6 +167,10 @@ pub struct FailureFigures {
     pub matching: u64,
     pub failure_ratio: f64,
     pub errnos: BTreeMap<String, u64>,
+    /// For a virtual (DNAT'd) destination: this verdict's failures by the backend their SYN
+    /// went to; absent when no failure was translated.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub backends: BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -237,6 +241,10 @@ pub struct PoolFigures {
     pub failing: Vec<PoolMember>,
     pub healthy: Vec<PoolMember>,
     pub members: u64,
+    /// The virtual address the members are backends of (DNAT on this host); absent for a pool
+    /// of destinations sharing a port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behind: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -38,6 +38,9 @@ pub enum DnsOutcome {
 /// One query and its answer or silence, seen from one side.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DnsExchange {
+    /// The agent's sequence number (one counter with the TCP events), given as the exchange is
+    /// handed to the log.
+    pub seq: u64,
     /// When the query was sent (client) or received (server).
     pub time: SystemTime,
     pub process: Option<Process>,
@@ -66,6 +69,7 @@ impl DnsExchange {
 pub struct DnsLine<'a> {
     #[serde(rename = "type")]
     pub kind: &'static str,
+    pub seq: u64,
     #[serde(with = "crate::schema::rfc3339_micros")]
     pub time: SystemTime,
     pub pid: Option<u32>,
@@ -103,6 +107,7 @@ impl<'a> From<&'a DnsExchange> for DnsLine<'a> {
         };
         DnsLine {
             kind: "dns",
+            seq: x.seq,
             time: x.time,
             pid: x.process.as_ref().map(|p| p.pid),
             comm: x
@@ -303,6 +308,7 @@ impl Tracker {
 
     fn finish(&self, key: Key, query: Pending, outcome: DnsOutcome) -> DnsExchange {
         DnsExchange {
+            seq: 0,
             time: self.clock.wall(query.mono_ns),
             process: query.process,
             side: key.side,

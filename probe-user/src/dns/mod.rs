@@ -322,7 +322,10 @@ fn hand_on(
     if out.is_empty() {
         return;
     }
-    let batch = std::mem::take(out);
+    let mut batch = std::mem::take(out);
+    for exchange in batch.iter_mut() {
+        exchange.seq = tally.next_seq();
+    }
     let Some(log) = log else { return };
     let lost = match log.try_send(LogBatch::Dns(batch)) {
         Ok(()) => return,

@@ -214,6 +214,7 @@ mod tests {
 
     fn exchange(name: &str, outcome: DnsOutcome, secs: u64) -> DnsExchange {
         DnsExchange {
+            seq: 0,
             time: SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
             process: None,
             side: Side::Client,

@@ -26,6 +26,7 @@ pub(crate) fn event(
     detail: EventDetail,
 ) -> Event {
     Event {
+        seq: 0,
         time,
         process: Some(Process {
             pid: 42,
@@ -35,6 +36,8 @@ pub(crate) fn event(
         src: src.parse().unwrap(),
         dst: dst.parse().unwrap(),
         detail,
+        workload: None,
+        backend: None,
     }
 }
 

@@ -47,7 +47,9 @@ impl LineFormatter {
     pub fn push(&mut self, event: &Event) {
         self.raw(b"{\"type\":\"");
         self.raw(event.kind().name().as_bytes());
-        self.raw(b"\",\"time\":\"");
+        self.raw(b"\",\"seq\":");
+        self.number(event.seq);
+        self.raw(b",\"time\":\"");
         self.time(event.time);
         self.raw(b"\",\"pid\":");
         match &event.process {
@@ -118,6 +120,26 @@ impl LineFormatter {
                 self.raw(b",\"segments_retransmitted\":");
                 self.number(c.segments_retransmitted);
             }
+        }
+        match &event.workload {
+            Some(w) => {
+                self.raw(b",\"cgroup\":");
+                self.string(&w.cgroup);
+                self.raw(b",\"container_id\":");
+                self.option_str(w.container_id.as_deref());
+                self.raw(b",\"pod_uid\":");
+                self.option_str(w.pod_uid.as_deref());
+            }
+            None => self.raw(b",\"cgroup\":null,\"container_id\":null,\"pod_uid\":null"),
+        }
+        match event.backend {
+            Some(b) => {
+                self.raw(b",\"backend_ip\":\"");
+                self.ip(b.ip());
+                self.raw(b"\",\"backend_port\":");
+                self.number(b.port());
+            }
+            None => self.raw(b",\"backend_ip\":null,\"backend_port\":null"),
         }
         self.raw(b"}\n");
     }
@@ -271,10 +293,11 @@ mod tests {
         assert_eq!(
             String::from_utf8_lossy(LineFormatter::new().format(&event)),
             concat!(
-                r#"{"type":"connect","time":"2026-11-18T11:06:40.123456Z","pid":4242,"comm":"curl","#,
+                r#"{"type":"connect","seq":0,"time":"2026-11-18T11:06:40.123456Z","pid":4242,"comm":"curl","#,
                 r#""side":"client","src_ip":"10.200.0.1","src_port":40000,"dst_ip":"10.200.0.2","#,
                 r#""dst_port":8081,"outcome":"failed","reason":"refused","errno":"ECONNREFUSED","#,
-                r#""latency_us":153,"syn_retransmits":0}"#,
+                r#""latency_us":153,"syn_retransmits":0,"cgroup":null,"container_id":null,"#,
+                r#""pod_uid":null,"backend_ip":null,"backend_port":null}"#,
                 "\n"
             )
         );
