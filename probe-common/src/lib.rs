@@ -25,6 +25,19 @@ pub const RECORDS_IN_STORAGE_GLOBAL: &str = "RECORDS_IN_STORAGE";
 /// Socket storage (`BPF_MAP_TYPE_SK_STORAGE`) holding a [`SocketRecord`] per followed socket.
 pub const SOCKET_STORAGE_MAP: &str = "SOCKET_STORAGE";
 
+/// Ring buffer carrying the DNS packets the cgroup_skb programs capture (see [`DnsPacket`]).
+pub const DNS_EVENTS_MAP: &str = "DNS_EVENTS";
+/// The global holding [`DnsPorts`], set before load.
+pub const DNS_PORTS_GLOBAL: &str = "DNS_PORTS";
+/// Size of the DNS ring buffer: 1 MiB holds ~1,700 packets.
+pub const DNS_RING_BYTES: u32 = 1 << 20;
+/// Bytes of a DNS packet's payload copied to the agent: the header and question of any query,
+/// and the answers of all but large responses (the rest is cut; see [`DnsPacket::payload_len`]).
+pub const DNS_PAYLOAD_BYTES: usize = 512;
+/// Ports the DNS programs watch at most (53 and up to seven `--dns-port`s).
+pub const MAX_DNS_PORTS: usize = 8;
+pub const IPPROTO_UDP: u8 = 17;
+
 /// Default ring buffer size: 4 MiB holds ~40,000 events, a few seconds of a connect storm.
 pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
 /// Default number of sockets followed at once (LRU: the least recently used is evicted).
@@ -120,9 +133,13 @@ pub enum Counter {
     ReadError = 6,
     /// [`TranslationEvent`]s the backend program tried to emit (delivered + lost).
     ProducedTranslation = 7,
+    /// DNS packets the cgroup_skb programs tried to hand over (delivered + lost).
+    ProducedDns = 8,
+    /// DNS packets lost because the DNS ring buffer was full.
+    LostDnsRingbuf = 9,
 }
 
-pub const COUNTER_SLOTS: u32 = 8;
+pub const COUNTER_SLOTS: u32 = 16;
 
 /// Flags in [`Owner::flags`].
 pub mod owner_flags {
@@ -383,7 +400,57 @@ pub struct KernelOffsets {
     pub has_reset_reason: u32,
 }
 
+/// The ports the DNS programs watch, set as a global before load: a packet to or from one of
+/// the first `count` of `ports` is copied to the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsPorts {
+    pub ports: [u16; MAX_DNS_PORTS],
+    pub count: u32,
+}
+
+/// Flags in [`DnsPacket::flags`].
+pub mod dns_flags {
+    /// `tgid` and `comm` are the process that sent the packet (egress, in its syscall).
+    pub const PROCESS_KNOWN: u8 = 1;
+    /// TCP: the segment carried FIN or RST (the connection is closing).
+    pub const TCP_CLOSING: u8 = 2;
+}
+
+/// One UDP datagram or TCP segment to or from a DNS port, as a socket on this host sent
+/// ([`direction::SENT`], cgroup egress) or received it ([`direction::RECEIVED`], cgroup
+/// ingress). Addresses are the packet's own: `src` sent it, `dst` receives it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DnsPacket {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub timestamp_ns: u64,
+    /// `bpf_get_socket_cookie()` of the socket that sent or receives it (0 when none).
+    pub socket_cookie: u64,
+    pub tgid: u32,
+    /// Bytes of DNS payload (after the UDP or TCP header) the packet carried; only the first
+    /// [`DNS_PAYLOAD_BYTES`] of them are in `payload`.
+    pub payload_len: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// A [`direction`] constant.
+    pub direction: u8,
+    /// [`IPPROTO_UDP`] or [`IPPROTO_TCP`] (as u8).
+    pub transport: u8,
+    /// [`dns_flags`].
+    pub flags: u8,
+    pub _pad: [u8; 7],
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub comm: [u8; COMM_LEN],
+    pub payload: [u8; DNS_PAYLOAD_BYTES],
+}
+
 const _: () = {
+    assert!(core::mem::size_of::<DnsPorts>() == 20);
+    assert!(core::mem::size_of::<DnsPacket>() == 88 + DNS_PAYLOAD_BYTES);
     assert!(core::mem::size_of::<EventHeader>() == 16);
     assert!(core::mem::size_of::<Endpoints>() == 40);
     assert!(core::mem::size_of::<Owner>() == 32);
@@ -407,4 +474,5 @@ mod pod {
     unsafe impl aya::Pod for SocketRecord {}
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for ListenerRecord {}
+    unsafe impl aya::Pod for DnsPorts {}
 }

@@ -8,6 +8,7 @@
 
 mod access;
 mod backend;
+mod dns;
 mod emit;
 mod empty;
 mod listeners;

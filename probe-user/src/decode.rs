@@ -199,6 +199,7 @@ fn decode(bytes: &[u8], clock: &Clock, reasons: &ResetReasons) -> Result<Record,
                 },
                 latency: start_known.then(|| Duration::from_nanos(raw.latency_ns)),
                 syn_retransmits: raw.syn_retransmits,
+                dst_name: None,
             });
             (raw.endpoints, raw.owner, detail)
         }

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod decode;
 pub mod destination;
 pub mod diagnose;
+pub mod dns;
 pub mod event;
 pub mod export;
 pub mod listeners;

@@ -10,8 +10,9 @@ use aya::{
     },
 };
 use probe_common::{
-    COUNTERS_MAP, EVENTS_MAP, KernelOffsets, LISTENERS_MAP, ListenerKey, ListenerRecord,
-    OFFSETS_GLOBAL, RECORDS_IN_STORAGE_GLOBAL, SOCKETS_MAP, WAKEUP_BYTES_GLOBAL,
+    COUNTERS_MAP, DNS_EVENTS_MAP, DNS_PORTS_GLOBAL, DnsPorts, EVENTS_MAP, KernelOffsets,
+    LISTENERS_MAP, ListenerKey, ListenerRecord, OFFSETS_GLOBAL, RECORDS_IN_STORAGE_GLOBAL,
+    SOCKETS_MAP, WAKEUP_BYTES_GLOBAL,
 };
 
 use crate::{
@@ -103,6 +104,8 @@ pub struct LoaderConfig {
     pub hooks: HookMode,
     pub ring_buffer_bytes: u32,
     pub max_sockets: u32,
+    /// The DNS ports to watch; `None` attaches no DNS programs (`--no-dns`).
+    pub dns_ports: Option<DnsPorts>,
 }
 
 /// The maps the agent reads, taken out of the object before the programs are attached.
@@ -114,6 +117,9 @@ pub struct KernelMaps {
     pub logger: aya_log::EbpfLogger<&'static dyn log::Log>,
     /// Names of this kernel's reset reasons, for the decoder (empty where the kernel has none).
     pub reset_reasons: ResetReasons,
+    /// The DNS packets' ring buffer (nothing arrives in it when the DNS programs are not
+    /// attached).
+    pub dns_events: RingBuf<MapData>,
 }
 
 /// Loaded and attached programs. Dropping this detaches every program.
@@ -122,6 +128,8 @@ pub struct Probes {
     pub plan: Vec<(Hook, Attachment)>,
     /// Features this kernel lacks, one sentence each, to report once at start.
     pub missing: Vec<String>,
+    /// How the DNS programs are attached, if they are (e.g. `cgroup_skb on /sys/fs/cgroup`).
+    pub dns: Option<String>,
 }
 
 /// Checks privileges and kernel support, loads the object and attaches every hook.
@@ -261,6 +269,11 @@ fn try_load(
         .override_global(OFFSETS_GLOBAL, &offsets, true)
         .override_global(WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
         .override_global(RECORDS_IN_STORAGE_GLOBAL, &u32::from(in_storage), true)
+        .override_global(
+            DNS_PORTS_GLOBAL,
+            &config.dns_ports.unwrap_or_default(),
+            true,
+        )
         .map_max_entries(EVENTS_MAP, config.ring_buffer_bytes)
         .map_max_entries(SOCKETS_MAP, config.max_sockets)
         .load(OBJECT)
@@ -275,6 +288,11 @@ fn try_load(
         .ok_or_else(|| LoadError::Missing(COUNTERS_MAP.into()))?;
     let counters =
         PerCpuArray::try_from(counters).map_err(|e| LoadError::Map(COUNTERS_MAP, Box::new(e)))?;
+    let dns_events = ebpf
+        .take_map(DNS_EVENTS_MAP)
+        .ok_or_else(|| LoadError::Missing(DNS_EVENTS_MAP.into()))?;
+    let dns_events =
+        RingBuf::try_from(dns_events).map_err(|e| LoadError::Map(DNS_EVENTS_MAP, Box::new(e)))?;
     let logger = aya_log::EbpfLogger::init(&mut ebpf).map_err(LoadError::Logger)?;
     add_existing_listeners(&mut ebpf)?;
     before_attach(KernelMaps {
@@ -282,6 +300,7 @@ fn try_load(
         counters,
         logger,
         reset_reasons,
+        dns_events,
     });
 
     let plan: Vec<(Hook, Attachment)> = plan
@@ -332,11 +351,82 @@ fn try_load(
     // Attached programs do not depend on the mount: a tracefs mounted here goes now, while the
     // agent still holds the capability to unmount it.
     drop(tracefs);
+    let dns = match config.dns_ports {
+        Some(_) if config.hooks != HookMode::Empty => match attach_dns(&mut ebpf) {
+            Ok(how) => Some(how),
+            Err(why) => {
+                missing.push(format!("DNS is not watched: {why}"));
+                None
+            }
+        },
+        _ => None,
+    };
     Ok(Probes {
         _ebpf: ebpf,
         plan,
         missing,
+        dns,
     })
+}
+
+/// The cgroup v2 hierarchy's mount point, from a `/proc/mounts` text.
+pub fn cgroup2_mount(mounts: &str) -> Option<&str> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then_some(dir)
+    })
+}
+
+/// Attaches the DNS programs to the root of the cgroup v2 hierarchy, where they see the packets
+/// of every socket on the host, in every network namespace. Egress names the sending process
+/// where the kernel lets cgroup_skb programs ask (Linux 6.10 and later), and goes without it
+/// elsewhere. Any failure is one sentence: DNS alone goes missing.
+fn attach_dns(ebpf: &mut Ebpf) -> Result<String, String> {
+    if let Some(note) = privileges::dns_attach_note() {
+        return Err(note);
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts")
+        .map_err(|e| format!("cannot read /proc/mounts ({e})"))?;
+    let root = cgroup2_mount(&mounts)
+        .ok_or("no cgroup v2 hierarchy is mounted (cgroup_skb programs attach to one)")?
+        .to_owned();
+    let cgroup = std::fs::File::open(&root).map_err(|e| format!("cannot open {root} ({e})"))?;
+    let attach = |ebpf: &mut Ebpf, name: &str, kind: CgroupSkbAttachType| {
+        let prog: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("the eBPF object has no {name}"))?
+            .try_into()
+            .map_err(|e| format!("{name}: {e}"))?;
+        prog.load().map_err(|e| {
+            let full = e.to_string();
+            tracing::debug!("loading {name}: {full}");
+            // The verifier's log goes to the debug log; the sentence keeps its first line.
+            let short = full.split(". Verifier output").next().unwrap_or(&full);
+            format!("the kernel refused {name} ({short})")
+        })?;
+        // A bpf_link (Linux 5.7+, what aya uses there) takes no attach flags and always shares
+        // the cgroup with other programs: `Single` passes none. (Multiple would be EINVAL.)
+        prog.attach(&cgroup, kind, CgroupAttachMode::Single)
+            .map_err(|e| {
+                let cause = std::error::Error::source(&e).map(|s| format!(": {s}"));
+                format!(
+                    "cannot attach {name} to {root} ({e}{})",
+                    cause.unwrap_or_default()
+                )
+            })?;
+        Ok::<_, String>(())
+    };
+    attach(ebpf, "dns_ingress", CgroupSkbAttachType::Ingress)?;
+    let egress = match attach(ebpf, "dns_egress", CgroupSkbAttachType::Egress) {
+        Ok(()) => "dns_egress",
+        Err(e) => {
+            tracing::debug!("{e}; trying the egress program without the sending process");
+            attach(ebpf, "dns_egress_anonymous", CgroupSkbAttachType::Egress)?;
+            "dns_egress_anonymous"
+        }
+    };
+    Ok(format!("cgroup_skb dns_ingress+{egress} on {root}"))
 }
 
 /// The program that reports where a DNAT sent each connect's SYN (probe-ebpf `backend`), on
@@ -449,4 +539,21 @@ pub fn read_counter(counters: &PerCpuArray<MapData, u64>, counter: probe_common:
         .get(&(counter as u32), 0)
         .map(|per_cpu| per_cpu.iter().sum())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cgroup_v2_mount_is_found_in_a_hybrid_layout() {
+        let mounts = "tmpfs /sys/fs/cgroup tmpfs ro,nosuid 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nosuid 0 0\n\
+                      cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n";
+        assert_eq!(cgroup2_mount(mounts), Some("/sys/fs/cgroup/unified"));
+        assert_eq!(
+            cgroup2_mount("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"),
+            None
+        );
+    }
 }

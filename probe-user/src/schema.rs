@@ -71,6 +71,9 @@ pub struct ConnectFields {
     pub latency_us: Option<u64>,
     #[serde(default)]
     pub syn_retransmits: u32,
+    /// The name a recent DNS answer gave for `dst_ip`; absent when none is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_name: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -172,6 +175,7 @@ impl From<&Event> for LogLine {
                     errno,
                     latency_us: c.latency.map(|d| d.as_micros() as u64),
                     syn_retransmits: c.syn_retransmits,
+                    dst_name: c.dst_name.as_deref().map(str::to_owned),
                 }))
             }
             EventDetail::Retransmit(r) => LogLine::Retransmit(line.with(RetransmitFields {
@@ -245,6 +249,7 @@ impl TryFrom<LogLine> for Event {
                     outcome,
                     latency: f.latency_us.map(Duration::from_micros),
                     syn_retransmits: f.syn_retransmits,
+                    dst_name: f.dst_name.as_deref().map(Into::into),
                 });
                 l.event(detail)
             }
@@ -292,7 +297,7 @@ impl<'de> Deserialize<'de> for Event {
 }
 
 /// Times as RFC 3339 UTC with microseconds (`2026-11-30T05:15:03.568555Z`).
-mod rfc3339_micros {
+pub(crate) mod rfc3339_micros {
     use std::time::SystemTime;
 
     use serde::{Deserialize, Deserializer, Serializer};
@@ -320,8 +325,13 @@ pub(crate) mod tests {
         let t = SystemTime::UNIX_EPOCH
             + Duration::from_secs(1_795_000_000)
             + Duration::from_micros(123_456);
+        let mut named = testing::established(87);
+        if let EventDetail::Connect(c) = &mut named {
+            c.dst_name = Some("api.lab.test".into());
+        }
         let mut events = vec![
             testing::client("10.200.0.2:8081", t, testing::established(87)),
+            testing::client("10.200.0.2:8081", t, named),
             testing::client(
                 "10.200.0.2:8081",
                 t,

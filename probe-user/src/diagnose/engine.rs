@@ -152,6 +152,7 @@ fn judge_destination(key: &Destination, ev: &DestinationEvidence) -> Destination
         verdicts: rules::destination_verdicts(key, ev),
         destination: key.addr.to_string(),
         side: key.side_name().map(str::to_string),
+        name: ev.name.as_deref().map(str::to_owned),
     }
 }
 

@@ -73,6 +73,8 @@ pub(super) struct DestinationEvidence {
     pub(super) resets_sent_by_reason: BTreeMap<String, u64>,
     /// The owners of its events (retransmits included): who serves it or who connects to it.
     pub(super) processes: ProcessCounts,
+    /// The name the most recent connect's DNS answer gave (`dst_name`), if any.
+    pub(super) name: Option<std::sync::Arc<str>>,
 }
 
 impl DestinationEvidence {
@@ -102,6 +104,7 @@ impl DestinationEvidence {
             resets_received_by_state: BTreeMap::new(),
             resets_sent: Vec::new(),
             resets_sent_socketless: 0,
+            name: None,
             resets_sent_by_state: BTreeMap::new(),
             resets_sent_by_reason: BTreeMap::new(),
             processes: ProcessCounts::default(),
@@ -121,6 +124,9 @@ impl DestinationEvidence {
             EventDetail::Connect(c) => {
                 self.events += 1;
                 self.attempts += 1;
+                if c.dst_name.is_some() {
+                    self.name = c.dst_name.clone();
+                }
                 // A connect was under way from its SYN.
                 if let Some(started) = c.latency.and_then(|l| event.time.checked_sub(l)) {
                     self.first = self.first.min(truncate_to_millis(started));

@@ -135,7 +135,7 @@ fn ms(us: u64) -> f64 {
     round(us as f64 / 1000.0, 3)
 }
 
-fn verdict(
+pub(crate) fn verdict(
     finding: Finding,
     confidence: f64,
     episodes: &[Episode],
@@ -190,7 +190,7 @@ fn failure_verdict(
     ))
 }
 
-fn instants(times: &[SystemTime]) -> Vec<Episode> {
+pub(crate) fn instants(times: &[SystemTime]) -> Vec<Episode> {
     times.iter().copied().map(Episode::at).collect()
 }
 

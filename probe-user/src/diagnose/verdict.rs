@@ -49,6 +49,10 @@ pub struct DestinationReport {
     pub destination: String,
     /// `client`, `server`, or null when the kernel did not say.
     pub side: Option<String>,
+    /// The name a DNS answer gave for a client destination's address (its connects'
+    /// `dst_name`, the most recent); absent when none is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Ranked, most likely first.
     pub verdicts: Vec<Verdict>,
 }
@@ -94,6 +98,12 @@ pub enum Finding {
     LocalResets(Evidence<LocalResetsFigures>),
     SlowHandshakes(Evidence<SlowHandshakeFigures>),
     PoolPartialFailure(Evidence<PoolFigures>),
+    /// A resolver (`ip:53`, client side) left queries unanswered.
+    DnsTimeout(Evidence<DnsFigures>),
+    /// A resolver answered SERVFAIL.
+    DnsServfail(Evidence<DnsFigures>),
+    /// A resolver answered REFUSED.
+    DnsRefused(Evidence<DnsFigures>),
     Healthy(Evidence<Figures>),
     NotEnoughData(Evidence<NotEnoughDataFigures>),
 }
@@ -124,6 +134,28 @@ pub struct ProcessEvidence {
     pub pid: u32,
     pub comm: String,
     pub events: u64,
+}
+
+/// What a DNS verdict rests on: the resolver's queries in the window, those that ended this
+/// verdict's way, and the names behind them (names are evidence, never labels).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DnsFigures {
+    pub queries: u64,
+    pub matching: u64,
+    /// `matching` / `queries`.
+    pub share: f64,
+    /// The names with the most matching queries, most first (at most 5).
+    pub names: Vec<NameCount>,
+    /// NXDOMAIN answers in the window: no verdict on their own (search-domain expansion makes
+    /// them normal), listed for context.
+    pub nxdomain: u64,
+    pub nxdomain_names: Vec<NameCount>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameCount {
+    pub name: String,
+    pub queries: u64,
 }
 
 /// What every connect-failure verdict (refused, blackhole, unreachable) rests on.
@@ -257,6 +289,7 @@ impl Finding {
             Finding::LocalResets(e) => &e.owners,
             Finding::SlowHandshakes(e) => &e.owners,
             Finding::PoolPartialFailure(e) => &e.owners,
+            Finding::DnsTimeout(e) | Finding::DnsServfail(e) | Finding::DnsRefused(e) => &e.owners,
             Finding::Healthy(e) => &e.owners,
             Finding::NotEnoughData(e) => &e.owners,
         }
@@ -281,6 +314,9 @@ impl VerdictId {
             VerdictId::LocalResets => "local-reset",
             VerdictId::SlowHandshakes => "slow",
             VerdictId::PoolPartialFailure => "pool",
+            VerdictId::DnsTimeout => "dns-timeout",
+            VerdictId::DnsServfail => "dns-servfail",
+            VerdictId::DnsRefused => "dns-refused",
             VerdictId::Healthy => "healthy",
             VerdictId::NotEnoughData => "unclear",
         }

@@ -83,6 +83,9 @@ pub struct Connect {
     /// failed), on the side that started it and where its start was seen.
     pub latency: Option<Duration>,
     pub syn_retransmits: u32,
+    /// The name a recent DNS answer gave for the destination's address (client side, where
+    /// DNS is watched): the join of a connect with the name the application asked for.
+    pub dst_name: Option<Arc<str>>,
 }
 
 /// How a connect ended; the log's `outcome` ([`Outcome`]) is derived from it.

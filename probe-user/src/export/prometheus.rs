@@ -245,6 +245,13 @@ impl PrometheusExporter {
         PrometheusExporter { registry }
     }
 
+    /// Adds a collector of another part of the agent (DNS) to the same registry.
+    pub fn register(&self, collector: Box<dyn Collector>) {
+        self.registry
+            .register(collector)
+            .expect("each collector is registered once, with its own families");
+    }
+
     /// Every metric in the text exposition format 0.0.4.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);

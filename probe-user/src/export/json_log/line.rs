@@ -87,6 +87,10 @@ impl LineFormatter {
                 self.option_number(c.latency.map(|d| d.as_micros() as u64));
                 self.raw(b",\"syn_retransmits\":");
                 self.number(c.syn_retransmits);
+                if let Some(name) = &c.dst_name {
+                    self.raw(b",\"dst_name\":");
+                    self.string(name);
+                }
             }
             EventDetail::Retransmit(r) => {
                 self.raw(b",\"phase\":\"");
@@ -143,6 +147,11 @@ impl LineFormatter {
     /// The lines pushed since the last [`Self::clear`].
     pub fn buffered(&self) -> &[u8] {
         &self.line
+    }
+
+    /// Appends a line made elsewhere (a `dns` line, through serde).
+    pub fn push_line(&mut self, line: &[u8]) {
+        self.line.extend_from_slice(line);
     }
 
     pub fn clear(&mut self) {
