@@ -353,7 +353,16 @@ fn try_load(
     drop(tracefs);
     let dns = match config.dns_ports {
         Some(_) if config.hooks != HookMode::Empty => match attach_dns(&mut ebpf) {
-            Ok(how) => Some(how),
+            Ok(how) => {
+                if how.contains("dns_egress_anonymous") {
+                    missing.push(
+                        "DNS queries sent over UDP name no process: cgroup_skb programs may ask \
+                         for the current task from Linux 6.10 on (their pid and comm stay null)"
+                            .into(),
+                    );
+                }
+                Some(how)
+            }
             Err(why) => {
                 missing.push(format!("DNS is not watched: {why}"));
                 None

@@ -112,6 +112,13 @@ pub const GUEST_TESTS: &[GuestTests] = &[
         skip: &[],
         what: "the backend behind a DNAT'd address, its metrics and verdicts (about a minute)",
     },
+    // Before 6.10 the egress program runs without the sending process: what differs is checked.
+    GuestTests {
+        file: "dns",
+        only: &[],
+        skip: &[],
+        what: "DNS over UDP and TCP: answers, silences, rcodes, the name behind a connect (about a minute emulated)",
+    },
 ];
 
 /// A guest that runs longer than this is killed and its step fails.
