@@ -7,6 +7,8 @@
 #![no_main]
 
 mod access;
+mod connects;
+mod drops;
 mod emit;
 mod empty;
 mod listeners;
