@@ -34,6 +34,7 @@ use crate::{
     loader::{self, KernelMaps, LoaderConfig, read_counter},
     privileges,
     reader::{BATCH, spawn_program_log, spawn_reader},
+    samplers::Samplers,
     tally::{KernelCounts, LossStage, Tally},
 };
 
@@ -48,6 +49,7 @@ fn kernel_counts(counters: &PerCpuArray<MapData, u64>) -> KernelCounts {
             Counter::ProducedRetransmit,
             Counter::ProducedReset,
             Counter::ProducedClose,
+            Counter::ProducedDrop,
         ]
         .map(|c| read_counter(counters, c))
         .iter()
@@ -68,8 +70,9 @@ fn trigger_config(args: &RunArgs) -> Option<TriggerConfig> {
     })
 }
 
-/// Every batch the reader decodes goes to the aggregator, the flight recorder and the JSON
-/// log's queue (losses at the queue or past a failed writer are counted in the tally).
+/// Every batch the reader decodes (and every one the samplers make) goes to the aggregator, the
+/// flight recorder and the JSON log's queue (losses at the queue or past a failed writer are
+/// counted in the tally).
 fn consumer(
     aggregator: Arc<Mutex<Aggregator>>,
     recorder: Arc<Mutex<FlightRecorder>>,
@@ -156,9 +159,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         hooks: args.hooks,
         ring_buffer_bytes: args.ring_buffer_bytes,
         max_sockets: args.max_sockets,
+        drops: !args.no_drops,
     };
     let mut readers = Vec::new();
     let mut counters = None;
+    let mut samplers = None;
     let probes = tokio::task::block_in_place(|| {
         loader::load_and_attach(&config, |maps: KernelMaps| {
             let (stop_tx, stop_rx) = watch::channel(false);
@@ -176,6 +181,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     Decoder {
                         clock,
                         reset_reasons: maps.reset_reasons,
+                        drop_reasons: maps.drop_reasons.clone(),
                     },
                     tally.clone(),
                     consume,
@@ -183,8 +189,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 ),
             ));
             counters = Some(maps.counters);
+            samplers = Some(Samplers::new(
+                maps.drop_counts,
+                maps.listeners,
+                maps.drop_reasons,
+            ));
         })
     })?;
+    // The samplers' events go the same way as the reader's; the empty programs of the
+    // benchmark's floor count nothing.
+    let mut sampled = samplers.filter(|_| args.hooks != HookMode::Empty).map(|s| {
+        let consume = consumer(
+            aggregator.clone(),
+            recorder.clone(),
+            log_tx.clone(),
+            tally.clone(),
+        );
+        (s, consume)
+    });
     drop(log_tx);
     // Readers of a failed first attempt (before a fallback) watch maps nothing writes to.
     let (stop_reader, mut reader) = readers.pop().context("the loader started no reader")?;
@@ -251,6 +273,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 break Stop::ReaderFailed(err);
             }
             _ = housekeeping.tick() => {
+                if let Some((samplers, consume)) = &mut sampled {
+                    consume(&mut samplers.sample(SystemTime::now()));
+                }
                 tally.set_kernel(kernel_counts(&counters));
                 aggregator
                     .lock()
@@ -273,13 +298,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Stop::ReaderFailed(_) => {}
     }
 
-    // Detach first so that nothing new arrives, then drain what the kernel already wrote.
+    // Detach first so that nothing new arrives, then drain what the kernel already wrote, and
+    // take the counts one last time.
     drop(probes);
     let _ = stop_reader.send(true);
     let reader_result = match stop {
         Stop::ReaderFailed(e) => Err(e),
         _ => reader.await.context("the ring buffer reader panicked")?,
     };
+    if let Some((mut samplers, mut consume)) = sampled.take() {
+        consume(&mut samplers.sample(SystemTime::now()));
+    }
     if let Some(handle) = log_thread {
         let _ = tokio::task::spawn_blocking(move || handle.join()).await;
     }

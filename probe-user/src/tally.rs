@@ -1,5 +1,7 @@
-//! What the pipeline counted, in one plain place: events delivered by kind, produced in the
-//! kernel, lost by stage, undecodable records, failed kernel reads. The reader, the log writer
+//! What the pipeline counted, in one plain place: events delivered from the kernel by kind,
+//! produced in the kernel, lost by stage, undecodable records, failed kernel reads. (The events
+//! the agent makes from counters it reads, `samplers`, are not the ring buffer's and are not
+//! counted here.) The reader, the log writer
 //! and the pipeline (from the kernel's per-CPU counters) write it; the stderr tally line,
 //! `/metrics` and `/diagnose` read it. Atomics: no writer waits for a reader.
 use std::{
@@ -99,6 +101,7 @@ impl Tally {
     pub fn line(&self) -> String {
         let kinds = EventKind::VARIANTS
             .iter()
+            .filter(|k| k.from_kernel())
             .map(|k| format!("{}={}", k.name(), self.delivered(*k)))
             .collect::<Vec<_>>()
             .join(" ");
@@ -128,7 +131,7 @@ mod tests {
         tally.add_lost(LossStage::Queue, 2);
         let line = tally.line();
         assert!(
-            line.contains("connect=1 retransmit=0 reset=0 close=0"),
+            line.contains("connect=1 retransmit=0 reset=0 close=0 drop=0;"),
             "{line}"
         );
         assert!(
