@@ -14,10 +14,14 @@
 //! as attempts: a failure ratio means "of the connects made, how many failed", and with both
 //! ends on one host (loopback, the lab) each connection would count twice.
 //!
-//! **Admission.** At most `max_destinations` destinations have a slot. A new destination takes
-//! a free slot; one idle for `destination_idle` (by event time against the `now` passed to
+//! **Admission.** At most `max_destinations` destinations have a label. A new destination takes
+//! a free one; one idle for `destination_idle` (by event time against the `now` passed to
 //! [`Aggregator::expire_idle`]) frees it, and its series go with it, so its counters restart if
-//! it returns. A tenth of the slots (rounded down) are kept for destinations whose event is a
+//! it returns. Its windows do not: the last 1 and 5 minutes are history, not series, so a
+//! destination that gave up its label keeps them (in a slot without a label, at most
+//! `max_destinations` of those, the longest idle reused first) until they have aged out, and
+//! the table, `top` and the triggers still see the traffic it had; if it returns, its windows
+//! carry on. A tenth of the slots (rounded down) are kept for destinations whose event is a
 //! failed connect, so a failing destination that appears after healthy ones filled the table
 //! still gets a label. Everything else is counted under `destination="other"` (one extra label
 //! value, outside the cap). `connprobe_destinations_folded_total` counts each distinct
@@ -36,7 +40,7 @@ use std::{
 
 use crate::{
     destination::Destination,
-    event::{Comm, ConnectOutcome, Direction, Endpoint, Event, EventDetail, Side},
+    event::{Comm, ConnectOutcome, Direction, Endpoint, Event, EventDetail, Phase, Side},
 };
 
 pub mod folded;
@@ -44,7 +48,7 @@ pub mod series;
 pub mod window;
 
 pub use series::{CONNECT_DURATION_BUCKETS, DurationHistogram, Series, SideLabel};
-pub use window::{BUCKET, Counts, LatencyHistogram, LatencyPercentiles, WindowStats};
+pub use window::{BUCKET, Counts, LatencyHistogram, LatencyPercentiles, WindowStats, covered};
 
 use folded::FoldedSet;
 use window::Ring;
@@ -54,8 +58,10 @@ pub const OTHER: &str = "other";
 /// The `comm` label when the owning process is unknown (with `by_comm`).
 pub const UNKNOWN_COMM: &str = "unknown";
 /// Buckets in the 1-minute and 5-minute windows.
-const BUCKETS_1M: usize = 6;
-const BUCKETS_5M: usize = 30;
+pub const BUCKETS_1M: usize = 6;
+pub const BUCKETS_5M: usize = 30;
+/// How long windows remember: past this, an unlabelled slot holds nothing.
+const HISTORY: Duration = Duration::from_secs(BUCKET.as_secs() * BUCKETS_5M as u64);
 
 /// The hasher of the slot index (one lookup per event) and of folded fingerprints: foldhash,
 /// a few times faster than SipHash on these small keys, and randomly seeded per process.
@@ -79,11 +85,22 @@ struct SlotKey {
     comm: Option<Comm>,
 }
 
-/// One destination with a label (or the fold, `other`). Slots are reused, with their window
-/// buffers, so a warm aggregator does not allocate for a new destination.
+/// What a slot holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    /// A destination with its label: its series are exported.
+    Labelled,
+    /// A destination that gave up its label when idle: only its windows are kept, until they
+    /// age out or the slot is needed.
+    Unlabelled,
+}
+
+/// One destination (or the fold, `other`). Slots are reused, with their window buffers, so a
+/// warm aggregator does not allocate for a new destination.
 struct Slot {
     key: SlotKey,
-    live: bool,
+    state: SlotState,
     last_seen: SystemTime,
     /// The side of its latest connect attempt (client, or unknown).
     attempts_side: Option<Side>,
@@ -99,7 +116,7 @@ impl Slot {
                 addr: Endpoint::new([0, 0, 0, 0].into(), 0),
                 comm: None,
             },
-            live: false,
+            state: SlotState::Free,
             last_seen: SystemTime::UNIX_EPOCH,
             attempts_side: None,
             life: Counts::default(),
@@ -111,12 +128,22 @@ impl Slot {
     /// Starts the slot over for `key`.
     fn assign(&mut self, key: SlotKey, time: SystemTime) {
         self.key = key;
-        self.live = true;
+        self.ring.clear();
         self.last_seen = time;
+        self.label(time);
+    }
+
+    /// Gives the slot's destination a label, with its series from zero; its windows stay.
+    fn label(&mut self, time: SystemTime) {
+        self.state = SlotState::Labelled;
+        self.last_seen = self.last_seen.max(time);
         self.attempts_side = None;
         self.life = Counts::default();
         self.series = Series::default();
-        self.ring.clear();
+    }
+
+    fn labelled(&self) -> bool {
+        self.state == SlotState::Labelled
     }
 
     fn apply(&mut self, event: &Event, destination: Destination) {
@@ -161,10 +188,16 @@ impl Slot {
             }
             EventDetail::Retransmit(rt) => {
                 let segments = u64::from(rt.segments);
-                series.retransmits(side, rt.state.phase(), segments);
-                life.retransmitted_segments += segments;
-                self.ring
-                    .update(event.time, |w, _| w.retransmitted_segments += segments);
+                let phase = rt.state.phase();
+                series.retransmits(side, phase, segments);
+                let count = |w: &mut Counts| {
+                    w.retransmitted_segments += segments;
+                    if phase == Phase::Syn {
+                        w.syn_retransmitted_segments += segments;
+                    }
+                };
+                count(life);
+                self.ring.update(event.time, |w, _| count(w));
             }
             EventDetail::Reset(rs) => {
                 series.reset(side, rs.direction);
@@ -202,14 +235,31 @@ impl Slot {
         }
     }
 
-    fn summary(&self, now: SystemTime, by_comm: bool, is_other: bool) -> DestinationSummary {
-        let comm = by_comm.then(|| match (is_other, self.key.comm) {
+    fn comm_label(&self, by_comm: bool, is_other: bool) -> Option<String> {
+        by_comm.then(|| match (is_other, self.key.comm) {
             (true, _) => OTHER.to_string(),
             (false, Some(comm)) => comm.to_string_lossy().into_owned(),
             (false, None) => UNKNOWN_COMM.to_string(),
-        });
+        })
+    }
+
+    /// What [`DestinationSummary::label`] says of this slot.
+    fn summary_label(&self, by_comm: bool, is_other: bool) -> String {
+        let mut label = match is_other {
+            true => OTHER.to_string(),
+            false => self.key.addr.to_string(),
+        };
+        if let Some(comm) = self.comm_label(by_comm, is_other) {
+            let _ = write!(label, " ({comm})");
+        }
+        label
+    }
+
+    fn summary(&self, now: SystemTime, by_comm: bool, is_other: bool) -> DestinationSummary {
+        let comm = self.comm_label(by_comm, is_other);
         DestinationSummary {
             destination: (!is_other).then_some(self.key.addr),
+            labelled: self.labelled(),
             comm,
             attempts_side: self.attempts_side,
             last_seen: self.last_seen,
@@ -226,13 +276,16 @@ impl Slot {
 pub struct DestinationSummary {
     /// `None` for the fold, `destination="other"`.
     pub destination: Option<Endpoint>,
+    /// Whether it has its label now (and series in `/metrics`); false for one that gave up its
+    /// label when idle but still has events in its windows.
+    pub labelled: bool,
     /// The `comm` label, with `--by-comm` only.
     pub comm: Option<String>,
     /// The side its connect attempts were made from (client, or unknown).
     pub attempts_side: Option<Side>,
     /// The latest event time seen.
     pub last_seen: SystemTime,
-    /// Since the destination got its slot.
+    /// Since the destination got its label.
     pub lifetime: Counts,
     /// The same lifetime counts by the labels of its Prometheus series.
     pub series: Series,
@@ -298,8 +351,10 @@ impl DestinationSummary {
 /// The aggregator's state at one moment, for the exporters.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Snapshot {
-    /// Every destination with a slot, and `other` if anything is folded, worst first
-    /// ([`DestinationSummary::worst_first`]); windows end at the snapshot's time.
+    /// Every destination with a label, and `other` if anything is folded, then those without a
+    /// label whose last five minutes hold events, all worst first
+    /// ([`DestinationSummary::worst_first`]); windows end at the snapshot's time. `/metrics`
+    /// reads the labelled ones, the windowed views all of them.
     pub destinations: Vec<DestinationSummary>,
     /// Whether slots are per (destination, process name).
     pub by_comm: bool,
@@ -327,9 +382,12 @@ pub struct ConntrackTotals {
 pub struct Aggregator {
     config: AggregatorConfig,
     reserve: usize,
+    /// Labelled and unlabelled slots by key.
     index: HashMap<SlotKey, usize, Hasher>,
     slots: Vec<Slot>,
     free: Vec<usize>,
+    /// Slots with a label.
+    labelled: usize,
     other: Slot,
     folded: FoldedSet,
     folded_total: u64,
@@ -348,6 +406,7 @@ impl Aggregator {
             ),
             slots: Vec::new(),
             free: Vec::new(),
+            labelled: 0,
             other: Slot::new(),
             folded: FoldedSet::new(folded::CAPACITY),
             folded_total: 0,
@@ -379,27 +438,38 @@ impl Aggregator {
             addr: destination.addr,
             comm,
         };
-        let slot = match self.index.get(&key) {
-            Some(&i) => &mut self.slots[i],
-            None => match self.admit(key, event, destination) {
-                Some(i) => &mut self.slots[i],
-                None => {
-                    let fingerprint = self.fingerprints.hash_one(key);
-                    if self.folded.note(fingerprint, event.time) {
-                        self.folded_total += 1;
-                    }
-                    if !self.other.live {
-                        self.other.assign(key, event.time);
-                    }
-                    &mut self.other
+        let known = self.index.get(&key).copied();
+        let slot = match known {
+            Some(i) if self.slots[i].labelled() => Some(i),
+            _ => self.admit(key, known, event, destination),
+        };
+        let slot = match slot {
+            Some(i) => &mut self.slots[i],
+            None => {
+                let fingerprint = self.fingerprints.hash_one(key);
+                if self.folded.note(fingerprint, event.time) {
+                    self.folded_total += 1;
                 }
-            },
+                if !self.other.labelled() {
+                    // The fold's windows carry on, like any destination's.
+                    self.other.key = key;
+                    self.other.label(event.time);
+                }
+                &mut self.other
+            }
         };
         slot.apply(event, destination);
     }
 
-    /// Gives `key` a slot if the policy allows it.
-    fn admit(&mut self, key: SlotKey, event: &Event, destination: Destination) -> Option<usize> {
+    /// Gives `key` a label if the policy allows it: back in the slot that kept its windows
+    /// (`known`), or in a new one.
+    fn admit(
+        &mut self,
+        key: SlotKey,
+        known: Option<usize>,
+        event: &Event,
+        destination: Destination,
+    ) -> Option<usize> {
         let max = self.config.max_destinations;
         let failed_connect = !destination.is_server()
             && matches!(
@@ -411,58 +481,99 @@ impl Aggregator {
         } else {
             max - self.reserve
         };
-        if self.index.len() >= limit {
+        if self.labelled >= limit {
             return None;
         }
-        let i = match self.free.pop() {
-            Some(i) => i,
+        let i = match known {
+            Some(i) => {
+                self.slots[i].label(event.time);
+                i
+            }
             None => {
-                self.slots.push(Slot::new());
-                self.slots.len() - 1
+                let i = self.vacant_slot();
+                self.slots[i].assign(key, event.time);
+                self.index.insert(key, i);
+                i
             }
         };
-        self.slots[i].assign(key, event.time);
-        self.index.insert(key, i);
+        self.labelled += 1;
         if !self.folded.is_empty() {
             self.folded.forget(self.fingerprints.hash_one(key));
         }
         Some(i)
     }
 
-    /// Frees the slot of every destination whose last event is `destination_idle` or more
-    /// before `now`; `other` goes the same way. Call about once a second.
+    /// A slot for a new destination: a free one, a new one while there are fewer than twice
+    /// `max_destinations`, else the unlabelled one idle the longest (its windows are lost).
+    fn vacant_slot(&mut self) -> usize {
+        if let Some(i) = self.free.pop() {
+            return i;
+        }
+        if self.slots.len() < 2 * self.config.max_destinations.max(1) {
+            self.slots.push(Slot::new());
+            return self.slots.len() - 1;
+        }
+        // Labels are at most max_destinations, so at least as many slots are unlabelled.
+        let i = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state == SlotState::Unlabelled)
+            .min_by_key(|(_, s)| s.last_seen)
+            .map(|(i, _)| i)
+            .expect("half the slots are without a label");
+        let old = self.slots[i].key;
+        self.index.remove(&old);
+        self.slots[i].state = SlotState::Free;
+        i
+    }
+
+    /// Takes the label of every destination whose last event is `destination_idle` or more
+    /// before `now` (`other` goes the same way); frees the slots whose windows hold nothing
+    /// any more. Call about once a second.
     pub fn expire_idle(&mut self, now: SystemTime) {
         let idle = self.config.destination_idle;
-        let expired = |last: SystemTime| now.duration_since(last).is_ok_and(|d| d >= idle);
+        let older =
+            |last: SystemTime, age: Duration| now.duration_since(last).is_ok_and(|d| d >= age);
         for (i, slot) in self.slots.iter_mut().enumerate() {
-            if slot.live && expired(slot.last_seen) {
-                slot.live = false;
+            if slot.state == SlotState::Labelled && older(slot.last_seen, idle) {
+                slot.state = SlotState::Unlabelled;
+                self.labelled -= 1;
+            }
+            if slot.state == SlotState::Unlabelled && older(slot.last_seen, HISTORY) {
+                slot.state = SlotState::Free;
                 self.index.remove(&slot.key);
                 self.free.push(i);
             }
         }
-        if self.other.live && expired(self.other.last_seen) {
-            self.other.live = false;
+        if self.other.labelled() && older(self.other.last_seen, idle) {
+            self.other.state = SlotState::Unlabelled;
         }
         self.folded.expire(now, idle);
     }
 
     /// Destinations with their own label now.
     pub fn tracked(&self) -> usize {
-        self.index.len()
+        self.labelled
     }
 
     /// The state of every destination, windows ending at `now`.
     pub fn snapshot(&self, now: SystemTime) -> Snapshot {
         let by_comm = self.config.by_comm;
+        // Unlabelled ones only while their windows hold something.
+        let shown = |s: &DestinationSummary| s.labelled || s.last_5m.counts != Counts::default();
         let mut destinations: Vec<_> = self
             .slots
             .iter()
-            .filter(|s| s.live)
+            .filter(|s| s.state != SlotState::Free)
             .map(|s| s.summary(now, by_comm, false))
+            .filter(shown)
             .collect();
-        if self.other.live {
-            destinations.push(self.other.summary(now, by_comm, true));
+        if self.other.state != SlotState::Free {
+            let other = self.other.summary(now, by_comm, true);
+            if shown(&other) {
+                destinations.push(other);
+            }
         }
         destinations.sort_by(DestinationSummary::worst_first);
         Snapshot {
@@ -472,6 +583,28 @@ impl Aggregator {
             folded_total: self.folded_total,
             conntrack: self.conntrack,
         }
+    }
+
+    /// The handshake latencies over the last `buckets` buckets up to `now` of the destination
+    /// `label` ([`DestinationSummary::label`]: its address, `other`, with ` (comm)` under
+    /// `--by-comm`); `None` when no slot holds it.
+    pub fn latency_histogram(
+        &self,
+        label: &str,
+        now: SystemTime,
+        buckets: usize,
+    ) -> Option<LatencyHistogram> {
+        let by_comm = self.config.by_comm;
+        let holds = |s: &Slot, is_other: bool| {
+            s.state != SlotState::Free && s.summary_label(by_comm, is_other) == label
+        };
+        if holds(&self.other, true) {
+            return Some(self.other.ring.latency(now, buckets));
+        }
+        self.slots
+            .iter()
+            .find(|s| holds(s, false))
+            .map(|s| s.ring.latency(now, buckets))
     }
 
     /// The destinations of [`Aggregator::snapshot`].

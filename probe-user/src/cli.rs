@@ -5,7 +5,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 
 pub use crate::loader::HookMode;
-use crate::{export::json_log::Encoder, units::parse_duration};
+use crate::{
+    export::{json_log::Encoder, view::ViewWindow},
+    units::parse_duration,
+};
 
 /// Default address of the metrics, health and diagnose endpoints: loopback only.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9977";
@@ -30,13 +33,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Load the eBPF programs and trace until stopped (needs root, or CAP_BPF and CAP_PERFMON).
-    /// The default.
+    /// Trace until stopped, the default subcommand (needs root, or CAP_BPF and CAP_PERFMON)
     Run(RunArgs),
-    /// Judge a JSON event log after the fact (no root needed).
+    /// Judge a JSON event log after the fact (no root needed)
     Analyze(AnalyzeArgs),
-    /// Ask a running agent for its verdicts on the last window.
+    /// Ask a running agent for its verdicts on the last window
     Diagnose(DiagnoseArgs),
+    /// Watch a running agent live: destinations worst first, keys to sort, filter and drill down
+    Top(TopArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -68,6 +72,12 @@ pub struct RunArgs {
     /// Add a `comm` label (the owning process's name) to per-destination metrics.
     #[arg(long)]
     pub by_comm: bool,
+
+    /// Keep the agent's own traffic (connections to or from its --metrics-addr: scrapes,
+    /// `diagnose`, `top`) in the log, metrics and verdicts; by default it is left out and only
+    /// counted (connprobe_own_traffic_events_total).
+    #[arg(long)]
+    pub include_own_traffic: bool,
 
     /// Which kind of tracepoint to attach.
     #[arg(long, value_enum, default_value_t = HookMode::Auto)]
@@ -111,7 +121,7 @@ pub struct RunArgs {
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
-    /// How often the tally (with -v) and the terminal table are printed.
+    /// How often the tally (with -v) is printed and the screen on a terminal redrawn.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub stats_interval: Duration,
 
@@ -151,6 +161,25 @@ pub struct DiagnoseArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct TopArgs {
+    /// Address of the running agent (its --metrics-addr).
+    #[arg(long, value_name = "IP:PORT", default_value = DEFAULT_METRICS_ADDR)]
+    pub addr: SocketAddr,
+
+    /// How often the screen is refreshed from the agent.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub interval: Duration,
+
+    /// The window the figures and verdicts cover: `1m` or `5m` (the `w` key switches).
+    #[arg(long, value_name = "WINDOW", default_value = "1m", value_parser = parse_view_window)]
+    pub window: ViewWindow,
+}
+
+fn parse_view_window(text: &str) -> Result<ViewWindow, String> {
+    text.parse()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +193,34 @@ mod tests {
         assert_eq!(cli.run.duration, Some(Duration::from_secs(10)));
         let cli = Cli::try_parse_from(["connprobe", "run", "--json-log", "x.jsonl"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Run(_))));
+    }
+
+    /// Every subcommand's summary is one whole sentence in `--help`: clap shows the first
+    /// sentence of a doc comment and drops its period, so a second sentence ("The default.")
+    /// came out as a cut one ("... (needs root). The default").
+    #[test]
+    fn help_summaries_are_whole_sentences() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        assert!(
+            help.contains(
+                "  run       Trace until stopped, the default subcommand (needs root, or CAP_BPF \
+                 and CAP_PERFMON)\n"
+            ),
+            "{help}"
+        );
+        for sub in Cli::command().get_subcommands() {
+            let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+            assert!(!about.is_empty(), "{} has no summary", sub.get_name());
+            assert!(
+                !about.contains(". "),
+                "{}'s summary is more than one sentence: {about:?}",
+                sub.get_name()
+            );
+            let mut sub = sub.clone();
+            let long = sub.render_help().to_string();
+            assert!(long.starts_with(&about), "{long}");
+        }
     }
 
     #[test]

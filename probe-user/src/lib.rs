@@ -3,9 +3,10 @@
 //! `event` (the typed event; `samplers` make more from counts the agent reads each second;
 //! `schema` is its JSON form) -> `aggregate` (the one owner of
 //! per-destination state, keyed by `destination`) -> readers of that state: `export`
-//! (Prometheus, the terminal table; the JSON log takes the events) and `diagnose` (verdicts,
+//! (Prometheus, the `/destinations` view; the JSON log takes the events) and `diagnose` (verdicts,
 //! flight recorder, evidence bundles). `tally` counts what was delivered and lost.
-//! `pipeline` wires them together and handles shutdown; `cli` is the command line.
+//! `pipeline` wires them together and handles shutdown; `cli` is the command line, `logging`
+//! its stderr. `top` is the live console on a running agent (it reads `export::view`).
 pub mod aggregate;
 pub mod btf;
 pub mod cli;
@@ -16,7 +17,9 @@ pub mod event;
 pub mod export;
 pub mod listeners;
 pub mod loader;
+pub mod logging;
 pub mod offsets;
+pub mod own_traffic;
 pub mod pipeline;
 pub mod privileges;
 pub mod quantile;
@@ -24,4 +27,5 @@ pub mod reader;
 pub mod samplers;
 pub mod schema;
 pub mod tally;
+pub mod top;
 pub mod units;

@@ -4,9 +4,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use probe_user::{
     cli::{Cli, Command, RunArgs},
-    diagnose, pipeline, privileges,
+    diagnose, logging, pipeline, privileges, top,
 };
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -15,24 +14,14 @@ fn main() -> ExitCode {
         None => cli.run.verbose,
         _ => 0,
     };
-    let default_level = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    logging::init(verbose);
 
     let result = match cli.command {
         None => run(cli.run),
         Some(Command::Run(args)) => run(args),
         Some(Command::Analyze(args)) => diagnose::run_analyze(&args.file, args.window, args.json),
         Some(Command::Diagnose(args)) => diagnose::run_diagnose(args.addr, args.window, args.json),
+        Some(Command::Top(args)) => top::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

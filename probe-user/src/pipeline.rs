@@ -3,6 +3,7 @@
 //! signal or `--duration`, then detaches, drains, flushes and prints its tally.
 use std::{
     io::{self, IsTerminal},
+    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering::Relaxed},
@@ -26,16 +27,19 @@ use crate::{
     diagnose::{EvidenceWriter, FlightRecorder, TriggerConfig, diagnose_handler},
     event::Event,
     export::{
-        http::{self, DiagnoseFn, HttpState, MetricsFn},
+        http::{self, DestinationsFn, DiagnoseFn, HttpState, MetricsFn},
         json_log,
         prometheus::{PrometheusExporter, Sources},
-        table,
+        view::{View, ViewRequest, ViewSources},
     },
     loader::{self, KernelMaps, LoaderConfig, read_counter},
+    logging,
+    own_traffic::OwnTraffic,
     privileges,
     reader::{BATCH, spawn_program_log, spawn_reader},
     samplers::Samplers,
     tally::{KernelCounts, LossStage, Tally},
+    top::{Console, screen},
 };
 
 /// How often idle destinations are expired and the kernel's counters read.
@@ -72,14 +76,23 @@ fn trigger_config(args: &RunArgs) -> Option<TriggerConfig> {
 
 /// Every batch the reader decodes (and every one the samplers make) goes to the aggregator, the
 /// flight recorder and the JSON log's queue (losses at the queue or past a failed writer are
-/// counted in the tally).
+/// counted in the tally), after the agent's own traffic (`own`) is taken out and counted.
 fn consumer(
     aggregator: Arc<Mutex<Aggregator>>,
     recorder: Arc<Mutex<FlightRecorder>>,
     log: Option<SyncSender<Vec<Event>>>,
     tally: Arc<Tally>,
+    own: Option<OwnTraffic>,
 ) -> impl FnMut(&mut Vec<Event>) + Send + 'static {
     move |batch| {
+        if let Some(own) = &own {
+            let before = batch.len();
+            batch.retain(|e| !own.matches(e));
+            let skipped = before - batch.len();
+            if skipped > 0 {
+                tally.add_own_traffic(skipped as u64);
+            }
+        }
         {
             let mut aggregator = aggregator.lock().unwrap_or_else(|e| e.into_inner());
             for event in batch.iter() {
@@ -115,6 +128,7 @@ enum Stop {
 /// `connprobe run`.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let clock = Clock::now();
+    let started = SystemTime::now();
     let tally = Arc::new(Tally::default());
     let aggregator = Arc::new(Mutex::new(Aggregator::new(AggregatorConfig {
         max_destinations: args.max_destinations,
@@ -149,9 +163,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => (None, None),
     };
     let (stop_http, http_stopped) = watch::channel(false);
-    let diagnose: Arc<DiagnoseFn> = Arc::new(diagnose_handler(recorder.clone(), tally.clone()));
+    let diagnose: Arc<DiagnoseFn> =
+        Arc::new(diagnose_handler(recorder.clone(), tally.clone(), started));
     let metrics: Arc<MetricsFn> = Arc::new(move || prometheus.encode());
-    let http_state = Arc::new(HttpState::new(metrics, Some(diagnose)));
+    let view_sources = ViewSources {
+        aggregator: aggregator.clone(),
+        recorder: recorder.clone(),
+        tally: tally.clone(),
+        started,
+    };
+    let destinations: Arc<DestinationsFn> = Arc::new(view_sources.clone().handler());
+    let http_state =
+        Arc::new(HttpState::new(metrics, Some(diagnose)).with_destinations(destinations));
+    let own_traffic =
+        (!args.no_metrics && !args.include_own_traffic).then(|| OwnTraffic::new(args.metrics_addr));
     let http_task =
         listener.map(|l| tokio::spawn(http::serve(l, http_state.clone(), http_stopped)));
 
@@ -173,6 +198,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 recorder.clone(),
                 log_tx.clone(),
                 tally.clone(),
+                own_traffic,
             );
             readers.push((
                 stop_tx,
@@ -204,6 +230,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             recorder.clone(),
             log_tx.clone(),
             tally.clone(),
+            own_traffic,
         );
         (s, consume)
     });
@@ -246,9 +273,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
 
-    // The live table: on a terminal, when the events are not going to the terminal too.
-    let show_table =
-        io::stdout().is_terminal() && args.json_log.as_deref() != Some(std::path::Path::new("-"));
+    // The live view: on a terminal, when the events are not going to the terminal too.
+    let mut live = (io::stdout().is_terminal()
+        && args.json_log.as_deref() != Some(std::path::Path::new("-")))
+    .then(|| LiveView::new(view_sources, args.metrics_addr, args.no_metrics))
+    .transpose()?;
     let deadline = async {
         match args.duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -286,12 +315,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 if args.verbose > 0 {
                     eprintln!("connprobe: {}", tally.line());
                 }
-                if show_table {
-                    print_table(&aggregator);
+                if let Some(live) = &mut live {
+                    live.draw();
                 }
             }
         }
     };
+    if let Some(live) = live {
+        live.leave();
+    }
     match &stop {
         Stop::Signal(name) => tracing::info!("{name} received; detaching and flushing"),
         Stop::Duration => tracing::info!("--duration elapsed; detaching and flushing"),
@@ -325,24 +357,56 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     reader_result
 }
 
-/// Redraws the worst-first destination table on the terminal.
-fn print_table(aggregator: &Mutex<Aggregator>) {
-    let summaries = aggregator
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .summaries(SystemTime::now());
-    let width = terminal_width();
-    // Clear the screen and home the cursor, then draw.
-    print!("\x1b[2J\x1b[H{}", table::render(&summaries, width));
+/// The foreground agent's view of its destinations: `connprobe top`'s screen, drawn on the
+/// terminal every `--stats-interval` (no keys: the terminal stays as it is, so Ctrl-C stops the
+/// agent; `connprobe top` on the same agent has them).
+struct LiveView {
+    sources: ViewSources,
+    console: Console,
+    terminal: ratatui::Terminal<ratatui::backend::CrosstermBackend<io::Stdout>>,
+    last: Option<View>,
 }
 
-fn terminal_width() -> usize {
-    // SAFETY: TIOCGWINSZ fills a winsize struct; on failure it is left zeroed.
-    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
-    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
-    if ok && size.ws_col >= 40 {
-        size.ws_col as usize
-    } else {
-        100
+impl LiveView {
+    fn new(sources: ViewSources, addr: SocketAddr, no_metrics: bool) -> anyhow::Result<Self> {
+        let source = match no_metrics {
+            true => "run".to_string(),
+            false => format!("run, top on {addr}"),
+        };
+        let terminal =
+            ratatui::Terminal::new(ratatui::backend::CrosstermBackend::new(io::stdout()))
+                .context("cannot draw on the terminal")?;
+        Ok(LiveView {
+            sources,
+            console: Console::new(source, Default::default(), !logging::no_color()),
+            terminal,
+            last: None,
+        })
+    }
+
+    fn draw(&mut self) {
+        let view = self
+            .sources
+            .view(&ViewRequest::default(), SystemTime::now());
+        self.console.update(self.last.as_ref(), &view);
+        let console = &self.console;
+        // Log lines share the terminal: draw every cell each time.
+        let _ = self.terminal.clear();
+        let _ = self.terminal.draw(|frame| {
+            let area = frame.area();
+            screen::draw(Some(&view), console, area, frame.buffer_mut())
+        });
+        self.last = Some(view);
+    }
+
+    /// Leaves the last view on screen, with the cursor below it for what follows.
+    fn leave(mut self) {
+        if let Ok(size) = self.terminal.size() {
+            let _ = self
+                .terminal
+                .set_cursor_position((0, size.height.saturating_sub(1)));
+        }
+        let _ = self.terminal.show_cursor();
+        println!();
     }
 }

@@ -50,6 +50,7 @@ pub struct Tally {
     produced: AtomicU64,
     kernel_read_errors: AtomicU64,
     undecodable: AtomicU64,
+    own_traffic: AtomicU64,
 }
 
 impl Tally {
@@ -77,6 +78,26 @@ impl Tally {
             .iter()
             .map(|s| (s.name().to_string(), self.lost(*s)))
             .collect()
+    }
+
+    /// `n` events of the agent's own connections (its HTTP endpoint's), left out of everything
+    /// else (see `own_traffic`).
+    pub fn add_own_traffic(&self, n: u64) {
+        self.own_traffic.fetch_add(n, Relaxed);
+    }
+
+    pub fn own_traffic(&self) -> u64 {
+        self.own_traffic.load(Relaxed)
+    }
+
+    /// Events delivered, every kind.
+    pub fn delivered_total(&self) -> u64 {
+        EventKind::VARIANTS.iter().map(|k| self.delivered(*k)).sum()
+    }
+
+    /// Events the kernel programs tried to emit, as last read from their counters.
+    pub fn produced(&self) -> u64 {
+        self.produced.load(Relaxed)
     }
 
     /// One more record the decoder rejected; true for the first.

@@ -107,6 +107,8 @@ pub const REQUIREMENTS: &[Requirement] = &[
     row("modprobe", "kmod", Some("kmod"), &[Test]),
     row("udevadm", "udev", Some("systemd-udev"), &[Test]),
     row("dpkg-deb", "dpkg", Some("dpkg"), &[Test]),
+    // `connprobe top` driven as an operator would, in a terminal of its own.
+    row("tmux", "tmux", Some("tmux"), &[Test]),
     // The bench's peers. Fedora's libbpf-tools names its programs bpf-tcpstates and so on.
     row("tcpstates", "libbpf-tools", None, TEST_AND_BENCH),
     row("tcplife", "libbpf-tools", None, TEST_AND_BENCH),
@@ -407,6 +409,7 @@ mod tests {
             "setpriv",
             "unshare",
             "systemd-analyze",
+            "tmux",
         ] {
             assert!(test.contains(&command), "test should need {command}");
         }

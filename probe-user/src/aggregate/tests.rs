@@ -411,10 +411,11 @@ fn idle_destinations_free_their_slot_and_series() {
         sample(&text, "connprobe_destinations_folded_total"),
         Some(2.0)
     );
-    // Everything idle: every slot and `other` go, and the folded set forgets.
+    // Everything idle: every label and `other` go, and the folded set forgets. Their last five
+    // minutes stay in the windowed views, without labels, until they age out.
     f.agg().expire_idle(at(100));
     assert_eq!(f.agg().tracked(), 0);
-    assert!(f.agg().summaries(at(100)).is_empty());
+    assert!(f.agg().summaries(at(100)).iter().all(|s| !s.labelled));
     let text = f.encode();
     assert!(destinations(&text).is_empty(), "{text}");
     // A destination folded before and idle since counts again when folded again.
@@ -425,6 +426,83 @@ fn idle_destinations_free_their_slot_and_series() {
         sample(&f.encode(), "connprobe_destinations_folded_total"),
         Some(3.0)
     );
+}
+
+/// Issue 18: with `--destination-idle 3s` the table's last minute showed 0 attempts for
+/// destinations with traffic within it, because freeing a label slot cleared its windows.
+#[test]
+fn a_freed_label_keeps_the_windows_history() {
+    let f = Fixture::with_config(AggregatorConfig {
+        max_destinations: 10,
+        destination_idle: Duration::from_secs(3),
+        by_comm: false,
+    });
+    let d = "10.0.0.1:80";
+    // A connect every 5 s, each followed by its close 4 s later: idle for 3 s in between.
+    for i in 0..6 {
+        let t = 100 + 5 * i;
+        f.record(&established(at(t), d, 100));
+        f.agg().expire_idle(at(t + 3));
+        f.record(&close(at(t + 4), d, 10, 0));
+        f.agg().expire_idle(at(t + 4));
+    }
+    f.agg().expire_idle(at(133));
+    let summaries = f.agg().summaries(at(133));
+    let s = summaries
+        .iter()
+        .find(|s| s.label() == d)
+        .expect("still in the views");
+    assert!(!s.labelled, "idle for 3 s: no label");
+    assert_eq!(s.last_1m.counts.attempts, 6, "{s:#?}");
+    assert_eq!(s.last_1m.counts.close_segments_sent, 60);
+    // No series while it has no label...
+    assert!(!destinations(&f.encode()).contains(d));
+    // ...and back with one, its windows carry on while its counters restart.
+    f.record(&established(at(134), d, 100));
+    let s = f.agg().summaries(at(134)).remove(0);
+    assert!(s.labelled);
+    assert_eq!(s.last_1m.counts.attempts, 7);
+    assert_eq!(s.lifetime.attempts, 1);
+    assert_eq!(
+        sample(
+            &f.encode(),
+            r#"connprobe_connect_attempts_total{destination="10.0.0.1:80"}"#
+        ),
+        Some(1.0)
+    );
+    // Five minutes after its last event, nothing is left of it.
+    f.agg().expire_idle(at(134 + 300));
+    assert!(f.agg().summaries(at(134 + 300)).is_empty());
+    assert_eq!(f.agg().index.len(), 0);
+}
+
+/// Slots without a label are bounded too: at most as many as labels, the longest idle reused.
+#[test]
+fn unlabelled_slots_are_bounded() {
+    let f = Fixture::with_config(AggregatorConfig {
+        max_destinations: 10,
+        destination_idle: Duration::from_secs(3),
+        by_comm: false,
+    });
+    for i in 0..100u64 {
+        f.record(&established(
+            at(i * 4),
+            &format!("10.0.0.1:{}", 1000 + i),
+            100,
+        ));
+        f.agg().expire_idle(at(i * 4 + 3));
+    }
+    assert!(f.agg().slots.len() <= 20, "{}", f.agg().slots.len());
+    assert!(f.agg().index.len() <= 20);
+    // The newest are the ones kept.
+    let labels: Vec<_> = f
+        .agg()
+        .summaries(at(400))
+        .iter()
+        .map(|s| s.label())
+        .collect();
+    assert!(labels.contains(&"10.0.0.1:1099".to_string()), "{labels:?}");
+    assert!(!labels.contains(&"10.0.0.1:1000".to_string()), "{labels:?}");
 }
 
 #[test]

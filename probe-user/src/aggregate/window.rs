@@ -24,6 +24,8 @@ pub struct Counts {
     pub accepted: u64,
     /// Segments resent, from retransmit events, as they happen.
     pub retransmitted_segments: u64,
+    /// Of those, SYNs and SYN-ACKs (the handshake phase).
+    pub syn_retransmitted_segments: u64,
     /// Segments sent by connections that closed, retransmissions included.
     pub close_segments_sent: u64,
     /// Segments retransmitted by connections that closed.
@@ -66,6 +68,7 @@ impl Counts {
         }
         self.accepted += other.accepted;
         self.retransmitted_segments += other.retransmitted_segments;
+        self.syn_retransmitted_segments += other.syn_retransmitted_segments;
         self.close_segments_sent += other.close_segments_sent;
         self.close_segments_retransmitted += other.close_segments_retransmitted;
         self.resets_sent += other.resets_sent;
@@ -157,6 +160,31 @@ impl LatencyHistogram {
             *a = a.saturating_add(b);
         }
     }
+
+    /// The buckets that hold samples, fastest first: `(from, to, count)`, from included and to
+    /// excluded, in microseconds (the last bucket also holds everything slower).
+    pub fn buckets(&self) -> Vec<(u64, u64, u64)> {
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c > 0)
+            .map(|(i, c)| {
+                let (from, to) = Self::bounds(i);
+                (from, to, u64::from(*c))
+            })
+            .collect()
+    }
+
+    /// The microseconds bucket `i` holds, `[from, to)`.
+    fn bounds(i: usize) -> (u64, u64) {
+        if i < 4 {
+            return (i as u64, i as u64 + 1);
+        }
+        let octave = i / 4 + 1;
+        let width = 1u64 << (octave - 2);
+        let from = (4 + (i % 4) as u64) * width;
+        (from, from + width)
+    }
 }
 
 /// Handshake latency percentiles over a window (bucket midpoints, see [`LatencyHistogram`]).
@@ -247,6 +275,20 @@ impl Ring {
     /// The window of `buckets` buckets ending with the one that holds `now`: the bucket in
     /// progress and the `buckets - 1` before it (so "the last minute" covers 50 to 60 s).
     pub fn window(&self, now: SystemTime, buckets: usize) -> WindowStats {
+        let (counts, latency) = self.sum(now, buckets);
+        WindowStats {
+            length: BUCKET * buckets as u32,
+            counts,
+            latency: latency.percentiles(),
+        }
+    }
+
+    /// The handshake latencies of the window [`Ring::window`] covers.
+    pub fn latency(&self, now: SystemTime, buckets: usize) -> LatencyHistogram {
+        self.sum(now, buckets).1
+    }
+
+    fn sum(&self, now: SystemTime, buckets: usize) -> (Counts, LatencyHistogram) {
         let end = epoch_of(now);
         let start = end.saturating_sub(buckets.min(RING) as u64 - 1);
         let mut counts = Counts::default();
@@ -257,12 +299,18 @@ impl Ring {
                 latency.add(&b.latency);
             }
         }
-        WindowStats {
-            length: BUCKET * buckets as u32,
-            counts,
-            latency: latency.percentiles(),
-        }
+        (counts, latency)
     }
+}
+
+/// The event time a window of `buckets` buckets ending at `now` covers: the whole buckets
+/// before the one in progress, and that one up to `now`.
+pub fn covered(now: SystemTime, buckets: usize) -> Duration {
+    let since_epoch = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let in_bucket = Duration::from_nanos((since_epoch.as_nanos() % BUCKET.as_nanos()) as u64);
+    BUCKET * (buckets.clamp(1, RING) as u32 - 1) + in_bucket
 }
 
 #[cfg(test)]
@@ -308,6 +356,33 @@ mod tests {
         assert_eq!(p.p90, Duration::from_micros(104));
         assert_eq!(p.p99, Duration::from_micros(9_216)); // [8192, 10240)
         assert_eq!(h.quantile(1.0), Some(Duration::from_micros(983_040)));
+    }
+
+    #[test]
+    fn buckets_tile_the_microseconds() {
+        let mut next = 0;
+        for i in 0..LATENCY_BUCKETS {
+            let (from, to) = LatencyHistogram::bounds(i);
+            assert_eq!(from, next, "bucket {i}");
+            assert!(to > from);
+            assert_eq!(LatencyHistogram::index(from), i);
+            assert_eq!(LatencyHistogram::index(to - 1), i);
+            let mid = LatencyHistogram::midpoint(i);
+            assert!(from <= mid && mid < to.max(from + 1), "bucket {i}: {mid}");
+            next = to;
+        }
+        let mut h = LatencyHistogram::default();
+        h.record(Duration::from_micros(100));
+        h.record(Duration::from_micros(101));
+        h.record(Duration::from_millis(10));
+        assert_eq!(h.buckets(), vec![(96, 112, 2), (8192, 10240, 1)]);
+    }
+
+    #[test]
+    fn a_window_covers_its_whole_buckets_and_the_current_one_so_far() {
+        assert_eq!(covered(at(0), 6), Duration::from_secs(50));
+        assert_eq!(covered(at(7), 6), Duration::from_secs(57));
+        assert_eq!(covered(at(9), 30), Duration::from_secs(299));
     }
 
     #[test]

@@ -188,7 +188,13 @@ mod tests {
         }
         let recorder = Mutex::new(FlightRecorder::new(100_000));
         recorder.lock().unwrap().extend(&events);
-        let (status, body) = diagnose_at(&recorder, None, Duration::from_secs(900), at(610.0));
+        let (status, body) = diagnose_at(
+            &recorder,
+            None,
+            std::time::SystemTime::UNIX_EPOCH,
+            Duration::from_secs(900),
+            at(610.0),
+        );
         assert_eq!(status, 200);
         let agent: Report = serde_json::from_str(&body).unwrap();
         let log = analyze_reader(&jsonl(&events)[..], "t.jsonl", None).unwrap();

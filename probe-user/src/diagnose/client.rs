@@ -55,6 +55,18 @@ pub fn fetch_report(addr: SocketAddr, window: Duration) -> anyhow::Result<Report
 }
 
 async fn fetch(addr: SocketAddr, window: Duration) -> anyhow::Result<Report> {
+    let secs = window.as_secs().max(1);
+    let (status, body) = get(addr, &format!("/diagnose?window={secs}s"), READ_TIMEOUT).await?;
+    parse_response(status, &body).with_context(|| format!("bad answer from the agent on {addr}"))
+}
+
+/// One `GET target` on the agent at `addr`: its status and body. A missing agent and a slow
+/// one are one sentence each.
+pub(crate) async fn get(
+    addr: SocketAddr,
+    target: &str,
+    read_timeout: Duration,
+) -> anyhow::Result<(u16, Bytes)> {
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
         .await
     {
@@ -72,8 +84,7 @@ async fn fetch(addr: SocketAddr, window: Duration) -> anyhow::Result<Report> {
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
-        let secs = window.as_secs().max(1);
-        let request = Request::get(format!("/diagnose?window={secs}s"))
+        let request = Request::get(target)
             .version(Version::HTTP_10)
             .header(header::HOST, addr.to_string())
             .header(header::ACCEPT, "application/json")
@@ -87,12 +98,11 @@ async fn fetch(addr: SocketAddr, window: Duration) -> anyhow::Result<Report> {
             .to_bytes();
         anyhow::Ok((status, body))
     };
-    let (status, body) = tokio::time::timeout(READ_TIMEOUT, exchange)
+    let (status, body) = tokio::time::timeout(read_timeout, exchange)
         .await
         .map_err(|_| anyhow::anyhow!("the agent on {addr} did not answer in time"))?
         .with_context(|| format!("bad answer from the agent on {addr}"))?;
-    parse_response(status.as_u16(), &body)
-        .with_context(|| format!("bad answer from the agent on {addr}"))
+    Ok((status.as_u16(), body))
 }
 
 /// A status and a JSON report.
@@ -106,36 +116,61 @@ fn parse_response(status: u16, body: &[u8]) -> anyhow::Result<Report> {
 
 /// The agent's `/diagnose`: the JSON report of the window (default 5 minutes) ending now,
 /// judged from the flight recorder. Returns the HTTP status and body.
-/// The report says how many events the agent lost since it started (`window.events_lost`).
+/// The report says how many events the agent lost since it started (`window.events_lost`), and
+/// how much of the window it was running for (`window.observed_seconds`; it started at
+/// `started`).
 pub fn diagnose_handler(
     recorder: Arc<Mutex<FlightRecorder>>,
     tally: Arc<Tally>,
+    started: SystemTime,
 ) -> impl Fn(Option<Duration>) -> (u16, String) + Send + Sync + 'static {
     move |window| {
         diagnose_at(
             &recorder,
             Some(&tally),
+            started,
             window.unwrap_or(DEFAULT_WINDOW),
             SystemTime::now(),
         )
     }
 }
 
-/// `diagnose_handler` at a given time, for tests.
-pub(crate) fn diagnose_at(
+/// The report on the `length` up to `now` from the flight recorder of an agent that started
+/// at `started`.
+pub(crate) fn report_at(
     recorder: &Mutex<FlightRecorder>,
     tally: Option<&Tally>,
+    started: SystemTime,
     length: Duration,
     now: SystemTime,
-) -> (u16, String) {
+) -> Result<Report, &'static str> {
     let window = Window::ending_at(now, length);
     let (events, complete) = match recorder.lock() {
         Ok(r) => (r.events_since(window.start), r.covers(window.start)),
-        Err(_) => return (500, error_body("the flight recorder's lock is poisoned")),
+        Err(_) => return Err("the flight recorder's lock is poisoned"),
     };
     let mut report = judge(&events, window);
     report.window.truncated = !complete;
     report.window.events_lost = tally.map(Tally::lost_by_stage);
+    let observed = now
+        .duration_since(window.start.max(started))
+        .unwrap_or_default();
+    report.window.observed_seconds = Some(super::round(observed.as_secs_f64(), 3));
+    Ok(report)
+}
+
+/// `diagnose_handler` at a given time, for tests.
+pub(crate) fn diagnose_at(
+    recorder: &Mutex<FlightRecorder>,
+    tally: Option<&Tally>,
+    started: SystemTime,
+    length: Duration,
+    now: SystemTime,
+) -> (u16, String) {
+    let report = match report_at(recorder, tally, started, length, now) {
+        Ok(report) => report,
+        Err(message) => return (500, error_body(message)),
+    };
     match serde_json::to_string(&report) {
         Ok(body) => (200, body),
         Err(e) => (500, error_body(&format!("cannot format the report: {e}"))),
@@ -152,7 +187,10 @@ mod tests {
 
     use super::*;
     use crate::diagnose::engine::tests::mixed_log;
-    use crate::event::testing::at;
+    use crate::event::{
+        FailureReason::Refused,
+        testing::{at, connect_failed},
+    };
 
     #[test]
     fn handler_judges_the_recorder_window_and_flags_truncation() {
@@ -161,9 +199,17 @@ mod tests {
         for e in &events {
             recorder.lock().unwrap().push(e);
         }
-        let (status, body) = diagnose_at(&recorder, None, Duration::from_secs(3600), at(600.0));
+        let (status, body) = diagnose_at(
+            &recorder,
+            None,
+            SystemTime::UNIX_EPOCH,
+            Duration::from_secs(3600),
+            at(600.0),
+        );
         assert_eq!(status, 200);
-        let report: Report = serde_json::from_str(&body).unwrap();
+        let mut report: Report = serde_json::from_str(&body).unwrap();
+        assert_eq!(report.window.observed_seconds, Some(3600.0));
+        report.window.observed_seconds = None;
         let direct = judge(
             &events,
             Window::ending_at(at(600.0), Duration::from_secs(3600)),
@@ -175,7 +221,13 @@ mod tests {
         for e in &events {
             small.lock().unwrap().push(e);
         }
-        let (_, body) = diagnose_at(&small, None, Duration::from_secs(3600), at(600.0));
+        let (_, body) = diagnose_at(
+            &small,
+            None,
+            SystemTime::UNIX_EPOCH,
+            Duration::from_secs(3600),
+            at(600.0),
+        );
         let report: Report = serde_json::from_str(&body).unwrap();
         assert!(report.window.truncated);
     }
@@ -184,7 +236,11 @@ mod tests {
     fn the_public_handler_is_shareable() {
         let tally = Arc::new(Tally::default());
         tally.add_lost(crate::tally::LossStage::Queue, 5);
-        let handler = diagnose_handler(Arc::new(Mutex::new(FlightRecorder::new(10))), tally);
+        let handler = diagnose_handler(
+            Arc::new(Mutex::new(FlightRecorder::new(10))),
+            tally,
+            SystemTime::now(),
+        );
         let (status, body) = handler(None);
         assert_eq!(status, 200);
         let report: Report = serde_json::from_str(&body).unwrap();
@@ -192,6 +248,50 @@ mod tests {
         assert_eq!(report.window.events_lost.unwrap()["queue"], 5);
         fn assert_send_sync<T: Send + Sync + 'static>(_: &T) {}
         assert_send_sync(&handler);
+    }
+
+    /// Issue 18: a few seconds after start, `/diagnose?window=5m` reported a 5-minute window as
+    /// if the agent had seen all of it.
+    #[test]
+    fn the_report_says_how_much_of_the_window_the_agent_saw() {
+        let recorder = Mutex::new(FlightRecorder::new(100));
+        for i in 0..4 {
+            recorder.lock().unwrap().push(&connect_failed(
+                "10.0.0.1:80",
+                at(596.0 + i as f64),
+                Refused,
+                0,
+            ));
+        }
+        let (_, body) = diagnose_at(
+            &recorder,
+            None,
+            at(588.0),
+            Duration::from_secs(300),
+            at(600.0),
+        );
+        let report: Report = serde_json::from_str(&body).unwrap();
+        assert_eq!(report.window.seconds, 300.0);
+        assert_eq!(report.window.observed_seconds, Some(12.0));
+        let text = render::text(&report);
+        assert!(
+            text.contains(
+                "Note: the agent has been running for 12s of this 5m window; the verdicts rest \
+                 on those 12s.\n"
+            ),
+            "{text}"
+        );
+        // Running for longer than the window: no note.
+        let (_, body) = diagnose_at(
+            &recorder,
+            None,
+            at(0.0),
+            Duration::from_secs(300),
+            at(600.0),
+        );
+        let report: Report = serde_json::from_str(&body).unwrap();
+        assert_eq!(report.window.observed_seconds, Some(300.0));
+        assert!(!render::text(&report).contains("Note:"));
     }
 
     #[test]
@@ -202,7 +302,13 @@ mod tests {
         for e in mixed_log() {
             recorder.lock().unwrap().push(&e);
         }
-        let (_, body) = diagnose_at(&recorder, None, Duration::from_secs(3600), at(600.0));
+        let (_, body) = diagnose_at(
+            &recorder,
+            None,
+            SystemTime::UNIX_EPOCH,
+            Duration::from_secs(3600),
+            at(600.0),
+        );
         let expected: Report = serde_json::from_str(&body).unwrap();
         let server = thread::spawn(move || {
             let (stream, _) = listener.accept().unwrap();

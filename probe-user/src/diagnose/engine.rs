@@ -138,6 +138,7 @@ impl Judge {
                 events: self.events,
                 truncated: false,
                 events_lost: None,
+                observed_seconds: None,
             },
             destinations: destinations.into_iter().map(|(_, d)| d).collect(),
             groups: rules::pool_verdicts(&self.destinations),

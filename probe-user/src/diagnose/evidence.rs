@@ -1,7 +1,7 @@
 //! Evidence bundles: when a destination's last minute crosses a trigger threshold, one JSON file
 //! with its stats, the verdicts and the raw events around the trigger, written atomically into
 //! `--evidence-dir`. The triggers read the aggregator's snapshot (its last minute: the same
-//! failure ratio and p99 the terminal table shows); the verdicts and events come from the flight
+//! failure ratio and p99 `connprobe top` shows); the verdicts and events come from the flight
 //! recorder. Bounded in number (oldest deleted), in size (events capped), and in rate
 //! (a cool-down per destination, so one incident writes one bundle, not hundreds).
 use std::{

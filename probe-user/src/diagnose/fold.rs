@@ -5,6 +5,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use super::pattern::Episode;
 use super::processes::ProcessCounts;
 use super::rules::ratio;
 use crate::{
@@ -33,6 +34,18 @@ impl FailedConnect {
             self.reason,
             FailureReason::Timeout | FailureReason::Cancelled
         )
+    }
+}
+
+impl FailedConnect {
+    /// From its SYN (where the wait is known) to its failure.
+    pub(super) fn episode(&self) -> Episode {
+        let waited = Duration::from_micros(self.waited_us.unwrap_or(0));
+        let start = self.time.checked_sub(waited).unwrap_or(self.time);
+        Episode {
+            start: truncate_to_millis(start),
+            end: self.time,
+        }
     }
 }
 
@@ -153,6 +166,10 @@ impl DestinationEvidence {
             EventDetail::Connect(c) => {
                 self.events += 1;
                 self.attempts += 1;
+                // A connect was under way from its SYN.
+                if let Some(started) = c.latency.and_then(|l| event.time.checked_sub(l)) {
+                    self.first = self.first.min(truncate_to_millis(started));
+                }
                 match c.outcome {
                     ConnectOutcome::Established => {
                         self.established += 1;

@@ -99,6 +99,20 @@ impl FlightRecorder {
         self.events.range(from..).filter(move |e| e.time >= since)
     }
 
+    /// The newest `n` events for which `wanted` holds, oldest first.
+    pub fn last_where(&self, n: usize, wanted: impl Fn(&Event) -> bool) -> Vec<Event> {
+        let mut last: Vec<Event> = self
+            .events
+            .iter()
+            .rev()
+            .filter(|e| wanted(e))
+            .take(n)
+            .cloned()
+            .collect();
+        last.reverse();
+        last
+    }
+
     /// A copy of the events at or after `since`, for `/diagnose` and bundles.
     pub fn events_since(&self, since: SystemTime) -> Vec<Event> {
         self.iter_since(since).cloned().collect()

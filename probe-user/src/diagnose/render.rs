@@ -18,12 +18,24 @@ pub fn text(report: &Report) -> String {
     let w = &report.window;
     let _ = writeln!(
         out,
-        "connprobe verdicts for {} .. {} ({}, {} events)",
+        "connprobe verdicts for {} .. {} ({}, {})",
         w.start,
         w.end,
         humantime::format_duration(std::time::Duration::from_secs(w.seconds.round() as u64)),
-        w.events
+        counted(w.events, "event", "events")
     );
+    if let Some(observed) = w.observed_seconds
+        && observed + 0.5 < w.seconds
+    {
+        let observed =
+            humantime::format_duration(std::time::Duration::from_secs(observed.round() as u64));
+        let _ = writeln!(
+            out,
+            "Note: the agent has been running for {observed} of this {} window; the verdicts \
+             rest on those {observed}.",
+            humantime::format_duration(std::time::Duration::from_secs(w.seconds.round() as u64))
+        );
+    }
     if w.truncated {
         out.push_str(
             "Note: the flight recorder had already forgotten the start of this window; the \
@@ -92,38 +104,49 @@ fn listing(names: &[String]) -> String {
     text
 }
 
-/// The top verdict with its evidence and next step, the others in a line each. Who is behind the
-/// destination's events is said once, in the top verdict's evidence: it is the same for all.
+/// The top verdict with its evidence and next step, the others in a line each.
 fn paragraph(out: &mut String, name: &str, side: Option<&str>, verdicts: &[Verdict]) {
+    let mut lines = paragraph_lines(name, side, verdicts).into_iter();
+    if let Some(head) = lines.next() {
+        out.push_str(&head);
+        out.push('\n');
+    }
+    for line in lines {
+        wrap(out, &line);
+    }
+}
+
+/// The lines of a destination's paragraph, unwrapped: `name: verdict (confidence, shape)`, the
+/// evidence with who is behind it, `Next: ...`, and `Also ...` for every other verdict. Who is
+/// behind the destination's events is said once, in the top verdict's evidence: it is the same
+/// for all.
+pub fn paragraph_lines(name: &str, side: Option<&str>, verdicts: &[Verdict]) -> Vec<String> {
     let Some((top, rest)) = verdicts.split_first() else {
-        return;
+        return Vec::new();
     };
-    let _ = writeln!(
-        out,
+    let mut lines = vec![format!(
         "{name}: {} ({:.0}% confidence, {})",
         top.id().as_str(),
         top.confidence * 100.0,
         shape(top)
-    );
+    )];
     let mut evidence = evidence_sentence(&top.finding);
-    if let Some(processes) = processes_sentence(side, owners(&top.finding)) {
+    if let Some(processes) = processes_sentence(side, top.finding.owners()) {
         evidence.push(' ');
         evidence.push_str(&processes);
     }
-    wrap(out, &evidence);
-    wrap(out, &format!("Next: {}", top.next_step));
+    lines.push(evidence);
+    lines.push(format!("Next: {}", top.next_step));
     for v in rest {
-        wrap(
-            out,
-            &format!(
-                "Also {} ({:.0}%, {}): {}",
-                v.id().as_str(),
-                v.confidence * 100.0,
-                shape(v),
-                evidence_sentence(&v.finding)
-            ),
-        );
+        lines.push(format!(
+            "Also {} ({:.0}%, {}): {}",
+            v.id().as_str(),
+            v.confidence * 100.0,
+            shape(v),
+            evidence_sentence(&v.finding)
+        ));
     }
+    lines
 }
 
 /// Writes `text` indented, wrapped at `WIDTH` columns on spaces, continuation lines indented
@@ -208,25 +231,6 @@ fn reset_reasons(by_reason: &BTreeMap<String, u64>) -> String {
     format!("; reasons: {}", list.join(", "))
 }
 
-/// Every verdict's evidence names its owners.
-fn owners(finding: &Finding) -> &Owners {
-    match finding {
-        Finding::Refused(e) => &e.owners,
-        Finding::LocalDrop(e) => &e.owners,
-        Finding::ConntrackFull(e) => &e.owners,
-        Finding::ListenOverflow(e) => &e.owners,
-        Finding::Blackhole(e) => &e.owners,
-        Finding::Unreachable(e) => &e.owners,
-        Finding::Lossy(e) => &e.owners,
-        Finding::ResetMidstream(e) => &e.owners,
-        Finding::LocalResets(e) => &e.owners,
-        Finding::SlowHandshakes(e) => &e.owners,
-        Finding::PoolPartialFailure(e) => &e.owners,
-        Finding::Healthy(e) => &e.owners,
-        Finding::NotEnoughData(e) => &e.owners,
-    }
-}
-
 /// Who is behind a destination's events, from its evidence's `processes`: `Served by nginx (pid
 /// 812).` for a service of this host, `From curl (pid 4242) and 2 other processes.` for one it
 /// calls; `None` when no event named its process. Entries are (pid, name) pairs and a name is a
@@ -303,14 +307,17 @@ fn printable(comm: &str) -> String {
 
 /// The evidence of a verdict in one sentence.
 pub fn evidence_sentence(finding: &Finding) -> String {
-    let failures = |f: &FailureFigures| (f.matching, f.attempts, errnos(&f.errnos));
+    let failures = |f: &FailureFigures| {
+        (
+            f.matching,
+            counted(f.attempts, "connect", "connects"),
+            errnos(&f.errnos),
+        )
+    };
     match finding {
         Finding::Refused(e) => {
             let (matching, attempts, errnos) = failures(&e.figures.failures);
-            format!(
-                "{matching} of {attempts} connects refused: the SYN was answered with a \
-                 reset{errnos}."
-            )
+            format!("{matching} of {attempts} refused: the SYN was answered with a reset{errnos}.")
         }
         Finding::Blackhole(e) => {
             let f = &e.figures;
@@ -320,12 +327,16 @@ pub fn evidence_sentence(finding: &Finding) -> String {
                 n => format!(" {n} of their SYNs or replies were dropped on this host."),
             };
             format!(
-                "{matching} of {attempts} connects got no answer to their SYNs ({} timed out in \
-                 the kernel, {} given up by the application; {} SYN retransmits{}){errnos}.\
-                 {dropped}",
+                "{matching} of {attempts} got no answer to {} ({} timed out in the kernel, {} \
+                 given up by the application; {}{}){errnos}.{dropped}",
+                if matching == 1 {
+                    "its SYN"
+                } else {
+                    "their SYNs"
+                },
                 f.timeouts,
                 f.cancelled_after_syn_retransmit,
-                f.syn_retransmits,
+                counted(f.syn_retransmits, "SYN retransmit", "SYN retransmits"),
                 f.waited_p50_ms
                     .map(|w| format!(", median wait {w:.0} ms"))
                     .unwrap_or_default(),
@@ -378,48 +389,61 @@ pub fn evidence_sentence(finding: &Finding) -> String {
         }
         Finding::Unreachable(e) => {
             let (matching, attempts, errnos) = failures(&e.figures);
-            format!("{matching} of {attempts} connects failed with an ICMP unreachable{errnos}.")
+            format!("{matching} of {attempts} failed with an ICMP unreachable{errnos}.")
         }
         Finding::Lossy(e) => {
             let f = &e.figures;
             match f.retransmit_ratio {
                 Some(r) => format!(
-                    "{} of {} segments retransmitted ({}) over {} closed connections, {} of them \
-                     with retransmits.",
+                    "{} of {} retransmitted ({}) over {}.",
                     f.segments_retransmitted,
-                    f.segments_sent,
+                    counted(f.segments_sent, "segment", "segments"),
                     pct(r),
-                    f.connections_closed,
-                    f.connections_with_retransmits
+                    closed_with_retransmits(f.connections_closed, f.connections_with_retransmits),
                 ),
                 None => format!(
-                    "{} segments retransmitted on established connections that are still open.",
-                    f.established_retransmit_segments
+                    "{} retransmitted on established connections that are still open.",
+                    counted(f.established_retransmit_segments, "segment", "segments")
                 ),
             }
         }
         Finding::ResetMidstream(e) => format!(
-            "{} established connections reset by the peer ({} of connections closed).",
-            e.figures.resets_received,
+            "{} reset by the peer ({} of connections closed).",
+            counted(
+                e.figures.resets_received,
+                "established connection",
+                "established connections"
+            ),
             pct(e.figures.reset_share)
         ),
         Finding::LocalResets(e) => {
             let f = &e.figures;
+            let answering = match (f.resets_sent, f.answering_syn) {
+                (1, 1) => ", answering a SYN without a listening socket".to_string(),
+                (1, _) => String::new(),
+                (_, n) => format!(
+                    ", {n} of them answering {} without a listening socket",
+                    if n == 1 { "a SYN" } else { "SYNs" }
+                ),
+            };
             format!(
-                "this host sent {} resets, {} of them answering SYNs without a listening socket; \
-                 {} connections accepted{}.",
-                f.resets_sent,
-                f.answering_syn,
-                f.connections_accepted,
+                "this host sent {}{answering}; {} accepted{}.",
+                counted(f.resets_sent, "reset", "resets"),
+                counted(f.connections_accepted, "connection", "connections"),
                 reset_reasons(&f.by_reason)
             )
         }
         Finding::SlowHandshakes(e) => {
             let f = &e.figures;
             format!(
-                "{} of {} handshakes took {:.1} ms or more (median of the slow ones {:.1} ms) \
-                 against a baseline of {:.1} ms, with {} failures.",
-                f.slow, f.handshakes, f.threshold_ms, f.slow_p50_ms, f.baseline_p50_ms, f.failures
+                "{} of {} took {:.1} ms or more (median of the slow ones {:.1} ms) against a \
+                 baseline of {:.1} ms, with {}.",
+                f.slow,
+                counted(f.handshakes, "handshake", "handshakes"),
+                f.threshold_ms,
+                f.slow_p50_ms,
+                f.baseline_p50_ms,
+                counted(f.failures, "failure", "failures")
             )
         }
         Finding::PoolPartialFailure(e) => {
@@ -440,11 +464,27 @@ pub fn evidence_sentence(finding: &Finding) -> String {
     }
 }
 
+/// `1 connect`, `2 connects`: a count and its noun.
+pub fn counted(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// `2 closed connections, 2 of them with retransmits`; `1 closed connection, with
+/// retransmits`.
+fn closed_with_retransmits(closed: u64, with: u64) -> String {
+    let closed_text = counted(closed, "closed connection", "closed connections");
+    match (closed, with) {
+        (1, 1) => format!("{closed_text}, with retransmits"),
+        (1, _) => format!("{closed_text}, without retransmits"),
+        _ => format!("{closed_text}, {with} of them with retransmits"),
+    }
+}
+
 fn health_sentence(f: &super::verdict::Figures) -> String {
     format!(
-        "{} events, {} connects, {} failed{}.",
-        f.events,
-        f.attempts,
+        "{}, {}, {} failed{}.",
+        counted(f.events, "event", "events"),
+        counted(f.attempts, "connect", "connects"),
         f.failures,
         errnos(&f.errnos)
     )
@@ -662,6 +702,104 @@ mod tests {
             None
         );
         assert_eq!(processes_sentence(Some("server"), &Owners::default()), None);
+    }
+
+    /// Issue 18: "1 resets", "1 connections". Every count in every sentence agrees with its
+    /// noun.
+    #[test]
+    fn one_of_anything_is_singular() {
+        let finding =
+            |json: serde_json::Value| -> Finding { serde_json::from_value(json).unwrap() };
+        let failures = serde_json::json!({"attempts": 1, "failures": 1, "matching": 1,
+            "failure_ratio": 1.0, "errnos": {"ECONNREFUSED": 1}});
+        let mut refused = failures.clone();
+        refused["resets_received_in_syn_sent"] = 1.into();
+        let mut blackhole = failures.clone();
+        for (k, v) in [
+            ("timeouts", 1),
+            ("cancelled_after_syn_retransmit", 0),
+            ("syn_retransmits", 1),
+            ("syn_retransmit_segments", 1),
+            ("established_after_syn_retransmit", 0),
+        ] {
+            blackhole[k] = v.into();
+        }
+        blackhole["waited_p50_ms"] = serde_json::Value::Null;
+        let cases = [
+            (
+                serde_json::json!({"verdict": "refused", "evidence": refused}),
+                "1 of 1 connect refused: the SYN was answered with a reset (ECONNREFUSED x1).",
+            ),
+            (
+                serde_json::json!({"verdict": "blackhole", "evidence": blackhole}),
+                "1 of 1 connect got no answer to its SYN (1 timed out in the kernel, 0 given up \
+                 by the application; 1 SYN retransmit) (ECONNREFUSED x1).",
+            ),
+            (
+                serde_json::json!({"verdict": "unreachable", "evidence": failures}),
+                "1 of 1 connect failed with an ICMP unreachable (ECONNREFUSED x1).",
+            ),
+            (
+                serde_json::json!({"verdict": "lossy", "evidence": {"connections_closed": 1,
+                    "connections_with_retransmits": 1, "segments_sent": 1,
+                    "segments_retransmitted": 1, "retransmit_ratio": 1.0,
+                    "established_retransmit_segments": 1, "syn_retransmit_segments": 0,
+                    "other_retransmit_segments": 0}}),
+                "1 of 1 segment retransmitted (100.0%) over 1 closed connection, with \
+                 retransmits.",
+            ),
+            (
+                serde_json::json!({"verdict": "lossy", "evidence": {"connections_closed": 0,
+                    "connections_with_retransmits": 0, "segments_sent": 0,
+                    "segments_retransmitted": 0, "retransmit_ratio": null,
+                    "established_retransmit_segments": 1, "syn_retransmit_segments": 0,
+                    "other_retransmit_segments": 0}}),
+                "1 segment retransmitted on established connections that are still open.",
+            ),
+            (
+                serde_json::json!({"verdict": "reset_midstream", "evidence": {
+                    "resets_received": 1, "connections_closed": 1, "reset_share": 1.0,
+                    "by_state": {}}}),
+                "1 established connection reset by the peer (100.0% of connections closed).",
+            ),
+            (
+                serde_json::json!({"verdict": "local_resets", "evidence": {"resets_sent": 1,
+                    "answering_syn": 1, "connections_accepted": 1, "by_state": {},
+                    "by_reason": {}}}),
+                "this host sent 1 reset, answering a SYN without a listening socket; 1 \
+                 connection accepted.",
+            ),
+            (
+                serde_json::json!({"verdict": "local_resets", "evidence": {"resets_sent": 2,
+                    "answering_syn": 1, "connections_accepted": 0, "by_state": {},
+                    "by_reason": {}}}),
+                "this host sent 2 resets, 1 of them answering a SYN without a listening socket; \
+                 0 connections accepted.",
+            ),
+            (
+                serde_json::json!({"verdict": "slow_handshakes", "evidence": {"handshakes": 1,
+                    "slow": 1, "baseline_p50_ms": 1.0, "earlier_p50_ms": 1.0,
+                    "recent_p50_ms": 1.0, "slow_p50_ms": 50.0, "threshold_ms": 11.0,
+                    "failures": 1}}),
+                "1 of 1 handshake took 11.0 ms or more (median of the slow ones 50.0 ms) against \
+                 a baseline of 1.0 ms, with 1 failure.",
+            ),
+            (
+                serde_json::json!({"verdict": "healthy", "evidence": {"events": 1,
+                    "attempts": 1, "established": 1, "failures": 0, "failure_ratio": 0.0,
+                    "latency_p50_ms": 0.1, "latency_p99_ms": 0.1, "retransmit_ratio": null,
+                    "connections_closed": 0, "errnos": {}}}),
+                "1 event, 1 connect, 0 failed.",
+            ),
+        ];
+        for (json, expected) in cases {
+            assert_eq!(evidence_sentence(&finding(json)), flat(expected));
+        }
+        let one = judge(
+            &[connect_ok("10.0.0.1:80", at(1.0), 100)],
+            window(0.0, 60.0),
+        );
+        assert!(text(&one).contains("(1m, 1 event)"), "{}", text(&one));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::{
 
 use super::{
     fold::{DestinationEvidence, FailedConnect},
-    pattern::shape,
+    pattern::{Episode, shape},
     processes::ProcessCounts,
     round,
     verdict::{
@@ -202,11 +202,11 @@ fn ms(us: u64) -> f64 {
 fn verdict(
     finding: Finding,
     confidence: f64,
-    times: &[SystemTime],
+    episodes: &[Episode],
     active: (SystemTime, SystemTime),
     next_step: String,
 ) -> Verdict {
-    let (pattern, bursts) = shape(times, active);
+    let (pattern, bursts) = shape(episodes, active);
     Verdict {
         finding,
         confidence,
@@ -230,7 +230,7 @@ fn failure_verdict(
     }
     let share_of_failures = ratio(n, ev.failures());
     let consistency = share_of_failures * impact(ev.failure_ratio(), FULL_IMPACT_RATIO);
-    let times: Vec<SystemTime> = matching.iter().map(|f| f.time).collect();
+    let episodes: Vec<Episode> = matching.iter().map(FailedConnect::episode).collect();
     let figures = FailureFigures {
         attempts: ev.attempts,
         failures: ev.failures(),
@@ -241,10 +241,14 @@ fn failure_verdict(
     Some(verdict(
         finding(figures),
         confidence(n, consistency),
-        &times,
+        &episodes,
         ev.active(),
         next_step,
     ))
+}
+
+fn instants(times: &[SystemTime]) -> Vec<Episode> {
+    times.iter().copied().map(Episode::at).collect()
 }
 
 fn evidence<F>(figures: F, owners: &Owners) -> Evidence<F> {
@@ -404,7 +408,7 @@ fn local_drop(key: &Destination, ev: &DestinationEvidence, owners: &Owners) -> O
     Some(verdict(
         Finding::LocalDrop(evidence(figures, owners)),
         confidence(n, consistency),
-        &ev.syn_drop_times,
+        &instants(&ev.syn_drop_times),
         ev.active(),
         format!(
             "{what}: {}.",
@@ -513,7 +517,7 @@ fn listen_overflow(
     Some(verdict(
         Finding::ListenOverflow(evidence(figures, owners)),
         confidence(n, impact(ratio(n, population), FULL_IMPACT_RATIO)),
-        &ev.listen_overflow_times,
+        &instants(&ev.listen_overflow_times),
         ev.active(),
         format!(
             "The accept queue of {dest}{backlog} overflowed {n} times: the service does not \
@@ -586,7 +590,7 @@ fn conntrack_full(
             n,
             ratio(n, ev.failures()) * impact(ev.failure_ratio(), FULL_IMPACT_RATIO),
         ),
-        &times,
+        &instants(&times),
         ev.active(),
         format!(
             "Connects to {dest} fail while connection tracking on this host fails to track new \
@@ -659,7 +663,7 @@ fn lossy(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Option<Verdic
     Some(verdict(
         Finding::Lossy(evidence(figures, owners)),
         confidence(n, consistency),
-        times,
+        &instants(times),
         ev.active(),
         format!(
             "Segments to {dest} are lost or queued out: check interface errors and drops on \
@@ -684,7 +688,7 @@ fn reset_midstream(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Opt
     Some(verdict(
         Finding::ResetMidstream(evidence(figures, owners)),
         confidence(n, impact(share, FULL_RESET_SHARE)),
-        &ev.resets_received_midstream,
+        &instants(&ev.resets_received_midstream),
         ev.active(),
         format!(
             "The peer at {dest} resets established connections: compare the reset times with \
@@ -723,7 +727,7 @@ fn local_resets(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Option
     Some(verdict(
         Finding::LocalResets(evidence(figures, owners)),
         confidence(n, impact(share, FULL_RESET_SHARE)),
-        &ev.resets_sent,
+        &instants(&ev.resets_sent),
         ev.active(),
         format!("This host resets connections to its own {dest}: {cause}."),
     ))
@@ -813,7 +817,7 @@ fn slow_handshakes(
     let mut slow_us: Vec<u64> = slow.iter().map(|(_, us)| *us).collect();
     slow_us.sort_unstable();
     let slow_p50 = percentile(&slow_us, 0.5).unwrap_or(0);
-    let times: Vec<SystemTime> = slow.iter().map(|(t, _)| *t).collect();
+    let episodes: Vec<Episode> = slow.iter().map(|(t, _)| Episode::at(*t)).collect();
     let figures = SlowHandshakeFigures {
         handshakes: by_time.len() as u64,
         slow: n,
@@ -844,7 +848,7 @@ fn slow_handshakes(
     Some(verdict(
         Finding::SlowHandshakes(evidence(figures, owners)),
         confidence(n, impact(share, 0.25) * (1.0 - ev.failure_ratio())),
-        &times,
+        &episodes,
         ev.active(),
         next_step,
     ))
@@ -967,9 +971,9 @@ pub(super) fn pool_verdicts(
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let times: Vec<SystemTime> = failing
+        let episodes: Vec<Episode> = failing
             .iter()
-            .flat_map(|(_, ev)| ev.failed.iter().map(|f| f.time))
+            .flat_map(|(_, ev)| ev.failed.iter().map(FailedConnect::episode))
             .collect();
         let active = members
             .iter()
@@ -991,7 +995,7 @@ pub(super) fn pool_verdicts(
         let v = verdict(
             Finding::PoolPartialFailure(evidence(figures, &owners)),
             confidence(failures, consistency),
-            &times,
+            &episodes,
             active,
             format!(
                 "Among the destinations on port {port}, {} {} while {} work: the network is \

@@ -37,6 +37,10 @@ pub struct WindowSummary {
     /// rest on the events that were delivered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events_lost: Option<std::collections::BTreeMap<String, u64>>,
+    /// How much of the window the agent was running for (`connprobe diagnose` only): less
+    /// than `seconds` when it started inside the window, and the verdicts rest on that part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_seconds: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -296,9 +300,51 @@ pub struct NotEnoughDataFigures {
     pub min_events: u64,
 }
 
+impl Finding {
+    /// Every verdict's evidence names its owners.
+    pub fn owners(&self) -> &Owners {
+        match self {
+            Finding::Refused(e) => &e.owners,
+            Finding::LocalDrop(e) => &e.owners,
+            Finding::ConntrackFull(e) => &e.owners,
+            Finding::ListenOverflow(e) => &e.owners,
+            Finding::Blackhole(e) => &e.owners,
+            Finding::Unreachable(e) => &e.owners,
+            Finding::Lossy(e) => &e.owners,
+            Finding::ResetMidstream(e) => &e.owners,
+            Finding::LocalResets(e) => &e.owners,
+            Finding::SlowHandshakes(e) => &e.owners,
+            Finding::PoolPartialFailure(e) => &e.owners,
+            Finding::Healthy(e) => &e.owners,
+            Finding::NotEnoughData(e) => &e.owners,
+        }
+    }
+}
+
 impl VerdictId {
     pub fn as_str(self) -> &'static str {
         self.into()
+    }
+
+    /// The verdict in one short word, for the console's column: `refused`, `blackhole`,
+    /// `unreachable`, `lossy`, `peer-resets`, `local-reset`, `slow`, `pool`, `healthy`, and
+    /// `unclear` for not enough data (or failures no verdict explains).
+    pub fn word(self) -> &'static str {
+        match self {
+            VerdictId::Refused => "refused",
+            VerdictId::LocalDrop => "local-drop",
+            VerdictId::ConntrackFull => "conntrack",
+            VerdictId::ListenOverflow => "overflow",
+            VerdictId::Blackhole => "blackhole",
+            VerdictId::Unreachable => "unreachable",
+            VerdictId::Lossy => "lossy",
+            VerdictId::ResetMidstream => "peer-resets",
+            VerdictId::LocalResets => "local-reset",
+            VerdictId::SlowHandshakes => "slow",
+            VerdictId::PoolPartialFailure => "pool",
+            VerdictId::Healthy => "healthy",
+            VerdictId::NotEnoughData => "unclear",
+        }
     }
 
     /// Whether the verdict names a problem (everything but `healthy` and `not_enough_data`).

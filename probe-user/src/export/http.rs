@@ -1,4 +1,5 @@
-//! The HTTP endpoints: `GET /metrics` (Prometheus text format), `/healthz`, `/diagnose`.
+//! The HTTP endpoints: `GET /metrics` (Prometheus text format), `/healthz`, `/diagnose`,
+//! `/destinations` (the view `connprobe top` reads).
 //!
 //! hyper 1 (HTTP/1.1 only) on the agent's tokio runtime: a maintained parser is safer than a
 //! hand-written one on a port other programs can reach, and it gives header size limits and
@@ -55,6 +56,10 @@ pub type DiagnoseFn = dyn Fn(Option<Duration>) -> (u16, String) + Send + Sync;
 /// Answers `/metrics`: the text exposition format. Runs on a blocking thread.
 pub type MetricsFn = dyn Fn() -> String + Send + Sync;
 
+/// Answers `/destinations?QUERY` (given the query string as sent): an HTTP status and a JSON
+/// body (`export::view`). Runs on a blocking thread.
+pub type DestinationsFn = dyn Fn(Option<String>) -> (u16, String) + Send + Sync;
+
 /// What the endpoints serve.
 pub struct HttpState {
     pub metrics: Arc<MetricsFn>,
@@ -63,6 +68,8 @@ pub struct HttpState {
     pub ready: AtomicBool,
     /// `/diagnose`; 404 when `None`.
     pub diagnose: Option<Arc<DiagnoseFn>>,
+    /// `/destinations` (`connprobe top`'s view); 404 when `None`.
+    pub destinations: Option<Arc<DestinationsFn>>,
 }
 
 impl HttpState {
@@ -72,7 +79,14 @@ impl HttpState {
             metrics,
             ready: AtomicBool::new(false),
             diagnose,
+            destinations: None,
         }
+    }
+
+    /// Serves `/destinations` with `destinations`.
+    pub fn with_destinations(mut self, destinations: Arc<DestinationsFn>) -> Self {
+        self.destinations = Some(destinations);
+        self
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -264,10 +278,28 @@ async fn respond(state: &HttpState, request: Request<Incoming>) -> Response<Full
                 ),
             }
         }
+        "/destinations" => {
+            let Some(destinations) = state.destinations.clone() else {
+                return reply(StatusCode::NOT_FOUND, TEXT, "destinations are not served\n");
+            };
+            let query = request.uri().query().map(str::to_string);
+            match tokio::task::spawn_blocking(move || destinations(query)).await {
+                Ok((status, body)) => reply(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    JSON,
+                    body,
+                ),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    TEXT,
+                    format!("destinations failed: {e}\n"),
+                ),
+            }
+        }
         _ => reply(
             StatusCode::NOT_FOUND,
             TEXT,
-            "not found: try /metrics, /healthz or /diagnose\n",
+            "not found: try /metrics, /healthz, /diagnose or /destinations\n",
         ),
     }
 }
@@ -287,7 +319,7 @@ fn window_param(query: Option<&str>) -> Result<Option<Duration>, String> {
     Ok(None)
 }
 
-fn percent_decode(s: &str) -> Option<String> {
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let mut out = Vec::with_capacity(s.len());
     let mut bytes = s.bytes();
     while let Some(b) = bytes.next() {
@@ -390,6 +422,22 @@ mod tests {
             .await
             .expect("serve stops when the shutdown sender is gone")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn destinations_get_the_query_as_sent() {
+        let destinations: Arc<DestinationsFn> = Arc::new(|query: Option<String>| match query {
+            Some(q) => (200, format!("{{\"query\":{q:?}}}")),
+            None => (400, "{}".to_string()),
+        });
+        let (addr, _shutdown, _task) = start(state(None).with_destinations(destinations)).await;
+        let (status, head, body) = get(addr, "GET /destinations?window=5m&destination=a%3A1").await;
+        assert_eq!(status, 200);
+        assert_eq!(body, "{\"query\":\"window=5m&destination=a%3A1\"}");
+        assert!(head.contains("content-type: application/json"), "{head}");
+        assert_eq!(get(addr, "GET /destinations").await.0, 400);
+        let (addr, _shutdown, _task) = start(state(None)).await;
+        assert_eq!(get(addr, "GET /destinations").await.0, 404);
     }
 
     #[tokio::test]

@@ -2,4 +2,4 @@
 pub mod http;
 pub mod json_log;
 pub mod prometheus;
-pub mod table;
+pub mod view;

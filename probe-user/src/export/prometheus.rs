@@ -38,7 +38,7 @@ struct Family {
     labels: &'static [&'static str],
 }
 
-const FAMILIES: [Family; 15] = [
+const FAMILIES: [Family; 16] = [
     Family {
         name: "connprobe_connect_attempts_total",
         help: "Connects this host opened to the destination (established or failed).",
@@ -126,6 +126,15 @@ const FAMILIES: [Family; 15] = [
         labels: &["stage"],
     },
     Family {
+        name: "connprobe_own_traffic_events_total",
+        help: "Events of the agent's own connections (to or from its HTTP endpoint: scrapes, \
+               diagnose, top), left out of the log, the destinations and the verdicts unless \
+               --include-own-traffic is given.",
+        kind: MetricType::COUNTER,
+        per_destination: false,
+        labels: &[],
+    },
+    Family {
         name: "connprobe_destinations_tracked",
         help: "Destinations that currently have their own destination label.",
         kind: MetricType::GAUGE,
@@ -170,10 +179,11 @@ const LISTEN_OVERFLOWS: usize = 7;
 const CONNTRACK: usize = 8;
 const EVENTS: usize = 9;
 const LOST: usize = 10;
-const TRACKED: usize = 11;
-const FOLDED: usize = 12;
-const BUNDLES: usize = 13;
-const BUILD_INFO: usize = 14;
+const OWN_TRAFFIC: usize = 11;
+const TRACKED: usize = 12;
+const FOLDED: usize = 13;
+const BUNDLES: usize = 14;
+const BUILD_INFO: usize = 15;
 
 /// What the collector reads.
 #[derive(Clone)]
@@ -267,7 +277,8 @@ fn label_names(family: &Family, by_comm: bool) -> Vec<&'static str> {
 /// the destination gauges, build info) are there at 0 from the start.
 fn families(snapshot: &Snapshot, tally: &Tally, bundles: u64) -> Vec<MetricFamily> {
     let mut metrics: Vec<Vec<proto::Metric>> = FAMILIES.iter().map(|_| Vec::new()).collect();
-    for d in &snapshot.destinations {
+    // Destinations without a label now are in the snapshot for their windows only.
+    for d in snapshot.destinations.iter().filter(|d| d.labelled) {
         destination_series(d, &mut metrics);
     }
     let c = &snapshot.conntrack;
@@ -286,6 +297,7 @@ fn families(snapshot: &Snapshot, tally: &Tally, bundles: u64) -> Vec<MetricFamil
         let value = tally.lost(*stage) as f64;
         metrics[LOST].push(counter(&[("stage", stage.name())], value));
     }
+    metrics[OWN_TRAFFIC].push(counter(&[], tally.own_traffic() as f64));
     metrics[TRACKED].push(gauge(&[], snapshot.tracked as f64));
     metrics[FOLDED].push(counter(&[], snapshot.folded_total as f64));
     metrics[BUNDLES].push(counter(&[], bundles as f64));
@@ -458,6 +470,7 @@ mod tests {
             assert!(text.contains(&line), "{line} missing in\n{text}");
         }
         assert!(text.contains("\nconnprobe_destinations_tracked 0\n"));
+        assert!(text.contains("\nconnprobe_own_traffic_events_total 0\n"));
         assert!(text.contains("\nconnprobe_destinations_folded_total 0\n"));
         let build = format!(
             "connprobe_build_info{{version=\"{}\"}} 1",
@@ -497,6 +510,7 @@ mod tests {
             ("connprobe_conntrack_drops_total", "counter"),
             ("connprobe_events_total", "counter"),
             ("connprobe_events_lost_total", "counter"),
+            ("connprobe_own_traffic_events_total", "counter"),
             ("connprobe_destinations_tracked", "gauge"),
             ("connprobe_destinations_folded_total", "counter"),
             ("connprobe_evidence_bundles_total", "counter"),

@@ -855,7 +855,8 @@ fn bursts_of_refusals_are_bursty_with_their_times() {
     assert_eq!(v.pattern, Pattern::Bursty);
     assert_eq!(v.bursts.len(), 2);
     assert_eq!(v.bursts[0].failures, 10);
-    assert_eq!(v.bursts[0].duration_seconds, 9.0);
+    // From the first refused connect's SYN, 1 ms before its failure, to the last failure.
+    assert_eq!(v.bursts[0].duration_seconds, 9.001);
     assert_eq!(v.bursts[1].failures, 5);
 
     let steady: Vec<_> = (0..300)
@@ -870,6 +871,71 @@ fn bursts_of_refusals_are_bursty_with_their_times() {
     assert_eq!(
         top(&judged(&steady), "10.0.0.1:80").pattern,
         Pattern::Steady
+    );
+}
+
+/// Issue 18: the pattern disagreed with its own evidence. Twelve refusals within one
+/// millisecond and nothing else were `steady` with one burst listed; three connects giving up
+/// together after two seconds of SYN retransmits were `bursty`. One rule now: a problem that
+/// was there for all the time the destination was watched is `steady` and lists no burst.
+#[test]
+fn a_lone_episode_is_steady_and_lists_no_burst() {
+    let start = at(0.0);
+    let refusals: Vec<Event> = (0..12)
+        .map(|i| {
+            let t = start + std::time::Duration::from_micros(80 * i);
+            connect_failed("127.0.0.1:1", t, FailureReason::Refused, 0)
+        })
+        .chain((0..12).map(|i| {
+            let t = start + std::time::Duration::from_micros(80 * i + 10);
+            reset_received("127.0.0.1:1", t, TcpState::SynSent)
+        }))
+        .collect();
+    let v = top(&judged(&refusals), "127.0.0.1:1");
+    assert_eq!(v.id(), VerdictId::Refused);
+    assert_eq!((v.pattern, v.bursts.len()), (Pattern::Steady, 0), "{v:#?}");
+
+    // Three connects started together at `from`, their SYNs resent after 1 and 2 s, given up
+    // at 2.001 s.
+    let give_ups = |from: f64| {
+        let mut events = Vec::new();
+        for s in [1.0, 2.0] {
+            for _ in 0..3 {
+                events.push(retransmit(
+                    "10.0.0.2:8082",
+                    at(from + s),
+                    TcpState::SynSent,
+                    1,
+                ));
+            }
+        }
+        for _ in 0..3 {
+            events.push(connect_failed(
+                "10.0.0.2:8082",
+                at(from + 2.001),
+                FailureReason::Cancelled,
+                2,
+            ));
+        }
+        events
+    };
+    let v = top(&judged(&give_ups(0.0)), "10.0.0.2:8082");
+    assert_eq!(v.id(), VerdictId::Blackhole);
+    assert_eq!((v.pattern, v.bursts.len()), (Pattern::Steady, 0), "{v:#?}");
+
+    // The same give-ups after a minute of good connects: an episode set apart by quiet.
+    let mut after_good: Vec<Event> = (0..60)
+        .map(|i| connect_ok("10.0.0.2:8082", at(i as f64), 300))
+        .collect();
+    after_good.extend(give_ups(60.0));
+    let v = top(&judged(&after_good), "10.0.0.2:8082");
+    assert_eq!(v.id(), VerdictId::Blackhole);
+    assert_eq!(v.pattern, Pattern::Bursty, "{v:#?}");
+    assert_eq!(v.bursts.len(), 1);
+    assert_eq!(
+        (v.bursts[0].failures, v.bursts[0].duration_seconds),
+        (3, 2.001),
+        "the episode runs from the SYNs to the give-ups"
     );
 }
 
