@@ -24,7 +24,7 @@ use probe_common::{
 };
 
 use crate::{
-    access::{Kernel, Raw, Typed},
+    access::{Kernel, Raw},
     connects::{self, Match},
     emit::{emit, finish, header, now_ns, unknown_owner},
     maps::{DROP_COUNTS, DROP_FILTER, LISTENERS, bump, offset},
@@ -38,7 +38,10 @@ const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
-/// Linux 6.11 and later: the receiving socket is an argument.
+/// Linux 6.11 and later: the receiving socket is an argument. The arguments' BTF types would
+/// allow direct loads, but the body reads through `bpf_probe_read_kernel` as the classic program
+/// does: the typed variant of `attribute` needs more stack than the verifier allows, and only
+/// packets past the reason filter pay for it.
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn drop_btf(ctx: BtfTracePointContext) -> u32 {
     let reason: u32 = ctx.arg(2);
@@ -47,7 +50,7 @@ pub fn drop_btf(ctx: BtfTracePointContext) -> u32 {
     }
     let skb: u64 = ctx.arg(0);
     let rx_sk: u64 = ctx.arg(3);
-    finish(&ctx, "kfree_skb", on_drop(Typed, skb, reason, rx_sk, None))
+    finish(&ctx, "kfree_skb", on_drop(Raw, skb, reason, rx_sk, None))
 }
 
 /// Kernels before 6.11: no `rx_sk`.
@@ -58,7 +61,7 @@ pub fn drop_btf_older(ctx: BtfTracePointContext) -> u32 {
         return 0;
     }
     let skb: u64 = ctx.arg(0);
-    finish(&ctx, "kfree_skb", on_drop(Typed, skb, reason, 0, None))
+    finish(&ctx, "kfree_skb", on_drop(Raw, skb, reason, 0, None))
 }
 
 #[tracepoint]
@@ -111,8 +114,10 @@ struct Packet {
 
 /// How a dropped packet relates to this host.
 struct Attribution {
-    /// The packet left this host's end (else it arrived at it).
-    leaving: bool,
+    /// 1: the packet left this host's end; 0: it arrived at it. (Not a `bool`: the BTF rustc
+    /// emits for a `Result` of a struct with a niche puts the enum's tag inside a union at a
+    /// non-zero offset, which the kernel's BTF check refuses.)
+    leaving: u8,
     side: u8,
     owner: Owner,
 }
@@ -238,7 +243,7 @@ fn attribute<K: Kernel>(
     let mut attribution = match leaving {
         Some(leaving) => match connect_of(packet, leaving) {
             Some(owner) => Attribution {
-                leaving,
+                leaving: u8::from(leaving),
                 side: side::CLIENT,
                 owner,
             },
@@ -258,12 +263,12 @@ fn attribute<K: Kernel>(
             };
             match (sent, answered) {
                 (Some(owner), _) => Attribution {
-                    leaving: true,
+                    leaving: 1,
                     side: side::CLIENT,
                     owner,
                 },
                 (None, Some(owner)) => Attribution {
-                    leaving: false,
+                    leaving: 0,
                     side: side::CLIENT,
                     owner,
                 },
@@ -284,7 +289,7 @@ fn attribute<K: Kernel>(
         }
     };
     // A DNS packet: the end on port 53 is the server.
-    let (local, remote) = if attribution.leaving {
+    let (local, remote) = if attribution.leaving != 0 {
         (packet.sport, packet.dport)
     } else {
         (packet.dport, packet.sport)
@@ -340,13 +345,13 @@ fn served(namespace: u32, packet: &Packet, leaving: bool) -> Attribution {
             let mut owner = listener.owner;
             owner.side = side::SERVER;
             Attribution {
-                leaving,
+                leaving: u8::from(leaving),
                 side: side::SERVER,
                 owner,
             }
         }
         _ => Attribution {
-            leaving,
+            leaving: u8::from(leaving),
             side: side::UNKNOWN,
             owner: unknown_owner(side::UNKNOWN),
         },
@@ -386,7 +391,7 @@ fn endpoints(packet: &Packet, leaving: bool) -> Endpoints {
 }
 
 fn direction_of(attribution: &Attribution) -> u8 {
-    if attribution.leaving {
+    if attribution.leaving != 0 {
         direction::SENT
     } else {
         direction::RECEIVED
@@ -400,7 +405,7 @@ fn report(packet: &Packet, attribution: &Attribution, reason: u32) {
     owner.side = attribution.side;
     let event = DropEvent {
         header: header(EventKind::Drop, now_ns()),
-        endpoints: endpoints(packet, attribution.leaving),
+        endpoints: endpoints(packet, attribution.leaving != 0),
         owner,
         reason,
         protocol: packet.protocol,
@@ -415,7 +420,7 @@ fn report(packet: &Packet, attribution: &Attribution, reason: u32) {
 #[inline(never)]
 fn count(packet: &Packet, attribution: &Attribution, reason: u32) {
     let key = DropKey {
-        endpoints: endpoints(packet, attribution.leaving),
+        endpoints: endpoints(packet, attribution.leaving != 0),
         reason,
         side: attribution.side,
         direction: direction_of(attribution),
