@@ -44,7 +44,8 @@ const GIVE_UP: Duration = Duration::from_millis(1600);
 /// them about once a second; the first reading is the baseline).
 const BASELINE: Duration = Duration::from_millis(2500);
 const WINDOW: &str = "2m";
-/// Set to a path to keep the text of `connprobe diagnose` from the run (for the README).
+/// Set to a path to keep the text of `connprobe diagnose` from the run, and one event line of
+/// each new type beside it (`PATH.events`), for the README.
 const SAVE_TEXT_ENV: &str = "CONNPROBE_DROPS_DIAGNOSE_TEXT";
 
 #[test]
@@ -149,6 +150,18 @@ fn scenario(subnet: u8, hooks: &str) -> anyhow::Result<()> {
     let log = agent.stop()?;
     drop(listener);
     let log = lab_events(&lab, &log);
+    if let Some(path) = std::env::var_os(SAVE_TEXT_ENV) {
+        // Beside the text, one line of each new type, for the README.
+        let mut lines = String::new();
+        for kind in ["drop", "listen_overflow"] {
+            if let Some(e) = log.iter().find(|e| e["type"] == kind) {
+                lines.push_str(&format!("{e}\n"));
+            }
+        }
+        let mut path = std::path::PathBuf::from(path);
+        path.set_extension("events");
+        std::fs::write(path, lines)?;
+    }
 
     // One event per dropped packet, each the connecting process's SYN.
     for (port, counted) in [(OUTPUT_DROP, output_counted), (INPUT_DROP, input_counted)] {
