@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 pub use crate::loader::HookMode;
 use crate::{
     export::{json_log::Encoder, view::ViewWindow},
-    units::parse_duration,
+    units::{parse_duration, parse_size},
 };
 
 /// Default address of the metrics, health and diagnose endpoints: loopback only.
@@ -49,6 +49,17 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub json_log: Option<PathBuf>,
 
+    /// Rotate the JSON log file before a line would take it past this size (`1048576`, `512K`,
+    /// `100M`, `1G`): PATH becomes PATH.1, PATH.1 becomes PATH.2, and so on.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "json_log")]
+    pub json_log_max_size: Option<u64>,
+
+    /// Rotated JSON log files kept beside PATH (PATH.1, newest, to PATH.N) with
+    /// --json-log-max-size; older ones are deleted.
+    #[arg(long, value_name = "N", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub json_log_max_files: u32,
+
     /// Stop cleanly after this long (e.g. `10`, `30s`, `5m`; a bare number is seconds).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub duration: Option<Duration>,
@@ -60,6 +71,13 @@ pub struct RunArgs {
     /// Do not serve metrics at all.
     #[arg(long, conflicts_with = "metrics_addr")]
     pub no_metrics: bool,
+
+    /// TLS and basic authentication for the metrics endpoint, in the web configuration format
+    /// of Prometheus exporters (exporter-toolkit): `tls_server_config` (cert_file, key_file,
+    /// client_auth_type, client_ca_file) and `basic_auth_users` (bcrypt hashes). Read again on
+    /// SIGHUP.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_metrics")]
+    pub web_config_file: Option<PathBuf>,
 
     /// Destinations that get their own label; the rest fold into destination="other".
     #[arg(long, value_name = "N", default_value_t = 500)]

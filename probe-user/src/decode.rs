@@ -302,6 +302,8 @@ fn decode(bytes: &[u8], decoder: &Decoder) -> Result<Event, DecodeError> {
     };
     let (src, dst) = addresses(&endpoints)?;
     Ok(Event {
+        // Numbered by the reader, in the order it hands events on.
+        seq: 0,
         time: clock.wall(header.timestamp_ns),
         process: process(&owner),
         side: side_of(owner.side)?,

@@ -33,6 +33,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
+    limit_malloc_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("connprobe")
@@ -41,4 +42,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(pipeline::run(args))
+}
+
+/// glibc gives threads that allocate at once arenas of their own (up to 8 per core), and each
+/// keeps its own high-water mark: the aggregator's slots and the event batches, made on the
+/// reader thread and freed on the log writer's, held a second arena of 13 MiB after 100,000
+/// destinations, beside a main heap of 12 MiB (62 MiB resident in all; with one arena, 45).
+/// The agent's few threads take turns far more than they contend for the allocator.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; called before any other thread starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
 }

@@ -31,6 +31,7 @@ use crate::{
         json_log,
         prometheus::{PrometheusExporter, Sources},
         view::{View, ViewRequest, ViewSources},
+        web_config::WebSecurity,
     },
     loader::{self, KernelMaps, LoaderConfig, read_counter},
     logging,
@@ -64,6 +65,33 @@ fn kernel_counts(counters: &PerCpuArray<MapData, u64>) -> KernelCounts {
     }
 }
 
+/// Reads `--web-config-file` again (SIGHUP): new certificates and users apply to the
+/// connections accepted from then on. A file that no longer loads keeps the old settings.
+fn reload_web_config(path: Option<&std::path::Path>, http: &HttpState) {
+    let Some(path) = path else { return };
+    match tokio::task::block_in_place(|| WebSecurity::load(path)) {
+        Ok(web) => {
+            http.set_web_security(web);
+            tracing::info!("read the web config {} again", path.display());
+        }
+        Err(e) => tracing::error!("{e}; the metrics endpoint keeps its previous settings"),
+    }
+}
+
+/// Size rotation of the JSON log, from `--json-log-max-size` and `--json-log-max-files`.
+fn log_rotation(args: &RunArgs) -> anyhow::Result<Option<json_log::Rotation>> {
+    let Some(max_size) = args.json_log_max_size else {
+        return Ok(None);
+    };
+    if args.json_log.as_deref() == Some(std::path::Path::new("-")) {
+        anyhow::bail!("--json-log-max-size rotates a file: give --json-log a path, not -");
+    }
+    Ok(Some(json_log::Rotation {
+        max_size,
+        max_files: args.json_log_max_files,
+    }))
+}
+
 /// The evidence triggers' settings from `connprobe run` flags; `None` without `--evidence-dir`.
 fn trigger_config(args: &RunArgs) -> Option<TriggerConfig> {
     Some(TriggerConfig {
@@ -74,9 +102,10 @@ fn trigger_config(args: &RunArgs) -> Option<TriggerConfig> {
     })
 }
 
-/// Every batch the reader decodes (and every one the samplers make) goes to the aggregator, the
-/// flight recorder and the JSON log's queue (losses at the queue or past a failed writer are
-/// counted in the tally), after the agent's own traffic (`own`) is taken out and counted.
+/// Every batch the reader decodes (and every one the samplers make) goes to the aggregator, the flight recorder and the JSON
+/// log's queue (losses at the queue or past a failed writer are counted in the tally), after
+/// the agent's own traffic (`own`) is taken out and counted. What is left is numbered (`seq`)
+/// here, so a gap in the log's numbers is a loss counted at `queue` or `log`, nothing else.
 fn consumer(
     aggregator: Arc<Mutex<Aggregator>>,
     recorder: Arc<Mutex<FlightRecorder>>,
@@ -92,6 +121,9 @@ fn consumer(
             if skipped > 0 {
                 tally.add_own_traffic(skipped as u64);
             }
+        }
+        for event in batch.iter_mut() {
+            event.seq = tally.next_seq();
         }
         {
             let mut aggregator = aggregator.lock().unwrap_or_else(|e| e.into_inner());
@@ -138,11 +170,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let recorder = Arc::new(Mutex::new(FlightRecorder::new(args.recorder_events)));
 
     // Bad input fails here, before anything is loaded.
-    let log_out = args.json_log.as_deref().map(json_log::open).transpose()?;
+    let log_out = args
+        .json_log
+        .as_deref()
+        .map(|path| json_log::open(path, log_rotation(&args)?))
+        .transpose()?;
     let listener = match args.no_metrics {
         true => None,
         false => Some(http::bind(args.metrics_addr).await?),
     };
+    let web_security = args
+        .web_config_file
+        .as_deref()
+        .map(|path| tokio::task::block_in_place(|| WebSecurity::load(path)))
+        .transpose()?;
     let evidence = trigger_config(&args).map(EvidenceWriter::new).transpose()?;
     let prometheus = Arc::new(PrometheusExporter::new(Sources {
         aggregator: aggregator.clone(),
@@ -153,14 +194,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }));
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
 
-    let (log_tx, log_thread) = match log_out {
+    let (log_tx, log_thread, log_reopen) = match log_out {
         Some(out) => {
-            let (tx, handle) = json_log::spawn_writer(out, args.log_encoder, tally.clone())
+            let writer = json_log::spawn_writer(out, args.log_encoder, tally.clone())
                 .context("cannot start the JSON log writer")?;
-            (Some(tx), Some(handle))
+            (Some(writer.queue), Some(writer.thread), Some(writer.reopen))
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     let (stop_http, http_stopped) = watch::channel(false);
     let diagnose: Arc<DiagnoseFn> =
@@ -175,6 +217,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let destinations: Arc<DestinationsFn> = Arc::new(view_sources.clone().handler());
     let http_state =
         Arc::new(HttpState::new(metrics, Some(diagnose)).with_destinations(destinations));
+    let scheme = web_security.as_ref().map_or("http", WebSecurity::scheme);
+    if let Some(web) = web_security {
+        http_state.set_web_security(web);
+    }
     let own_traffic =
         (!args.no_metrics && !args.include_own_traffic).then(|| OwnTraffic::new(args.metrics_addr));
     let http_task =
@@ -189,17 +235,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut readers = Vec::new();
     let mut counters = None;
     let mut samplers = None;
+    // One consumer for the reader and the samplers, behind a lock: numbering a batch (`seq`)
+    // and handing it to the log happen together, so the log's numbers stay in order.
+    let shared = Arc::new(Mutex::new(consumer(
+        aggregator.clone(),
+        recorder.clone(),
+        log_tx.clone(),
+        tally.clone(),
+        own_traffic,
+    )));
+    let shared_consumer = || {
+        let shared = shared.clone();
+        move |batch: &mut Vec<Event>| (shared.lock().unwrap_or_else(|e| e.into_inner()))(batch)
+    };
     let probes = tokio::task::block_in_place(|| {
         loader::load_and_attach(&config, |maps: KernelMaps| {
             let (stop_tx, stop_rx) = watch::channel(false);
             spawn_program_log(maps.logger, stop_rx.clone());
-            let consume = consumer(
-                aggregator.clone(),
-                recorder.clone(),
-                log_tx.clone(),
-                tally.clone(),
-                own_traffic,
-            );
+            let consume = shared_consumer();
             readers.push((
                 stop_tx,
                 spawn_reader(
@@ -224,16 +277,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     })?;
     // The samplers' events go the same way as the reader's; the empty programs of the
     // benchmark's floor count nothing.
-    let mut sampled = samplers.filter(|_| args.hooks != HookMode::Empty).map(|s| {
-        let consume = consumer(
-            aggregator.clone(),
-            recorder.clone(),
-            log_tx.clone(),
-            tally.clone(),
-            own_traffic,
-        );
-        (s, consume)
-    });
+    let mut sampled = samplers
+        .filter(|_| args.hooks != HookMode::Empty)
+        .map(|s| (s, shared_consumer()));
+    drop(shared);
     drop(log_tx);
     // Readers of a failed first attempt (before a fallback) watch maps nothing writes to.
     let (stop_reader, mut reader) = readers.pop().context("the loader started no reader")?;
@@ -260,7 +307,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     http_state.set_ready(true);
     if !args.no_metrics {
-        tracing::info!("metrics on http://{}/metrics", args.metrics_addr);
+        tracing::info!("metrics on {scheme}://{}/metrics", args.metrics_addr);
     }
 
     let stop_evidence = Arc::new(AtomicBool::new(false));
@@ -292,6 +339,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigint.recv() => break Stop::Signal("SIGINT"),
             _ = sigterm.recv() => break Stop::Signal("SIGTERM"),
+            _ = sighup.recv() => {
+                // logrotate's convention: it has renamed the log; open the path anew.
+                tracing::info!("SIGHUP received; reopening the JSON log, reading the web config");
+                if let Some(reopen) = &log_reopen {
+                    reopen.request();
+                }
+                reload_web_config(args.web_config_file.as_deref(), &http_state);
+            }
             _ = &mut deadline => break Stop::Duration,
             result = &mut reader => {
                 let err = match result {

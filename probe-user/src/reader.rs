@@ -1,5 +1,6 @@
 //! The ring buffer reader: drains the kernel's records, decodes them in place, counts them in
-//! the tally and hands each batch to the consumer the pipeline gives it.
+//! the tally and hands each batch to the consumer the pipeline gives it (which numbers them,
+//! `seq`).
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;

@@ -1,7 +1,7 @@
 //! The JSON event log's schema: one serde type, [`LogLine`], through which every event is
 //! written (the log, evidence bundles) and read back (`connprobe analyze`). One flat object per
-//! event (README "The JSON event log"): `type` first, then the fields every event has, then
-//! the kind's own. `Event` is serialised and deserialised through it, so there is no second
+//! event (README "The JSON event log"): `type` first, then the agent's sequence number `seq`,
+//! then the fields every event has, then the kind's own. `Event` is serialised and deserialised through it, so there is no second
 //! description of the format anywhere; the log writer's fast formatter is pinned to it
 //! byte for byte by a test.
 use std::{
@@ -34,6 +34,9 @@ pub enum LogLine {
 /// A line about a network namespace rather than a connection.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SampleLine<F> {
+    /// As in [`Line::seq`].
+    #[serde(default)]
+    pub seq: u64,
     #[serde(with = "rfc3339_micros")]
     pub time: SystemTime,
     #[serde(flatten)]
@@ -43,6 +46,10 @@ pub struct SampleLine<F> {
 /// The fields every line has, then the kind's own (`fields`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Line<F> {
+    /// The agent's sequence number of the event (see [`Event::seq`]); absent in logs from
+    /// before it: read as 0.
+    #[serde(default)]
+    pub seq: u64,
     /// RFC 3339 UTC with microseconds.
     #[serde(with = "rfc3339_micros")]
     pub time: SystemTime,
@@ -138,6 +145,7 @@ pub enum SchemaError {
 impl Line<()> {
     fn common(event: &Event) -> Self {
         Line {
+            seq: event.seq,
             time: event.time,
             pid: event.process.as_ref().map(|p| p.pid),
             comm: event
@@ -155,6 +163,7 @@ impl Line<()> {
 
     fn with<F>(self, fields: F) -> Line<F> {
         Line {
+            seq: self.seq,
             time: self.time,
             pid: self.pid,
             comm: self.comm,
@@ -217,6 +226,7 @@ impl From<&Event> for LogLine {
                 }))
             }
             EventDetail::Conntrack(c) => LogLine::Conntrack(SampleLine {
+                seq: event.seq,
                 time: event.time,
                 fields: ConntrackFields {
                     netns: c.netns,
@@ -232,6 +242,7 @@ impl From<&Event> for LogLine {
 impl<F> Line<F> {
     fn event(self, detail: EventDetail) -> Event {
         Event {
+            seq: self.seq,
             time: self.time,
             process: self.pid.map(|pid| Process {
                 pid,
@@ -321,7 +332,7 @@ impl TryFrom<LogLine> for Event {
             }
             LogLine::Conntrack(l) => {
                 let f = l.fields;
-                Event::namespace_sample(
+                let mut event = Event::namespace_sample(
                     l.time,
                     EventDetail::Conntrack(Conntrack {
                         netns: f.netns,
@@ -329,7 +340,9 @@ impl TryFrom<LogLine> for Event {
                         drop: f.drop,
                         early_drop: f.early_drop,
                     }),
-                )
+                );
+                event.seq = l.seq;
+                event
             }
         })
     }
@@ -479,6 +492,9 @@ pub(crate) mod tests {
             c.duration = None;
         }
         events.push(big);
+        let mut last = testing::client("10.1.1.1:80", t, testing::established(2));
+        last.seq = u64::MAX;
+        events.push(last);
         for raw in [
             &b"plain"[..],
             b"with space",
@@ -497,6 +513,11 @@ pub(crate) mod tests {
                 comm: Comm::from_kernel(&bytes),
             });
             events.push(e);
+        }
+        for (seq, event) in events.iter_mut().enumerate() {
+            if event.seq == 0 {
+                event.seq = seq as u64;
+            }
         }
         events
     }
@@ -544,7 +565,7 @@ pub(crate) mod tests {
         let event = testing::conntrack(SystemTime::UNIX_EPOCH, 2, 3);
         assert_eq!(
             serde_json::to_string(&event).unwrap(),
-            r#"{"type":"conntrack","time":"1970-01-01T00:00:00.000000Z","netns":1,"insert_failed":2,"drop":3,"early_drop":0}"#
+            r#"{"type":"conntrack","seq":0,"time":"1970-01-01T00:00:00.000000Z","netns":1,"insert_failed":2,"drop":3,"early_drop":0}"#
         );
     }
 }

@@ -50,6 +50,8 @@ pub struct Tally {
     produced: AtomicU64,
     kernel_read_errors: AtomicU64,
     undecodable: AtomicU64,
+    /// The next event's sequence number: events numbered so far.
+    sequence: AtomicU64,
     own_traffic: AtomicU64,
 }
 
@@ -61,6 +63,12 @@ impl Tally {
 
     pub fn delivered(&self, kind: EventKind) -> u64 {
         self.delivered[kind as usize].load(Relaxed)
+    }
+
+    /// The sequence number of the next event reported ([`crate::event::Event::seq`]): one
+    /// counter for the agent's life, whichever reader delivers.
+    pub fn next_seq(&self) -> u64 {
+        self.sequence.fetch_add(1, Relaxed)
     }
 
     /// `n` events lost at `stage` in the agent (queue, log).
@@ -118,7 +126,8 @@ impl Tally {
         self.lost[LossStage::Map as usize].fetch_max(kernel.lost_map, Relaxed);
     }
 
-    /// One line: events by kind, produced, lost by stage, undecodable, read errors.
+    /// One line: events by kind, produced, lost by stage, undecodable, read errors, the agent's
+    /// own traffic left out.
     pub fn line(&self) -> String {
         let kinds = EventKind::VARIANTS
             .iter()
@@ -133,10 +142,11 @@ impl Tally {
             .join(" ");
         format!(
             "events: {kinds}; produced in kernel={}; lost: {lost}; undecodable={} \
-             kernel_read_errors={}",
+             kernel_read_errors={}; own_traffic={}",
             self.produced.load(Relaxed),
             self.undecodable(),
             self.kernel_read_errors.load(Relaxed),
+            self.own_traffic(),
         )
     }
 }
@@ -150,6 +160,7 @@ mod tests {
         let tally = Tally::default();
         tally.add_delivered(EventKind::Connect, 1);
         tally.add_lost(LossStage::Queue, 2);
+        tally.add_own_traffic(4);
         let line = tally.line();
         assert!(
             line.contains("connect=1 retransmit=0 reset=0 close=0 drop=0;"),
@@ -159,6 +170,7 @@ mod tests {
             line.contains("lost: ringbuf=0 map=0 queue=2 log=0"),
             "{line}"
         );
+        assert!(line.ends_with("; own_traffic=4"), "{line}");
     }
 
     #[test]

@@ -102,7 +102,7 @@ impl Launch {
 #[derive(Clone, Debug, Default)]
 pub struct Exit {
     /// The tally line's `key=value`s (connect, retransmit, reset, close, kernel (produced),
-    /// ringbuf, map, queue, log, undecodable, kernel_read_errors).
+    /// ringbuf, map, queue, log, undecodable, kernel_read_errors, own_traffic).
     pub tally: Option<BTreeMap<String, u64>>,
     pub stderr: String,
 }
@@ -283,6 +283,30 @@ impl Agent {
 
     /// Stops the agent with SIGINT and checks that it exits 0; its stderr and tally.
     pub fn shutdown(&mut self) -> anyhow::Result<Exit> {
+        self.shutdown_with(libc::SIGINT)
+    }
+
+    /// Stops the agent with `signal` (SIGINT, SIGTERM) and checks that it exits 0; its stderr
+    /// and tally.
+    pub fn shutdown_with(&mut self, signal: libc::c_int) -> anyhow::Result<Exit> {
+        let name = signal_name(signal);
+        let status = self.end_with(signal)?;
+        let stderr = self.stderr_text();
+        if !status.success() {
+            bail!(
+                "connprobe exited with {status} after {name} (expected 0); its stderr:\n{stderr}"
+            );
+        }
+        Ok(Exit {
+            tally: parse_tally(&stderr),
+            stderr,
+        })
+    }
+
+    /// Sends `signal` and waits (at most the stop limit) for the agent to end, whatever its
+    /// exit status: e.g. SIGKILL, which leaves it no say.
+    pub fn end_with(&mut self, signal: libc::c_int) -> anyhow::Result<ExitStatus> {
+        let name = signal_name(signal);
         // On every early return the child stays in `self`, and Drop kills and reaps it.
         let child = self
             .child
@@ -290,7 +314,7 @@ impl Agent {
             .context("the agent was stopped already")?;
         let pid = libc::pid_t::try_from(child.id())?;
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(pid, libc::SIGINT) };
+        unsafe { libc::kill(pid, signal) };
         let deadline = Instant::now() + STOP_LIMIT;
         let status = loop {
             if let Some(status) = child.try_wait()? {
@@ -298,7 +322,7 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "connprobe did not exit within {STOP_LIMIT:?} of SIGINT; its stderr:\n{}",
+                    "connprobe did not exit within {STOP_LIMIT:?} of {name}; its stderr:\n{}",
                     self.stderr_text()
                 );
             }
@@ -308,16 +332,7 @@ impl Agent {
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
-        let stderr = self.stderr_text();
-        if !status.success() {
-            bail!(
-                "connprobe exited with {status} after SIGINT (expected 0); its stderr:\n{stderr}"
-            );
-        }
-        Ok(Exit {
-            tally: parse_tally(&stderr),
-            stderr,
-        })
+        Ok(status)
     }
 
     /// Stops the agent with SIGINT, checks that it exits 0, and returns every event it logged.
@@ -413,6 +428,16 @@ impl Drop for StagedBinary {
     }
 }
 
+fn signal_name(signal: libc::c_int) -> String {
+    match signal {
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGKILL => "SIGKILL".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        other => format!("signal {other}"),
+    }
+}
+
 /// The last tally line of the agent's stderr: every `key=value` after `connprobe: events:`.
 pub fn parse_tally(stderr: &str) -> Option<BTreeMap<String, u64>> {
     let line = stderr
@@ -435,11 +460,12 @@ mod tests {
 
     #[test]
     fn tally_line_parses() {
-        let line = "connprobe: events: connect=3 retransmit=45 reset=1 close=2; produced in kernel=51; lost: ringbuf=0 map=4 queue=0 log=0; undecodable=0 kernel_read_errors=0";
+        let line = "connprobe: events: connect=3 retransmit=45 reset=1 close=2; produced in kernel=51; lost: ringbuf=0 map=4 queue=0 log=0; undecodable=0 kernel_read_errors=0; own_traffic=7";
         let tally = parse_tally(&format!("noise\n{line}\n")).unwrap();
         assert_eq!(tally["connect"], 3);
         assert_eq!(tally["kernel"], 51);
         assert_eq!(tally["map"], 4);
         assert_eq!(tally["kernel_read_errors"], 0);
+        assert_eq!(tally["own_traffic"], 7);
     }
 }

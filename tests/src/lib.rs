@@ -10,13 +10,17 @@
 //! Everything here needs root and a kernel that lets connprobe attach; run it through
 //! `cargo xtask test`, which builds the agent and sets `CONNPROBE_BIN`.
 pub mod agent;
+pub mod bpf;
 pub mod clients;
 pub mod events;
 pub mod expect;
 pub mod http;
 pub mod lab;
 pub mod netns;
+pub mod prometheus;
+pub mod seqlog;
 pub mod socket;
+pub mod storm;
 pub mod traffic;
 pub mod verdict_lab;
 

@@ -2,7 +2,8 @@
 //!
 //! `setup` installs what a task needs where it is missing (system packages, see `packages`, and
 //! the eBPF toolchain), `build` builds the agent (its build script builds and embeds the eBPF
-//! object), `run` runs it, `test` runs every check CI runs, `bench` measures it.
+//! object), `run` runs it, `test` runs every check CI runs, `bench` measures it, `soak` runs
+//! the fault tests too long for CI.
 mod bench;
 mod build;
 mod cmd;
@@ -10,6 +11,7 @@ mod matrix;
 mod packages;
 mod run;
 mod setup;
+mod soak;
 mod test;
 
 use std::{ffi::OsString, process::ExitCode};
@@ -59,6 +61,9 @@ enum Task {
     /// Set up, build (release), then measure connprobe's cost side by side with the peers
     /// (needs root; several minutes, `--quick` for a smoke run).
     Bench(bench::Options),
+    /// Set up, build (release), then run the fault tests too long for CI (200,000 half-open
+    /// connects: the kernel's socket map bound, the agent's memory); needs root, a few minutes.
+    Soak,
 }
 
 fn main() -> ExitCode {
@@ -73,6 +78,7 @@ fn main() -> ExitCode {
         Task::Run { args } => run::run(&args, install),
         Task::Test(options) => test::run(&options, install),
         Task::Bench(options) => bench::run(&options, install),
+        Task::Soak => soak::run(install),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -83,6 +83,8 @@ pub const REQUIREMENTS: &[Requirement] = &[
     // Inspecting loaded programs; the bench names its programs and refuses to run while
     // foreign programs sit on the hooks it measures.
     row("bpftool", "bpftool", Some("bpftool"), TEST_AND_BENCH),
+    // Certificates for the TLS tests of --web-config-file.
+    row("openssl", "openssl", Some("openssl"), &[Test]),
     // Real server shapes in the lab: a pre-forked server, SO_REUSEPORT processes; and the venv
     // that holds virtme-ng for the kernel matrix.
     row("python3", "python3", Some("python3"), &[Test]),

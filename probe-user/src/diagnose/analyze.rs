@@ -77,29 +77,108 @@ pub fn analyze_reader<'a, R: Read + 'a>(
     }
 }
 
+/// A line longer than this is no connprobe event (they are a few hundred bytes): it is
+/// refused without being held in memory.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// One line of input, read with [`read_line`].
+enum LineRead {
+    /// End of input.
+    End,
+    /// A line ending in a newline (`complete`) or cut off by the end of input.
+    Line { complete: bool },
+    /// A line longer than [`MAX_LINE_BYTES`], skipped to its end.
+    TooLong,
+}
+
+/// Reads one line into `line` (without its newline), holding at most `MAX_LINE_BYTES`.
+fn read_line(input: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<LineRead> {
+    line.clear();
+    let mut too_long = false;
+    let mut any = false;
+    loop {
+        let buf = match input.fill_buf() {
+            Ok(buf) => buf,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if buf.is_empty() {
+            return Ok(match (any, too_long) {
+                (false, _) => LineRead::End,
+                (true, true) => LineRead::TooLong,
+                (true, false) => LineRead::Line { complete: false },
+            });
+        }
+        any = true;
+        let (part, found) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        if !too_long && line.len() + part.len() <= MAX_LINE_BYTES {
+            line.extend_from_slice(part);
+        } else {
+            too_long = true;
+            line.clear();
+        }
+        let used = found.unwrap_or(buf.len());
+        input.consume(used);
+        if found.is_some() {
+            return Ok(match too_long {
+                true => LineRead::TooLong,
+                false => LineRead::Line { complete: true },
+            });
+        }
+    }
+}
+
+/// Calls `each` with every event of the log. A line that is not an event is an error that
+/// names it, except a last line cut off without its newline (a writer stopped mid-line): that
+/// one is skipped, and said.
 fn for_each_event(
     mut lines: impl BufRead,
     name: &str,
     mut each: impl FnMut(Event),
 ) -> anyhow::Result<()> {
-    let mut line = String::new();
+    let mut line = Vec::new();
     let mut number = 0u64;
     loop {
-        line.clear();
         number += 1;
-        let read = lines
-            .read_line(&mut line)
+        let read = read_line(&mut lines, &mut line)
             .with_context(|| format!("cannot read {name} at line {number}"))?;
-        if read == 0 {
-            return Ok(());
-        }
-        let text = line.trim();
+        let complete = match read {
+            LineRead::End => return Ok(()),
+            LineRead::TooLong => anyhow::bail!(
+                "{name} line {number} is not a connprobe event: it is longer than {} MiB \
+                 (events are a few hundred bytes)",
+                MAX_LINE_BYTES >> 20
+            ),
+            LineRead::Line { complete } => complete,
+        };
+        let Ok(text) = std::str::from_utf8(&line) else {
+            anyhow::bail!(
+                "{name} line {number} is not a connprobe event: it is not UTF-8 text \
+                 (a binary file?)"
+            );
+        };
+        let text = text.trim();
         if text.is_empty() {
             continue;
         }
-        let event = serde_json::from_str::<Event>(text)
-            .with_context(|| format!("{name} line {number} is not a connprobe event"))?;
-        each(event);
+        match serde_json::from_str::<Event>(text) {
+            Ok(event) => each(event),
+            Err(e) if !complete => {
+                tracing::warn!(
+                    "{name} ends in an incomplete line (line {number}, {} bytes, no newline: \
+                     {e}); skipped it",
+                    line.len()
+                );
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e))
+                    .with_context(|| format!("{name} line {number} is not a connprobe event"));
+            }
+        }
     }
 }
 
@@ -295,5 +374,114 @@ mod tests {
             text.contains("events.jsonl line 3 is not a connprobe event"),
             "{text}"
         );
+    }
+
+    /// `len` bytes of `fill` then a newline, made as they are read (never held whole).
+    struct Endless {
+        left: u64,
+        fill: u8,
+    }
+
+    impl Read for Endless {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.left == 0 {
+                return Ok(0);
+            }
+            let n = buf.len().min(self.left as usize);
+            buf[..n].fill(self.fill);
+            self.left -= n as u64;
+            if self.left == 0 {
+                buf[n - 1] = b'\n';
+            }
+            Ok(n)
+        }
+    }
+
+    fn error_of(log: &[u8]) -> String {
+        format!("{:#}", analyze_reader(log, "bad.jsonl", None).unwrap_err())
+    }
+
+    #[test]
+    fn a_cut_off_last_line_is_skipped_and_the_rest_judged() {
+        let events: Vec<_> = (0..5)
+            .map(|i| connect_failed("10.0.0.1:80", at(i as f64), FailureReason::Refused, 0))
+            .collect();
+        let whole = jsonl(&events);
+        let full = analyze_reader(&whole[..], "t", None).unwrap();
+        // The last line loses its end and its newline, as a writer killed mid-line leaves it.
+        let cut = &whole[..whole.len() - 40];
+        let report = analyze_reader(cut, "t", None).unwrap();
+        assert_eq!(report.window.events, 4);
+        assert_eq!(full.window.events, 5);
+        // A line cut short in the middle of the log is an error that names it.
+        let mut middle = whole[..whole.len() / 2].to_vec();
+        middle.push(b'\n');
+        middle.extend_from_slice(&whole);
+        let text = error_of(&middle);
+        assert!(
+            text.contains("bad.jsonl line 3 is not a connprobe event"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn binary_junk_is_a_clear_error() {
+        let mut junk = jsonl(&[connect_ok("10.0.0.1:80", at(0.0), 1)]);
+        junk.extend((0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
+        junk.push(b'\n');
+        let text = error_of(&junk);
+        assert!(
+            text.contains("bad.jsonl line 2 is not a connprobe event"),
+            "{text}"
+        );
+        // Valid UTF-8 that is not JSON, JSON that is not an object, nesting bombs.
+        for line in [
+            &b"\xef\xbb\xbfhello"[..],
+            b"[1,2,3]",
+            b"null",
+            &[b'['; 100_000],
+            b"{\"type\":\"connect\",\"seq\":-1}",
+        ] {
+            let mut log = line.to_vec();
+            log.push(b'\n');
+            let text = error_of(&log);
+            assert!(
+                text.contains("bad.jsonl line 1 is not a connprobe event"),
+                "{text}"
+            );
+        }
+        // A damaged gzip stream.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&jsonl(&mixed_log())).unwrap();
+        let mut compressed = gz.finish().unwrap();
+        let half = compressed.len() / 2;
+        compressed[half..].iter_mut().for_each(|b| *b ^= 0x5a);
+        assert!(analyze_reader(&compressed[..], "t.gz", None).is_err());
+    }
+
+    #[test]
+    fn a_100_mb_line_is_refused_without_holding_it() {
+        let mut log = jsonl(&[connect_ok("10.0.0.1:80", at(0.0), 1)]);
+        log.extend_from_slice(b"{\"type\":\"connect\",\"comm\":\"");
+        let huge = io::Read::chain(
+            &log[..],
+            Endless {
+                left: 100 << 20,
+                fill: b'a',
+            },
+        );
+        let err = analyze_reader(huge, "big.jsonl", None).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("big.jsonl line 2 is not a connprobe event: it is longer than 1 MiB"),
+            "{text}"
+        );
+        // Without a newline at all.
+        let endless = Endless {
+            left: 3 << 20,
+            fill: b' ',
+        };
+        let tail = io::Read::chain(&b"x"[..], endless);
+        assert!(analyze_reader(tail, "t", None).is_err());
     }
 }

@@ -233,6 +233,26 @@ mod tests {
     }
 
     #[test]
+    fn any_window_is_answered_never_a_panic() {
+        let recorder = Mutex::new(FlightRecorder::new(1000));
+        for e in mixed_log() {
+            recorder.lock().unwrap().push(&e);
+        }
+        for secs in [0, 1, 3_155_760_000, u64::MAX / 2, u64::MAX] {
+            let (status, body) = diagnose_at(
+                &recorder,
+                None,
+                SystemTime::UNIX_EPOCH,
+                Duration::from_secs(secs),
+                at(600.0),
+            );
+            assert_eq!(status, 200, "{secs}: {body}");
+            let report: Report = serde_json::from_str(&body).unwrap();
+            assert!(report.window.start.starts_with("19") || report.window.start.starts_with("20"));
+        }
+    }
+
+    #[test]
     fn the_public_handler_is_shareable() {
         let tally = Arc::new(Tally::default());
         tally.add_lost(crate::tally::LossStage::Queue, 5);

@@ -34,7 +34,12 @@ impl Window {
     /// The `length` up to `end`.
     pub fn ending_at(end: SystemTime, length: Duration) -> Self {
         Window {
-            start: end.checked_sub(length).unwrap_or(SystemTime::UNIX_EPOCH),
+            // Never before the epoch: a window longer than the clock's age (`100y`) starts
+            // there, like one too long to subtract at all.
+            start: end
+                .checked_sub(length)
+                .filter(|start| *start >= SystemTime::UNIX_EPOCH)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
             end,
         }
     }

@@ -59,6 +59,11 @@ impl FlightRecorder {
                 Some(t) => t.max(old.time),
                 None => old.time,
             });
+        } else if self.events.len() == self.events.capacity() {
+            // Grow by doubling, but never past the bound: a VecDeque left to itself would
+            // double 65,536 events into 131,072 slots for a bound of 100,000 (6 MB unused).
+            let more = self.events.len().min(self.capacity - self.events.len());
+            self.events.reserve_exact(more);
         }
         self.events.push_back(event);
     }
@@ -147,6 +152,16 @@ mod tests {
             recorder.events.capacity() < 1000,
             "never grew past its bound"
         );
+    }
+
+    #[test]
+    fn grows_to_its_bound_and_not_past_it() {
+        let mut recorder = FlightRecorder::new(10_000);
+        for i in 0..12_000 {
+            recorder.push(&connect_ok("10.0.0.1:80", at(i as f64), 100));
+        }
+        assert_eq!(recorder.len(), 10_000);
+        assert_eq!(recorder.events.capacity(), 10_000, "not doubled to 16,384");
     }
 
     #[test]

@@ -18,6 +18,11 @@ use strum::{EnumCount, EnumDiscriminants, EnumString, FromRepr, IntoStaticStr, V
 /// One TCP event on this host.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Event {
+    /// The agent's sequence number: the events it reported before this one (from 0, in the
+    /// order the kernel's records were read; the agent's own traffic, left out, takes no
+    /// number). A gap in a log is exactly the events lost after delivery (stages `queue` and
+    /// `log`); a repeat would be a duplicate.
+    pub seq: u64,
     /// Wall-clock time the kernel produced it.
     pub time: SystemTime,
     /// The process that owns the socket, where the agent knows it.
@@ -70,6 +75,7 @@ impl Event {
     pub fn namespace_sample(time: SystemTime, detail: EventDetail) -> Self {
         let none = Endpoint::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
         Event {
+            seq: 0,
             time,
             process: None,
             side: None,
@@ -352,8 +358,15 @@ pub struct Close {
 /// One end of a connection in canonical form: an IPv4-mapped IPv6 address is the IPv4 address
 /// it stands for. Made canonical once, where it is built, so every consumer compares and prints
 /// the same thing.
+///
+/// Kept as address and port (20 bytes) rather than a `SocketAddr` (32, with IPv6 flow and
+/// scope fields the kernel's events never carry): every event holds two, and the flight
+/// recorder keeps 100,000 events. Ordered as `SocketAddr` orders: IPv4 first, address, port.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Endpoint(SocketAddr);
+pub struct Endpoint {
+    ip: IpAddr,
+    port: u16,
+}
 
 impl Endpoint {
     pub fn new(ip: IpAddr, port: u16) -> Self {
@@ -361,19 +374,19 @@ impl Endpoint {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,
         };
-        Endpoint(SocketAddr::new(ip, port))
+        Endpoint { ip, port }
     }
 
     pub fn ip(&self) -> IpAddr {
-        self.0.ip()
+        self.ip
     }
 
     pub fn port(&self) -> u16 {
-        self.0.port()
+        self.port
     }
 
     pub fn socket_addr(&self) -> SocketAddr {
-        self.0
+        SocketAddr::new(self.ip, self.port)
     }
 }
 
@@ -394,13 +407,13 @@ impl FromStr for Endpoint {
 /// `ip:port`, IPv6 in brackets.
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0, f)
+        fmt::Display::fmt(&self.socket_addr(), f)
     }
 }
 
 impl fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0, f)
+        fmt::Display::fmt(&self, f)
     }
 }
 

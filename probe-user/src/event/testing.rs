@@ -26,6 +26,7 @@ pub(crate) fn event(
     detail: EventDetail,
 ) -> Event {
     Event {
+        seq: 0,
         time,
         process: Some(Process {
             pid: 42,

@@ -3,19 +3,25 @@
 //!
 //! hyper 1 (HTTP/1.1 only) on the agent's tokio runtime: a maintained parser is safer than a
 //! hand-written one on a port other programs can reach, and it gives header size limits and
-//! a header read timeout. On top of that: at most [`MAX_CONNECTIONS`] connections at once
-//! (more are closed on accept), and each connection lives at most [`MAX_CONNECTION_AGE`].
+//! a header read timeout. On top of that: at most [`MAX_CONNECTIONS`] connections at once, and
+//! each connection lives at most [`MAX_CONNECTION_AGE`]. When every slot is taken, a new
+//! connection takes the slot of the connection that has been quiet longest (one that never
+//! sent a request, or sits idle between requests); only when every connection is in the middle
+//! of a request is the new one closed. So a thousand idle or slow (slowloris) connections
+//! cannot lock a scraper out. With `--web-config-file` ([`super::web_config`]), connections
+//! are TLS (the handshake within [`HEADER_READ_TIMEOUT`]) and requests need basic auth.
 //! `/metrics` is encoded on request, on a blocking thread, by the function it is given (the
 //! Prometheus exporter, which copies a snapshot of the aggregator under its lock).
 use std::{
+    collections::HashMap,
     convert::Infallible,
     io,
     net::SocketAddr,
     sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -23,16 +29,21 @@ use http_body_util::Full;
 use hyper::{
     Method, Request, Response, StatusCode,
     body::Incoming,
-    header::{ALLOW, CONTENT_TYPE, HeaderValue},
+    header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE},
     server::conn::http1,
     service::service_fn,
 };
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
+    server::graceful::{GracefulShutdown, Watcher},
 };
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+    sync::{Notify, watch},
+};
 
+use super::web_config::WebSecurity;
 use crate::units::parse_duration;
 
 /// `Content-Type` of `/metrics`: the Prometheus text exposition format 0.0.4.
@@ -70,6 +81,9 @@ pub struct HttpState {
     pub diagnose: Option<Arc<DiagnoseFn>>,
     /// `/destinations` (`connprobe top`'s view); 404 when `None`.
     pub destinations: Option<Arc<DestinationsFn>>,
+    /// TLS, basic auth and extra headers (`--web-config-file`); none by default. Replaced
+    /// whole on a reload; a connection keeps the one it was accepted with.
+    web: RwLock<Arc<WebSecurity>>,
 }
 
 impl HttpState {
@@ -80,6 +94,7 @@ impl HttpState {
             ready: AtomicBool::new(false),
             diagnose,
             destinations: None,
+            web: RwLock::new(Arc::default()),
         }
     }
 
@@ -91,6 +106,15 @@ impl HttpState {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
+    }
+
+    /// TLS and basic auth for the connections accepted from now on.
+    pub fn set_web_security(&self, web: WebSecurity) {
+        *self.web.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(web);
+    }
+
+    fn web_security(&self) -> Arc<WebSecurity> {
+        Arc::clone(&self.web.read().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -140,6 +164,74 @@ fn bind_error(addr: SocketAddr, source: io::Error) -> HttpError {
     }
 }
 
+/// The connections being served, so that a new one can take the slot of the quietest.
+struct Connections {
+    open: Mutex<HashMap<u64, Arc<Tracked>>>,
+    next_id: AtomicU64,
+    /// When serving started: activity times are milliseconds since then.
+    epoch: Instant,
+}
+
+/// One connection's state, as its slot sees it.
+struct Tracked {
+    /// A request is being answered.
+    busy: AtomicBool,
+    /// When it was accepted or last began or finished a request (ms since `epoch`).
+    last_active: AtomicU64,
+    /// Notified to close it.
+    close: Notify,
+}
+
+impl Connections {
+    fn new() -> Self {
+        Connections {
+            open: Mutex::new(HashMap::with_capacity(MAX_CONNECTIONS)),
+            next_id: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// A slot for a new connection: a free one, or the one of the connection quiet longest
+    /// (which is closed); `None` when every connection is answering a request.
+    fn admit(&self) -> Option<(u64, Arc<Tracked>)> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.len() >= MAX_CONNECTIONS {
+            let quietest = open
+                .iter()
+                .filter(|(_, c)| !c.busy.load(Ordering::Acquire))
+                .min_by_key(|(id, c)| (c.last_active.load(Ordering::Acquire), **id))
+                .map(|(id, _)| *id)?;
+            if let Some(victim) = open.remove(&quietest) {
+                victim.close.notify_one();
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let tracked = Arc::new(Tracked {
+            busy: AtomicBool::new(false),
+            last_active: AtomicU64::new(self.now_ms()),
+            close: Notify::new(),
+        });
+        open.insert(id, Arc::clone(&tracked));
+        Some((id, tracked))
+    }
+
+    fn release(&self, id: u64) {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
+    fn mark(&self, tracked: &Tracked, busy: bool) {
+        tracked.last_active.store(self.now_ms(), Ordering::Release);
+        tracked.busy.store(busy, Ordering::Release);
+    }
+}
+
 /// Serves until `shutdown` turns true (or its sender is dropped), then gives in-flight
 /// requests [`SHUTDOWN_GRACE`] to finish.
 pub async fn serve(
@@ -148,7 +240,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let connections = Arc::new(Connections::new());
     loop {
         if *shutdown.borrow_and_update() {
             break;
@@ -170,27 +262,60 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::debug!("metrics endpoint: too many connections, closing one from {peer}");
+        let Some((id, tracked)) = connections.admit() else {
+            tracing::debug!("metrics endpoint: every connection is busy, closing one from {peer}");
             continue;
         };
-        let state = Arc::clone(&state);
-        let service = service_fn(move |request| {
-            let state = Arc::clone(&state);
-            async move { Ok::<_, Infallible>(respond(&state, request).await) }
-        });
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .max_buf_size(MAX_HEADER_BYTES)
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        let web = state.web_security();
+        let service = {
+            let (state, web, connections, tracked) = (
+                Arc::clone(&state),
+                Arc::clone(&web),
+                Arc::clone(&connections),
+                Arc::clone(&tracked),
+            );
+            service_fn(move |request| {
+                let (state, web, connections, tracked) = (
+                    Arc::clone(&state),
+                    Arc::clone(&web),
+                    Arc::clone(&connections),
+                    Arc::clone(&tracked),
+                );
+                async move {
+                    connections.mark(&tracked, true);
+                    let response = authorized(&state, &web, request).await;
+                    connections.mark(&tracked, false);
+                    Ok::<_, Infallible>(response)
+                }
+            })
+        };
+        let watcher = graceful.watcher();
+        let connections = Arc::clone(&connections);
         tokio::spawn(async move {
+            let served = async {
+                match &web.tls {
+                    Some(tls) => {
+                        match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await {
+                            Ok(Ok(stream)) => serve_connection(stream, service, watcher).await,
+                            Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+                            Err(_) => Err("no TLS handshake in time".to_string()),
+                        }
+                    }
+                    None => serve_connection(stream, service, watcher).await,
+                }
+            };
             // Past its age the connection is dropped: a scraper just reconnects.
-            if let Ok(Err(e)) = tokio::time::timeout(MAX_CONNECTION_AGE, conn).await {
-                tracing::debug!("metrics endpoint: connection from {peer}: {e}");
+            tokio::select! {
+                result = tokio::time::timeout(MAX_CONNECTION_AGE, served) => {
+                    if let Ok(Err(e)) = result {
+                        tracing::debug!("metrics endpoint: connection from {peer}: {e}");
+                    }
+                }
+                _ = tracked.close.notified() => {
+                    tracing::debug!("metrics endpoint: closed the quiet connection from {peer} to make room");
+                }
             }
-            drop(permit);
+            connections.release(id);
         });
     }
     drop(listener);
@@ -200,6 +325,49 @@ pub async fn serve(
     {
         tracing::debug!("metrics endpoint: connections still open at shutdown were dropped");
     }
+}
+
+/// HTTP/1.1 on one connection, plain or TLS.
+async fn serve_connection<I, S>(io: I, service: S, watcher: Watcher) -> Result<(), String>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = Full<Bytes>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .serve_connection(TokioIo::new(io), service);
+    watcher.watch(conn).await.map_err(|e| e.to_string())
+}
+
+/// Basic auth where the web config asks for it, then the endpoint; the config's headers on
+/// every answer.
+async fn authorized(
+    state: &HttpState,
+    web: &WebSecurity,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let allowed = match &web.auth {
+        Some(auth) => auth.allows(request.headers().get(AUTHORIZATION)).await,
+        None => true,
+    };
+    let mut response = if allowed {
+        respond(state, request).await
+    } else {
+        let mut response = reply(StatusCode::UNAUTHORIZED, TEXT, "Unauthorized\n");
+        response.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"connprobe\""),
+        );
+        response
+    };
+    for (name, value) in &web.headers {
+        response.headers_mut().insert(name.clone(), value.clone());
+    }
+    response
 }
 
 fn reply(
@@ -459,6 +627,97 @@ mod tests {
         );
         // Still serving.
         assert_eq!(get(addr, "GET /metrics").await.0, 200);
+    }
+
+    #[tokio::test]
+    async fn idle_and_slow_connections_cannot_lock_out_a_scraper() {
+        let (addr, _shutdown, _task) = start(state(None)).await;
+        // Twice the slots in connections that send nothing, and some that send a header byte
+        // now and then.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS * 2 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        for stream in idle.iter_mut().take(10) {
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..20 {
+            let started = Instant::now();
+            let (status, _, _) =
+                tokio::time::timeout(Duration::from_secs(2), get(addr, "GET /metrics"))
+                    .await
+                    .expect("a scrape gets through");
+            assert_eq!(status, 200);
+            assert!(started.elapsed() < Duration::from_millis(500));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_body_is_never_read() {
+        let (addr, _shutdown, _task) = start(state(None)).await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+            .await
+            .unwrap();
+        // A few megabytes of the promised gigabyte: the answer comes without them being read.
+        let chunk = vec![b'a'; 64 * 1024];
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            for _ in 0..16 {
+                if stream.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        let mut head = [0u8; 12];
+        let answered =
+            tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut head)).await;
+        assert!(matches!(answered, Ok(Ok(_))), "{answered:?}");
+        assert_eq!(&head, b"HTTP/1.1 405");
+        assert_eq!(get(addr, "GET /healthz").await.0, 503);
+    }
+
+    #[test]
+    fn the_quietest_idle_connection_makes_room() {
+        let connections = Connections::new();
+        let mut admitted = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            admitted.push(connections.admit().unwrap());
+        }
+        // The quietest is busy: the next quietest goes.
+        for (_, tracked) in &admitted {
+            tracked.last_active.store(1000, Ordering::Release);
+        }
+        connections.mark(&admitted[0].1, true);
+        admitted[0].1.last_active.store(0, Ordering::Release);
+        admitted[5].1.last_active.store(1, Ordering::Release);
+        let (_, newest) = connections.admit().unwrap();
+        assert!(
+            !connections
+                .open
+                .lock()
+                .unwrap()
+                .contains_key(&admitted[5].0)
+        );
+        assert!(
+            connections
+                .open
+                .lock()
+                .unwrap()
+                .contains_key(&admitted[0].0)
+        );
+        assert_eq!(connections.open.lock().unwrap().len(), MAX_CONNECTIONS);
+        // When every one is busy, there is no room.
+        for (_, tracked) in &admitted {
+            connections.mark(tracked, true);
+        }
+        connections.mark(&newest, true);
+        assert!(connections.admit().is_none());
     }
 
     #[tokio::test]

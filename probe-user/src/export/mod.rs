@@ -3,3 +3,4 @@ pub mod http;
 pub mod json_log;
 pub mod prometheus;
 pub mod view;
+pub mod web_config;

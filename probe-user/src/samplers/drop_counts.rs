@@ -81,6 +81,7 @@ pub fn event(
         _ => return Err(DecodeError::Protocol(key.protocol)),
     };
     Ok(Event {
+        seq: 0,
         time,
         process: None,
         side: decode::side_of(key.side)?,

@@ -212,6 +212,7 @@ impl Overflowing {
         };
         let record = self.known.map(|k| k.record);
         Event {
+            seq: 0,
             time,
             process: record.as_ref().and_then(|r| decode::process(&r.owner)),
             side: Some(Side::Server),

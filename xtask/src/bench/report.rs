@@ -273,7 +273,7 @@ fn fmt_value(v: &Value) -> String {
 }
 
 /// The smoke check: every tool produced its storm rate, CPU numbers and, for connprobe, every
-/// scenario its figures.
+/// scenario its figures; and the stalled reader lost nothing it did not count.
 pub fn check_every_tool_measured(tools: &[Tool], r: &Value) -> anyhow::Result<()> {
     let mut missing = Vec::new();
     for &tool in tools {
@@ -331,6 +331,12 @@ pub fn check_every_tool_measured(tools: &[Tool], r: &Value) -> anyhow::Result<()
         bail!(
             "the smoke bench produced no number for: {}",
             missing.join(", ")
+        );
+    }
+    if r.pointer("/overload/produced_equals_delivered_plus_lost") != Some(&Value::Bool(true)) {
+        bail!(
+            "overload: events produced in the kernel are neither delivered nor counted lost: {}",
+            r["overload"]
         );
     }
     println!("bench --quick: every tool ran and produced its numbers");

@@ -47,7 +47,9 @@ impl LineFormatter {
     pub fn push(&mut self, event: &Event) {
         self.raw(b"{\"type\":\"");
         self.raw(event.kind().name().as_bytes());
-        self.raw(b"\",\"time\":\"");
+        self.raw(b"\",\"seq\":");
+        self.number(event.seq);
+        self.raw(b",\"time\":\"");
         self.time(event.time);
         if let EventDetail::Conntrack(c) = &event.detail {
             // About a namespace: no connection fields.
@@ -302,7 +304,7 @@ mod tests {
         assert_eq!(
             String::from_utf8_lossy(LineFormatter::new().format(&event)),
             concat!(
-                r#"{"type":"connect","time":"2026-11-18T11:06:40.123456Z","pid":4242,"comm":"curl","#,
+                r#"{"type":"connect","seq":0,"time":"2026-11-18T11:06:40.123456Z","pid":4242,"comm":"curl","#,
                 r#""side":"client","src_ip":"10.200.0.1","src_port":40000,"dst_ip":"10.200.0.2","#,
                 r#""dst_port":8081,"outcome":"failed","reason":"refused","errno":"ECONNREFUSED","#,
                 r#""latency_us":153,"syn_retransmits":0}"#,
