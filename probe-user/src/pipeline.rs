@@ -393,7 +393,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Stop::ReaderFailed(e) => Err(e),
         _ => reader.await.context("the ring buffer reader panicked")?,
     };
-    if let Some((mut samplers, mut consume)) = sampled.take() {
+    if let Some((mut samplers, consume)) = sampled.take() {
         consume(&mut samplers.sample(SystemTime::now()));
     }
     if let Some(handle) = log_thread {
