@@ -358,7 +358,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             _ = housekeeping.tick() => {
                 if let Some((samplers, consume)) = &mut sampled {
-                    consume(&mut samplers.sample(SystemTime::now()));
+                    let mut batch = samplers.sample(SystemTime::now());
+                    tally.add_sampled(batch.len() as u64);
+                    consume(&mut batch);
                 }
                 tally.set_kernel(kernel_counts(&counters));
                 aggregator
@@ -394,7 +396,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ => reader.await.context("the ring buffer reader panicked")?,
     };
     if let Some((mut samplers, consume)) = sampled.take() {
-        consume(&mut samplers.sample(SystemTime::now()));
+        let mut batch = samplers.sample(SystemTime::now());
+        tally.add_sampled(batch.len() as u64);
+        consume(&mut batch);
     }
     if let Some(handle) = log_thread {
         let _ = tokio::task::spawn_blocking(move || handle.join()).await;

@@ -53,6 +53,9 @@ pub struct Tally {
     /// The next event's sequence number: events numbered so far.
     sequence: AtomicU64,
     own_traffic: AtomicU64,
+    /// Events the agent made from counters it read (`samplers`), not the ring buffer's: they
+    /// take sequence numbers too.
+    sampled: AtomicU64,
 }
 
 impl Tally {
@@ -96,6 +99,15 @@ impl Tally {
 
     pub fn own_traffic(&self) -> u64 {
         self.own_traffic.load(Relaxed)
+    }
+
+    /// `n` events made by the samplers handed to the consumers.
+    pub fn add_sampled(&self, n: u64) {
+        self.sampled.fetch_add(n, Relaxed);
+    }
+
+    pub fn sampled(&self) -> u64 {
+        self.sampled.load(Relaxed)
     }
 
     /// Events delivered, every kind.
@@ -142,11 +154,12 @@ impl Tally {
             .join(" ");
         format!(
             "events: {kinds}; produced in kernel={}; lost: {lost}; undecodable={} \
-             kernel_read_errors={}; own_traffic={}",
+             kernel_read_errors={}; own_traffic={}; sampled={}",
             self.produced.load(Relaxed),
             self.undecodable(),
             self.kernel_read_errors.load(Relaxed),
             self.own_traffic(),
+            self.sampled(),
         )
     }
 }
@@ -170,7 +183,7 @@ mod tests {
             line.contains("lost: ringbuf=0 map=0 queue=2 log=0"),
             "{line}"
         );
-        assert!(line.ends_with("; own_traffic=4"), "{line}");
+        assert!(line.ends_with("; own_traffic=4; sampled=0"), "{line}");
     }
 
     #[test]
