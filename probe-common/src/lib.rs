@@ -33,6 +33,19 @@ pub const DROP_COUNTS_MAP: &str = "DROP_COUNTS";
 /// The global holding [`DropReasonFilter`], set before load.
 pub const DROP_FILTER_GLOBAL: &str = "DROP_FILTER";
 
+/// Ring buffer carrying the DNS packets the cgroup_skb programs capture (see [`DnsPacket`]).
+pub const DNS_EVENTS_MAP: &str = "DNS_EVENTS";
+/// The global holding [`DnsPorts`], set before load.
+pub const DNS_PORTS_GLOBAL: &str = "DNS_PORTS";
+/// Size of the DNS ring buffer: 1 MiB holds ~1,700 packets.
+pub const DNS_RING_BYTES: u32 = 1 << 20;
+/// Bytes of a DNS packet's payload copied to the agent: the header and question of any query,
+/// and the answers of all but large responses (the rest is cut; see [`DnsPacket::payload_len`]).
+pub const DNS_PAYLOAD_BYTES: usize = 512;
+/// Ports the DNS programs watch at most (53 and up to seven `--dns-port`s).
+pub const MAX_DNS_PORTS: usize = 8;
+pub const IPPROTO_UDP: u8 = 17;
+
 /// Default ring buffer size: 4 MiB holds ~40,000 events, a few seconds of a connect storm.
 pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
 /// Default number of sockets followed at once (LRU: the least recently used is evicted).
@@ -47,7 +60,6 @@ pub const COMM_LEN: usize = 16;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
-pub const IPPROTO_UDP: u16 = 17;
 /// The DNS port: dropped packets to or from it are reported, TCP or UDP.
 pub const DNS_PORT: u16 = 53;
 
@@ -78,15 +90,19 @@ pub enum EventKind {
     Retransmit = 2,
     Reset = 3,
     Close = 4,
-    Drop = 5,
+    /// Not a TCP event of its own: a connect's first SYN left with another destination than
+    /// the socket's (DNAT on this host); the agent pairs it with the socket's events.
+    Translation = 5,
+    Drop = 6,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 5] = [
+    pub const ALL: [EventKind; 6] = [
         EventKind::Connect,
         EventKind::Retransmit,
         EventKind::Reset,
         EventKind::Close,
+        EventKind::Translation,
         EventKind::Drop,
     ];
 
@@ -96,7 +112,8 @@ impl EventKind {
             2 => Some(EventKind::Retransmit),
             3 => Some(EventKind::Reset),
             4 => Some(EventKind::Close),
-            5 => Some(EventKind::Drop),
+            5 => Some(EventKind::Translation),
+            6 => Some(EventKind::Drop),
             _ => None,
         }
     }
@@ -108,6 +125,7 @@ impl EventKind {
             EventKind::Retransmit => Counter::ProducedRetransmit,
             EventKind::Reset => Counter::ProducedReset,
             EventKind::Close => Counter::ProducedClose,
+            EventKind::Translation => Counter::ProducedTranslation,
             EventKind::Drop => Counter::ProducedDrop,
         }
     }
@@ -129,9 +147,15 @@ pub enum Counter {
     LostMap = 5,
     /// A kernel read (`bpf_probe_read_kernel`) failed; the event was dropped.
     ReadError = 6,
-    ProducedDrop = 7,
+    /// [`TranslationEvent`]s the backend program tried to emit (delivered + lost).
+    ProducedTranslation = 7,
+    /// DNS packets the cgroup_skb programs tried to hand over (delivered + lost).
+    ProducedDns = 8,
+    /// DNS packets lost because the DNS ring buffer was full.
+    LostDnsRingbuf = 9,
+    ProducedDrop = 10,
     /// Dropped data segments counted in [`DROP_COUNTS_MAP`] (not events of their own).
-    CountedDrops = 8,
+    CountedDrops = 11,
 }
 
 pub const COUNTER_SLOTS: u32 = 16;
@@ -191,6 +215,9 @@ pub struct Owner {
     pub flags: u8,
     pub _pad: [u8; 2],
     pub comm: [u8; COMM_LEN],
+    /// The cgroup v2 id of the owning process (`bpf_get_current_cgroup_id()` in its syscall
+    /// context: the inode number of its cgroup directory); 0 when not known.
+    pub cgroup_id: u64,
 }
 
 /// How a connect ended.
@@ -349,6 +376,23 @@ pub struct DropReasonFilter {
 /// Reasons up to `64 * DROP_REASON_WORDS - 1` can be reported (6.18 has 129).
 pub const DROP_REASON_WORDS: usize = 8;
 
+/// A connect's SYN left this host for `backend` rather than for the socket's own remote end
+/// (`endpoints`, the address the application connected to): a DNAT on this host (kube-proxy,
+/// an nft or iptables rule, a local load balancer) translated it. Written by the cgroup_skb
+/// egress program, which runs after the netfilter nat hooks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TranslationEvent {
+    pub header: EventHeader,
+    /// The socket's ends, as its other events carry them.
+    pub endpoints: Endpoints,
+    /// Where the SYN actually went (same family as `endpoints`; for `AF_INET` the first 4 bytes).
+    pub backend_addr: [u8; 16],
+    /// Host byte order.
+    pub backend_port: u16,
+    pub _pad: [u8; 6],
+}
+
 /// Per-socket state kept in [`SOCKETS_MAP`] from the start of a connect (or an accept) until the
 /// kernel destroys the socket. Not at CLOSE: an abortive close (SO_LINGER 0, unread data) moves
 /// the socket to CLOSE first and sends its reset after, and that reset needs the owner.
@@ -469,21 +513,72 @@ pub struct KernelOffsets {
     pub has_reset_reason: u32,
 }
 
+/// The ports the DNS programs watch, set as a global before load: a packet to or from one of
+/// the first `count` of `ports` is copied to the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsPorts {
+    pub ports: [u16; MAX_DNS_PORTS],
+    pub count: u32,
+}
+
+/// Flags in [`DnsPacket::flags`].
+pub mod dns_flags {
+    /// `tgid` and `comm` are the process that sent the packet (egress, in its syscall).
+    pub const PROCESS_KNOWN: u8 = 1;
+    /// TCP: the segment carried FIN or RST (the connection is closing).
+    pub const TCP_CLOSING: u8 = 2;
+}
+
+/// One UDP datagram or TCP segment to or from a DNS port, as a socket on this host sent
+/// ([`direction::SENT`], cgroup egress) or received it ([`direction::RECEIVED`], cgroup
+/// ingress). Addresses are the packet's own: `src` sent it, `dst` receives it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DnsPacket {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub timestamp_ns: u64,
+    /// `bpf_get_socket_cookie()` of the socket that sent or receives it (0 when none).
+    pub socket_cookie: u64,
+    pub tgid: u32,
+    /// Bytes of DNS payload (after the UDP or TCP header) the packet carried; only the first
+    /// [`DNS_PAYLOAD_BYTES`] of them are in `payload`.
+    pub payload_len: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// A [`direction`] constant.
+    pub direction: u8,
+    /// [`IPPROTO_UDP`] or [`IPPROTO_TCP`] (as u8).
+    pub transport: u8,
+    /// [`dns_flags`].
+    pub flags: u8,
+    pub _pad: [u8; 7],
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub comm: [u8; COMM_LEN],
+    pub payload: [u8; DNS_PAYLOAD_BYTES],
+}
+
 const _: () = {
+    assert!(core::mem::size_of::<DnsPorts>() == 20);
+    assert!(core::mem::size_of::<DnsPacket>() == 88 + DNS_PAYLOAD_BYTES);
     assert!(core::mem::size_of::<EventHeader>() == 16);
     assert!(core::mem::size_of::<Endpoints>() == 40);
-    assert!(core::mem::size_of::<Owner>() == 24);
-    assert!(core::mem::size_of::<ConnectEvent>() == 104);
-    assert!(core::mem::size_of::<RetransmitEvent>() == 88);
-    assert!(core::mem::size_of::<ResetEvent>() == 88);
-    assert!(core::mem::size_of::<CloseEvent>() == 112);
-    assert!(core::mem::size_of::<SocketRecord>() == 48);
+    assert!(core::mem::size_of::<Owner>() == 32);
+    assert!(core::mem::size_of::<ConnectEvent>() == 112);
+    assert!(core::mem::size_of::<RetransmitEvent>() == 96);
+    assert!(core::mem::size_of::<ResetEvent>() == 96);
+    assert!(core::mem::size_of::<CloseEvent>() == 120);
+    assert!(core::mem::size_of::<SocketRecord>() == 56);
+    assert!(core::mem::size_of::<TranslationEvent>() == 80);
     assert!(core::mem::size_of::<ListenerKey>() == 8);
-    assert!(core::mem::size_of::<ListenerRecord>() == 40);
-    assert!(core::mem::size_of::<DropEvent>() == 88);
+    assert!(core::mem::size_of::<ListenerRecord>() == 48);
+    assert!(core::mem::size_of::<DropEvent>() == 96);
     assert!(core::mem::size_of::<DropKey>() == 48);
     assert!(core::mem::size_of::<ConnectKey>() == 40);
-    assert!(core::mem::size_of::<ConnectInFlight>() == 32);
+    assert!(core::mem::size_of::<ConnectInFlight>() == 40);
     assert!(core::mem::size_of::<DropReasonFilter>() == 8 * DROP_REASON_WORDS);
     assert!(core::mem::size_of::<KernelOffsets>() == 52 * 4);
 };
@@ -499,4 +594,5 @@ mod pod {
     unsafe impl aya::Pod for ListenerRecord {}
     unsafe impl aya::Pod for DropKey {}
     unsafe impl aya::Pod for DropReasonFilter {}
+    unsafe impl aya::Pod for DnsPorts {}
 }

@@ -202,7 +202,7 @@ fn parse(head: u64, network: u16) -> Option<Packet> {
         _ => return None,
     };
     let tcp = u16::from(packet.protocol) == IPPROTO_TCP;
-    if !tcp && u16::from(packet.protocol) != IPPROTO_UDP {
+    if !tcp && packet.protocol != IPPROTO_UDP {
         return None;
     }
     let ports = Raw.read::<[u8; 14]>(l4, 0).ok()?;

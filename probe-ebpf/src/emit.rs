@@ -3,7 +3,8 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_smp_processor_id, bpf_ktime_get_ns,
     },
 };
 use aya_log_ebpf::warn;
@@ -37,6 +38,7 @@ pub fn unknown_owner(side: u8) -> Owner {
         flags: 0,
         _pad: [0; 2],
         comm: [0; COMM_LEN],
+        cgroup_id: 0,
     }
 }
 
@@ -50,6 +52,8 @@ pub fn current_owner(side: u8) -> Owner {
         flags: owner_flags::PROCESS_KNOWN,
         _pad: [0; 2],
         comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+        // The cgroup v2 id: the agent maps it to the cgroup's path, container and pod.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
     }
 }
 

@@ -7,7 +7,9 @@
 #![no_main]
 
 mod access;
+mod backend;
 mod connects;
+mod dns;
 mod drops;
 mod emit;
 mod empty;

@@ -41,8 +41,10 @@ use std::{
 use crate::{
     destination::Destination,
     event::{Comm, ConnectOutcome, Direction, Endpoint, Event, EventDetail, Phase, Side},
+    workload::ContainerLabel,
 };
 
+pub mod backends;
 pub mod folded;
 pub mod series;
 pub mod window;
@@ -50,6 +52,8 @@ pub mod window;
 pub use series::{CONNECT_DURATION_BUCKETS, DurationHistogram, Series, SideLabel};
 pub use window::{BUCKET, Counts, LatencyHistogram, LatencyPercentiles, WindowStats, covered};
 
+use backends::BackendTable;
+pub use backends::{BackendCounts, BackendSummary};
 use folded::FoldedSet;
 use window::Ring;
 
@@ -73,8 +77,17 @@ pub struct AggregatorConfig {
     pub max_destinations: usize,
     /// A destination with no event for this long frees its slot (`--destination-idle`).
     pub destination_idle: Duration,
-    /// A slot per (destination, process name) (`--by-comm`).
+    /// A slot per (destination, process name) (`--by comm`).
     pub by_comm: bool,
+    /// A slot per (destination, container) (`--by container`); with `by_comm` too, per all three.
+    pub by_container: bool,
+}
+
+/// The owner labels slots are split by.
+#[derive(Clone, Copy, Debug)]
+struct By {
+    comm: bool,
+    container: bool,
 }
 
 /// What a slot is: one destination label.
@@ -83,6 +96,8 @@ struct SlotKey {
     addr: Endpoint,
     /// Only with `by_comm`; `None` for an unknown owner.
     comm: Option<Comm>,
+    /// Only with `by_container`; `None` for an owner whose cgroup is not known.
+    container: Option<ContainerLabel>,
 }
 
 /// What a slot holds.
@@ -115,6 +130,7 @@ impl Slot {
             key: SlotKey {
                 addr: Endpoint::new([0, 0, 0, 0].into(), 0),
                 comm: None,
+                container: None,
             },
             state: SlotState::Free,
             last_seen: SystemTime::UNIX_EPOCH,
@@ -243,24 +259,36 @@ impl Slot {
         })
     }
 
+    fn container_label(&self, by: By, is_other: bool) -> Option<String> {
+        by.container.then(|| match (is_other, self.key.container) {
+            (true, _) => OTHER.to_string(),
+            (false, Some(container)) => container.as_str().to_string(),
+            (false, None) => UNKNOWN_COMM.to_string(),
+        })
+    }
+
     /// What [`DestinationSummary::label`] says of this slot.
-    fn summary_label(&self, by_comm: bool, is_other: bool) -> String {
+    fn summary_label(&self, by: By, is_other: bool) -> String {
         let mut label = match is_other {
             true => OTHER.to_string(),
             false => self.key.addr.to_string(),
         };
-        if let Some(comm) = self.comm_label(by_comm, is_other) {
+        if let Some(comm) = self.comm_label(by.comm, is_other) {
             let _ = write!(label, " ({comm})");
+        }
+        if let Some(container) = self.container_label(by, is_other) {
+            let _ = write!(label, " [{container}]");
         }
         label
     }
 
-    fn summary(&self, now: SystemTime, by_comm: bool, is_other: bool) -> DestinationSummary {
-        let comm = self.comm_label(by_comm, is_other);
+    fn summary(&self, now: SystemTime, by: By, is_other: bool) -> DestinationSummary {
+        let comm = self.comm_label(by.comm, is_other);
         DestinationSummary {
             destination: (!is_other).then_some(self.key.addr),
             labelled: self.labelled(),
             comm,
+            container: self.container_label(by, is_other),
             attempts_side: self.attempts_side,
             last_seen: self.last_seen,
             lifetime: self.life,
@@ -279,8 +307,10 @@ pub struct DestinationSummary {
     /// Whether it has its label now (and series in `/metrics`); false for one that gave up its
     /// label when idle but still has events in its windows.
     pub labelled: bool,
-    /// The `comm` label, with `--by-comm` only.
+    /// The `comm` label, with `--by comm` only.
     pub comm: Option<String>,
+    /// The `container` label (short id, `host` or `unknown`), with `--by container` only.
+    pub container: Option<String>,
     /// The side its connect attempts were made from (client, or unknown).
     pub attempts_side: Option<Side>,
     /// The latest event time seen.
@@ -309,6 +339,9 @@ impl DestinationSummary {
         let mut label = self.destination_label();
         if let Some(comm) = &self.comm {
             let _ = write!(label, " ({comm})");
+        }
+        if let Some(container) = &self.container {
+            let _ = write!(label, " [{container}]");
         }
         label
     }
@@ -358,10 +391,14 @@ pub struct Snapshot {
     pub destinations: Vec<DestinationSummary>,
     /// Whether slots are per (destination, process name).
     pub by_comm: bool,
+    /// Whether slots are per (destination, container).
+    pub by_container: bool,
     /// Destinations with their own label.
     pub tracked: usize,
     /// Distinct destinations folded into `other` (see the module docs).
     pub folded_total: u64,
+    /// Connects to translated (DNAT) destinations by backend.
+    pub backends: Vec<BackendSummary>,
     /// Connection tracking's failures, summed over the namespaces read.
     pub conntrack: ConntrackTotals,
 }
@@ -393,6 +430,7 @@ pub struct Aggregator {
     folded_total: u64,
     fingerprints: Hasher,
     conntrack: ConntrackTotals,
+    backends: BackendTable,
 }
 
 impl Aggregator {
@@ -412,11 +450,19 @@ impl Aggregator {
             folded_total: 0,
             fingerprints: Hasher::default(),
             conntrack: ConntrackTotals::default(),
+            backends: BackendTable::new(config.max_destinations),
         }
     }
 
     pub fn config(&self) -> &AggregatorConfig {
         &self.config
+    }
+
+    fn by(&self) -> By {
+        By {
+            comm: self.config.by_comm,
+            container: self.config.by_container,
+        }
     }
 
     /// Counts one event in its destination's state (or in `other`'s when it gets no slot).
@@ -428,15 +474,23 @@ impl Aggregator {
             self.conntrack.early_drop += c.early_drop;
             return;
         }
+        if event.backend.is_some() {
+            self.backends.record(event);
+        }
         let destination = Destination::of(event);
         let comm = if self.config.by_comm {
             event.process.as_ref().map(|p| p.comm)
         } else {
             None
         };
+        let container = match self.config.by_container {
+            true => event.workload.as_ref().map(|w| w.container_label()),
+            false => None,
+        };
         let key = SlotKey {
             addr: destination.addr,
             comm,
+            container,
         };
         let known = self.index.get(&key).copied();
         let slot = match known {
@@ -550,6 +604,7 @@ impl Aggregator {
             self.other.state = SlotState::Unlabelled;
         }
         self.folded.expire(now, idle);
+        self.backends.expire_idle(now, idle);
     }
 
     /// Destinations with their own label now.
@@ -559,18 +614,18 @@ impl Aggregator {
 
     /// The state of every destination, windows ending at `now`.
     pub fn snapshot(&self, now: SystemTime) -> Snapshot {
-        let by_comm = self.config.by_comm;
+        let by = self.by();
         // Unlabelled ones only while their windows hold something.
         let shown = |s: &DestinationSummary| s.labelled || s.last_5m.counts != Counts::default();
         let mut destinations: Vec<_> = self
             .slots
             .iter()
             .filter(|s| s.state != SlotState::Free)
-            .map(|s| s.summary(now, by_comm, false))
+            .map(|s| s.summary(now, by, false))
             .filter(shown)
             .collect();
         if self.other.state != SlotState::Free {
-            let other = self.other.summary(now, by_comm, true);
+            let other = self.other.summary(now, by, true);
             if shown(&other) {
                 destinations.push(other);
             }
@@ -578,10 +633,12 @@ impl Aggregator {
         destinations.sort_by(DestinationSummary::worst_first);
         Snapshot {
             destinations,
-            by_comm,
+            by_comm: by.comm,
+            by_container: by.container,
             tracked: self.tracked(),
             folded_total: self.folded_total,
             conntrack: self.conntrack,
+            backends: self.backends.summaries(),
         }
     }
 
@@ -594,9 +651,9 @@ impl Aggregator {
         now: SystemTime,
         buckets: usize,
     ) -> Option<LatencyHistogram> {
-        let by_comm = self.config.by_comm;
+        let by = self.by();
         let holds = |s: &Slot, is_other: bool| {
-            s.state != SlotState::Free && s.summary_label(by_comm, is_other) == label
+            s.state != SlotState::Free && s.summary_label(by, is_other) == label
         };
         if holds(&self.other, true) {
             return Some(self.other.ring.latency(now, buckets));

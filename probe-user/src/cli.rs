@@ -34,13 +34,22 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Trace until stopped, the default subcommand (needs root, or CAP_BPF and CAP_PERFMON)
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Judge a JSON event log after the fact (no root needed)
     Analyze(AnalyzeArgs),
     /// Ask a running agent for its verdicts on the last window
     Diagnose(DiagnoseArgs),
     /// Watch a running agent live: destinations worst first, keys to sort, filter and drill down
     Top(TopArgs),
+}
+
+/// An owner label of the per-destination metrics (`--by`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GroupBy {
+    /// The owning process's name.
+    Comm,
+    /// The owner's container: the first 12 characters of its id, or `host`.
+    Container,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -87,8 +96,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
     pub destination_idle: Duration,
 
-    /// Add a `comm` label (the owning process's name) to per-destination metrics.
-    #[arg(long)]
+    /// Split per-destination metrics by the owner: `comm` adds a `comm` label (the process
+    /// name), `container` a `container` label (the short container id, or `host`). Repeatable.
+    #[arg(long, value_enum, value_name = "LABEL")]
+    pub by: Vec<GroupBy>,
+
+    /// Deprecated: use `--by comm`.
+    #[arg(long, hide = true)]
     pub by_comm: bool,
 
     /// Keep the agent's own traffic (connections to or from its --metrics-addr: scrapes,
@@ -143,6 +157,31 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub stats_interval: Duration,
 
+    /// Also watch DNS on this port (besides 53), UDP and TCP; repeat for more (up to 7).
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub dns_port: Vec<u16>,
+
+    /// A DNS query with no answer after this long is a timeout.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub dns_timeout: Duration,
+
+    /// DNS queries waiting for an answer at once; past it the oldest is dropped and counted
+    /// (connprobe_dns_pending_evicted_total).
+    #[arg(long, value_name = "N", default_value_t = 16_384)]
+    pub dns_max_pending: usize,
+
+    /// Addresses remembered from DNS answers, to name the destinations of later connects.
+    #[arg(long, value_name = "N", default_value_t = 16_384)]
+    pub dns_max_names: usize,
+
+    /// Resolvers that get their own `resolver` label; the rest count under "other".
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub dns_max_resolvers: usize,
+
+    /// Do not watch DNS at all (no cgroup_skb programs).
+    #[arg(long)]
+    pub no_dns: bool,
+
     /// How JSON log lines are made: `fast` (the default) or `serde`, the same bytes through
     /// serde_json, for the benchmark to measure what the fast formatter buys.
     #[arg(long, value_enum, default_value_t = Encoder::Fast, hide = true)]
@@ -151,9 +190,11 @@ pub struct RunArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct AnalyzeArgs {
-    /// The JSON event log (`.gz` is read compressed; `-` is standard input).
-    #[arg(value_name = "EVENTS.jsonl")]
-    pub file: PathBuf,
+    /// JSON event logs (`.gz` is read compressed; `-` is standard input). Several files are
+    /// several hosts, named by file name, or by the `host` field a log shipper added to each
+    /// line; they are judged per host and compared ("refused from 11 of 12 hosts").
+    #[arg(value_name = "EVENTS.jsonl", required = true, num_args = 1..)]
+    pub files: Vec<PathBuf>,
 
     /// Judge only this long a window, ending at the log's last event (e.g. `5m`).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -194,6 +235,17 @@ pub struct TopArgs {
     pub window: ViewWindow,
 }
 
+impl RunArgs {
+    /// Whether `--by comm` (or the deprecated `--by-comm`) was given.
+    pub fn by_comm(&self) -> bool {
+        self.by_comm || self.by.contains(&GroupBy::Comm)
+    }
+
+    pub fn by_container(&self) -> bool {
+        self.by.contains(&GroupBy::Container)
+    }
+}
+
 fn parse_view_window(text: &str) -> Result<ViewWindow, String> {
     text.parse()
 }
@@ -201,6 +253,15 @@ fn parse_view_window(text: &str) -> Result<ViewWindow, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn by_is_repeatable_and_by_comm_still_works() {
+        let cli = Cli::try_parse_from(["connprobe", "--by", "container", "--by", "comm"]).unwrap();
+        assert!(cli.run.by_comm() && cli.run.by_container());
+        let old = Cli::try_parse_from(["connprobe", "--by-comm"]).unwrap();
+        assert!(old.run.by_comm() && !old.run.by_container());
+        assert!(Cli::try_parse_from(["connprobe", "--by", "pod"]).is_err());
+    }
 
     #[test]
     fn bare_flags_mean_run() {

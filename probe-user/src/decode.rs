@@ -10,7 +10,7 @@ use std::{
 use probe_common::{
     AF_INET, AF_INET6, CloseEvent, ConnectEvent, DROP_REASON_WORDS, DropEvent, DropReasonFilter,
     Endpoints, EventHeader, EventKind, IPPROTO_TCP, IPPROTO_UDP, Owner, ResetEvent,
-    RetransmitEvent, direction, outcome, owner_flags, side, tcp_state,
+    RetransmitEvent, TranslationEvent, direction, outcome, owner_flags, side, tcp_state,
 };
 
 use crate::{
@@ -222,18 +222,59 @@ fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
+/// One ring buffer record: a TCP event, or the translation of a connect's destination.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    Event {
+        event: Event,
+        /// The owner's cgroup v2 id (0: unknown), for the reader to resolve to a workload.
+        cgroup_id: u64,
+    },
+    /// A connect to `original` went to `backend` (DNAT on this host).
+    Translation {
+        src: Endpoint,
+        original: Endpoint,
+        backend: Endpoint,
+    },
+}
+
 impl Decoder {
-    /// Decodes one ring buffer record.
+    /// Decodes one ring buffer record that is a TCP event.
     pub fn decode(&self, bytes: &[u8]) -> Result<Event, DecodeError> {
+        match self.decode_record(bytes)? {
+            Record::Event { event, .. } => Ok(event),
+            Record::Translation { .. } => {
+                Err(DecodeError::UnknownKind(EventKind::Translation as u32))
+            }
+        }
+    }
+
+    /// Decodes one ring buffer record.
+    pub fn decode_record(&self, bytes: &[u8]) -> Result<Record, DecodeError> {
         decode(bytes, self)
     }
 }
 
-fn decode(bytes: &[u8], decoder: &Decoder) -> Result<Event, DecodeError> {
+fn decode(bytes: &[u8], decoder: &Decoder) -> Result<Record, DecodeError> {
     let (clock, reasons) = (&decoder.clock, &decoder.reset_reasons);
     let header: EventHeader = read(bytes)?;
     let kind = EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
     let (endpoints, owner, detail) = match kind {
+        EventKind::Translation => {
+            let raw: TranslationEvent = read(bytes)?;
+            let (src, original) = addresses(&raw.endpoints)?;
+            let backend = Endpoints {
+                remote_addr: raw.backend_addr,
+                remote_port: raw.backend_port,
+                ..raw.endpoints
+            };
+            let (_, backend) = addresses(&backend)?;
+            return Ok(Record::Translation {
+                src,
+                original,
+                backend,
+            });
+        }
         EventKind::Connect => {
             let raw: ConnectEvent = read(bytes)?;
             let start_known = raw.owner.flags & owner_flags::START_KNOWN != 0;
@@ -245,6 +286,7 @@ fn decode(bytes: &[u8], decoder: &Decoder) -> Result<Event, DecodeError> {
                 },
                 latency: start_known.then(|| Duration::from_nanos(raw.latency_ns)),
                 syn_retransmits: raw.syn_retransmits,
+                dst_name: None,
             });
             (raw.endpoints, raw.owner, detail)
         }
@@ -285,8 +327,8 @@ fn decode(bytes: &[u8], decoder: &Decoder) -> Result<Event, DecodeError> {
         }
         EventKind::Drop => {
             let raw: DropEvent = read(bytes)?;
-            let protocol = match u16::from(raw.protocol) {
-                IPPROTO_TCP => Protocol::Tcp,
+            let protocol = match raw.protocol {
+                p if u16::from(p) == IPPROTO_TCP => Protocol::Tcp,
                 IPPROTO_UDP => Protocol::Udp,
                 _ => return Err(DecodeError::Protocol(raw.protocol)),
             };
@@ -301,8 +343,8 @@ fn decode(bytes: &[u8], decoder: &Decoder) -> Result<Event, DecodeError> {
         }
     };
     let (src, dst) = addresses(&endpoints)?;
-    Ok(Event {
-        // Numbered by the reader, in the order it hands events on.
+    let event = Event {
+        // Numbered by the pipeline, after the agent's own traffic is taken out.
         seq: 0,
         time: clock.wall(header.timestamp_ns),
         process: process(&owner),
@@ -310,7 +352,14 @@ fn decode(bytes: &[u8], decoder: &Decoder) -> Result<Event, DecodeError> {
         src,
         dst,
         detail,
-    })
+        workload: None,
+        backend: None,
+    };
+    let cgroup_id = match owner.flags & owner_flags::PROCESS_KNOWN {
+        0 => 0,
+        _ => owner.cgroup_id,
+    };
+    Ok(Record::Event { event, cgroup_id })
 }
 
 pub fn direction_of(raw: u8) -> Result<Direction, DecodeError> {
@@ -399,6 +448,7 @@ mod tests {
             flags: owner_flags::PROCESS_KNOWN | owner_flags::START_KNOWN,
             _pad: [0; 2],
             comm,
+            cgroup_id: 4026,
         }
     }
 
@@ -536,6 +586,57 @@ mod tests {
     }
 
     #[test]
+    fn the_owners_cgroup_id_comes_with_a_known_owner_only() {
+        let mut raw = ConnectEvent {
+            header: header(EventKind::Connect),
+            endpoints: v4_endpoints(),
+            owner: client_owner(),
+            latency_ns: 1,
+            sk_err: 0,
+            syn_retransmits: 0,
+            outcome: outcome::ESTABLISHED,
+            _pad: [0; 7],
+        };
+        let Record::Event { cgroup_id, .. } = decoder().decode_record(&bytes_of(&raw)).unwrap()
+        else {
+            panic!("not an event")
+        };
+        assert_eq!(cgroup_id, 4026);
+        raw.owner.flags = 0;
+        let Record::Event { cgroup_id, .. } = decoder().decode_record(&bytes_of(&raw)).unwrap()
+        else {
+            panic!("not an event")
+        };
+        assert_eq!(cgroup_id, 0);
+    }
+
+    #[test]
+    fn translations_decode_as_the_socket_and_its_backend() {
+        let mut raw = TranslationEvent {
+            header: header(EventKind::Translation),
+            endpoints: v4_endpoints(),
+            backend_addr: [0; 16],
+            backend_port: 8080,
+            _pad: [0; 6],
+        };
+        raw.backend_addr[..4].copy_from_slice(&[10, 1, 4, 7]);
+        assert_eq!(
+            decoder().decode_record(&bytes_of(&raw)).unwrap(),
+            Record::Translation {
+                src: "10.200.0.1:40000".parse().unwrap(),
+                original: "10.200.0.2:8081".parse().unwrap(),
+                backend: "10.1.4.7:8080".parse().unwrap(),
+            }
+        );
+        // A translation is no TCP event of its own.
+        assert!(decoder().decode(&bytes_of(&raw)).is_err());
+        assert!(matches!(
+            decoder().decode_record(&bytes_of(&raw)[..70]),
+            Err(DecodeError::Truncated { .. })
+        ));
+    }
+
+    #[test]
     fn cancelled_connect_has_no_errno_and_unknown_start_has_no_latency() {
         let mut owner = client_owner();
         owner.flags = 0;
@@ -579,6 +680,7 @@ mod tests {
                 flags: 0,
                 _pad: [0; 2],
                 comm: [0; COMM_LEN],
+                cgroup_id: 0,
             },
             direction: direction::SENT,
             state: tcp_state::NONE,

@@ -7,12 +7,16 @@
 //! flight recorder, evidence bundles). `tally` counts what was delivered and lost.
 //! `pipeline` wires them together and handles shutdown; `cli` is the command line, `logging`
 //! its stderr. `top` is the live console on a running agent (it reads `export::view`).
+//! The reader gives each event its owner's `workload` (cgroup, container, pod) and, behind a
+//! DNAT'd address, its `backend`.
 pub mod aggregate;
+pub mod backend;
 pub mod btf;
 pub mod cli;
 pub mod decode;
 pub mod destination;
 pub mod diagnose;
+pub mod dns;
 pub mod event;
 pub mod export;
 pub mod listeners;
@@ -29,3 +33,4 @@ pub mod schema;
 pub mod tally;
 pub mod top;
 pub mod units;
+pub mod workload;

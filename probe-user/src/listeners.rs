@@ -22,6 +22,8 @@ pub struct FoundListener {
     pub comm: String,
     /// A thread that lives in the listener's namespace (where its counters are read).
     pub tid: u32,
+    /// The process's cgroup v2 id (0 if unknown), for its workload.
+    pub cgroup_id: u64,
 }
 
 impl FoundListener {
@@ -44,6 +46,7 @@ impl FoundListener {
                 flags: owner_flags::PROCESS_KNOWN,
                 _pad: [0; 2],
                 comm,
+                cgroup_id: self.cgroup_id,
             },
             backlog: 0,
             tid: self.tid,
@@ -100,6 +103,9 @@ pub fn scan(proc: &Path) -> Vec<FoundListener> {
             }
         }
     }
+    let cgroup_root = fs::read_to_string(proc.join("self/mounts"))
+        .ok()
+        .and_then(|m| crate::workload::cgroup2_mount(&m));
     let mut found = Vec::new();
     for (&netns, task) in &namespaces {
         let tid = task
@@ -121,6 +127,9 @@ pub fn scan(proc: &Path) -> Vec<FoundListener> {
                     pid: owner,
                     comm,
                     tid,
+                    cgroup_id: cgroup_root.as_deref().map_or(0, |root| {
+                        crate::workload::process_cgroup_id(root, proc, owner)
+                    }),
                 };
                 if !found
                     .iter()
@@ -193,6 +202,7 @@ mod tests {
             pid: 99,
             comm: "a-very-long-command-name".into(),
             tid: 100,
+            cgroup_id: 12345,
         };
         let (key, record) = found.map_entry();
         assert_eq!((key.netns, key.port), (7, 8080));
@@ -202,6 +212,7 @@ mod tests {
         assert_eq!(record.owner.flags, owner_flags::PROCESS_KNOWN);
         assert_eq!(&record.owner.comm[..15], b"a-very-long-com");
         assert_eq!(record.owner.comm[15], 0);
+        assert_eq!(record.owner.cgroup_id, 12345);
     }
 
     /// This process's own listener, found through the real /proc.

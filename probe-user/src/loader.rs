@@ -5,12 +5,14 @@ use std::path::Path;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{BtfTracePoint, RawTracePoint, TracePoint},
+    programs::{
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint, TracePoint,
+    },
 };
 use probe_common::{
-    CONNECTS_MAP, COUNTERS_MAP, DROP_COUNTS_MAP, DROP_FILTER_GLOBAL, DropKey, EVENTS_MAP,
-    KernelOffsets, LISTENERS_MAP, ListenerKey, ListenerRecord, OFFSETS_GLOBAL,
-    RECORDS_IN_STORAGE_GLOBAL, SOCKETS_MAP, WAKEUP_BYTES_GLOBAL,
+    CONNECTS_MAP, COUNTERS_MAP, DNS_EVENTS_MAP, DNS_PORTS_GLOBAL, DROP_COUNTS_MAP,
+    DROP_FILTER_GLOBAL, DnsPorts, DropKey, EVENTS_MAP, KernelOffsets, LISTENERS_MAP, ListenerKey,
+    ListenerRecord, OFFSETS_GLOBAL, RECORDS_IN_STORAGE_GLOBAL, SOCKETS_MAP, WAKEUP_BYTES_GLOBAL,
 };
 
 use crate::{
@@ -104,6 +106,8 @@ pub struct LoaderConfig {
     pub max_sockets: u32,
     /// Trace packet drops (`kfree_skb`); off with `--no-drops`.
     pub drops: bool,
+    /// The DNS ports to watch; `None` attaches no DNS programs (`--no-dns`).
+    pub dns_ports: Option<DnsPorts>,
 }
 
 /// The maps the agent reads, taken out of the object before the programs are attached.
@@ -121,6 +125,9 @@ pub struct KernelMaps {
     pub drop_counts: PerCpuHashMap<MapData, DropKey, u64>,
     /// The listening sockets the programs and the start-up scan know (see `samplers::netns`).
     pub listeners: HashMap<MapData, ListenerKey, ListenerRecord>,
+    /// The DNS packets' ring buffer (nothing arrives in it when the DNS programs are not
+    /// attached).
+    pub dns_events: RingBuf<MapData>,
 }
 
 /// Loaded and attached programs. Dropping this detaches every program.
@@ -129,6 +136,8 @@ pub struct Probes {
     pub plan: Vec<(Hook, Attachment)>,
     /// Features this kernel lacks, one sentence each, to report once at start.
     pub missing: Vec<String>,
+    /// How the DNS programs are attached, if they are (e.g. `cgroup_skb on /sys/fs/cgroup`).
+    pub dns: Option<String>,
 }
 
 /// Checks privileges and kernel support, loads the object and attaches every hook.
@@ -307,6 +316,11 @@ fn try_load(
         .override_global(WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
         .override_global(RECORDS_IN_STORAGE_GLOBAL, &u32::from(in_storage), true)
         .override_global(DROP_FILTER_GLOBAL, &drop_reasons.filter(), true)
+        .override_global(
+            DNS_PORTS_GLOBAL,
+            &config.dns_ports.unwrap_or_default(),
+            true,
+        )
         .map_max_entries(EVENTS_MAP, config.ring_buffer_bytes)
         .map_max_entries(SOCKETS_MAP, config.max_sockets)
         .map_max_entries(CONNECTS_MAP, config.max_sockets)
@@ -327,6 +341,11 @@ fn try_load(
         .ok_or_else(|| LoadError::Missing(DROP_COUNTS_MAP.into()))?;
     let drop_counts = PerCpuHashMap::try_from(drop_counts)
         .map_err(|e| LoadError::Map(DROP_COUNTS_MAP, Box::new(e)))?;
+    let dns_events = ebpf
+        .take_map(DNS_EVENTS_MAP)
+        .ok_or_else(|| LoadError::Missing(DNS_EVENTS_MAP.into()))?;
+    let dns_events =
+        RingBuf::try_from(dns_events).map_err(|e| LoadError::Map(DNS_EVENTS_MAP, Box::new(e)))?;
     let logger = aya_log::EbpfLogger::init(&mut ebpf).map_err(LoadError::Logger)?;
     add_existing_listeners(&mut ebpf)?;
     let listeners = ebpf
@@ -342,6 +361,7 @@ fn try_load(
         drop_reasons,
         drop_counts,
         listeners,
+        dns_events,
     });
 
     let plan: Vec<(Hook, Attachment)> = plan
@@ -383,15 +403,129 @@ fn try_load(
             }
         }
     }
+    if !plan.iter().any(|(_, how)| *how == Attachment::Empty) {
+        match attach_backend(&mut ebpf) {
+            Ok(()) => tracing::debug!("backend program attached to the cgroup v2 root"),
+            Err(why) => missing.push(why),
+        }
+    }
     // Attached programs do not depend on the mount: a tracefs mounted here goes now, while the
     // agent still holds the capability to unmount it.
     drop(tracefs);
+    let dns = match config.dns_ports {
+        Some(_) if config.hooks != HookMode::Empty => match attach_dns(&mut ebpf) {
+            Ok(how) => Some(how),
+            Err(why) => {
+                missing.push(format!("DNS is not watched: {why}"));
+                None
+            }
+        },
+        _ => None,
+    };
     Ok(Probes {
         _ebpf: ebpf,
         plan,
         missing,
+        dns,
     })
 }
+
+/// The cgroup v2 hierarchy's mount point, from a `/proc/mounts` text.
+pub fn cgroup2_mount(mounts: &str) -> Option<&str> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then_some(dir)
+    })
+}
+
+/// Attaches the DNS programs to the root of the cgroup v2 hierarchy, where they see the packets
+/// of every socket on the host, in every network namespace. Egress names the sending process
+/// where the kernel lets cgroup_skb programs ask (Linux 6.10 and later), and goes without it
+/// elsewhere. Any failure is one sentence: DNS alone goes missing.
+fn attach_dns(ebpf: &mut Ebpf) -> Result<String, String> {
+    if let Some(note) = privileges::dns_attach_note() {
+        return Err(note);
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts")
+        .map_err(|e| format!("cannot read /proc/mounts ({e})"))?;
+    let root = cgroup2_mount(&mounts)
+        .ok_or("no cgroup v2 hierarchy is mounted (cgroup_skb programs attach to one)")?
+        .to_owned();
+    let cgroup = std::fs::File::open(&root).map_err(|e| format!("cannot open {root} ({e})"))?;
+    let attach = |ebpf: &mut Ebpf, name: &str, kind: CgroupSkbAttachType| {
+        let prog: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("the eBPF object has no {name}"))?
+            .try_into()
+            .map_err(|e| format!("{name}: {e}"))?;
+        prog.load().map_err(|e| {
+            let full = e.to_string();
+            tracing::debug!("loading {name}: {full}");
+            // The verifier's log goes to the debug log; the sentence keeps its first line.
+            let short = full.split(". Verifier output").next().unwrap_or(&full);
+            format!("the kernel refused {name} ({short})")
+        })?;
+        // A bpf_link (Linux 5.7+, what aya uses there) takes no attach flags and always shares
+        // the cgroup with other programs: `Single` passes none. (Multiple would be EINVAL.)
+        prog.attach(&cgroup, kind, CgroupAttachMode::Single)
+            .map_err(|e| {
+                let cause = std::error::Error::source(&e).map(|s| format!(": {s}"));
+                format!(
+                    "cannot attach {name} to {root} ({e}{})",
+                    cause.unwrap_or_default()
+                )
+            })?;
+        Ok::<_, String>(())
+    };
+    attach(ebpf, "dns_ingress", CgroupSkbAttachType::Ingress)?;
+    let egress = match attach(ebpf, "dns_egress", CgroupSkbAttachType::Egress) {
+        Ok(()) => "dns_egress",
+        Err(e) => {
+            tracing::debug!("{e}; trying the egress program without the sending process");
+            attach(ebpf, "dns_egress_anonymous", CgroupSkbAttachType::Egress)?;
+            "dns_egress_anonymous"
+        }
+    };
+    Ok(format!("cgroup_skb dns_ingress+{egress} on {root}"))
+}
+
+/// The program that reports where a DNAT sent each connect's SYN (probe-ebpf `backend`), on
+/// egress of the cgroup v2 root: every socket of every network namespace is below it. Optional:
+/// the reason it is not attached is one sentence for the start-up report.
+fn attach_backend(ebpf: &mut Ebpf) -> Result<(), String> {
+    if let Some(note) = privileges::backend_note() {
+        return Err(note);
+    }
+    let unattached = |why: String| {
+        format!(
+            "the backend program is not attached ({why}): backend_ip and backend_port stay null"
+        )
+    };
+    let workloads = crate::workload::Workloads::for_this_host().map_err(unattached)?;
+    let root = std::fs::File::open(workloads.root())
+        .map_err(|e| unattached(format!("cannot open {}: {e}", workloads.root().display())))?;
+    let prog: &mut CgroupSkb = ebpf
+        .program_mut(BACKEND_PROGRAM)
+        .ok_or_else(|| unattached(format!("the eBPF object has no {BACKEND_PROGRAM}")))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| unattached(e.to_string()))?;
+    prog.load()
+        .map_err(|e| unattached(format!("the kernel refused it: {e}")))?;
+    // A bpf_link (Linux 5.7 and later) always shares the hook with other programs (another
+    // agent's, or systemd's); the kernel refuses the legacy ALLOW_MULTI flag on a link.
+    prog.attach(root, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+        .map_err(|e| {
+            let cause = std::error::Error::source(&e)
+                .map(|c| format!(": {c}"))
+                .unwrap_or_default();
+            unattached(format!("cannot attach it: {e}{cause}"))
+        })?;
+    Ok(())
+}
+
+/// The cgroup_skb program in probe-ebpf `backend`.
+const BACKEND_PROGRAM: &str = "backend_egress";
 
 /// Whether the per-socket records can live in socket storage: only BTF programs can reach it,
 /// and every program must use the same store. The benchmark's empty programs count as BTF, so
@@ -466,4 +600,21 @@ pub fn read_counter(counters: &PerCpuArray<MapData, u64>, counter: probe_common:
         .get(&(counter as u32), 0)
         .map(|per_cpu| per_cpu.iter().sum())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cgroup_v2_mount_is_found_in_a_hybrid_layout() {
+        let mounts = "tmpfs /sys/fs/cgroup tmpfs ro,nosuid 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nosuid 0 0\n\
+                      cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n";
+        assert_eq!(cgroup2_mount(mounts), Some("/sys/fs/cgroup/unified"));
+        assert_eq!(
+            cgroup2_mount("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"),
+            None
+        );
+    }
 }

@@ -18,8 +18,8 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         None => run(cli.run),
-        Some(Command::Run(args)) => run(args),
-        Some(Command::Analyze(args)) => diagnose::run_analyze(&args.file, args.window, args.json),
+        Some(Command::Run(args)) => run(*args),
+        Some(Command::Analyze(args)) => diagnose::run_analyze(&args.files, args.window, args.json),
         Some(Command::Diagnose(args)) => diagnose::run_diagnose(args.addr, args.window, args.json),
         Some(Command::Top(args)) => top::run(&args),
     };

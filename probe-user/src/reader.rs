@@ -9,9 +9,11 @@ use strum::EnumCount;
 use tokio::{io::unix::AsyncFd, sync::watch, task::JoinHandle};
 
 use crate::{
-    decode::Decoder,
+    backend::Backends,
+    decode::{Decoder, Record},
     event::{Event, EventKind},
     tally::Tally,
+    workload::Workloads,
 };
 
 /// Events the reader decodes before handing them on as one batch (one lock per consumer).
@@ -34,6 +36,9 @@ impl<F: FnMut(&mut Vec<Event>) + Send + 'static> Consume for F {
 /// The reader's state between drains.
 struct Reader<C> {
     decoder: Decoder,
+    /// Resolves owners' cgroup ids as their events are read (`None` without cgroup v2).
+    workloads: Option<Workloads>,
+    backends: Backends,
     tally: Arc<Tally>,
     consumer: C,
     batch: Vec<Event>,
@@ -46,11 +51,24 @@ impl<C: Consume> Reader<C> {
     /// the ring's memory and released at once.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) {
         while let Some(item) = ring.next() {
-            match self.decoder.decode(&item) {
-                Ok(event) => {
+            match self.decoder.decode_record(&item) {
+                Ok(Record::Event {
+                    mut event,
+                    cgroup_id,
+                }) => {
                     self.kinds[event.kind() as usize] += 1;
+                    if let Some(workloads) = &mut self.workloads {
+                        let pid = event.process.as_ref().map_or(0, |p| p.pid);
+                        event.workload = workloads.resolve(cgroup_id, pid);
+                    }
+                    self.backends.annotate(&mut event);
                     self.batch.push(event);
                 }
+                Ok(Record::Translation {
+                    src,
+                    original,
+                    backend,
+                }) => self.backends.translated(src, original, backend),
                 Err(e) => {
                     if self.tally.add_undecodable() {
                         tracing::warn!("undecodable event from the kernel: {e}");
@@ -84,6 +102,7 @@ impl<C: Consume> Reader<C> {
 pub fn spawn_reader(
     ring: RingBuf<MapData>,
     decoder: Decoder,
+    workloads: Option<Workloads>,
     tally: Arc<Tally>,
     consumer: impl Consume,
     mut stop: watch::Receiver<bool>,
@@ -96,6 +115,8 @@ pub fn spawn_reader(
                 .context("cannot poll the ring buffer")?;
         let mut reader = Reader {
             decoder,
+            workloads,
+            backends: Backends::default(),
             tally,
             consumer,
             batch: Vec::with_capacity(BATCH),

@@ -6,6 +6,7 @@
 //! byte for byte by a test.
 use std::{
     net::IpAddr,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -16,6 +17,7 @@ use crate::event::{
     Event, EventDetail, FailureReason, ListenOverflow, Outcome, Phase, Process, Protocol, Reset,
     ResetReason, Retransmit, Side, TcpFlags, TcpState,
 };
+use crate::workload::Workload;
 
 /// One line of the log.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -63,6 +65,18 @@ pub struct Line<F> {
     pub dst_port: u16,
     #[serde(flatten)]
     pub fields: F,
+    /// The owner's cgroup v2 path; absent in logs from before workloads: read as unknown.
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    #[serde(default)]
+    pub container_id: Option<String>,
+    #[serde(default)]
+    pub pod_uid: Option<String>,
+    /// Where a DNAT on this host sent the connection; null when nothing translated it.
+    #[serde(default)]
+    pub backend_ip: Option<IpAddr>,
+    #[serde(default)]
+    pub backend_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -74,6 +88,9 @@ pub struct ConnectFields {
     pub latency_us: Option<u64>,
     #[serde(default)]
     pub syn_retransmits: u32,
+    /// The name a recent DNS answer gave for `dst_ip`; absent when none is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_name: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -158,6 +175,11 @@ impl Line<()> {
             dst_ip: event.dst.ip(),
             dst_port: event.dst.port(),
             fields: (),
+            cgroup: event.workload.as_ref().map(|w| w.cgroup.clone()),
+            container_id: event.workload.as_ref().and_then(|w| w.container_id.clone()),
+            pod_uid: event.workload.as_ref().and_then(|w| w.pod_uid.clone()),
+            backend_ip: event.backend.map(|b| b.ip()),
+            backend_port: event.backend.map(|b| b.port()),
         }
     }
 
@@ -173,6 +195,11 @@ impl Line<()> {
             dst_ip: self.dst_ip,
             dst_port: self.dst_port,
             fields,
+            cgroup: self.cgroup,
+            container_id: self.container_id,
+            pod_uid: self.pod_uid,
+            backend_ip: self.backend_ip,
+            backend_port: self.backend_port,
         }
     }
 }
@@ -192,6 +219,7 @@ impl From<&Event> for LogLine {
                     errno,
                     latency_us: c.latency.map(|d| d.as_micros() as u64),
                     syn_retransmits: c.syn_retransmits,
+                    dst_name: c.dst_name.as_deref().map(str::to_owned),
                 }))
             }
             EventDetail::Retransmit(r) => LogLine::Retransmit(line.with(RetransmitFields {
@@ -252,6 +280,17 @@ impl<F> Line<F> {
             src: Endpoint::new(self.src_ip, self.src_port),
             dst: Endpoint::new(self.dst_ip, self.dst_port),
             detail,
+            workload: self.cgroup.map(|cgroup| {
+                Arc::new(Workload {
+                    cgroup,
+                    container_id: self.container_id,
+                    pod_uid: self.pod_uid,
+                })
+            }),
+            backend: self
+                .backend_ip
+                .zip(self.backend_port)
+                .map(|(ip, port)| Endpoint::new(ip, port)),
         }
     }
 }
@@ -278,6 +317,7 @@ impl TryFrom<LogLine> for Event {
                     outcome,
                     latency: f.latency_us.map(Duration::from_micros),
                     syn_retransmits: f.syn_retransmits,
+                    dst_name: f.dst_name.as_deref().map(Into::into),
                 });
                 l.event(detail)
             }
@@ -362,7 +402,7 @@ impl<'de> Deserialize<'de> for Event {
 }
 
 /// Times as RFC 3339 UTC with microseconds (`2026-11-30T05:15:03.568555Z`).
-mod rfc3339_micros {
+pub(crate) mod rfc3339_micros {
     use std::time::SystemTime;
 
     use serde::{Deserialize, Deserializer, Serializer};
@@ -390,8 +430,13 @@ pub(crate) mod tests {
         let t = SystemTime::UNIX_EPOCH
             + Duration::from_secs(1_795_000_000)
             + Duration::from_micros(123_456);
+        let mut named = testing::established(87);
+        if let EventDetail::Connect(c) = &mut named {
+            c.dst_name = Some("api.lab.test".into());
+        }
         let mut events = vec![
             testing::client("10.200.0.2:8081", t, testing::established(87)),
+            testing::client("10.200.0.2:8081", t, named),
             testing::client(
                 "10.200.0.2:8081",
                 t,
@@ -481,6 +526,23 @@ pub(crate) mod tests {
         unknown.process = None;
         unknown.side = None;
         events.push(unknown);
+        let mut pod = testing::client(
+            "10.96.0.10:80",
+            t,
+            testing::failed(FailureReason::Refused, 0),
+        );
+        pod.workload = Some(Arc::new(Workload::from_cgroup(
+            "/kubepods.slice/kubepods-besteffort.slice/\
+             kubepods-besteffort-pod5a1c3e7b_2f4d_4b8a_9c6e_1d2f3a4b5c6d.slice/\
+             cri-containerd-3f4e1a2b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f.scope",
+        )));
+        pod.backend = Some("10.1.4.7:8080".parse().unwrap());
+        events.push(pod);
+        let mut host = testing::client("10.1.1.1:80", t, testing::closed(1, 0));
+        host.workload = Some(Arc::new(Workload::from_cgroup(
+            "/system.slice/nginx.service",
+        )));
+        events.push(host);
         let mut no_latency = testing::client("10.1.1.1:80", t, testing::established(1));
         if let EventDetail::Connect(c) = &mut no_latency.detail {
             c.latency = None;

@@ -9,6 +9,7 @@ mod build;
 mod cmd;
 mod matrix;
 mod packages;
+mod pypi;
 mod run;
 mod setup;
 mod soak;

@@ -108,6 +108,18 @@ pub const GUEST_TESTS: &[GuestTests] = &[
         skip: &[],
         what: "every lab fault gets its verdict, diagnose and analyze agree",
     },
+    GuestTests {
+        file: "workload",
+        only: &[],
+        skip: &[],
+        what: "containers and pods from real cgroups (about a minute emulated)",
+    },
+    GuestTests {
+        file: "backend",
+        only: &[],
+        skip: &[],
+        what: "the backend behind a DNAT'd address, its metrics and verdicts (about a minute)",
+    },
 ];
 
 /// A guest that runs longer than this is killed and its step fails.

@@ -38,6 +38,7 @@ pub fn run(task: Task, install: Install) -> anyhow::Result<()> {
     // `test` fetches the guests it runs itself (`--kernel` may name only some).
     if task == Task::Setup {
         matrix::prepare(&matrix::Series::ALL)?;
+        crate::pypi::KUBERNETES_VALIDATE.ensure(&matrix::cache_dir())?;
     }
     Ok(())
 }

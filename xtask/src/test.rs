@@ -12,8 +12,11 @@ use crate::{
     bench, build, cmd,
     matrix::{self, Series},
     packages::{Install, Task},
-    setup,
+    pypi, setup,
 };
+
+/// The environment variable that tells tests/tests/deploy.rs where kubernetes-validate is.
+const KUBERNETES_VALIDATE_ENV: &str = "CONNPROBE_KUBERNETES_VALIDATE";
 
 #[derive(Debug, clap::Args)]
 pub struct Options {
@@ -73,7 +76,9 @@ pub fn run(options: &Options, install: Install) -> anyhow::Result<()> {
 
     let mut steps = Vec::new();
     if !only_guests {
-        host_steps(&mut steps);
+        // The manifests' validator (PyPI, pinned), like virtme-ng: fetched before any step.
+        let validator = pypi::KUBERNETES_VALIDATE.ensure(&matrix::cache_dir())?;
+        host_steps(&mut steps, &validator);
     }
     let built = step(
         &mut steps,
@@ -137,8 +142,9 @@ pub fn run(options: &Options, install: Install) -> anyhow::Result<()> {
     }
 }
 
-/// fmt, clippy, unit tests, and the kernel tests on the host's own kernel.
-fn host_steps(steps: &mut Vec<Step>) {
+/// fmt, clippy, unit tests, and the kernel tests on the host's own kernel (which include the
+/// checks of deploy/: the mixin and the manifests, with `validator`).
+fn host_steps(steps: &mut Vec<Step>, validator: &std::path::Path) {
     step(steps, "fmt", || {
         cmd::status(cmd::cargo().args(["fmt", "--all", "--", "--check"]))
     });
@@ -186,7 +192,8 @@ fn host_steps(steps: &mut Vec<Step>) {
                         "--",
                         "--test-threads=1",
                     ])
-                    .env("CONNPROBE_BIN", binary),
+                    .env("CONNPROBE_BIN", binary)
+                    .env(KUBERNETES_VALIDATE_ENV, validator),
             ),
             None => bail!("not run: connprobe did not build"),
         },

@@ -144,6 +144,7 @@ fn config(max: usize) -> AggregatorConfig {
         max_destinations: max,
         destination_idle: Duration::from_secs(600),
         by_comm: false,
+        by_container: false,
     }
 }
 
@@ -379,6 +380,7 @@ fn idle_destinations_free_their_slot_and_series() {
         max_destinations: 2,
         destination_idle: Duration::from_secs(30),
         by_comm: false,
+        by_container: false,
     });
     f.record(&established(at(0), "10.0.0.1:80", 100));
     f.record(&established(at(0), "10.0.0.2:80", 100));
@@ -436,6 +438,7 @@ fn a_freed_label_keeps_the_windows_history() {
         max_destinations: 10,
         destination_idle: Duration::from_secs(3),
         by_comm: false,
+        by_container: false,
     });
     let d = "10.0.0.1:80";
     // A connect every 5 s, each followed by its close 4 s later: idle for 3 s in between.
@@ -483,6 +486,7 @@ fn unlabelled_slots_are_bounded() {
         max_destinations: 10,
         destination_idle: Duration::from_secs(3),
         by_comm: false,
+        by_container: false,
     });
     for i in 0..100u64 {
         f.record(&established(

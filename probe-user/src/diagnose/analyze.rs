@@ -1,9 +1,10 @@
 //! `connprobe analyze EVENTS.jsonl`: judges a JSON event log after the fact. Reads plain or
 //! gzip-compressed logs (by content, so `-` and misnamed files work too), line by line.
 use std::{
+    collections::{BTreeMap, BTreeSet},
     fs::File,
     io::{self, BufRead, BufReader, Read},
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
 
@@ -11,6 +12,7 @@ use anyhow::Context;
 
 use super::{
     engine::{Judge, Window, judge},
+    fleet::{self, FleetReport},
     render,
     verdict::Report,
 };
@@ -19,21 +21,39 @@ use crate::event::Event;
 /// The first two bytes of a gzip stream.
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
-/// `connprobe analyze FILE`: the report on the log in `file` (`-`: standard input), all of it
-/// or its last `window`, as text or JSON.
-pub fn run_analyze(file: &Path, window: Option<Duration>, json: bool) -> anyhow::Result<()> {
-    let name = file.display().to_string();
-    let input: Box<dyn Read> = if file == Path::new("-") {
-        Box::new(io::stdin().lock())
+/// `connprobe analyze FILE...`: the report on the logs in `files` (`-`: standard input), all of
+/// them or their last `window`, as text or JSON. Each file is one host's log, named by its file
+/// name, unless its lines carry a `host` field (added by a log shipper that merged several
+/// hosts' logs): then each line belongs to the host it names. One host gets the report its
+/// agent would give; several get the fleet's comparison (see `fleet`) and each host's report.
+pub fn run_analyze(files: &[PathBuf], window: Option<Duration>, json: bool) -> anyhow::Result<()> {
+    let mut inputs: Vec<(String, Box<dyn Read>)> = Vec::new();
+    for file in files {
+        let name = file.display().to_string();
+        let input: Box<dyn Read> = if file == Path::new("-") {
+            Box::new(io::stdin().lock())
+        } else {
+            Box::new(File::open(file).with_context(|| format!("cannot open {name}"))?)
+        };
+        inputs.push((name, input));
+    }
+    let mut reports = reports_by_host(inputs, window)?;
+    let text = if reports.len() == 1 {
+        let (_, report) = reports.pop_first().expect("one host");
+        if json {
+            serde_json::to_string_pretty(&report).context("cannot format the report")?
+        } else {
+            render::text(&report)
+        }
     } else {
-        Box::new(File::open(file).with_context(|| format!("cannot open {name}"))?)
+        let fleet = FleetReport::new(reports);
+        if json {
+            serde_json::to_string_pretty(&fleet).context("cannot format the report")?
+        } else {
+            fleet::text(&fleet)
+        }
     };
-    let report = analyze_reader(input, &name, window)?;
-    let mut text = if json {
-        serde_json::to_string_pretty(&report).context("cannot format the report")?
-    } else {
-        render::text(&report)
-    };
+    let mut text = text;
     if !text.ends_with('\n') {
         text.push('\n');
     }
@@ -44,6 +64,119 @@ pub fn run_analyze(file: &Path, window: Option<Duration>, json: bool) -> anyhow:
         .context("cannot write the report")
 }
 
+/// Each host's report on the logs in `inputs` (name, reader): a log's lines belong to the host
+/// of its name (see [`host_of_file`]) unless they name their own `host`.
+fn reports_by_host(
+    inputs: Vec<(String, Box<dyn Read + '_>)>,
+    window: Option<Duration>,
+) -> anyhow::Result<BTreeMap<String, Report>> {
+    let mut hosts = PerHost::new(window);
+    let mut used = BTreeSet::new();
+    for (name, input) in inputs {
+        // Two files called events.jsonl in different folders are two hosts, named by path.
+        let mut host = host_of_file(Path::new(&name));
+        if !used.insert(host.clone()) {
+            host = name.clone();
+        }
+        let lines = open_lines(input, &name)?;
+        for_each_line(lines, &name, |shipped, event| {
+            hosts.add(shipped.unwrap_or_else(|| host.clone()), event)
+        })?;
+    }
+    Ok(hosts.finish())
+}
+
+/// A host's name from its log's file name: `web-1.jsonl.gz` is `web-1`; standard input is
+/// `stdin`.
+fn host_of_file(file: &Path) -> String {
+    if file == Path::new("-") {
+        return "stdin".into();
+    }
+    let mut name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| file.display().to_string());
+    for suffix in [".gz", ".jsonl", ".ndjson", ".json", ".log"] {
+        if let Some(stem) = name.strip_suffix(suffix)
+            && !stem.is_empty()
+        {
+            name = stem.to_owned();
+        }
+    }
+    name
+}
+
+/// Each host's events, judged apart: streamed into a judge per host, or, with a window, the
+/// recent ones kept per host and judged on the window that ends at the newest event of all.
+struct PerHost {
+    window: Option<Duration>,
+    judges: BTreeMap<String, Judge>,
+    recent: BTreeMap<String, RecentEvents>,
+}
+
+impl PerHost {
+    fn new(window: Option<Duration>) -> Self {
+        PerHost {
+            window,
+            judges: BTreeMap::new(),
+            recent: BTreeMap::new(),
+        }
+    }
+
+    fn add(&mut self, host: String, event: Event) {
+        match self.window {
+            None => self
+                .judges
+                .entry(host)
+                .or_insert_with(|| Judge::new(None))
+                .add(&event),
+            Some(length) => self
+                .recent
+                .entry(host)
+                .or_insert_with(|| RecentEvents::new(length))
+                .push(event),
+        }
+    }
+
+    /// Every host's report; an empty log is one host with nothing to judge.
+    fn finish(self) -> BTreeMap<String, Report> {
+        let mut reports: BTreeMap<String, Report> = match self.window {
+            None => self
+                .judges
+                .into_iter()
+                .map(|(host, j)| (host, j.finish()))
+                .collect(),
+            Some(length) => {
+                let end = self
+                    .recent
+                    .values()
+                    .filter_map(|r| r.newest)
+                    .max()
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                self.recent
+                    .into_iter()
+                    .map(|(host, r)| (host, judge(&r.events, Window::ending_at(end, length))))
+                    .collect()
+            }
+        };
+        if reports.is_empty() {
+            let empty = match self.window {
+                None => Judge::new(None).finish(),
+                Some(length) => judge(&[], Window::ending_at(SystemTime::UNIX_EPOCH, length)),
+            };
+            reports.insert(String::new(), empty);
+        }
+        reports
+    }
+}
+
+/// The `host` field a log shipper adds to each line (Vector's `host`, Fluent Bit's
+/// `hostname` renamed to it): not part of the agent's schema, so read apart.
+#[derive(serde::Deserialize)]
+struct Shipped {
+    host: Option<String>,
+}
+
 /// Judges the log in `input` (`name` is for messages): all of it, or the `window` ending at
 /// its last event.
 pub fn analyze_reader<'a, R: Read + 'a>(
@@ -51,17 +184,7 @@ pub fn analyze_reader<'a, R: Read + 'a>(
     name: &str,
     window: Option<Duration>,
 ) -> anyhow::Result<Report> {
-    let mut buffered = BufReader::new(input);
-    let head = buffered
-        .fill_buf()
-        .with_context(|| format!("cannot read {name}"))?;
-    let lines: Box<dyn BufRead + 'a> = if head.starts_with(&GZIP_MAGIC) {
-        Box::new(BufReader::new(flate2::bufread::MultiGzDecoder::new(
-            buffered,
-        )))
-    } else {
-        Box::new(buffered)
-    };
+    let lines = open_lines(input, name)?;
     match window {
         None => {
             let mut judge = Judge::new(None);
@@ -75,6 +198,21 @@ pub fn analyze_reader<'a, R: Read + 'a>(
             Ok(judge(&recent.events, Window::ending_at(end, length)))
         }
     }
+}
+
+/// The lines of `input`, decompressed when it is gzip (by content, not by name).
+fn open_lines<'a, R: Read + 'a>(input: R, name: &str) -> anyhow::Result<Box<dyn BufRead + 'a>> {
+    let mut buffered = BufReader::new(input);
+    let head = buffered
+        .fill_buf()
+        .with_context(|| format!("cannot read {name}"))?;
+    Ok(if head.starts_with(&GZIP_MAGIC) {
+        Box::new(BufReader::new(flate2::bufread::MultiGzDecoder::new(
+            buffered,
+        )))
+    } else {
+        Box::new(buffered)
+    })
 }
 
 /// A line longer than this is no connprobe event (they are a few hundred bytes): it is
@@ -131,13 +269,21 @@ fn read_line(input: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<LineRea
     }
 }
 
-/// Calls `each` with every event of the log. A line that is not an event is an error that
-/// names it, except a last line cut off without its newline (a writer stopped mid-line): that
-/// one is skipped, and said.
 fn for_each_event(
-    mut lines: impl BufRead,
+    lines: impl BufRead,
     name: &str,
     mut each: impl FnMut(Event),
+) -> anyhow::Result<()> {
+    for_each_line(lines, name, |_, event| each(event))
+}
+
+/// Each event of the log, with the `host` field a shipper added to its line, if any. A line
+/// that is not an event is an error that names it, except a last line cut off without its
+/// newline (a writer stopped mid-line): that one is skipped, and said.
+fn for_each_line(
+    mut lines: impl BufRead,
+    name: &str,
+    mut each: impl FnMut(Option<String>, Event),
 ) -> anyhow::Result<()> {
     let mut line = Vec::new();
     let mut number = 0u64;
@@ -164,8 +310,12 @@ fn for_each_event(
         if text.is_empty() {
             continue;
         }
-        match serde_json::from_str::<Event>(text) {
-            Ok(event) => each(event),
+        // DNS exchanges share the log; the verdicts here are about connections.
+        if text.starts_with(r#"{"type":"dns""#) {
+            continue;
+        }
+        let event = match serde_json::from_str::<Event>(text) {
+            Ok(event) => event,
             Err(e) if !complete => {
                 tracing::warn!(
                     "{name} ends in an incomplete line (line {number}, {} bytes, no newline: \
@@ -178,7 +328,16 @@ fn for_each_event(
                 return Err(anyhow::Error::new(e))
                     .with_context(|| format!("{name} line {number} is not a connprobe event"));
             }
-        }
+        };
+        // Only lines that mention it are parsed twice.
+        let host = if text.contains("\"host\"") {
+            serde_json::from_str::<Shipped>(text)
+                .with_context(|| format!("{name} line {number}: `host` is not a string"))?
+                .host
+        } else {
+            None
+        };
+        each(host, event);
     }
 }
 
@@ -220,6 +379,7 @@ mod tests {
 
     use super::*;
     use crate::diagnose::engine::tests::{evidence, mixed_log};
+    use crate::diagnose::verdict::VerdictId;
     use crate::event::{
         FailureReason, Side, TcpState,
         testing::{at, connect_failed, connect_ok, reset_sent_by_service, reset_sent_for_reason},
@@ -362,6 +522,79 @@ mod tests {
         assert_eq!(from_old, from_new);
         let v = &from_old.destinations[0].verdicts[0];
         assert!(v.next_step.contains("most answer SYNs"), "{}", v.next_step);
+    }
+
+    /// `events` as log lines, each with `"host": host` added the way a shipper adds it.
+    fn shipped(events: &[Event], host: &str) -> String {
+        String::from_utf8(jsonl(events))
+            .unwrap()
+            .lines()
+            .map(|l| format!("{},\"host\":\"{host}\"}}\n", l.strip_suffix('}').unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn lines_go_to_the_host_they_name_and_files_to_their_own() {
+        let refused: Vec<Event> = (0..4)
+            .map(|i| connect_failed("10.0.0.9:443", at(f64::from(i)), FailureReason::Refused, 0))
+            .collect();
+        let ok: Vec<Event> = (0..4)
+            .map(|i| connect_ok("10.0.0.9:443", at(f64::from(i)), 150))
+            .collect();
+        let merged = format!("{}{}", shipped(&refused, "web-1"), shipped(&ok, "web-2"));
+        let own = jsonl(&refused);
+        let inputs: Vec<(String, Box<dyn Read>)> = vec![
+            ("shipped.jsonl".into(), Box::new(merged.as_bytes())),
+            ("/var/log/web-3.jsonl.gz".into(), Box::new(&own[..])),
+        ];
+        let reports = reports_by_host(inputs, None).unwrap();
+        assert_eq!(
+            reports.keys().collect::<Vec<_>>(),
+            ["web-1", "web-2", "web-3"]
+        );
+        let top = |host: &str| reports[host].destinations[0].verdicts[0].id();
+        assert_eq!(top("web-1"), VerdictId::Refused);
+        assert_eq!(top("web-2"), VerdictId::Healthy);
+        assert_eq!(top("web-3"), VerdictId::Refused);
+        // Judged apart, each host's report is what its own log alone gives.
+        let alone = analyze_reader(&own[..], "web-3", None).unwrap();
+        assert_eq!(reports["web-3"], alone);
+        let fleet = fleet::text(&FleetReport::new(reports));
+        assert!(
+            fleet.contains("10.0.0.9:443: refused from 2 of 3 hosts: the destination or its load balancer fails"),
+            "{fleet}"
+        );
+    }
+
+    #[test]
+    fn same_named_files_are_told_apart_by_path() {
+        let ok = jsonl(&[connect_ok("10.0.0.1:80", at(0.0), 100)]);
+        let inputs: Vec<(String, Box<dyn Read>)> = vec![
+            ("a/events.jsonl".into(), Box::new(&ok[..])),
+            ("b/events.jsonl".into(), Box::new(&ok[..])),
+        ];
+        let reports = reports_by_host(inputs, None).unwrap();
+        assert_eq!(
+            reports.keys().collect::<Vec<_>>(),
+            ["b/events.jsonl", "events"]
+        );
+        assert_eq!(host_of_file(Path::new("-")), "stdin");
+    }
+
+    #[test]
+    fn a_host_that_is_not_a_string_is_named_by_line() {
+        let line = format!(
+            "{},\"host\":7}}\n",
+            String::from_utf8(jsonl(&[connect_ok("10.0.0.1:80", at(0.0), 100)]))
+                .unwrap()
+                .trim_end()
+                .strip_suffix('}')
+                .unwrap()
+        );
+        let inputs: Vec<(String, Box<dyn Read>)> =
+            vec![("x.jsonl".into(), Box::new(line.as_bytes()))];
+        let err = reports_by_host(inputs, None).unwrap_err();
+        assert_eq!(format!("{err:#}").split(':').next(), Some("x.jsonl line 1"));
     }
 
     #[test]

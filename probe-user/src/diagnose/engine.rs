@@ -13,6 +13,7 @@ use std::{
 };
 
 use super::{
+    backends::Pools,
     fold::DestinationEvidence,
     format_time, round,
     rules::{self, Context},
@@ -67,6 +68,8 @@ pub struct Judge {
     destinations: HashMap<Destination, DestinationEvidence>,
     /// Conntrack's failures (about namespaces, not destinations).
     conntrack: Vec<(SystemTime, [u64; 3])>,
+    /// Connects to translated addresses by backend.
+    pools: Pools,
 }
 
 impl Judge {
@@ -78,6 +81,7 @@ impl Judge {
             events: 0,
             destinations: HashMap::new(),
             conntrack: Vec::new(),
+            pools: Pools::default(),
         }
     }
 
@@ -97,6 +101,7 @@ impl Judge {
                 .push((event.time, [c.insert_failed, c.drop, c.early_drop]));
             return;
         }
+        self.pools.add(event);
         let key = Destination::of(event);
         self.destinations
             .entry(key)
@@ -146,7 +151,11 @@ impl Judge {
                 observed_seconds: None,
             },
             destinations: destinations.into_iter().map(|(_, d)| d).collect(),
-            groups: rules::pool_verdicts(&self.destinations),
+            groups: {
+                let mut groups = rules::pool_verdicts(&self.destinations);
+                groups.extend(self.pools.verdicts());
+                groups
+            },
         }
     }
 }
@@ -170,6 +179,7 @@ fn judge_destination(
         verdicts: rules::destination_verdicts(key, ev, context),
         destination: key.addr.to_string(),
         side: key.side_name().map(str::to_string),
+        name: ev.name.as_deref().map(str::to_owned),
     }
 }
 

@@ -450,6 +450,7 @@ mod tests {
                     max_destinations: 500,
                     destination_idle: Duration::from_secs(600),
                     by_comm: false,
+                    by_container: false,
                 })),
                 recorder: Mutex::new(FlightRecorder::new(capacity)),
             }

@@ -10,7 +10,10 @@ use super::processes::ProcessCounts;
 use super::rules::ratio;
 use crate::{
     destination::Destination,
-    event::{ConnectOutcome, Direction, Drop, Event, EventDetail, FailureReason, Phase, TcpState},
+    event::{
+        ConnectOutcome, Direction, Drop, Endpoint, Event, EventDetail, FailureReason, Phase,
+        TcpState,
+    },
 };
 
 /// The kernel's drop reason for a handshake's last ACK refused by a full accept queue.
@@ -23,6 +26,8 @@ pub(super) struct FailedConnect {
     pub(super) reason: FailureReason,
     pub(super) syn_retransmits: u32,
     pub(super) waited_us: Option<u64>,
+    /// Where a DNAT on this host sent it, if one did.
+    pub(super) backend: Option<Endpoint>,
     /// This host's port: which of the dropped SYNs were its.
     pub(super) local_port: u16,
 }
@@ -105,6 +110,8 @@ pub(super) struct DestinationEvidence {
     pub(super) listen_queued_max: u32,
     /// Handshakes' last ACKs the kernel dropped with `TCP_LISTEN_OVERFLOW` (Linux 6.18).
     pub(super) listen_overflow_drops: u64,
+    /// The name the most recent connect's DNS answer gave (`dst_name`), if any.
+    pub(super) name: Option<std::sync::Arc<str>>,
 }
 
 impl DestinationEvidence {
@@ -134,6 +141,7 @@ impl DestinationEvidence {
             resets_received_by_state: BTreeMap::new(),
             resets_sent: Vec::new(),
             resets_sent_socketless: 0,
+            name: None,
             resets_sent_by_state: BTreeMap::new(),
             resets_sent_by_reason: BTreeMap::new(),
             processes: ProcessCounts::default(),
@@ -166,6 +174,9 @@ impl DestinationEvidence {
             EventDetail::Connect(c) => {
                 self.events += 1;
                 self.attempts += 1;
+                if c.dst_name.is_some() {
+                    self.name = c.dst_name.clone();
+                }
                 // A connect was under way from its SYN.
                 if let Some(started) = c.latency.and_then(|l| event.time.checked_sub(l)) {
                     self.first = self.first.min(truncate_to_millis(started));
@@ -195,6 +206,7 @@ impl DestinationEvidence {
                             syn_retransmits: c.syn_retransmits,
                             waited_us: c.latency.map(|l| l.as_micros() as u64),
                             local_port: event.src.port(),
+                            backend: event.backend,
                         });
                     }
                 }

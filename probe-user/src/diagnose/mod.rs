@@ -7,9 +7,11 @@
 //! recorder of recent events, and the evidence bundles it writes when a destination crosses a
 //! trigger threshold).
 pub mod analyze;
+mod backends;
 pub mod client;
 pub mod engine;
 pub mod evidence;
+pub mod fleet;
 mod fold;
 pub mod pattern;
 mod processes;

@@ -4,7 +4,8 @@
 use std::{collections::BTreeMap, fmt::Write};
 
 use super::verdict::{
-    Burst, FailureFigures, Finding, Owners, Pattern, PoolMember, Report, Verdict,
+    Burst, DnsFigures, FailureFigures, Finding, NameCount, Owners, Pattern, PoolMember, Report,
+    Verdict,
 };
 
 /// Destinations listed by name in the healthy and not-enough-data lines before "and N more".
@@ -52,9 +53,12 @@ pub fn text(report: &Report) -> String {
         let Some(top) = d.verdicts.first() else {
             continue;
         };
-        let name = match &d.side {
-            Some(side) => format!("{} ({side})", d.destination),
-            None => d.destination.clone(),
+        // "10.0.3.7:443 (api.internal, client)": the name a DNS answer gave, where known.
+        let name = match (&d.name, &d.side) {
+            (Some(n), Some(side)) => format!("{} ({n}, {side})", d.destination),
+            (Some(n), None) => format!("{} ({n})", d.destination),
+            (None, Some(side)) => format!("{} ({side})", d.destination),
+            (None, None) => d.destination.clone(),
         };
         match &top.finding {
             // Named with their side: a service this host calls and one it offers on the same
@@ -197,6 +201,26 @@ fn burst(b: &Burst) -> String {
     )
 }
 
+/// `, through backend 10.1.4.7:8080` or `, through backends A (2), B (1)`; empty when no
+/// failure was translated.
+fn backends(by_backend: &BTreeMap<String, u64>) -> String {
+    match by_backend.len() {
+        0 => String::new(),
+        1 => format!(
+            ", through backend {}",
+            by_backend.keys().next().expect("one")
+        ),
+        _ => format!(
+            ", through backends {}",
+            by_backend
+                .iter()
+                .map(|(b, n)| format!("{b} ({n})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
 fn pct(x: f64) -> String {
     format!("{:.1}%", x * 100.0)
 }
@@ -311,7 +335,7 @@ pub fn evidence_sentence(finding: &Finding) -> String {
         (
             f.matching,
             counted(f.attempts, "connect", "connects"),
-            errnos(&f.errnos),
+            errnos(&f.errnos) + &backends(&f.backends),
         )
     };
     match finding {
@@ -453,15 +477,50 @@ pub fn evidence_sentence(finding: &Finding) -> String {
                     .collect::<Vec<_>>()
                     .join(", ")
             };
+            let behind = match &e.figures.behind {
+                Some(address) => format!("behind {address}, backends "),
+                None => String::new(),
+            };
             format!(
-                "failing: {}; healthy: {}.",
+                "{behind}failing: {}; healthy: {}.",
                 names(&e.figures.failing),
                 names(&e.figures.healthy)
             )
         }
+        Finding::DnsTimeout(e) => dns_sentence(&e.figures, "got no answer"),
+        Finding::DnsServfail(e) => dns_sentence(&e.figures, "were answered SERVFAIL"),
+        Finding::DnsRefused(e) => dns_sentence(&e.figures, "were answered REFUSED"),
         Finding::Healthy(e) => health_sentence(&e.figures),
         Finding::NotEnoughData(e) => health_sentence(&e.figures.figures),
     }
+}
+
+/// `3 of 20 queries (15.0%) got no answer, for api.lab (2), db.lab (1); 1 NXDOMAIN, for x.svc
+/// (1).`
+fn dns_sentence(f: &DnsFigures, what: &str) -> String {
+    let names = |list: &[NameCount]| -> String {
+        list.iter()
+            .map(|n| format!("{} ({})", n.name, n.queries))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut text = format!(
+        "{} of {} {what} ({}), for {}",
+        f.matching,
+        counted(f.queries, "query", "queries"),
+        pct(f.share),
+        names(&f.names)
+    );
+    if f.nxdomain > 0 {
+        let _ = write!(
+            text,
+            "; {} NXDOMAIN, for {}",
+            f.nxdomain,
+            names(&f.nxdomain_names)
+        );
+    }
+    text.push('.');
+    text
 }
 
 /// `1 connect`, `2 connects`: a count and its noun.

@@ -199,7 +199,7 @@ fn ms(us: u64) -> f64 {
     round(us as f64 / 1000.0, 3)
 }
 
-fn verdict(
+pub(crate) fn verdict(
     finding: Finding,
     confidence: f64,
     episodes: &[Episode],
@@ -237,6 +237,13 @@ fn failure_verdict(
         matching: n,
         failure_ratio: round(ev.failure_ratio(), 4),
         errnos: ev.errnos.clone(),
+        backends: matching.iter().filter_map(|f| f.backend).fold(
+            BTreeMap::new(),
+            |mut by, backend| {
+                *by.entry(backend.to_string()).or_default() += 1;
+                by
+            },
+        ),
     };
     Some(verdict(
         finding(figures),
@@ -247,7 +254,7 @@ fn failure_verdict(
     ))
 }
 
-fn instants(times: &[SystemTime]) -> Vec<Episode> {
+pub(crate) fn instants(times: &[SystemTime]) -> Vec<Episode> {
     times.iter().copied().map(Episode::at).collect()
 }
 
@@ -917,6 +924,24 @@ fn healthy_or_not_enough(dest: &str, ev: &DestinationEvidence, owners: &Owners) 
     )
 }
 
+/// A `pool_partial_failure` of the backends behind one virtual address (see `backends`); the
+/// owners are left out, as the destinations' own verdicts name them.
+pub(super) fn verdict_for_pool(
+    figures: PoolFigures,
+    confidence: f64,
+    episodes: &[Episode],
+    active: (SystemTime, SystemTime),
+    next_step: String,
+) -> Verdict {
+    verdict(
+        Finding::PoolPartialFailure(evidence(figures, &Owners::default())),
+        confidence,
+        episodes,
+        active,
+        next_step,
+    )
+}
+
 /// Client destinations sharing a port where one or a few fail while the others work: a bad
 /// backend, not the network.
 pub(super) fn pool_verdicts(
@@ -991,6 +1016,7 @@ pub(super) fn pool_verdicts(
             failing: describe(&failing),
             healthy: describe(&healthy),
             members: members.len() as u64,
+            behind: None,
         };
         let v = verdict(
             Finding::PoolPartialFailure(evidence(figures, &owners)),

@@ -49,6 +49,10 @@ pub struct DestinationReport {
     pub destination: String,
     /// `client`, `server`, or null when the kernel did not say.
     pub side: Option<String>,
+    /// The name a DNS answer gave for a client destination's address (its connects'
+    /// `dst_name`, the most recent); absent when none is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Ranked, most likely first.
     pub verdicts: Vec<Verdict>,
 }
@@ -98,6 +102,12 @@ pub enum Finding {
     ListenOverflow(Evidence<ListenOverflowFigures>),
     SlowHandshakes(Evidence<SlowHandshakeFigures>),
     PoolPartialFailure(Evidence<PoolFigures>),
+    /// A resolver (`ip:53`, client side) left queries unanswered.
+    DnsTimeout(Evidence<DnsFigures>),
+    /// A resolver answered SERVFAIL.
+    DnsServfail(Evidence<DnsFigures>),
+    /// A resolver answered REFUSED.
+    DnsRefused(Evidence<DnsFigures>),
     Healthy(Evidence<Figures>),
     NotEnoughData(Evidence<NotEnoughDataFigures>),
 }
@@ -130,6 +140,28 @@ pub struct ProcessEvidence {
     pub events: u64,
 }
 
+/// What a DNS verdict rests on: the resolver's queries in the window, those that ended this
+/// verdict's way, and the names behind them (names are evidence, never labels).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DnsFigures {
+    pub queries: u64,
+    pub matching: u64,
+    /// `matching` / `queries`.
+    pub share: f64,
+    /// The names with the most matching queries, most first (at most 5).
+    pub names: Vec<NameCount>,
+    /// NXDOMAIN answers in the window: no verdict on their own (search-domain expansion makes
+    /// them normal), listed for context.
+    pub nxdomain: u64,
+    pub nxdomain_names: Vec<NameCount>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameCount {
+    pub name: String,
+    pub queries: u64,
+}
+
 /// What every connect-failure verdict (refused, blackhole, unreachable) rests on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FailureFigures {
@@ -139,6 +171,10 @@ pub struct FailureFigures {
     pub matching: u64,
     pub failure_ratio: f64,
     pub errnos: BTreeMap<String, u64>,
+    /// For a virtual (DNAT'd) destination: this verdict's failures by the backend their SYN
+    /// went to; absent when no failure was translated.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub backends: BTreeMap<String, u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -268,6 +304,10 @@ pub struct PoolFigures {
     pub failing: Vec<PoolMember>,
     pub healthy: Vec<PoolMember>,
     pub members: u64,
+    /// The virtual address the members are backends of (DNAT on this host); absent for a pool
+    /// of destinations sharing a port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub behind: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -315,6 +355,7 @@ impl Finding {
             Finding::LocalResets(e) => &e.owners,
             Finding::SlowHandshakes(e) => &e.owners,
             Finding::PoolPartialFailure(e) => &e.owners,
+            Finding::DnsTimeout(e) | Finding::DnsServfail(e) | Finding::DnsRefused(e) => &e.owners,
             Finding::Healthy(e) => &e.owners,
             Finding::NotEnoughData(e) => &e.owners,
         }
@@ -342,6 +383,9 @@ impl VerdictId {
             VerdictId::LocalResets => "local-reset",
             VerdictId::SlowHandshakes => "slow",
             VerdictId::PoolPartialFailure => "pool",
+            VerdictId::DnsTimeout => "dns-timeout",
+            VerdictId::DnsServfail => "dns-servfail",
+            VerdictId::DnsRefused => "dns-refused",
             VerdictId::Healthy => "healthy",
             VerdictId::NotEnoughData => "unclear",
         }

@@ -34,6 +34,11 @@ pub struct Event {
     /// The remote end.
     pub dst: Endpoint,
     pub detail: EventDetail,
+    /// The owner's cgroup, container and pod, where the owner and its cgroup are known.
+    pub workload: Option<Arc<crate::workload::Workload>>,
+    /// Where the connection really goes when a DNAT on this host translated `dst` (a virtual
+    /// address: kube-proxy, an nft or iptables rule); `None` when nothing translated it.
+    pub backend: Option<Endpoint>,
 }
 
 /// What happened; its kind ([`EventKind`], the log's `type`) is derived from it.
@@ -82,6 +87,8 @@ impl Event {
             src: none,
             dst: none,
             detail,
+            workload: None,
+            backend: None,
         }
     }
 
@@ -112,6 +119,9 @@ pub struct Connect {
     /// failed), on the side that started it and where its start was seen.
     pub latency: Option<Duration>,
     pub syn_retransmits: u32,
+    /// The name a recent DNS answer gave for the destination's address (client side, where
+    /// DNS is watched): the join of a connect with the name the application asked for.
+    pub dst_name: Option<Arc<str>>,
 }
 
 /// How a connect ended; the log's `outcome` ([`Outcome`]) is derived from it.

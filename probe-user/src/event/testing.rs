@@ -36,6 +36,8 @@ pub(crate) fn event(
         src: src.parse().unwrap(),
         dst: dst.parse().unwrap(),
         detail,
+        workload: None,
+        backend: None,
     }
 }
 
@@ -49,6 +51,7 @@ pub(crate) fn established(latency_us: u64) -> EventDetail {
         outcome: ConnectOutcome::Established,
         latency: Some(Duration::from_micros(latency_us)),
         syn_retransmits: 0,
+        dst_name: None,
     })
 }
 
@@ -69,6 +72,7 @@ pub(crate) fn failed(reason: FailureReason, syn_retransmits: u32) -> EventDetail
         },
         latency: Some(Duration::from_millis(1000 * u64::from(syn_retransmits) + 1)),
         syn_retransmits,
+        dst_name: None,
     })
 }
 
@@ -151,6 +155,7 @@ pub(crate) fn accepted(local: &str, time: SystemTime) -> Event {
         outcome: ConnectOutcome::Established,
         latency: None,
         syn_retransmits: 0,
+        dst_name: None,
     });
     event(Some(Side::Server), local, PEER, time, detail)
 }

@@ -23,7 +23,7 @@ use prometheus::{
 use strum::VariantArray;
 
 use crate::{
-    aggregate::{Aggregator, DestinationSummary, SideLabel, Snapshot},
+    aggregate::{Aggregator, BackendSummary, DestinationSummary, OTHER, SideLabel, Snapshot},
     event::{Direction, EventKind, FailureReason, Phase},
     tally::{LossStage, Tally},
 };
@@ -38,7 +38,7 @@ struct Family {
     labels: &'static [&'static str],
 }
 
-const FAMILIES: [Family; 16] = [
+const FAMILIES: [Family; 18] = [
     Family {
         name: "connprobe_connect_attempts_total",
         help: "Connects this host opened to the destination (established or failed).",
@@ -165,6 +165,22 @@ const FAMILIES: [Family; 16] = [
         per_destination: false,
         labels: &["version"],
     },
+    Family {
+        name: "connprobe_backend_connect_attempts_total",
+        help: "Connects this host opened to a translated (DNAT) destination, by the backend \
+               their SYN went to (seen after the nat hooks); bounded like destinations, the rest \
+               under destination=\"other\", backend=\"other\".",
+        kind: MetricType::COUNTER,
+        per_destination: false,
+        labels: &["destination", "backend"],
+    },
+    Family {
+        name: "connprobe_backend_connect_failures_total",
+        help: "Connects to a translated (DNAT) destination that failed, by backend and reason.",
+        kind: MetricType::COUNTER,
+        per_destination: false,
+        labels: &["destination", "backend", "reason"],
+    },
 ];
 
 /// Index of each family in [`FAMILIES`].
@@ -184,6 +200,8 @@ const TRACKED: usize = 12;
 const FOLDED: usize = 13;
 const BUNDLES: usize = 14;
 const BUILD_INFO: usize = 15;
+const BACKEND_ATTEMPTS: usize = 16;
+const BACKEND_FAILURES: usize = 17;
 
 /// What the collector reads.
 #[derive(Clone)]
@@ -227,19 +245,18 @@ pub struct PrometheusExporter {
 
 impl PrometheusExporter {
     pub fn new(sources: Sources) -> Self {
-        let by_comm = sources
+        let config = *sources
             .aggregator
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .config()
-            .by_comm;
+            .config();
         let descs = FAMILIES
             .iter()
             .map(|f| {
                 Desc::new(
                     f.name.to_string(),
                     f.help.to_string(),
-                    label_names(f, by_comm)
+                    label_names(f, config.by_comm, config.by_container)
                         .into_iter()
                         .map(str::to_string)
                         .collect(),
@@ -255,6 +272,13 @@ impl PrometheusExporter {
         PrometheusExporter { registry }
     }
 
+    /// Adds a collector of another part of the agent (DNS) to the same registry.
+    pub fn register(&self, collector: Box<dyn Collector>) {
+        self.registry
+            .register(collector)
+            .expect("each collector is registered once, with its own families");
+    }
+
     /// Every metric in the text exposition format 0.0.4.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
@@ -265,10 +289,13 @@ impl PrometheusExporter {
     }
 }
 
-fn label_names(family: &Family, by_comm: bool) -> Vec<&'static str> {
+fn label_names(family: &Family, by_comm: bool, by_container: bool) -> Vec<&'static str> {
     let mut names = family.labels.to_vec();
     if family.per_destination && by_comm {
         names.push("comm");
+    }
+    if family.per_destination && by_container {
+        names.push("container");
     }
     names
 }
@@ -289,6 +316,7 @@ fn families(snapshot: &Snapshot, tally: &Tally, bundles: u64) -> Vec<MetricFamil
     ] {
         metrics[CONNTRACK].push(counter(&[("kind", kind)], n as f64));
     }
+    backend_series(&snapshot.backends, &mut metrics);
     for kind in EventKind::VARIANTS.iter().filter(|k| k.from_kernel()) {
         let value = tally.delivered(*kind) as f64;
         metrics[EVENTS].push(counter(&[("type", kind.name())], value));
@@ -325,6 +353,9 @@ fn destination_series(d: &DestinationSummary, metrics: &mut [Vec<proto::Metric>]
         pairs.extend_from_slice(extra);
         if let Some(comm) = &d.comm {
             pairs.push(("comm", comm.as_str()));
+        }
+        if let Some(container) = &d.container {
+            pairs.push(("container", container.as_str()));
         }
         label_pairs(pairs)
     };
@@ -385,6 +416,27 @@ fn destination_series(d: &DestinationSummary, metrics: &mut [Vec<proto::Metric>]
     }
     if let Some(n) = s.listen_overflows {
         metrics[LISTEN_OVERFLOWS].push(metric(labels(&[]), counter_value(n)));
+    }
+}
+
+/// Attempts and failures per (destination, backend) pair.
+fn backend_series(backends: &[BackendSummary], metrics: &mut [Vec<proto::Metric>]) {
+    for b in backends {
+        let name =
+            |e: Option<crate::event::Endpoint>| e.map_or(OTHER.to_string(), |e| e.to_string());
+        let (destination, backend) = (name(b.destination), name(b.backend));
+        let pairs = [
+            ("destination", destination.as_str()),
+            ("backend", backend.as_str()),
+        ];
+        metrics[BACKEND_ATTEMPTS].push(counter(&pairs, b.counts.attempts as f64));
+        for (reason, &n) in FailureReason::VARIANTS.iter().zip(&b.counts.failures) {
+            if n > 0 {
+                let mut labels = pairs.to_vec();
+                labels.push(("reason", reason.name()));
+                metrics[BACKEND_FAILURES].push(counter(&labels, n as f64));
+            }
+        }
     }
 }
 
@@ -487,6 +539,32 @@ mod tests {
     }
 
     #[test]
+    fn backends_behind_a_destination_have_their_own_series() {
+        let fixture = Fixture::new(10, false);
+        let t = agg::at(0);
+        let via = |backend: &str, mut e: crate::event::Event| {
+            e.backend = Some(backend.parse().unwrap());
+            e
+        };
+        let vip = "10.96.0.10:80";
+        fixture.record(&via(
+            "10.1.4.7:8080",
+            agg::failed(t, vip, FailureReason::Refused),
+        ));
+        fixture.record(&via("10.1.4.8:8080", agg::established(t, vip, 100)));
+        let text = fixture.encode();
+        for line in [
+            r#"connprobe_backend_connect_attempts_total{backend="10.1.4.7:8080",destination="10.96.0.10:80"} 1"#,
+            r#"connprobe_backend_connect_attempts_total{backend="10.1.4.8:8080",destination="10.96.0.10:80"} 1"#,
+            r#"connprobe_backend_connect_failures_total{backend="10.1.4.7:8080",destination="10.96.0.10:80",reason="refused"} 1"#,
+            r#"connprobe_connect_attempts_total{destination="10.96.0.10:80"} 2"#,
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+        assert!(!text.contains(r#"backend="10.1.4.8:8080",destination="10.96.0.10:80",reason"#));
+    }
+
+    #[test]
     fn every_metric_has_help_and_the_documented_type() {
         let fixture = Fixture::new(10, true);
         // Make the per-destination families appear.
@@ -554,6 +632,7 @@ mod tests {
                 max_destinations: 2,
                 destination_idle: Duration::from_secs(600),
                 by_comm,
+                by_container: false,
             });
             let t = agg::at(0);
             fixture.record(&agg::established(t, "10.0.0.1:80", 120));

@@ -114,8 +114,11 @@ pub struct AgentStatus {
     pub now: String,
     pub started: String,
     pub uptime_seconds: f64,
-    /// Whether destinations are split by process name (`--by-comm`).
+    /// Whether destinations are split by process name (`--by comm`).
     pub by_comm: bool,
+    /// Whether destinations are split by container (`--by container`).
+    #[serde(default)]
+    pub by_container: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -144,8 +147,11 @@ pub struct EventTotals {
 pub struct DestinationRow {
     /// `ip:port` (`[v6]:port`), or `other` for the destinations folded together.
     pub destination: String,
-    /// The process name, under `--by-comm` only.
+    /// The process name, under `--by comm` only.
     pub comm: Option<String>,
+    /// The container's short id, `host` or `unknown`, under `--by container` only.
+    #[serde(default)]
+    pub container: Option<String>,
     /// False for a destination that gave up its label when idle (no series in `/metrics`).
     pub labelled: bool,
     /// RFC 3339 UTC, milliseconds.
@@ -181,12 +187,17 @@ pub struct DestinationRow {
 }
 
 impl DestinationRow {
-    /// `ADDR` or `ADDR (comm)`, as the query's `destination=` takes it.
+    /// `ADDR`, `ADDR (comm)`, `ADDR [container]` or `ADDR (comm) [container]`, as the
+    /// query's `destination=` takes it.
     pub fn label(&self) -> String {
-        match &self.comm {
-            Some(comm) => format!("{} ({comm})", self.destination),
-            None => self.destination.clone(),
+        let mut label = self.destination.clone();
+        if let Some(comm) = &self.comm {
+            label.push_str(&format!(" ({comm})"));
         }
+        if let Some(container) = &self.container {
+            label.push_str(&format!(" [{container}]"));
+        }
+        label
     }
 
     pub fn failures_total(&self) -> u64 {
@@ -322,6 +333,7 @@ impl ViewSources {
                 started: diagnose::format_time(self.started),
                 uptime_seconds: diagnose::round(uptime.as_secs_f64(), 3),
                 by_comm: snapshot.by_comm,
+                by_container: snapshot.by_container,
             },
             window: WindowSpan {
                 name: window,
@@ -347,8 +359,8 @@ impl ViewSources {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .latency_histogram(label, now, window.buckets());
-        // The address without the ` (comm)` of --by-comm.
-        let address = label.split(" (").next().unwrap_or(label);
+        // The address without the ` (comm)` and ` [container]` of --by.
+        let address = label.split([' ']).next().unwrap_or(label);
         let reports = report
             .map(|r| {
                 r.destinations
@@ -440,6 +452,7 @@ fn row(
     DestinationRow {
         destination: s.destination_label(),
         comm: s.comm.clone(),
+        container: s.container.clone(),
         labelled: s.labelled,
         last_seen: diagnose::format_time(s.last_seen),
         attempts: c.attempts,
@@ -522,6 +535,7 @@ pub(crate) mod tests {
                 max_destinations: 100,
                 destination_idle: Duration::from_secs(600),
                 by_comm: false,
+                by_container: false,
             }))),
             recorder: Arc::new(Mutex::new(FlightRecorder::new(1000))),
             tally: Arc::new(Tally::default()),

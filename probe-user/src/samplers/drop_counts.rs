@@ -75,8 +75,8 @@ pub fn event(
     reasons: &DropReasons,
 ) -> Result<Event, DecodeError> {
     let (src, dst) = decode::addresses(&key.endpoints)?;
-    let protocol = match u16::from(key.protocol) {
-        IPPROTO_TCP => Protocol::Tcp,
+    let protocol = match key.protocol {
+        p if u16::from(p) == IPPROTO_TCP => Protocol::Tcp,
         IPPROTO_UDP => Protocol::Udp,
         _ => return Err(DecodeError::Protocol(key.protocol)),
     };
@@ -94,6 +94,8 @@ pub fn event(
             direction: decode::direction_of(key.direction)?,
             packets,
         }),
+        workload: None,
+        backend: None,
     })
 }
 

@@ -223,6 +223,8 @@ impl Overflowing {
                 backlog: record.map(|r| r.backlog).filter(|b| *b > 0),
                 queued: self.row.queued,
             }),
+            workload: None,
+            backend: None,
         }
     }
 }
@@ -382,6 +384,7 @@ IpExt: 3
                     flags: owner_flags::PROCESS_KNOWN,
                     _pad: [0; 2],
                     comm,
+                    cgroup_id: 0,
                 },
                 backlog,
                 tid: 78,

@@ -100,6 +100,10 @@ impl LineFormatter {
                 self.option_number(c.latency.map(|d| d.as_micros() as u64));
                 self.raw(b",\"syn_retransmits\":");
                 self.number(c.syn_retransmits);
+                if let Some(name) = &c.dst_name {
+                    self.raw(b",\"dst_name\":");
+                    self.string(name);
+                }
             }
             EventDetail::Retransmit(r) => {
                 self.raw(b",\"phase\":\"");
@@ -157,12 +161,37 @@ impl LineFormatter {
             // Written above, without the connection fields.
             EventDetail::Conntrack(_) => {}
         }
+        match &event.workload {
+            Some(w) => {
+                self.raw(b",\"cgroup\":");
+                self.string(&w.cgroup);
+                self.raw(b",\"container_id\":");
+                self.option_str(w.container_id.as_deref());
+                self.raw(b",\"pod_uid\":");
+                self.option_str(w.pod_uid.as_deref());
+            }
+            None => self.raw(b",\"cgroup\":null,\"container_id\":null,\"pod_uid\":null"),
+        }
+        match event.backend {
+            Some(b) => {
+                self.raw(b",\"backend_ip\":\"");
+                self.ip(b.ip());
+                self.raw(b"\",\"backend_port\":");
+                self.number(b.port());
+            }
+            None => self.raw(b",\"backend_ip\":null,\"backend_port\":null"),
+        }
         self.raw(b"}\n");
     }
 
     /// The lines pushed since the last [`Self::clear`].
     pub fn buffered(&self) -> &[u8] {
         &self.line
+    }
+
+    /// Appends a line made elsewhere (a `dns` line, through serde).
+    pub fn push_line(&mut self, line: &[u8]) {
+        self.line.extend_from_slice(line);
     }
 
     pub fn clear(&mut self) {
@@ -307,7 +336,8 @@ mod tests {
                 r#"{"type":"connect","seq":0,"time":"2026-11-18T11:06:40.123456Z","pid":4242,"comm":"curl","#,
                 r#""side":"client","src_ip":"10.200.0.1","src_port":40000,"dst_ip":"10.200.0.2","#,
                 r#""dst_port":8081,"outcome":"failed","reason":"refused","errno":"ECONNREFUSED","#,
-                r#""latency_us":153,"syn_retransmits":0}"#,
+                r#""latency_us":153,"syn_retransmits":0,"cgroup":null,"container_id":null,"#,
+                r#""pod_uid":null,"backend_ip":null,"backend_port":null}"#,
                 "\n"
             )
         );
