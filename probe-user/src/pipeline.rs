@@ -136,10 +136,10 @@ fn name_destinations(batch: &mut [Event], dns: &SharedDns) {
     }
 }
 
-/// Every batch the reader decodes (and every one the samplers make) goes to the aggregator,
-/// the flight recorder and the JSON
-/// log's queue (losses at the queue or past a failed writer are counted in the tally), after
-/// the agent's own traffic (`own`) is taken out and counted, and connects are named from DNS.
+/// Every batch the reader decodes (and every one the samplers make) goes to the aggregator, the
+/// flight recorder and the JSON log's queue (losses at the queue or past a failed writer are
+/// counted in the tally), after the agent's own traffic (`own`) is taken out and counted, and
+/// connects are named from DNS.
 /// What is left is numbered (`seq`) here, so a gap in the log's numbers is a loss counted at
 /// `queue` or `log`, nothing else.
 fn consumer(
