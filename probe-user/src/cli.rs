@@ -115,6 +115,10 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = HookMode::Auto)]
     pub hooks: HookMode,
 
+    /// Do not trace the packets the kernel drops (the `kfree_skb` hook).
+    #[arg(long)]
+    pub no_drops: bool,
+
     /// Size of the kernel-to-agent ring buffer (a power of two, at least one page).
     #[arg(long, value_name = "BYTES", default_value_t = probe_common::DEFAULT_RING_BYTES)]
     pub ring_buffer_bytes: u32,

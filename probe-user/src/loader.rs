@@ -4,20 +4,20 @@ use std::path::Path;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint, TracePoint,
     },
 };
 use probe_common::{
-    COUNTERS_MAP, DNS_EVENTS_MAP, DNS_PORTS_GLOBAL, DnsPorts, EVENTS_MAP, KernelOffsets,
-    LISTENERS_MAP, ListenerKey, ListenerRecord, OFFSETS_GLOBAL, RECORDS_IN_STORAGE_GLOBAL,
-    SOCKETS_MAP, WAKEUP_BYTES_GLOBAL,
+    CONNECTS_MAP, COUNTERS_MAP, DNS_EVENTS_MAP, DNS_PORTS_GLOBAL, DROP_COUNTS_MAP,
+    DROP_FILTER_GLOBAL, DnsPorts, DropKey, EVENTS_MAP, KernelOffsets, LISTENERS_MAP, ListenerKey,
+    ListenerRecord, OFFSETS_GLOBAL, RECORDS_IN_STORAGE_GLOBAL, SOCKETS_MAP, WAKEUP_BYTES_GLOBAL,
 };
 
 use crate::{
     btf::Btf,
-    decode::ResetReasons,
+    decode::{DropReasons, ResetReasons},
     listeners,
     offsets::{self, Hook, OffsetsError, Tracefs},
     privileges::{self, PrivilegeError},
@@ -104,6 +104,8 @@ pub struct LoaderConfig {
     pub hooks: HookMode,
     pub ring_buffer_bytes: u32,
     pub max_sockets: u32,
+    /// Trace packet drops (`kfree_skb`); off with `--no-drops`.
+    pub drops: bool,
     /// The DNS ports to watch; `None` attaches no DNS programs (`--no-dns`).
     pub dns_ports: Option<DnsPorts>,
 }
@@ -117,6 +119,12 @@ pub struct KernelMaps {
     pub logger: aya_log::EbpfLogger<&'static dyn log::Log>,
     /// Names of this kernel's reset reasons, for the decoder (empty where the kernel has none).
     pub reset_reasons: ResetReasons,
+    /// Names of this kernel's drop reasons, for the decoder (empty where the kernel has none).
+    pub drop_reasons: DropReasons,
+    /// Dropped data segments counted per connection and reason (see `samplers::drop_counts`).
+    pub drop_counts: PerCpuHashMap<MapData, DropKey, u64>,
+    /// The listening sockets the programs and the start-up scan know (see `samplers::netns`).
+    pub listeners: HashMap<MapData, ListenerKey, ListenerRecord>,
     /// The DNS packets' ring buffer (nothing arrives in it when the DNS programs are not
     /// attached).
     pub dns_events: RingBuf<MapData>,
@@ -155,7 +163,9 @@ pub fn load_and_attach(
     let aya_btf = aya::Btf::from_sys_fs().map_err(|_| LoadError::NoBtf(Btf::VMLINUX.into()))?;
 
     let reset_reasons = ResetReasons::from_btf(&btf);
-    let plan = plan_hooks(&btf, config.hooks);
+    let drop_reasons = DropReasons::from_btf(&btf);
+    let drops = config.drops && !drop_reasons.is_empty();
+    let plan = plan_hooks(&btf, config.hooks, drops);
     let mut maps_handed_over = false;
     let mut attempt = |plan: Vec<(Hook, Attachment)>| {
         try_load(
@@ -163,14 +173,14 @@ pub fn load_and_attach(
             &aya_btf,
             struct_offsets,
             plan,
-            reset_reasons.clone(),
+            (reset_reasons.clone(), drop_reasons.clone()),
             &mut |maps| {
                 maps_handed_over = true;
                 before_attach(maps)
             },
         )
     };
-    match attempt(plan.clone()) {
+    let result = match attempt(plan.clone()) {
         Ok(probes) => Ok(probes),
         Err(e @ LoadError::Program { .. })
             if config.hooks == HookMode::Auto
@@ -179,17 +189,33 @@ pub fn load_and_attach(
                     .any(|(_, a)| matches!(a, Attachment::Btf | Attachment::BtfOlder)) =>
         {
             tracing::warn!("{e}; falling back to classic tracepoints");
-            let classic = Hook::ALL.map(|h| (h, Attachment::Classic)).to_vec();
+            let classic = Hook::ALL
+                .into_iter()
+                .filter(|h| drops || *h != Hook::Drop)
+                .map(|h| (h, Attachment::Classic))
+                .collect();
             attempt(classic)
         }
         Err(e) => Err(e),
-    }
+    };
+    result.map(|mut probes| {
+        if config.drops && drop_reasons.is_empty() {
+            probes.missing.push(format!(
+                "this kernel ({}) gives no reasons for the packets it drops (that needs Linux \
+                 5.17): drops are not traced",
+                kernel_release()
+            ));
+        }
+        probes
+    })
 }
 
-/// BTF tracepoints where the kernel's BTF has them with the arguments the programs read.
-fn plan_hooks(btf: &Btf, mode: HookMode) -> Vec<(Hook, Attachment)> {
+/// BTF tracepoints where the kernel's BTF has them with the arguments the programs read; the
+/// drop hook only with `drops`.
+fn plan_hooks(btf: &Btf, mode: HookMode, drops: bool) -> Vec<(Hook, Attachment)> {
     Hook::ALL
         .iter()
+        .filter(|&&hook| drops || hook != Hook::Drop)
         .map(|&hook| {
             let args = btf.tracepoint_args(hook.tracepoint().1).unwrap_or(0);
             let btf_program = if args >= hook.btf_args_needed() {
@@ -218,7 +244,7 @@ fn try_load(
     aya_btf: &aya::Btf,
     mut offsets: KernelOffsets,
     plan: Vec<(Hook, Attachment)>,
-    mut reset_reasons: ResetReasons,
+    (mut reset_reasons, drop_reasons): (ResetReasons, DropReasons),
     before_attach: &mut dyn FnMut(KernelMaps),
 ) -> Result<Probes, LoadError> {
     let needs_tracefs = plan
@@ -258,6 +284,26 @@ fn try_load(
         );
         reset_reasons = ResetReasons::default();
     }
+    let drop_program = plan
+        .iter()
+        .find(|(hook, _)| *hook == Hook::Drop)
+        .map(|(_, how)| *how);
+    let receiving_socket = match drop_program {
+        Some(Attachment::Btf) => true,
+        Some(Attachment::Classic) => offsets.has_drop_rx_sk != 0,
+        _ => false,
+    };
+    if matches!(
+        drop_program,
+        Some(Attachment::Btf | Attachment::BtfOlder | Attachment::Classic)
+    ) && !receiving_socket
+    {
+        missing.push(format!(
+            "this kernel ({}) does not say which socket received a dropped packet (rx_sk needs \
+             Linux 6.11): drops on the input path are matched to connections by their addresses",
+            kernel_release()
+        ));
+    }
 
     // Wake the agent once an eighth of the ring is waiting; the reader also polls every
     // POLL_INTERVAL, so a quiet host still sees its events promptly.
@@ -269,6 +315,7 @@ fn try_load(
         .override_global(OFFSETS_GLOBAL, &offsets, true)
         .override_global(WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
         .override_global(RECORDS_IN_STORAGE_GLOBAL, &u32::from(in_storage), true)
+        .override_global(DROP_FILTER_GLOBAL, &drop_reasons.filter(), true)
         .override_global(
             DNS_PORTS_GLOBAL,
             &config.dns_ports.unwrap_or_default(),
@@ -276,6 +323,7 @@ fn try_load(
         )
         .map_max_entries(EVENTS_MAP, config.ring_buffer_bytes)
         .map_max_entries(SOCKETS_MAP, config.max_sockets)
+        .map_max_entries(CONNECTS_MAP, config.max_sockets)
         .load(OBJECT)
         .map_err(|e| LoadError::Load(Box::new(e)))?;
 
@@ -288,6 +336,11 @@ fn try_load(
         .ok_or_else(|| LoadError::Missing(COUNTERS_MAP.into()))?;
     let counters =
         PerCpuArray::try_from(counters).map_err(|e| LoadError::Map(COUNTERS_MAP, Box::new(e)))?;
+    let drop_counts = ebpf
+        .take_map(DROP_COUNTS_MAP)
+        .ok_or_else(|| LoadError::Missing(DROP_COUNTS_MAP.into()))?;
+    let drop_counts = PerCpuHashMap::try_from(drop_counts)
+        .map_err(|e| LoadError::Map(DROP_COUNTS_MAP, Box::new(e)))?;
     let dns_events = ebpf
         .take_map(DNS_EVENTS_MAP)
         .ok_or_else(|| LoadError::Missing(DNS_EVENTS_MAP.into()))?;
@@ -295,11 +348,19 @@ fn try_load(
         RingBuf::try_from(dns_events).map_err(|e| LoadError::Map(DNS_EVENTS_MAP, Box::new(e)))?;
     let logger = aya_log::EbpfLogger::init(&mut ebpf).map_err(LoadError::Logger)?;
     add_existing_listeners(&mut ebpf)?;
+    let listeners = ebpf
+        .take_map(LISTENERS_MAP)
+        .ok_or_else(|| LoadError::Missing(LISTENERS_MAP.into()))?;
+    let listeners =
+        HashMap::try_from(listeners).map_err(|e| LoadError::Map(LISTENERS_MAP, Box::new(e)))?;
     before_attach(KernelMaps {
         events,
         counters,
         logger,
         reset_reasons,
+        drop_reasons,
+        drop_counts,
+        listeners,
         dns_events,
     });
 

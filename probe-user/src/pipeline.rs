@@ -39,6 +39,7 @@ use crate::{
     own_traffic::OwnTraffic,
     privileges,
     reader::{BATCH, spawn_program_log, spawn_reader},
+    samplers::Samplers,
     tally::{KernelCounts, LossStage, Tally},
     top::{Console, screen},
     workload::Workloads,
@@ -55,6 +56,7 @@ fn kernel_counts(counters: &PerCpuArray<MapData, u64>) -> KernelCounts {
             Counter::ProducedRetransmit,
             Counter::ProducedReset,
             Counter::ProducedClose,
+            Counter::ProducedDrop,
         ]
         .map(|c| read_counter(counters, c))
         .iter()
@@ -134,9 +136,10 @@ fn name_destinations(batch: &mut [Event], dns: &SharedDns) {
     }
 }
 
-/// Every batch the reader decodes goes to the aggregator, the flight recorder and the JSON
-/// log's queue (losses at the queue or past a failed writer are counted in the tally), after
-/// the agent's own traffic (`own`) is taken out and counted, and connects are named from DNS.
+/// Every batch the reader decodes (and every one the samplers make) goes to the aggregator, the
+/// flight recorder and the JSON log's queue (losses at the queue or past a failed writer are
+/// counted in the tally), after the agent's own traffic (`own`) is taken out and counted, and
+/// connects are named from DNS.
 /// What is left is numbered (`seq`) here, so a gap in the log's numbers is a loss counted at
 /// `queue` or `log`, nothing else.
 fn consumer(
@@ -291,6 +294,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         hooks: args.hooks,
         ring_buffer_bytes: args.ring_buffer_bytes,
         max_sockets: args.max_sockets,
+        drops: !args.no_drops,
         dns_ports: dns_config.as_ref().map(DnsConfig::kernel_ports),
     };
     let cgroup_root = match Workloads::for_this_host() {
@@ -303,18 +307,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut readers = Vec::new();
     let mut dns_readers = Vec::new();
     let mut counters = None;
+    let mut samplers = None;
+    // One consumer for the reader and the samplers, behind a lock: numbering a batch (`seq`)
+    // and handing it to the log happen together, so the log's numbers stay in order.
+    let shared = Arc::new(Mutex::new(consumer(
+        aggregator.clone(),
+        recorder.clone(),
+        log_tx.clone(),
+        tally.clone(),
+        own_traffic,
+        dns_state.clone(),
+    )));
+    let shared_consumer = || {
+        let shared = shared.clone();
+        move |batch: &mut Vec<Event>| (shared.lock().unwrap_or_else(|e| e.into_inner()))(batch)
+    };
     let probes = tokio::task::block_in_place(|| {
         loader::load_and_attach(&config, |maps: KernelMaps| {
             let (stop_tx, stop_rx) = watch::channel(false);
             spawn_program_log(maps.logger, stop_rx.clone());
-            let consume = consumer(
-                aggregator.clone(),
-                recorder.clone(),
-                log_tx.clone(),
-                tally.clone(),
-                own_traffic,
-                dns_state.clone(),
-            );
+            let consume = shared_consumer();
             if let Some(dns) = &dns_state {
                 dns_readers.push((
                     stop_tx.clone(),
@@ -334,6 +346,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     Decoder {
                         clock,
                         reset_reasons: maps.reset_reasons,
+                        drop_reasons: maps.drop_reasons.clone(),
                     },
                     cgroup_root
                         .clone()
@@ -344,8 +357,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 ),
             ));
             counters = Some(maps.counters);
+            samplers = Some(Samplers::new(
+                maps.drop_counts,
+                maps.listeners,
+                maps.drop_reasons,
+            ));
         })
     })?;
+    // The samplers' events go the same way as the reader's; the empty programs of the
+    // benchmark's floor count nothing.
+    let mut sampled = samplers
+        .filter(|_| args.hooks != HookMode::Empty)
+        .map(|s| (s, shared_consumer()));
+    drop(shared);
     drop(log_tx);
     // Readers of a failed first attempt (before a fallback) watch maps nothing writes to.
     let (stop_reader, mut reader) = readers.pop().context("the loader started no reader")?;
@@ -430,6 +454,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 break Stop::ReaderFailed(err);
             }
             _ = housekeeping.tick() => {
+                if let Some((samplers, consume)) = &mut sampled {
+                    let mut batch = samplers.sample(SystemTime::now());
+                    tally.add_sampled(batch.len() as u64);
+                    consume(&mut batch);
+                }
                 tally.set_kernel(kernel_counts(&counters));
                 if let Some(dns) = &dns_state {
                     dns_kernel_counts(dns, &counters);
@@ -458,13 +487,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Stop::ReaderFailed(_) => {}
     }
 
-    // Detach first so that nothing new arrives, then drain what the kernel already wrote.
+    // Detach first so that nothing new arrives, then drain what the kernel already wrote, and
+    // take the counts one last time.
     drop(probes);
     let _ = stop_reader.send(true);
     let reader_result = match stop {
         Stop::ReaderFailed(e) => Err(e),
         _ => reader.await.context("the ring buffer reader panicked")?,
     };
+    if let Some((mut samplers, consume)) = sampled.take() {
+        let mut batch = samplers.sample(SystemTime::now());
+        tally.add_sampled(batch.len() as u64);
+        consume(&mut batch);
+    }
     if let Some(handle) = dns_reader {
         match handle.await {
             Ok(Ok(())) => {}

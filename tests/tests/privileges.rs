@@ -15,7 +15,7 @@ use anyhow::{Context as _, bail, ensure};
 use tests::{
     Agent, Lab, assert_exactly,
     events::{self, Flow, Listener, Opener},
-    expect::lab_events,
+    expect::lab_events_without_drops,
     socket::{self, Attempt},
     traffic::{self, SERVER_COMM, serve},
 };
@@ -230,7 +230,7 @@ fn traced_exactly(
         expected.push(events::client_close(flow, CLIENT));
         expected.push(events::server_close(flow, owner));
     }
-    assert_exactly(&lab_events(lab, &log), &expected);
+    assert_exactly(&lab_events_without_drops(lab, &log), &expected);
     Ok(())
 }
 

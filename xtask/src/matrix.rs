@@ -92,6 +92,14 @@ pub const GUEST_TESTS: &[GuestTests] = &[
         skip: &[],
         what: "the lab scenarios through /metrics",
     },
+    // The BTF variant only: before 6.11 it is the program without `rx_sk` (the host runs both
+    // variants and the classic one).
+    GuestTests {
+        file: "drops",
+        only: &["drops_and_overflows_btf"],
+        skip: &[],
+        what: "drops against nft counters, listen overflows against ListenOverflows",
+    },
     // Its tests share one run of every fault, which is most of the time: all of them cost about
     // what one does.
     GuestTests {

@@ -35,7 +35,10 @@ fn is_failure(id: VerdictId) -> bool {
         | VerdictId::SlowHandshakes
         | VerdictId::DnsTimeout
         | VerdictId::DnsServfail
-        | VerdictId::DnsRefused => true,
+        | VerdictId::DnsRefused
+        | VerdictId::LocalDrop
+        | VerdictId::ListenOverflow
+        | VerdictId::ConntrackFull => true,
         VerdictId::LocalResets
         | VerdictId::PoolPartialFailure
         | VerdictId::Healthy

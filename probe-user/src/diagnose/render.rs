@@ -233,6 +233,16 @@ fn errnos(errnos: &BTreeMap<String, u64>) -> String {
     format!(" ({})", list.join(", "))
 }
 
+/// `NETFILTER_DROP 24, NO_SOCKET 2`: most frequent first.
+fn counts(by: &BTreeMap<String, u64>) -> String {
+    let mut list: Vec<(&str, u64)> = by.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+    list.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    list.iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `; reasons: TCP_ABORT_ON_CLOSE 12, NO_SOCKET 3`, most frequent first; empty when the
 /// kernel gave none.
 fn reset_reasons(by_reason: &BTreeMap<String, u64>) -> String {
@@ -336,9 +346,13 @@ pub fn evidence_sentence(finding: &Finding) -> String {
         Finding::Blackhole(e) => {
             let f = &e.figures;
             let (matching, attempts, errnos) = failures(&f.failures);
+            let dropped = match f.syn_drops_on_this_host {
+                0 => String::new(),
+                n => format!(" {n} of their SYNs or replies were dropped on this host."),
+            };
             format!(
                 "{matching} of {attempts} got no answer to {} ({} timed out in the kernel, {} \
-                 given up by the application; {}{}){errnos}.",
+                 given up by the application; {}{}){errnos}.{dropped}",
                 if matching == 1 {
                     "its SYN"
                 } else {
@@ -350,6 +364,51 @@ pub fn evidence_sentence(finding: &Finding) -> String {
                 f.waited_p50_ms
                     .map(|w| format!(", median wait {w:.0} ms"))
                     .unwrap_or_default(),
+            )
+        }
+        Finding::LocalDrop(e) => {
+            let f = &e.figures;
+            let packets = match counts(&f.by_packet) {
+                p if p.is_empty() => p,
+                p => format!(" ({p})"),
+            };
+            if f.connections_accepted > 0 || f.syns_received_dropped > 0 {
+                format!(
+                    "{} SYNs dropped on this host before they reached the service, {} \
+                     connections accepted; reasons: {}{packets}.",
+                    f.syns_received_dropped,
+                    f.connections_accepted,
+                    counts(&f.by_reason)
+                )
+            } else {
+                format!(
+                    "{} of {} unanswered connects had a SYN or its reply dropped on this host; {} \
+                     dropped, reasons: {}{packets}.",
+                    f.explained,
+                    f.unanswered,
+                    f.syn_drops,
+                    counts(&f.by_reason)
+                )
+            }
+        }
+        Finding::ListenOverflow(e) => {
+            let f = &e.figures;
+            let backlog = f
+                .backlog
+                .map(|b| format!(" (backlog {b})"))
+                .unwrap_or_default();
+            format!(
+                "{} SYNs or handshakes dropped because the accept queue{backlog} was full, up to {} \
+                 connections waiting in it; {} connections accepted.",
+                f.overflows, f.queued_max, f.connections_accepted
+            )
+        }
+        Finding::ConntrackFull(e) => {
+            let f = &e.figures;
+            format!(
+                "{} of {} failed connects ended while connection tracking failed on this host ({} \
+                 insert failures, {} drops for a full table, {} early drops).",
+                f.coinciding, f.failures, f.insert_failed, f.drop, f.early_drop
             )
         }
         Finding::Unreachable(e) => {

@@ -91,11 +91,15 @@ impl Verdict {
 )]
 pub enum Finding {
     Refused(Evidence<RefusedFigures>),
+    /// Before `blackhole`: on a tie, the drops this host saw are the better explanation.
+    LocalDrop(Evidence<LocalDropFigures>),
+    ConntrackFull(Evidence<ConntrackFigures>),
     Blackhole(Evidence<BlackholeFigures>),
     Unreachable(Evidence<FailureFigures>),
     Lossy(Evidence<LossyFigures>),
     ResetMidstream(Evidence<ResetMidstreamFigures>),
     LocalResets(Evidence<LocalResetsFigures>),
+    ListenOverflow(Evidence<ListenOverflowFigures>),
     SlowHandshakes(Evidence<SlowHandshakeFigures>),
     PoolPartialFailure(Evidence<PoolFigures>),
     /// A resolver (`ip:53`, client side) left queries unanswered.
@@ -190,6 +194,62 @@ pub struct BlackholeFigures {
     pub syn_retransmit_segments: u64,
     pub established_after_syn_retransmit: u64,
     pub waited_p50_ms: Option<f64>,
+    /// SYNs and SYN-ACKs of this destination the kernel dropped on this host (0: the SYNs die
+    /// elsewhere, or without a reason).
+    #[serde(default)]
+    pub syn_drops_on_this_host: u64,
+    /// This host's listener at the destination whose accept queue overflowed (both ends on
+    /// this host), e.g. `10.0.0.2:8080`.
+    #[serde(default)]
+    pub overflowing_listener: Option<String>,
+}
+
+/// Packets of the destination's handshakes dropped on this host, and the unanswered connects
+/// they explain.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LocalDropFigures {
+    pub attempts: u64,
+    /// Connects whose SYNs got no answer: failed without one, or established after a retransmit.
+    pub unanswered: u64,
+    /// Of those, the connects with a SYN or SYN-ACK dropped on this host.
+    pub explained: u64,
+    /// SYNs and SYN-ACKs dropped on this host, and by the kernel's reason.
+    pub syn_drops: u64,
+    pub by_reason: BTreeMap<String, u64>,
+    /// Every dropped handshake or DNS packet by its flags and way: `SYN sent`, `SYN|ACK
+    /// received`, `RST|ACK sent`, `udp received`.
+    pub by_packet: BTreeMap<String, u64>,
+    /// For a service of this host: SYNs that arrived and were dropped before it, and the
+    /// connections it accepted.
+    pub syns_received_dropped: u64,
+    pub connections_accepted: u64,
+}
+
+/// A listener of this host whose accept queue overflowed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ListenOverflowFigures {
+    /// SYNs (and handshakes' last ACKs) dropped because the queue was full.
+    pub overflows: u64,
+    /// Its backlog, where connprobe saw its `listen()`.
+    pub backlog: Option<u32>,
+    /// The most connections seen waiting in its queue.
+    pub queued_max: u32,
+    pub connections_accepted: u64,
+    /// Last ACKs the kernel dropped with `TCP_LISTEN_OVERFLOW` (Linux 6.18 names them).
+    pub dropped_acks: u64,
+}
+
+/// Failures at the destination while connection tracking failed on this host.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConntrackFigures {
+    pub attempts: u64,
+    pub failures: u64,
+    /// Failed (or unanswered) connects within seconds of conntrack failures.
+    pub coinciding: u64,
+    /// Conntrack's failures over those seconds, in every namespace read.
+    pub insert_failed: u64,
+    pub drop: u64,
+    pub early_drop: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -233,6 +293,9 @@ pub struct SlowHandshakeFigures {
     pub slow_p50_ms: f64,
     pub threshold_ms: f64,
     pub failures: u64,
+    /// As for `blackhole`: this host's overflowing listener at the destination.
+    #[serde(default)]
+    pub overflowing_listener: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -282,6 +345,9 @@ impl Finding {
     pub fn owners(&self) -> &Owners {
         match self {
             Finding::Refused(e) => &e.owners,
+            Finding::LocalDrop(e) => &e.owners,
+            Finding::ConntrackFull(e) => &e.owners,
+            Finding::ListenOverflow(e) => &e.owners,
             Finding::Blackhole(e) => &e.owners,
             Finding::Unreachable(e) => &e.owners,
             Finding::Lossy(e) => &e.owners,
@@ -307,6 +373,9 @@ impl VerdictId {
     pub fn word(self) -> &'static str {
         match self {
             VerdictId::Refused => "refused",
+            VerdictId::LocalDrop => "local-drop",
+            VerdictId::ConntrackFull => "conntrack",
+            VerdictId::ListenOverflow => "overflow",
             VerdictId::Blackhole => "blackhole",
             VerdictId::Unreachable => "unreachable",
             VerdictId::Lossy => "lossy",
@@ -379,6 +448,9 @@ mod tests {
     fn ids_serialise_as_the_fixed_names() {
         for id in [
             VerdictId::Refused,
+            VerdictId::LocalDrop,
+            VerdictId::ConntrackFull,
+            VerdictId::ListenOverflow,
             VerdictId::Blackhole,
             VerdictId::Unreachable,
             VerdictId::Lossy,

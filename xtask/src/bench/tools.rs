@@ -37,6 +37,8 @@ pub enum Tool {
     ConnprobeSerde,
     /// Another connprobe binary (`--baseline PATH`), e.g. a build of the previous commit.
     ConnprobeBaseline,
+    /// connprobe without the drop program (`--no-drops`): what the `kfree_skb` hook costs.
+    ConnprobeNoDrops,
     Floor,
     Tcpstates,
     Tcplife,
@@ -45,10 +47,11 @@ pub enum Tool {
 
 impl Tool {
     /// Every configuration but the baseline, which needs `--baseline`.
-    pub const DEFAULT: [Tool; 7] = [
+    pub const DEFAULT: [Tool; 8] = [
         Tool::Untraced,
         Tool::Connprobe,
         Tool::ConnprobeSerde,
+        Tool::ConnprobeNoDrops,
         Tool::Floor,
         Tool::Tcpstates,
         Tool::Tcplife,
@@ -62,6 +65,7 @@ impl Tool {
             Tool::Connprobe => "connprobe",
             Tool::ConnprobeSerde => "connprobe_serde",
             Tool::ConnprobeBaseline => "connprobe_baseline",
+            Tool::ConnprobeNoDrops => "connprobe_no_drops",
             Tool::Floor => "floor",
             Tool::Tcpstates => "tcpstates",
             Tool::Tcplife => "tcplife",
@@ -76,6 +80,7 @@ impl Tool {
             Tool::Connprobe => "(b) connprobe defaults",
             Tool::ConnprobeSerde => "(b') connprobe, log lines by serde_json",
             Tool::ConnprobeBaseline => "(b0) connprobe baseline (--baseline)",
+            Tool::ConnprobeNoDrops => "(b-) connprobe --no-drops",
             Tool::Floor => "(c) floor: --hooks empty",
             Tool::Tcpstates => "(d) tcpstates",
             Tool::Tcplife => "(e) tcplife",
@@ -87,7 +92,10 @@ impl Tool {
     pub fn is_agent(self) -> bool {
         matches!(
             self,
-            Tool::Connprobe | Tool::ConnprobeSerde | Tool::ConnprobeBaseline
+            Tool::Connprobe
+                | Tool::ConnprobeSerde
+                | Tool::ConnprobeBaseline
+                | Tool::ConnprobeNoDrops
         )
     }
 
@@ -126,7 +134,7 @@ impl Stopped {
 
     /// Events connprobe delivered to its consumers.
     pub fn delivered(&self) -> u64 {
-        ["connect", "retransmit", "reset", "close"]
+        ["connect", "retransmit", "reset", "close", "drop"]
             .iter()
             .map(|k| self.tally_value(k))
             .sum()
@@ -158,7 +166,11 @@ impl Session {
         };
         let mut command = match tool {
             Tool::Untraced => return Ok(session),
-            Tool::Connprobe | Tool::ConnprobeSerde | Tool::ConnprobeBaseline | Tool::Floor => {
+            Tool::Connprobe
+            | Tool::ConnprobeSerde
+            | Tool::ConnprobeBaseline
+            | Tool::ConnprobeNoDrops
+            | Tool::Floor => {
                 let binary = match tool {
                     Tool::ConnprobeBaseline => bins
                         .baseline
@@ -169,6 +181,7 @@ impl Session {
                 let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
                 match tool {
                     Tool::ConnprobeSerde => args.extend(["--log-encoder".into(), "serde".into()]),
+                    Tool::ConnprobeNoDrops => args.push("--no-drops".into()),
                     Tool::Floor => {
                         args.extend(["--hooks", "empty", "--no-metrics"].map(String::from))
                     }
