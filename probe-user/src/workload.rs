@@ -177,6 +177,9 @@ pub struct Workloads {
     cache: HashMap<u64, Option<Arc<Workload>>>,
     capacity: usize,
     last_walk: Option<Instant>,
+    /// Every directory the last walk visited (at most [`WALK_LIMIT`]), by id: an id missed
+    /// before the next walk is allowed is looked up here rather than given up on.
+    last_walked: HashMap<u64, String>,
 }
 
 /// Cached ids (found or not) before the cache starts over.
@@ -197,6 +200,7 @@ impl Workloads {
             cache: HashMap::new(),
             capacity: CACHE_CAPACITY,
             last_walk: None,
+            last_walked: HashMap::new(),
         }
     }
 
@@ -232,15 +236,18 @@ impl Workloads {
             .last_walk
             .is_some_and(|at| at.elapsed() < WALK_INTERVAL)
         {
-            return None;
+            // Not cached when missed: a later walk may find a cgroup made since.
+            let path = self.last_walked.get(&id)?.clone();
+            return self.remember(id, Some(Workload::from_cgroup(&path)));
         }
         self.last_walk = Some(Instant::now());
-        let mut found = None;
+        let mut walked = std::mem::take(&mut self.last_walked);
+        walked.clear();
         self.walk(|dir_id, path| {
-            if dir_id == id {
-                found = Some(path.to_owned());
-            }
+            walked.insert(dir_id, path.to_owned());
         });
+        let found = walked.get(&id).cloned();
+        self.last_walked = walked;
         self.remember(id, found.map(|p| Workload::from_cgroup(&p)))
     }
 

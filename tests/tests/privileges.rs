@@ -271,6 +271,11 @@ fn minimal_capabilities_as_an_unprivileged_user() -> anyhow::Result<()> {
     let listener = serve(&lab, server, count, traffic::echo);
     let agent = Agent::start_under(&strs(&setpriv(MINIMAL)), &["--no-metrics"])?;
     assert_dropped(&agent, UNPRIVILEGED, mask(MINIMAL))?;
+    // "watching DNS" comes on the line after "tracing", which is what the start waited for.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent.stderr_text().contains("watching DNS") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let stderr = agent.stderr_text();
     ensure!(
         !stderr.contains("stay unnamed") && !stderr.contains("WARN"),
