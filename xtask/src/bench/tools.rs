@@ -39,6 +39,8 @@ pub enum Tool {
     ConnprobeBaseline,
     /// connprobe without the drop program (`--no-drops`): what the `kfree_skb` hook costs.
     ConnprobeNoDrops,
+    /// connprobe without the DNS programs (`--no-dns`): what the cgroup_skb hooks cost.
+    ConnprobeNoDns,
     Floor,
     Tcpstates,
     Tcplife,
@@ -47,11 +49,12 @@ pub enum Tool {
 
 impl Tool {
     /// Every configuration but the baseline, which needs `--baseline`.
-    pub const DEFAULT: [Tool; 8] = [
+    pub const DEFAULT: [Tool; 9] = [
         Tool::Untraced,
         Tool::Connprobe,
         Tool::ConnprobeSerde,
         Tool::ConnprobeNoDrops,
+        Tool::ConnprobeNoDns,
         Tool::Floor,
         Tool::Tcpstates,
         Tool::Tcplife,
@@ -66,6 +69,7 @@ impl Tool {
             Tool::ConnprobeSerde => "connprobe_serde",
             Tool::ConnprobeBaseline => "connprobe_baseline",
             Tool::ConnprobeNoDrops => "connprobe_no_drops",
+            Tool::ConnprobeNoDns => "connprobe_no_dns",
             Tool::Floor => "floor",
             Tool::Tcpstates => "tcpstates",
             Tool::Tcplife => "tcplife",
@@ -81,6 +85,7 @@ impl Tool {
             Tool::ConnprobeSerde => "(b') connprobe, log lines by serde_json",
             Tool::ConnprobeBaseline => "(b0) connprobe baseline (--baseline)",
             Tool::ConnprobeNoDrops => "(b-) connprobe --no-drops",
+            Tool::ConnprobeNoDns => "(b=) connprobe --no-dns",
             Tool::Floor => "(c) floor: --hooks empty",
             Tool::Tcpstates => "(d) tcpstates",
             Tool::Tcplife => "(e) tcplife",
@@ -96,6 +101,7 @@ impl Tool {
                 | Tool::ConnprobeSerde
                 | Tool::ConnprobeBaseline
                 | Tool::ConnprobeNoDrops
+                | Tool::ConnprobeNoDns
         )
     }
 
@@ -170,6 +176,7 @@ impl Session {
             | Tool::ConnprobeSerde
             | Tool::ConnprobeBaseline
             | Tool::ConnprobeNoDrops
+            | Tool::ConnprobeNoDns
             | Tool::Floor => {
                 let binary = match tool {
                     Tool::ConnprobeBaseline => bins
@@ -182,6 +189,7 @@ impl Session {
                 match tool {
                     Tool::ConnprobeSerde => args.extend(["--log-encoder".into(), "serde".into()]),
                     Tool::ConnprobeNoDrops => args.push("--no-drops".into()),
+                    Tool::ConnprobeNoDns => args.push("--no-dns".into()),
                     Tool::Floor => {
                         args.extend(["--hooks", "empty", "--no-metrics"].map(String::from))
                     }
