@@ -8,9 +8,6 @@
 
 mod access;
 mod backend;
-mod connects;
-mod dns;
-mod drops;
 mod emit;
 mod empty;
 mod listeners;

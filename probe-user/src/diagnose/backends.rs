@@ -88,7 +88,6 @@ impl Pools {
                 reason,
                 syn_retransmits: c.syn_retransmits,
                 waited_us: c.latency.map(|l| l.as_micros() as u64),
-                local_port: event.src.port(),
                 backend: Some(backend),
             });
         }

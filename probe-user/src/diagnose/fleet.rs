@@ -32,13 +32,7 @@ fn is_failure(id: VerdictId) -> bool {
         | VerdictId::Unreachable
         | VerdictId::Lossy
         | VerdictId::ResetMidstream
-        | VerdictId::SlowHandshakes
-        | VerdictId::DnsTimeout
-        | VerdictId::DnsServfail
-        | VerdictId::DnsRefused
-        | VerdictId::LocalDrop
-        | VerdictId::ListenOverflow
-        | VerdictId::ConntrackFull => true,
+        | VerdictId::SlowHandshakes => true,
         VerdictId::LocalResets
         | VerdictId::PoolPartialFailure
         | VerdictId::Healthy
