@@ -53,7 +53,8 @@ fn try_tcp_retransmit_tp(ctx: &TracePointContext) -> Result<(), i32> {
 }
 
 /// Only calls that resent (`err == 0`) count, each for all the segments of its skb, so the sum
-/// equals the kernel's TcpRetransSegs.
+/// equals the kernel's TcpRetransSegs less TCPRetransFail (the kernel counts a segment in
+/// TcpRetransSegs before the IP layer may refuse it).
 #[inline(always)]
 fn on_retransmit<K: Kernel>(k: K, sk: u64, skb: u64, err: i32) -> Result<(), i32> {
     if err != 0 || sk == 0 || skb == 0 {

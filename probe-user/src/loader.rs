@@ -450,3 +450,85 @@ pub fn read_counter(counters: &PerCpuArray<MapData, u64>, counter: probe_common:
         .map(|per_cpu| per_cpu.iter().sum())
         .unwrap_or(0)
 }
+
+/// The agent's own programs, by the `/proc/self/fdinfo` entries of their file descriptors, for
+/// the kernel's count of their skipped runs. A tracing program does not run while a BPF program
+/// is already running on its CPU: on a BTF tracepoint only while the same program is (a hook hit
+/// again from an interrupt), on a classic tracepoint while any kprobe or tracepoint program or a
+/// map syscall's critical section is. The kernel counts each skip as a `recursion_misses` of the
+/// program (Linux 5.12 and later); an event those runs would have made is lost unseen otherwise.
+#[derive(Debug, Default)]
+pub struct ProgramRuns {
+    fdinfo: Vec<std::path::PathBuf>,
+}
+
+impl ProgramRuns {
+    /// Finds the program file descriptors this process holds (once, after attaching: reading
+    /// every descriptor's fdinfo each second would cost more than it tells).
+    pub fn find() -> Self {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut fdinfo = Vec::new();
+        let Ok(entries) = std::fs::read_dir("/proc/self/fdinfo") else {
+            return Self::default();
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            // Links name their program too but carry no run counts: only `prog_type` entries.
+            if !text.lines().any(|l| l.starts_with("prog_type:")) {
+                continue;
+            }
+            if let Some(id) = fdinfo_field(&text, "prog_id:")
+                && seen.insert(id)
+            {
+                fdinfo.push(path);
+            }
+        }
+        Self { fdinfo }
+    }
+
+    /// How many programs were found.
+    pub fn programs(&self) -> usize {
+        self.fdinfo.len()
+    }
+
+    /// Runs the kernel skipped, summed over the programs (0 where it does not count them).
+    pub fn missed(&self) -> u64 {
+        self.fdinfo
+            .iter()
+            .filter_map(|path| std::fs::read_to_string(path).ok())
+            .filter(|text| text.lines().any(|l| l.starts_with("prog_type:")))
+            .filter_map(|text| fdinfo_field(&text, "recursion_misses:"))
+            .sum()
+    }
+}
+
+/// A numeric `name:\tvalue` line of an fdinfo file.
+fn fdinfo_field(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod program_runs_tests {
+    use super::*;
+
+    #[test]
+    fn fdinfo_fields_are_read_by_name() {
+        let text = "pos:\t0\nflags:\t02000002\nprog_type:\t26\nprog_id:\t41\n\
+                    run_time_ns:\t0\nrun_cnt:\t0\nrecursion_misses:\t3\nverified_insns:\t120\n";
+        assert_eq!(fdinfo_field(text, "prog_id:"), Some(41));
+        assert_eq!(fdinfo_field(text, "recursion_misses:"), Some(3));
+        assert_eq!(fdinfo_field(text, "link_id:"), None);
+    }
+
+    #[test]
+    fn a_process_without_programs_misses_nothing() {
+        let runs = ProgramRuns::find();
+        assert_eq!(runs.programs(), 0);
+        assert_eq!(runs.missed(), 0);
+    }
+}

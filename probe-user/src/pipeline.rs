@@ -33,7 +33,7 @@ use crate::{
         view::{View, ViewRequest, ViewSources},
         web_config::WebSecurity,
     },
-    loader::{self, KernelMaps, LoaderConfig, read_counter},
+    loader::{self, KernelMaps, LoaderConfig, ProgramRuns, read_counter},
     logging,
     own_traffic::OwnTraffic,
     privileges,
@@ -47,7 +47,7 @@ use crate::{
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 /// The kernel programs' cumulative counters, summed over CPUs.
-fn kernel_counts(counters: &PerCpuArray<MapData, u64>) -> KernelCounts {
+fn kernel_counts(counters: &PerCpuArray<MapData, u64>, runs: &ProgramRuns) -> KernelCounts {
     KernelCounts {
         produced: [
             Counter::ProducedConnect,
@@ -61,6 +61,7 @@ fn kernel_counts(counters: &PerCpuArray<MapData, u64>) -> KernelCounts {
         lost_ringbuf: read_counter(counters, Counter::LostRingbuf),
         lost_map: read_counter(counters, Counter::LostMap),
         read_errors: read_counter(counters, Counter::ReadError),
+        missed_runs: runs.missed(),
     }
 }
 
@@ -282,6 +283,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let counters = counters.context("the loader handed over no counters")?;
     privileges::drop_after_attach(|| loader::counters_readable(&counters))?;
+    let program_runs = ProgramRuns::find();
+    tracing::debug!(
+        "reading the skipped runs of {} programs from their fdinfo",
+        program_runs.programs()
+    );
     let plan = probes
         .plan
         .iter()
@@ -349,7 +355,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 break Stop::ReaderFailed(err);
             }
             _ = housekeeping.tick() => {
-                tally.set_kernel(kernel_counts(&counters));
+                tally.set_kernel(kernel_counts(&counters, &program_runs));
                 aggregator
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -375,6 +381,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     // Detach first so that nothing new arrives, then drain what the kernel already wrote.
+    // The programs' skipped runs are read before detaching closes their descriptors.
+    tally.set_kernel(kernel_counts(&counters, &program_runs));
     drop(probes);
     let _ = stop_reader.send(true);
     let reader_result = match stop {
@@ -392,7 +400,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(task) = http_task {
         let _ = task.await;
     }
-    tally.set_kernel(kernel_counts(&counters));
+    tally.set_kernel(kernel_counts(&counters, &ProgramRuns::default()));
     eprintln!("connprobe: {}", tally.line());
     reader_result
 }

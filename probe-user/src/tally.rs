@@ -39,6 +39,10 @@ pub struct KernelCounts {
     pub lost_ringbuf: u64,
     pub lost_map: u64,
     pub read_errors: u64,
+    /// Runs of the programs that the kernel skipped because a BPF program was already running
+    /// on that CPU (`recursion_misses`, see [`crate::loader::missed_runs`]): whatever those runs
+    /// would have reported is lost before any counter of ours could see it.
+    pub missed_runs: u64,
 }
 
 #[derive(Debug, Default)]
@@ -47,6 +51,7 @@ pub struct Tally {
     lost: [AtomicU64; LossStage::COUNT],
     produced: AtomicU64,
     kernel_read_errors: AtomicU64,
+    missed_runs: AtomicU64,
     undecodable: AtomicU64,
     /// The next event's sequence number: events numbered so far.
     sequence: AtomicU64,
@@ -106,6 +111,11 @@ impl Tally {
         self.produced.load(Relaxed)
     }
 
+    /// Program runs the kernel skipped (see [`KernelCounts::missed_runs`]).
+    pub fn missed_runs(&self) -> u64 {
+        self.missed_runs.load(Relaxed)
+    }
+
     /// One more record the decoder rejected; true for the first.
     pub fn add_undecodable(&self) -> bool {
         self.undecodable.fetch_add(1, Relaxed) == 0
@@ -120,12 +130,14 @@ impl Tally {
     pub fn set_kernel(&self, kernel: KernelCounts) {
         self.produced.store(kernel.produced, Relaxed);
         self.kernel_read_errors.store(kernel.read_errors, Relaxed);
+        // The programs' own counters go with their file descriptors at detach: keep the most.
+        self.missed_runs.fetch_max(kernel.missed_runs, Relaxed);
         self.lost[LossStage::Ringbuf as usize].fetch_max(kernel.lost_ringbuf, Relaxed);
         self.lost[LossStage::Map as usize].fetch_max(kernel.lost_map, Relaxed);
     }
 
-    /// One line: events by kind, produced, lost by stage, undecodable, read errors, the agent's
-    /// own traffic left out.
+    /// One line: events by kind, produced, lost by stage, undecodable, read errors, program
+    /// runs the kernel skipped, the agent's own traffic left out.
     pub fn line(&self) -> String {
         let kinds = EventKind::VARIANTS
             .iter()
@@ -139,10 +151,11 @@ impl Tally {
             .join(" ");
         format!(
             "events: {kinds}; produced in kernel={}; lost: {lost}; undecodable={} \
-             kernel_read_errors={}; own_traffic={}",
+             kernel_read_errors={} missed_runs={}; own_traffic={}",
             self.produced.load(Relaxed),
             self.undecodable(),
             self.kernel_read_errors.load(Relaxed),
+            self.missed_runs(),
             self.own_traffic(),
         )
     }

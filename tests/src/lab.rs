@@ -32,11 +32,27 @@ static IN_PROCESS: Mutex<()> = Mutex::new(());
 static NEXT: AtomicU32 = AtomicU32::new(0);
 static STALE_SWEPT: Once = Once::new();
 
-/// TCP counters of one namespace (`/proc/net/snmp`, what `nstat` shows as TcpRetransSegs...).
+/// TCP counters of one namespace (`/proc/net/snmp` and `netstat`, what `nstat` shows as
+/// TcpRetransSegs, TcpOutRsts, TcpExtTCPRetransFail).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcpCounters {
     pub retrans_segs: u64,
     pub out_rsts: u64,
+    /// Resends whose transmit failed (`TCPRetransFail`). The kernel counts a segment in
+    /// `RetransSegs` before it hands it to the IP layer, so a resend that fails there (no route,
+    /// a local qdisc or netfilter refusing it) is in `RetransSegs` too, though nothing went out
+    /// and the retransmit tracepoint reports the failure (6.13+) or nothing (older kernels).
+    pub retrans_fail: u64,
+}
+
+impl TcpCounters {
+    /// Segments resent since `before` that the kernel handed on: `RetransSegs` less the failed
+    /// ones, what connprobe counts as retransmits.
+    pub fn resent_since(&self, before: &TcpCounters) -> u64 {
+        let segs = self.retrans_segs - before.retrans_segs;
+        let failed = self.retrans_fail - before.retrans_fail;
+        segs.saturating_sub(failed)
+    }
 }
 
 pub struct Lab {
@@ -284,7 +300,8 @@ fn lab_namespace_owner(name: &str) -> Option<u32> {
     well_formed.then(|| pid.parse().ok()).flatten()
 }
 
-/// Reads `Tcp: RetransSegs` and `OutRsts` of the calling thread's namespace.
+/// Reads `Tcp: RetransSegs`, `OutRsts` and `TcpExt: TCPRetransFail` of the calling thread's
+/// namespace.
 fn read_tcp_counters() -> TcpCounters {
     let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").expect("read net/snmp");
     let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
@@ -300,9 +317,23 @@ fn read_tcp_counters() -> TcpCounters {
             .and_then(|(_, v)| v.parse().ok())
             .unwrap_or_else(|| panic!("no Tcp {wanted} in net/snmp"))
     };
+    let netstat =
+        std::fs::read_to_string("/proc/thread-self/net/netstat").expect("read net/netstat");
+    let mut ext = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (ext_names, ext_values) = (
+        ext.next().expect("TcpExt header"),
+        ext.next().expect("TcpExt values"),
+    );
+    let retrans_fail = ext_names
+        .split_whitespace()
+        .zip(ext_values.split_whitespace())
+        .find(|(name, _)| *name == "TCPRetransFail")
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("no TcpExt TCPRetransFail in net/netstat");
     TcpCounters {
         retrans_segs: field("RetransSegs"),
         out_rsts: field("OutRsts"),
+        retrans_fail,
     }
 }
 

@@ -25,5 +25,5 @@ pub mod traffic;
 pub mod verdict_lab;
 
 pub use agent::Agent;
-pub use expect::{Check, Pattern, assert_exactly};
+pub use expect::{Check, Pattern, assert_exactly, assert_exactly_unless_missed};
 pub use lab::Lab;

@@ -177,8 +177,8 @@ fn lab_scenarios_add_up_in_the_metrics() -> anyhow::Result<()> {
     .expect("client thread");
     sink.join().expect("server thread");
     lab.settle(Duration::from_secs(30))?;
-    let client_resent = lab.client_counters().retrans_segs - client_before.retrans_segs;
-    let server_resent = lab.server_counters().retrans_segs - server_before.retrans_segs;
+    let client_resent = lab.client_counters().resent_since(&client_before);
+    let server_resent = lab.server_counters().resent_since(&server_before);
 
     // After the lossy path, whose SYNs must not time out: the kernel gives up after one SYN
     // retransmit (see tcp_state.rs), and an application gives up after 1.5 s (cancelled).

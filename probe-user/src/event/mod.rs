@@ -114,7 +114,8 @@ impl ConnectOutcome {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Retransmit {
     pub state: TcpState,
-    /// Segments resent by this call; they add up to the kernel's TcpRetransSegs.
+    /// Segments resent by this call; they add up to the kernel's TcpRetransSegs less
+    /// TCPRetransFail.
     pub segments: u32,
 }
 

@@ -38,7 +38,7 @@ struct Family {
     labels: &'static [&'static str],
 }
 
-const FAMILIES: [Family; 15] = [
+const FAMILIES: [Family; 16] = [
     Family {
         name: "connprobe_connect_attempts_total",
         help: "Connects this host opened to the destination (established or failed).",
@@ -65,7 +65,8 @@ const FAMILIES: [Family; 15] = [
     Family {
         name: "connprobe_retransmits_total",
         help: "TCP segments retransmitted, by side and connection phase (syn, established, or \
-               the TCP state's name); summed they match the kernel's TcpRetransSegs.",
+               the TCP state's name); summed they match the kernel's TcpRetransSegs less \
+               TCPRetransFail.",
         kind: MetricType::COUNTER,
         per_destination: true,
         labels: &["destination", "side", "phase"],
@@ -157,6 +158,15 @@ const FAMILIES: [Family; 15] = [
         per_destination: false,
         labels: &["destination", "backend", "reason"],
     },
+    Family {
+        name: "connprobe_program_runs_missed_total",
+        help: "Runs of connprobe's eBPF programs that the kernel skipped because a BPF program \
+               was already running on that CPU (the programs' recursion_misses); what those runs \
+               would have reported is lost.",
+        kind: MetricType::COUNTER,
+        per_destination: false,
+        labels: &[],
+    },
 ];
 
 /// Index of each family in [`FAMILIES`].
@@ -175,6 +185,7 @@ const BUNDLES: usize = 11;
 const BUILD_INFO: usize = 12;
 const BACKEND_ATTEMPTS: usize = 13;
 const BACKEND_FAILURES: usize = 14;
+const MISSED_RUNS: usize = 15;
 
 /// What the collector reads.
 #[derive(Clone)]
@@ -284,6 +295,7 @@ fn families(snapshot: &Snapshot, tally: &Tally, bundles: u64) -> Vec<MetricFamil
         metrics[LOST].push(counter(&[("stage", stage.name())], value));
     }
     metrics[OWN_TRAFFIC].push(counter(&[], tally.own_traffic() as f64));
+    metrics[MISSED_RUNS].push(counter(&[], tally.missed_runs() as f64));
     metrics[TRACKED].push(gauge(&[], snapshot.tracked as f64));
     metrics[FOLDED].push(counter(&[], snapshot.folded_total as f64));
     metrics[BUNDLES].push(counter(&[], bundles as f64));
@@ -531,6 +543,7 @@ mod tests {
             ("connprobe_events_total", "counter"),
             ("connprobe_events_lost_total", "counter"),
             ("connprobe_own_traffic_events_total", "counter"),
+            ("connprobe_program_runs_missed_total", "counter"),
             ("connprobe_destinations_tracked", "gauge"),
             ("connprobe_destinations_folded_total", "counter"),
             ("connprobe_evidence_bundles_total", "counter"),
