@@ -24,6 +24,27 @@ pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
 pub const RECORDS_IN_STORAGE_GLOBAL: &str = "RECORDS_IN_STORAGE";
 /// Socket storage (`BPF_MAP_TYPE_SK_STORAGE`) holding a [`SocketRecord`] per followed socket.
 pub const SOCKET_STORAGE_MAP: &str = "SOCKET_STORAGE";
+/// LRU hash of the connects in flight, keyed by [`ConnectKey`]: what a dropped packet without a
+/// socket is matched to.
+pub const CONNECTS_MAP: &str = "CONNECTS";
+/// Per-CPU LRU hash counting dropped data segments by [`DropKey`] (handshake packets and DNS packets are
+/// events of their own); the agent reads it every second.
+pub const DROP_COUNTS_MAP: &str = "DROP_COUNTS";
+/// The global holding [`DropReasonFilter`], set before load.
+pub const DROP_FILTER_GLOBAL: &str = "DROP_FILTER";
+
+/// Ring buffer carrying the DNS packets the cgroup_skb programs capture (see [`DnsPacket`]).
+pub const DNS_EVENTS_MAP: &str = "DNS_EVENTS";
+/// The global holding [`DnsPorts`], set before load.
+pub const DNS_PORTS_GLOBAL: &str = "DNS_PORTS";
+/// Size of the DNS ring buffer: 1 MiB holds ~1,700 packets.
+pub const DNS_RING_BYTES: u32 = 1 << 20;
+/// Bytes of a DNS packet's payload copied to the agent: the header and question of any query,
+/// and the answers of all but large responses (the rest is cut; see [`DnsPacket::payload_len`]).
+pub const DNS_PAYLOAD_BYTES: usize = 512;
+/// Ports the DNS programs watch at most (53 and up to seven `--dns-port`s).
+pub const MAX_DNS_PORTS: usize = 8;
+pub const IPPROTO_UDP: u8 = 17;
 
 /// Default ring buffer size: 4 MiB holds ~40,000 events, a few seconds of a connect storm.
 pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
@@ -31,12 +52,16 @@ pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
 pub const DEFAULT_MAX_SOCKETS: u32 = 65_536;
 /// Listening sockets remembered at once (LRU).
 pub const MAX_LISTENERS: u32 = 8_192;
+/// Connections (and reasons) whose dropped data segments are counted at once (LRU, per CPU).
+pub const MAX_DROP_COUNTS: u32 = 4_096;
 
 pub const COMM_LEN: usize = 16;
 
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
+/// The DNS port: dropped packets to or from it are reported, TCP or UDP.
+pub const DNS_PORT: u16 = 53;
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
 pub mod tcp_state {
@@ -68,15 +93,17 @@ pub enum EventKind {
     /// Not a TCP event of its own: a connect's first SYN left with another destination than
     /// the socket's (DNAT on this host); the agent pairs it with the socket's events.
     Translation = 5,
+    Drop = 6,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 5] = [
+    pub const ALL: [EventKind; 6] = [
         EventKind::Connect,
         EventKind::Retransmit,
         EventKind::Reset,
         EventKind::Close,
         EventKind::Translation,
+        EventKind::Drop,
     ];
 
     pub const fn from_u32(v: u32) -> Option<Self> {
@@ -86,6 +113,7 @@ impl EventKind {
             3 => Some(EventKind::Reset),
             4 => Some(EventKind::Close),
             5 => Some(EventKind::Translation),
+            6 => Some(EventKind::Drop),
             _ => None,
         }
     }
@@ -98,6 +126,7 @@ impl EventKind {
             EventKind::Reset => Counter::ProducedReset,
             EventKind::Close => Counter::ProducedClose,
             EventKind::Translation => Counter::ProducedTranslation,
+            EventKind::Drop => Counter::ProducedDrop,
         }
     }
 }
@@ -120,9 +149,16 @@ pub enum Counter {
     ReadError = 6,
     /// [`TranslationEvent`]s the backend program tried to emit (delivered + lost).
     ProducedTranslation = 7,
+    /// DNS packets the cgroup_skb programs tried to hand over (delivered + lost).
+    ProducedDns = 8,
+    /// DNS packets lost because the DNS ring buffer was full.
+    LostDnsRingbuf = 9,
+    ProducedDrop = 10,
+    /// Dropped data segments counted in [`DROP_COUNTS_MAP`] (not events of their own).
+    CountedDrops = 11,
 }
 
-pub const COUNTER_SLOTS: u32 = 8;
+pub const COUNTER_SLOTS: u32 = 16;
 
 /// Flags in [`Owner::flags`].
 pub mod owner_flags {
@@ -155,7 +191,7 @@ pub struct EventHeader {
 
 /// The two ends of a connection, seen from this host.
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Endpoints {
     /// `AF_INET` or `AF_INET6`. For `AF_INET` only the first 4 bytes of each address are used.
     pub family: u16,
@@ -265,6 +301,81 @@ pub struct CloseEvent {
     pub segments_retransmitted: u32,
 }
 
+/// A packet of a TCP connection (or a DNS packet) that the kernel dropped with a reason: a
+/// handshake segment (SYN, SYN-ACK, RST) or a DNS packet, one event each. Data segments are
+/// counted in [`DROP_COUNTS_MAP`] instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DropEvent {
+    pub header: EventHeader,
+    /// The connection's ends seen from this host's socket (for a packet without a socket, from
+    /// the connect it was matched to, or as it arrived).
+    pub endpoints: Endpoints,
+    pub owner: Owner,
+    /// An `enum skb_drop_reason` value of the running kernel; its names are read from BTF.
+    pub reason: u32,
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub protocol: u8,
+    /// The TCP header's flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10, ...);
+    /// 0 for UDP.
+    pub tcp_flags: u8,
+    /// A [`direction`] constant: `SENT` for a packet leaving this host's end, `RECEIVED` for one
+    /// coming to it.
+    pub direction: u8,
+    pub _pad: u8,
+}
+
+/// Key of [`DROP_COUNTS_MAP`]: one connection's dropped data segments, by reason.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DropKey {
+    pub endpoints: Endpoints,
+    pub reason: u32,
+    /// A [`side`] constant.
+    pub side: u8,
+    /// A [`direction`] constant.
+    pub direction: u8,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Key of [`CONNECTS_MAP`]: a connect this host started. An unbound socket only gets its local
+/// port after its `connect()` was traced: its key has `local_port` 0 until the connect ends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectKey {
+    /// `AF_INET` or `AF_INET6`; IPv4 addresses (IPv4-mapped ones too) in the first 4 bytes.
+    pub family: u16,
+    /// This host's port, host byte order; 0 when not known yet.
+    pub local_port: u16,
+    /// The remote port, host byte order.
+    pub remote_port: u16,
+    pub _pad: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+
+/// A connect in flight: its socket and owner, so that a dropped packet of it can be named.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectInFlight {
+    /// The connecting `struct sock *` (compared, and read with `bpf_probe_read_kernel`).
+    pub sk: u64,
+    pub owner: Owner,
+}
+
+/// The `enum skb_drop_reason` values to report, one bit each, set by the agent from the
+/// running kernel's BTF: every reason but `NOT_SPECIFIED` and those that do not mean a packet
+/// was lost on its way (see the agent's `drops` module).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropReasonFilter {
+    pub bits: [u64; DROP_REASON_WORDS],
+}
+
+/// Reasons up to `64 * DROP_REASON_WORDS - 1` can be reported (6.18 has 129).
+pub const DROP_REASON_WORDS: usize = 8;
+
 /// A connect's SYN left this host for `backend` rather than for the socket's own remote end
 /// (`endpoints`, the address the application connected to): a DNAT on this host (kube-proxy,
 /// an nft or iptables rule, a local load balancer) translated it. Written by the cgroup_skb
@@ -319,6 +430,12 @@ pub struct ListenerRecord {
     /// The listener's `struct sock *`; 0 when the agent found it at start-up in /proc.
     pub sk: u64,
     pub owner: Owner,
+    /// Its accept queue's length (`sk_max_ack_backlog`, the `listen()` backlog capped by
+    /// `somaxconn`); 0 when the agent found it at start-up.
+    pub backlog: u32,
+    /// The thread that called `listen()` (or one the agent found in the listener's namespace):
+    /// where the agent reads that namespace's counters (`/proc/TGID/task/TID/net`).
+    pub tid: u32,
 }
 
 /// Byte offsets the programs need, read from the running kernel at start-up (BTF for struct
@@ -363,6 +480,13 @@ pub struct KernelOffsets {
     pub skb_network_header: u32,
     pub skb_transport_header: u32,
     pub skb_cb_gso_segs: u32,
+    // dropped packets: sk_buff.{sk,protocol,dev}, net_device.nd_net.net
+    pub skb_sk: u32,
+    pub skb_protocol: u32,
+    pub skb_dev: u32,
+    pub dev_nd_net: u32,
+    // struct sock: the listen backlog
+    pub sk_max_ack_backlog: u32,
     // classic tracepoint fields (offsets into the tracepoint record)
     pub tp_state_skaddr: u32,
     pub tp_state_oldstate: u32,
@@ -377,13 +501,69 @@ pub struct KernelOffsets {
     pub tp_send_reset_reason: u32,
     pub tp_receive_reset_skaddr: u32,
     pub tp_destroy_skaddr: u32,
+    pub tp_drop_skbaddr: u32,
+    pub tp_drop_protocol: u32,
+    pub tp_drop_reason: u32,
+    pub tp_drop_rx_sk: u32,
+    /// 1 when `kfree_skb` names the receiving socket (`rx_sk`, Linux 6.11 and later).
+    pub has_drop_rx_sk: u32,
     /// 1 when `tcp_retransmit_skb` has an `err` argument (Linux 6.13 and later).
     pub has_retransmit_err: u32,
     /// 1 when the classic `tcp_send_reset` has a `reason` field (Linux 6.10 and later).
     pub has_reset_reason: u32,
 }
 
+/// The ports the DNS programs watch, set as a global before load: a packet to or from one of
+/// the first `count` of `ports` is copied to the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsPorts {
+    pub ports: [u16; MAX_DNS_PORTS],
+    pub count: u32,
+}
+
+/// Flags in [`DnsPacket::flags`].
+pub mod dns_flags {
+    /// `tgid` and `comm` are the process that sent the packet (egress, in its syscall).
+    pub const PROCESS_KNOWN: u8 = 1;
+    /// TCP: the segment carried FIN or RST (the connection is closing).
+    pub const TCP_CLOSING: u8 = 2;
+}
+
+/// One UDP datagram or TCP segment to or from a DNS port, as a socket on this host sent
+/// ([`direction::SENT`], cgroup egress) or received it ([`direction::RECEIVED`], cgroup
+/// ingress). Addresses are the packet's own: `src` sent it, `dst` receives it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DnsPacket {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub timestamp_ns: u64,
+    /// `bpf_get_socket_cookie()` of the socket that sent or receives it (0 when none).
+    pub socket_cookie: u64,
+    pub tgid: u32,
+    /// Bytes of DNS payload (after the UDP or TCP header) the packet carried; only the first
+    /// [`DNS_PAYLOAD_BYTES`] of them are in `payload`.
+    pub payload_len: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// A [`direction`] constant.
+    pub direction: u8,
+    /// [`IPPROTO_UDP`] or [`IPPROTO_TCP`] (as u8).
+    pub transport: u8,
+    /// [`dns_flags`].
+    pub flags: u8,
+    pub _pad: [u8; 7],
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub comm: [u8; COMM_LEN],
+    pub payload: [u8; DNS_PAYLOAD_BYTES],
+}
+
 const _: () = {
+    assert!(core::mem::size_of::<DnsPorts>() == 20);
+    assert!(core::mem::size_of::<DnsPacket>() == 88 + DNS_PAYLOAD_BYTES);
     assert!(core::mem::size_of::<EventHeader>() == 16);
     assert!(core::mem::size_of::<Endpoints>() == 40);
     assert!(core::mem::size_of::<Owner>() == 32);
@@ -394,8 +574,13 @@ const _: () = {
     assert!(core::mem::size_of::<SocketRecord>() == 56);
     assert!(core::mem::size_of::<TranslationEvent>() == 80);
     assert!(core::mem::size_of::<ListenerKey>() == 8);
-    assert!(core::mem::size_of::<ListenerRecord>() == 40);
-    assert!(core::mem::size_of::<KernelOffsets>() == 42 * 4);
+    assert!(core::mem::size_of::<ListenerRecord>() == 48);
+    assert!(core::mem::size_of::<DropEvent>() == 96);
+    assert!(core::mem::size_of::<DropKey>() == 48);
+    assert!(core::mem::size_of::<ConnectKey>() == 40);
+    assert!(core::mem::size_of::<ConnectInFlight>() == 40);
+    assert!(core::mem::size_of::<DropReasonFilter>() == 8 * DROP_REASON_WORDS);
+    assert!(core::mem::size_of::<KernelOffsets>() == 52 * 4);
 };
 
 #[cfg(feature = "user")]
@@ -407,4 +592,7 @@ mod pod {
     unsafe impl aya::Pod for SocketRecord {}
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for ListenerRecord {}
+    unsafe impl aya::Pod for DropKey {}
+    unsafe impl aya::Pod for DropReasonFilter {}
+    unsafe impl aya::Pod for DnsPorts {}
 }

@@ -36,3 +36,8 @@ pub fn tcp_destroy_empty(_ctx: BtfTracePointContext) -> u32 {
 pub fn sock_error_empty(_ctx: BtfTracePointContext) -> u32 {
     0
 }
+
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn drop_empty(_ctx: BtfTracePointContext) -> u32 {
+    0
+}

@@ -1,6 +1,7 @@
 //! Listening sockets and their owners: `listen()` runs in the owning process, so the owner is
 //! known there; the connections a listener accepts appear later in softirq context, where the
 //! current task is whoever ran, and take the listener's owner instead.
+use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use probe_common::{ListenerKey, ListenerRecord, Owner, side};
 
 use crate::{
@@ -20,7 +21,7 @@ fn key<K: Kernel>(k: K, sk: u64, port: u16) -> Result<ListenerKey, i32> {
 }
 
 /// CLOSE -> LISTEN, inside `listen()`. The port is bound already (`skc_num`); `inet_sport` is set
-/// only after this transition. With SO_REUSEPORT several processes listen on one port: the last
+/// only after this transition; `listen()` has set the backlog before. With SO_REUSEPORT several processes listen on one port: the last
 /// one to call `listen()` names them all.
 #[inline(always)]
 pub fn listen<K: Kernel>(k: K, sk: u64) -> Result<(), i32> {
@@ -28,6 +29,8 @@ pub fn listen<K: Kernel>(k: K, sk: u64) -> Result<(), i32> {
     let record = ListenerRecord {
         sk,
         owner: current_owner(side::SERVER),
+        backlog: k.read::<u32>(sk, offset!(sk_max_ack_backlog))?,
+        tid: bpf_get_current_pid_tgid() as u32,
     };
     let _ = LISTENERS.insert(&key(k, sk, port)?, &record, 0);
     Ok(())

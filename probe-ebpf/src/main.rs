@@ -8,6 +8,9 @@
 
 mod access;
 mod backend;
+mod connects;
+mod dns;
+mod drops;
 mod emit;
 mod empty;
 mod listeners;

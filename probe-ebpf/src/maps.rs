@@ -2,11 +2,12 @@
 use aya_ebpf::{
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use probe_common::{
-    COUNTER_SLOTS, Counter, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BYTES, KernelOffsets, ListenerKey,
-    ListenerRecord, MAX_LISTENERS, SocketRecord,
+    COUNTER_SLOTS, ConnectInFlight, ConnectKey, Counter, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BYTES,
+    DROP_REASON_WORDS, DropKey, DropReasonFilter, KernelOffsets, ListenerKey, ListenerRecord,
+    MAX_DROP_COUNTS, MAX_LISTENERS, SocketRecord,
 };
 
 /// Events to the agent. Its size is set by the agent before load (`--ring-buffer-bytes`).
@@ -29,6 +30,18 @@ pub static SOCKETS: LruHashMap<u64, SocketRecord> =
 #[map(name = "LISTENERS")]
 pub static LISTENERS: LruHashMap<ListenerKey, ListenerRecord> =
     LruHashMap::with_max_entries(MAX_LISTENERS, 0);
+
+/// Connects in flight, from `connect()` until established (failed ones stay until evicted, so
+/// that a late reply is still theirs): what a dropped packet without a socket is matched to.
+#[map(name = "CONNECTS")]
+pub static CONNECTS: LruHashMap<ConnectKey, ConnectInFlight> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+/// Dropped data segments by connection and reason, per CPU; the agent reads and reports the
+/// counts.
+#[map(name = "DROP_COUNTS")]
+pub static DROP_COUNTS: LruPerCpuHashMap<DropKey, u64> =
+    LruPerCpuHashMap::with_max_entries(MAX_DROP_COUNTS, 0);
 
 /// Produced and lost counters, see [`Counter`].
 #[map(name = "COUNTERS")]
@@ -64,6 +77,11 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     skb_network_header: 0,
     skb_transport_header: 0,
     skb_cb_gso_segs: 0,
+    skb_sk: 0,
+    skb_protocol: 0,
+    skb_dev: 0,
+    dev_nd_net: 0,
+    sk_max_ack_backlog: 0,
     tp_state_skaddr: 0,
     tp_state_oldstate: 0,
     tp_state_newstate: 0,
@@ -77,8 +95,19 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     tp_send_reset_reason: 0,
     tp_receive_reset_skaddr: 0,
     tp_destroy_skaddr: 0,
+    tp_drop_skbaddr: 0,
+    tp_drop_protocol: 0,
+    tp_drop_reason: 0,
+    tp_drop_rx_sk: 0,
+    has_drop_rx_sk: 0,
     has_retransmit_err: 0,
     has_reset_reason: 0,
+};
+
+/// The drop reasons to report, set by the agent before load (see `drops`).
+#[unsafe(no_mangle)]
+pub static DROP_FILTER: DropReasonFilter = DropReasonFilter {
+    bits: [0; DROP_REASON_WORDS],
 };
 
 /// 1 when the records live in [`SOCKET_STORAGE`], 0 for [`SOCKETS`]. Set by the agent before

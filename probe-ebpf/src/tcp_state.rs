@@ -11,6 +11,7 @@ use probe_common::{
 
 use crate::{
     access::{Kernel, Raw, Typed},
+    connects,
     emit::{current_owner, emit, finish, header, now_ns, unknown_owner},
     listeners::{self, listener_owner},
     maps::{bump, offset},
@@ -90,7 +91,8 @@ fn on_state_change<K: Kernel>(k: K, sk: u64, old: i32, new: i32) -> Result<(), i
 }
 
 /// CLOSE -> SYN_SENT runs in the connecting process's `connect()`: the one place the owner is
-/// known for sure.
+/// known for sure. The connect is in flight from here (see `connects`); its local port is 0
+/// unless the socket was bound.
 #[inline(never)]
 fn start_connect<K: Kernel>(k: K, sk: u64) -> Result<(), i32> {
     let mut owner = current_owner(side::CLIENT);
@@ -103,6 +105,7 @@ fn start_connect<K: Kernel>(k: K, sk: u64) -> Result<(), i32> {
         _pad: 0,
     };
     k.follow(sk, &rec);
+    connects::started(sk, &endpoints(k, sk)?, owner);
     Ok(())
 }
 
@@ -146,9 +149,11 @@ fn end_connect<K: Kernel>(k: K, sk: u64, result: u8) -> Result<(), i32> {
         0
     };
     let tcp = k.tcp(sk)?;
+    let endpoints = endpoints(k, sk)?;
+    connects::ended(sk, &endpoints, result == outcome::ESTABLISHED);
     let event = ConnectEvent {
         header: header(EventKind::Connect, now),
-        endpoints: endpoints(k, sk)?,
+        endpoints,
         owner,
         latency_ns,
         sk_err,

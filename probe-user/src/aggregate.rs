@@ -224,6 +224,19 @@ impl Slot {
                 count(life);
                 self.ring.update(event.time, |w, _| count(w));
             }
+            EventDetail::Drop(d) => {
+                series.dropped(&d.reason, d.packets);
+                life.drops += d.packets;
+                self.ring.update(event.time, |w, _| w.drops += d.packets);
+            }
+            EventDetail::ListenOverflow(o) => {
+                series.listen_overflows(o.overflows);
+                life.listen_overflows += o.overflows;
+                self.ring
+                    .update(event.time, |w, _| w.listen_overflows += o.overflows);
+            }
+            // Counted by the aggregator itself, not at a destination (see `record`).
+            EventDetail::Conntrack(_) => {}
             EventDetail::Close(cl) => {
                 let sent = u64::from(cl.segments_sent);
                 let retransmitted = u64::from(cl.segments_retransmitted);
@@ -386,6 +399,17 @@ pub struct Snapshot {
     pub folded_total: u64,
     /// Connects to translated (DNAT) destinations by backend.
     pub backends: Vec<BackendSummary>,
+    /// Connection tracking's failures, summed over the namespaces read.
+    pub conntrack: ConntrackTotals,
+}
+
+/// Connection tracking's failures since the agent started, summed over the namespaces it reads
+/// (`connprobe_conntrack_drops_total` by `kind`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackTotals {
+    pub insert_failed: u64,
+    pub drop: u64,
+    pub early_drop: u64,
 }
 
 /// Per-destination state within `max_destinations` label slots.
@@ -405,6 +429,7 @@ pub struct Aggregator {
     folded: FoldedSet,
     folded_total: u64,
     fingerprints: Hasher,
+    conntrack: ConntrackTotals,
     backends: BackendTable,
 }
 
@@ -424,6 +449,7 @@ impl Aggregator {
             folded: FoldedSet::new(folded::CAPACITY),
             folded_total: 0,
             fingerprints: Hasher::default(),
+            conntrack: ConntrackTotals::default(),
             backends: BackendTable::new(config.max_destinations),
         }
     }
@@ -440,7 +466,14 @@ impl Aggregator {
     }
 
     /// Counts one event in its destination's state (or in `other`'s when it gets no slot).
+    /// Conntrack's samples are about a namespace: they count in the aggregator's totals.
     pub fn record(&mut self, event: &Event) {
+        if let EventDetail::Conntrack(c) = &event.detail {
+            self.conntrack.insert_failed += c.insert_failed;
+            self.conntrack.drop += c.drop;
+            self.conntrack.early_drop += c.early_drop;
+            return;
+        }
         if event.backend.is_some() {
             self.backends.record(event);
         }
@@ -604,6 +637,7 @@ impl Aggregator {
             by_container: by.container,
             tracked: self.tracked(),
             folded_total: self.folded_total,
+            conntrack: self.conntrack,
             backends: self.backends.summaries(),
         }
     }

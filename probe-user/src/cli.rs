@@ -115,6 +115,10 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = HookMode::Auto)]
     pub hooks: HookMode,
 
+    /// Do not trace the packets the kernel drops (the `kfree_skb` hook).
+    #[arg(long)]
+    pub no_drops: bool,
+
     /// Size of the kernel-to-agent ring buffer (a power of two, at least one page).
     #[arg(long, value_name = "BYTES", default_value_t = probe_common::DEFAULT_RING_BYTES)]
     pub ring_buffer_bytes: u32,
@@ -152,6 +156,31 @@ pub struct RunArgs {
     /// How often the tally (with -v) is printed and the screen on a terminal redrawn.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub stats_interval: Duration,
+
+    /// Also watch DNS on this port (besides 53), UDP and TCP; repeat for more (up to 7).
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub dns_port: Vec<u16>,
+
+    /// A DNS query with no answer after this long is a timeout.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub dns_timeout: Duration,
+
+    /// DNS queries waiting for an answer at once; past it the oldest is dropped and counted
+    /// (connprobe_dns_pending_evicted_total).
+    #[arg(long, value_name = "N", default_value_t = 16_384)]
+    pub dns_max_pending: usize,
+
+    /// Addresses remembered from DNS answers, to name the destinations of later connects.
+    #[arg(long, value_name = "N", default_value_t = 16_384)]
+    pub dns_max_names: usize,
+
+    /// Resolvers that get their own `resolver` label; the rest count under "other".
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub dns_max_resolvers: usize,
+
+    /// Do not watch DNS at all (no cgroup_skb programs).
+    #[arg(long)]
+    pub no_dns: bool,
 
     /// How JSON log lines are made: `fast` (the default) or `serde`, the same bytes through
     /// serde_json, for the benchmark to measure what the fast formatter buys.

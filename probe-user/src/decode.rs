@@ -3,20 +3,21 @@
 use std::{
     mem::size_of,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use probe_common::{
-    AF_INET, AF_INET6, CloseEvent, ConnectEvent, Endpoints, EventHeader, EventKind, Owner,
-    ResetEvent, RetransmitEvent, TranslationEvent, direction, outcome, owner_flags, side,
-    tcp_state,
+    AF_INET, AF_INET6, CloseEvent, ConnectEvent, DROP_REASON_WORDS, DropEvent, DropReasonFilter,
+    Endpoints, EventHeader, EventKind, IPPROTO_TCP, IPPROTO_UDP, Owner, ResetEvent,
+    RetransmitEvent, TranslationEvent, direction, outcome, owner_flags, side, tcp_state,
 };
 
 use crate::{
     btf::Btf,
     event::{
-        Close, Comm, Connect, ConnectOutcome, Direction, Endpoint, Event, EventDetail, Process,
-        Reset, ResetReason, Retransmit, Side, TcpState,
+        Close, Comm, Connect, ConnectOutcome, Direction, Drop, DropReason, Endpoint, Event,
+        EventDetail, Process, Protocol, Reset, ResetReason, Retransmit, Side, TcpFlags, TcpState,
     },
 };
 
@@ -30,6 +31,10 @@ pub enum DecodeError {
     Family(u16),
     #[error("reset reason {0} is not in this kernel's enum sk_rst_reason")]
     ResetReason(u32),
+    #[error("drop reason {0} is not in this kernel's enum skb_drop_reason")]
+    DropReason(u32),
+    #[error("unknown protocol {0} of a dropped packet")]
+    Protocol(u8),
     #[error("unknown connect outcome {0}")]
     Outcome(u8),
     #[error("unknown reset direction {0}")]
@@ -40,48 +45,128 @@ pub enum DecodeError {
     Side(u8),
 }
 
-/// The names of this kernel's `enum sk_rst_reason`, read from BTF (the values moved between
-/// kernels, so no table is compiled in). Empty on kernels without reset reasons.
+/// The names of one of the running kernel's enums by value, read from BTF (the values move
+/// between kernels, so no table is compiled in).
 #[derive(Clone, Debug, Default)]
-pub struct ResetReasons {
-    by_value: Vec<Option<ResetReason>>,
+struct EnumNames {
+    by_value: Vec<Option<Arc<str>>>,
 }
 
-impl ResetReasons {
-    /// Values past this are not taken as reasons (the enum has a few dozen).
+impl EnumNames {
+    /// Values past this are not taken as names (the enums connprobe reads have at most a few
+    /// hundred).
     const MAX_VALUE: u32 = 1024;
 
+    /// From `(PREFIX_NAME, value)` pairs: the names with `prefix`, without it.
+    fn from_variants(variants: Vec<(String, u32)>, prefix: &str) -> Self {
+        let mut by_value = Vec::new();
+        for (name, value) in variants {
+            let Some(name) = name.strip_prefix(prefix) else {
+                continue;
+            };
+            if value >= Self::MAX_VALUE || name == "MAX" {
+                continue;
+            }
+            let at = value as usize;
+            if by_value.len() <= at {
+                by_value.resize(at + 1, None);
+            }
+            by_value[at] = Some(name.into());
+        }
+        EnumNames { by_value }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_value.is_empty()
+    }
+
+    fn name(&self, value: u32) -> Option<&Arc<str>> {
+        self.by_value.get(value as usize)?.as_ref()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u32, &str)> {
+        self.by_value
+            .iter()
+            .enumerate()
+            .filter_map(|(value, name)| Some((value as u32, name.as_deref()?)))
+    }
+}
+
+/// The names of this kernel's `enum sk_rst_reason`, read from BTF. Empty on kernels without
+/// reset reasons.
+#[derive(Clone, Debug, Default)]
+pub struct ResetReasons(EnumNames);
+
+impl ResetReasons {
     pub fn from_btf(btf: &Btf) -> Self {
         Self::from_variants(btf.enum_variants("sk_rst_reason").unwrap_or_default())
     }
 
     /// From `(SK_RST_REASON_NAME, value)` pairs.
     pub fn from_variants(variants: Vec<(String, u32)>) -> Self {
-        let mut by_value = Vec::new();
-        for (name, value) in variants {
-            if value >= Self::MAX_VALUE {
-                continue;
-            }
-            let name = name.strip_prefix("SK_RST_REASON_").unwrap_or(&name);
-            let at = value as usize;
-            if by_value.len() <= at {
-                by_value.resize(at + 1, None);
-            }
-            by_value[at] = Some(ResetReason::new(name));
-        }
-        ResetReasons { by_value }
+        ResetReasons(EnumNames::from_variants(variants, "SK_RST_REASON_"))
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_value.is_empty()
+        self.0.is_empty()
     }
 
     fn name(&self, value: u32) -> Result<ResetReason, DecodeError> {
-        self.by_value
-            .get(value as usize)
-            .cloned()
-            .flatten()
+        self.0
+            .name(value)
+            .map(|n| ResetReason::new(n))
             .ok_or(DecodeError::ResetReason(value))
+    }
+}
+
+/// The names of this kernel's `enum skb_drop_reason`, read from BTF; empty on kernels without
+/// drop reasons (before 5.17).
+#[derive(Clone, Debug, Default)]
+pub struct DropReasons(EnumNames);
+
+impl DropReasons {
+    /// Reasons that do not mean a packet was lost on its way, so the programs skip them:
+    /// `NOT_SPECIFIED` says nothing, and `QUEUE_PURGE` is what a socket still held (received
+    /// and never read, or never sent) when it was destroyed, which every closing connection
+    /// may have.
+    pub const NOT_REPORTED: [&'static str; 2] = ["NOT_SPECIFIED", "QUEUE_PURGE"];
+
+    pub fn from_btf(btf: &Btf) -> Self {
+        Self::from_variants(btf.enum_variants("skb_drop_reason").unwrap_or_default())
+    }
+
+    /// From `(SKB_DROP_REASON_NAME, value)` pairs; `SKB_NOT_DROPPED_YET` and `SKB_CONSUMED`
+    /// are not drops and have another prefix.
+    pub fn from_variants(variants: Vec<(String, u32)>) -> Self {
+        DropReasons(EnumNames::from_variants(variants, "SKB_DROP_REASON_"))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The reasons the programs report: every one this kernel names, but [`Self::NOT_REPORTED`].
+    pub fn filter(&self) -> DropReasonFilter {
+        let mut filter = DropReasonFilter::default();
+        for (value, name) in self.0.iter() {
+            let word = (value / 64) as usize;
+            if word < DROP_REASON_WORDS && !Self::NOT_REPORTED.contains(&name) {
+                filter.bits[word] |= 1 << (value % 64);
+            }
+        }
+        filter
+    }
+
+    /// The value of `name`, e.g. to tell whether this kernel has it.
+    pub fn value(&self, name: &str) -> Option<u32> {
+        self.0.iter().find(|(_, n)| *n == name).map(|(v, _)| v)
+    }
+
+    pub(crate) fn name(&self, value: u32) -> Result<DropReason, DecodeError> {
+        self.0
+            .name(value)
+            .map(|n| DropReason::new(n))
+            .ok_or(DecodeError::DropReason(value))
     }
 }
 
@@ -90,6 +175,7 @@ impl ResetReasons {
 pub struct Decoder {
     pub clock: Clock,
     pub reset_reasons: ResetReasons,
+    pub drop_reasons: DropReasons,
 }
 
 /// Converts the kernel's CLOCK_MONOTONIC timestamps (`bpf_ktime_get_ns`) to wall-clock time.
@@ -165,11 +251,12 @@ impl Decoder {
 
     /// Decodes one ring buffer record.
     pub fn decode_record(&self, bytes: &[u8]) -> Result<Record, DecodeError> {
-        decode(bytes, &self.clock, &self.reset_reasons)
+        decode(bytes, self)
     }
 }
 
-fn decode(bytes: &[u8], clock: &Clock, reasons: &ResetReasons) -> Result<Record, DecodeError> {
+fn decode(bytes: &[u8], decoder: &Decoder) -> Result<Record, DecodeError> {
+    let (clock, reasons) = (&decoder.clock, &decoder.reset_reasons);
     let header: EventHeader = read(bytes)?;
     let kind = EventKind::from_u32(header.kind).ok_or(DecodeError::UnknownKind(header.kind))?;
     let (endpoints, owner, detail) = match kind {
@@ -199,6 +286,7 @@ fn decode(bytes: &[u8], clock: &Clock, reasons: &ResetReasons) -> Result<Record,
                 },
                 latency: start_known.then(|| Duration::from_nanos(raw.latency_ns)),
                 syn_retransmits: raw.syn_retransmits,
+                dst_name: None,
             });
             (raw.endpoints, raw.owner, detail)
         }
@@ -213,11 +301,7 @@ fn decode(bytes: &[u8], clock: &Clock, reasons: &ResetReasons) -> Result<Record,
         EventKind::Reset => {
             let raw: ResetEvent = read(bytes)?;
             let detail = EventDetail::Reset(Reset {
-                direction: match raw.direction {
-                    direction::SENT => Direction::Sent,
-                    direction::RECEIVED => Direction::Received,
-                    other => return Err(DecodeError::Direction(other)),
-                },
+                direction: direction_of(raw.direction)?,
                 state: match raw.state {
                     tcp_state::NONE => None,
                     n => Some(state(n)?),
@@ -241,6 +325,22 @@ fn decode(bytes: &[u8], clock: &Clock, reasons: &ResetReasons) -> Result<Record,
             });
             (raw.endpoints, raw.owner, detail)
         }
+        EventKind::Drop => {
+            let raw: DropEvent = read(bytes)?;
+            let protocol = match raw.protocol {
+                p if u16::from(p) == IPPROTO_TCP => Protocol::Tcp,
+                IPPROTO_UDP => Protocol::Udp,
+                _ => return Err(DecodeError::Protocol(raw.protocol)),
+            };
+            let detail = EventDetail::Drop(Drop {
+                reason: decoder.drop_reasons.name(raw.reason)?,
+                protocol,
+                tcp_flags: (protocol == Protocol::Tcp).then_some(TcpFlags(raw.tcp_flags)),
+                direction: direction_of(raw.direction)?,
+                packets: 1,
+            });
+            (raw.endpoints, raw.owner, detail)
+        }
     };
     let (src, dst) = addresses(&endpoints)?;
     let event = Event {
@@ -248,12 +348,7 @@ fn decode(bytes: &[u8], clock: &Clock, reasons: &ResetReasons) -> Result<Record,
         seq: 0,
         time: clock.wall(header.timestamp_ns),
         process: process(&owner),
-        side: match owner.side {
-            side::CLIENT => Some(Side::Client),
-            side::SERVER => Some(Side::Server),
-            side::UNKNOWN => None,
-            other => return Err(DecodeError::Side(other)),
-        },
+        side: side_of(owner.side)?,
         src,
         dst,
         detail,
@@ -267,18 +362,36 @@ fn decode(bytes: &[u8], clock: &Clock, reasons: &ResetReasons) -> Result<Record,
     Ok(Record::Event { event, cgroup_id })
 }
 
+pub fn direction_of(raw: u8) -> Result<Direction, DecodeError> {
+    match raw {
+        direction::SENT => Ok(Direction::Sent),
+        direction::RECEIVED => Ok(Direction::Received),
+        other => Err(DecodeError::Direction(other)),
+    }
+}
+
+/// The side the kernel named, if any.
+pub fn side_of(raw: u8) -> Result<Option<Side>, DecodeError> {
+    match raw {
+        side::CLIENT => Ok(Some(Side::Client)),
+        side::SERVER => Ok(Some(Side::Server)),
+        side::UNKNOWN => Ok(None),
+        other => Err(DecodeError::Side(other)),
+    }
+}
+
 fn state(n: u8) -> Result<TcpState, DecodeError> {
     TcpState::from_repr(n).ok_or(DecodeError::State(n))
 }
 
-fn process(owner: &Owner) -> Option<Process> {
+pub fn process(owner: &Owner) -> Option<Process> {
     (owner.flags & owner_flags::PROCESS_KNOWN != 0).then(|| Process {
         pid: owner.tgid,
         comm: Comm::from_kernel(&owner.comm),
     })
 }
 
-fn addresses(ep: &Endpoints) -> Result<(Endpoint, Endpoint), DecodeError> {
+pub fn addresses(ep: &Endpoints) -> Result<(Endpoint, Endpoint), DecodeError> {
     let ip = |raw: &[u8; 16]| -> Result<IpAddr, DecodeError> {
         match ep.family {
             AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
@@ -351,7 +464,90 @@ mod tests {
                 ("SK_RST_REASON_NO_SOCKET".into(), 1),
                 ("SK_RST_REASON_TCP_ABORT_ON_CLOSE".into(), 11),
             ]),
+            drop_reasons: drop_reasons(),
         }
+    }
+
+    /// As Linux 6.12 numbers them (6.1's differ: no SKB_CONSUMED, NETFILTER_DROP is 7).
+    fn drop_reasons() -> DropReasons {
+        DropReasons::from_variants(vec![
+            ("SKB_NOT_DROPPED_YET".into(), 0),
+            ("SKB_CONSUMED".into(), 1),
+            ("SKB_DROP_REASON_NOT_SPECIFIED".into(), 2),
+            ("SKB_DROP_REASON_NO_SOCKET".into(), 3),
+            ("SKB_DROP_REASON_NETFILTER_DROP".into(), 11),
+            ("SKB_DROP_REASON_QUEUE_PURGE".into(), 91),
+            ("SKB_DROP_REASON_MAX".into(), 104),
+            ("SKB_DROP_REASON_SUBSYS_MASK".into(), 0xffff_0000),
+        ])
+    }
+
+    fn drop_event(reason: u32, protocol: u8, tcp_flags: u8) -> DropEvent {
+        DropEvent {
+            header: header(EventKind::Drop),
+            endpoints: v4_endpoints(),
+            owner: client_owner(),
+            reason,
+            protocol,
+            tcp_flags,
+            direction: direction::SENT,
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn drops_decode_with_the_kernels_names() {
+        let event = decoder()
+            .decode(&bytes_of(&drop_event(11, 6, 0x02)))
+            .unwrap();
+        assert_eq!(event.dst, "10.200.0.2:8081".parse().unwrap());
+        assert_eq!(event.side, Some(Side::Client));
+        assert_eq!(
+            event.detail,
+            EventDetail::Drop(Drop {
+                reason: DropReason::new("NETFILTER_DROP"),
+                protocol: Protocol::Tcp,
+                tcp_flags: Some(TcpFlags(0x02)),
+                direction: Direction::Sent,
+                packets: 1,
+            })
+        );
+        // A DNS packet over UDP has no flags.
+        let EventDetail::Drop(dns) = decoder()
+            .decode(&bytes_of(&drop_event(3, 17, 0)))
+            .unwrap()
+            .detail
+        else {
+            panic!("not a drop")
+        };
+        assert_eq!((dns.protocol, dns.tcp_flags), (Protocol::Udp, None));
+        // Values the kernel's enum does not name, and protocols the programs do not report.
+        assert_eq!(
+            decoder().decode(&bytes_of(&drop_event(12, 6, 2))),
+            Err(DecodeError::DropReason(12))
+        );
+        assert_eq!(
+            decoder().decode(&bytes_of(&drop_event(104, 6, 2))),
+            Err(DecodeError::DropReason(104))
+        );
+        assert_eq!(
+            decoder().decode(&bytes_of(&drop_event(11, 1, 0))),
+            Err(DecodeError::Protocol(1))
+        );
+    }
+
+    #[test]
+    fn the_filter_reports_every_named_reason_but_the_silent_ones() {
+        let filter = drop_reasons().filter();
+        let reported = |v: u32| filter.bits[(v / 64) as usize] >> (v % 64) & 1 == 1;
+        assert!(reported(3) && reported(11));
+        // Not drops, no reason, a socket's queue at its end, the enum's bound and mask.
+        for v in [0, 1, 2, 91, 104] {
+            assert!(!reported(v), "{v}");
+        }
+        assert_eq!(drop_reasons().value("NETFILTER_DROP"), Some(11));
+        assert_eq!(drop_reasons().value("TCP_LISTEN_OVERFLOW"), None);
+        assert!(DropReasons::default().filter() == DropReasonFilter::default());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! connprobe's agent, top to bottom as the data flows:
 //! kernel offsets (`btf`, `offsets`) -> `loader` -> `reader` (ring buffer) -> `decode` ->
-//! `event` (the typed event; `schema` is its JSON form) -> `aggregate` (the one owner of
+//! `event` (the typed event; `samplers` make more from counts the agent reads each second;
+//! `schema` is its JSON form) -> `aggregate` (the one owner of
 //! per-destination state, keyed by `destination`) -> readers of that state: `export`
 //! (Prometheus, the `/destinations` view; the JSON log takes the events) and `diagnose` (verdicts,
 //! flight recorder, evidence bundles). `tally` counts what was delivered and lost.
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod decode;
 pub mod destination;
 pub mod diagnose;
+pub mod dns;
 pub mod event;
 pub mod export;
 pub mod listeners;
@@ -26,6 +28,7 @@ pub mod pipeline;
 pub mod privileges;
 pub mod quantile;
 pub mod reader;
+pub mod samplers;
 pub mod schema;
 pub mod tally;
 pub mod top;

@@ -20,6 +20,8 @@ pub struct FoundListener {
     pub port: u16,
     pub pid: u32,
     pub comm: String,
+    /// A thread that lives in the listener's namespace (where its counters are read).
+    pub tid: u32,
     /// The process's cgroup v2 id (0 if unknown), for its workload.
     pub cgroup_id: u64,
 }
@@ -46,6 +48,8 @@ impl FoundListener {
                 comm,
                 cgroup_id: self.cgroup_id,
             },
+            backlog: 0,
+            tid: self.tid,
         };
         (key, record)
     }
@@ -104,6 +108,10 @@ pub fn scan(proc: &Path) -> Vec<FoundListener> {
         .and_then(|m| crate::workload::cgroup2_mount(&m));
     let mut found = Vec::new();
     for (&netns, task) in &namespaces {
+        let tid = task
+            .file_name()
+            .and_then(|n| n.to_str()?.parse().ok())
+            .unwrap_or(0);
         for table in ["tcp", "tcp6"] {
             let text = fs::read_to_string(task.join("net").join(table)).unwrap_or_default();
             for (port, inode) in listening_sockets(&text) {
@@ -118,6 +126,7 @@ pub fn scan(proc: &Path) -> Vec<FoundListener> {
                     port,
                     pid: owner,
                     comm,
+                    tid,
                     cgroup_id: cgroup_root.as_deref().map_or(0, |root| {
                         crate::workload::process_cgroup_id(root, proc, owner)
                     }),
@@ -192,11 +201,12 @@ mod tests {
             port: 8080,
             pid: 99,
             comm: "a-very-long-command-name".into(),
+            tid: 100,
             cgroup_id: 12345,
         };
         let (key, record) = found.map_entry();
         assert_eq!((key.netns, key.port), (7, 8080));
-        assert_eq!(record.sk, 0);
+        assert_eq!((record.sk, record.backlog, record.tid), (0, 0, 100));
         assert_eq!(record.owner.tgid, 99);
         assert_eq!(record.owner.side, side::SERVER);
         assert_eq!(record.owner.flags, owner_flags::PROCESS_KNOWN);

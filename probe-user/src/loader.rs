@@ -4,19 +4,20 @@ use std::path::Path;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, RawTracePoint, TracePoint,
     },
 };
 use probe_common::{
-    COUNTERS_MAP, EVENTS_MAP, KernelOffsets, LISTENERS_MAP, ListenerKey, ListenerRecord,
-    OFFSETS_GLOBAL, RECORDS_IN_STORAGE_GLOBAL, SOCKETS_MAP, WAKEUP_BYTES_GLOBAL,
+    CONNECTS_MAP, COUNTERS_MAP, DNS_EVENTS_MAP, DNS_PORTS_GLOBAL, DROP_COUNTS_MAP,
+    DROP_FILTER_GLOBAL, DnsPorts, DropKey, EVENTS_MAP, KernelOffsets, LISTENERS_MAP, ListenerKey,
+    ListenerRecord, OFFSETS_GLOBAL, RECORDS_IN_STORAGE_GLOBAL, SOCKETS_MAP, WAKEUP_BYTES_GLOBAL,
 };
 
 use crate::{
     btf::Btf,
-    decode::ResetReasons,
+    decode::{DropReasons, ResetReasons},
     listeners,
     offsets::{self, Hook, OffsetsError, Tracefs},
     privileges::{self, PrivilegeError},
@@ -103,6 +104,10 @@ pub struct LoaderConfig {
     pub hooks: HookMode,
     pub ring_buffer_bytes: u32,
     pub max_sockets: u32,
+    /// Trace packet drops (`kfree_skb`); off with `--no-drops`.
+    pub drops: bool,
+    /// The DNS ports to watch; `None` attaches no DNS programs (`--no-dns`).
+    pub dns_ports: Option<DnsPorts>,
 }
 
 /// The maps the agent reads, taken out of the object before the programs are attached.
@@ -114,6 +119,15 @@ pub struct KernelMaps {
     pub logger: aya_log::EbpfLogger<&'static dyn log::Log>,
     /// Names of this kernel's reset reasons, for the decoder (empty where the kernel has none).
     pub reset_reasons: ResetReasons,
+    /// Names of this kernel's drop reasons, for the decoder (empty where the kernel has none).
+    pub drop_reasons: DropReasons,
+    /// Dropped data segments counted per connection and reason (see `samplers::drop_counts`).
+    pub drop_counts: PerCpuHashMap<MapData, DropKey, u64>,
+    /// The listening sockets the programs and the start-up scan know (see `samplers::netns`).
+    pub listeners: HashMap<MapData, ListenerKey, ListenerRecord>,
+    /// The DNS packets' ring buffer (nothing arrives in it when the DNS programs are not
+    /// attached).
+    pub dns_events: RingBuf<MapData>,
 }
 
 /// Loaded and attached programs. Dropping this detaches every program.
@@ -122,6 +136,8 @@ pub struct Probes {
     pub plan: Vec<(Hook, Attachment)>,
     /// Features this kernel lacks, one sentence each, to report once at start.
     pub missing: Vec<String>,
+    /// How the DNS programs are attached, if they are (e.g. `cgroup_skb on /sys/fs/cgroup`).
+    pub dns: Option<String>,
 }
 
 /// Checks privileges and kernel support, loads the object and attaches every hook.
@@ -147,7 +163,9 @@ pub fn load_and_attach(
     let aya_btf = aya::Btf::from_sys_fs().map_err(|_| LoadError::NoBtf(Btf::VMLINUX.into()))?;
 
     let reset_reasons = ResetReasons::from_btf(&btf);
-    let plan = plan_hooks(&btf, config.hooks);
+    let drop_reasons = DropReasons::from_btf(&btf);
+    let drops = config.drops && !drop_reasons.is_empty();
+    let plan = plan_hooks(&btf, config.hooks, drops);
     let mut maps_handed_over = false;
     let mut attempt = |plan: Vec<(Hook, Attachment)>| {
         try_load(
@@ -155,14 +173,14 @@ pub fn load_and_attach(
             &aya_btf,
             struct_offsets,
             plan,
-            reset_reasons.clone(),
+            (reset_reasons.clone(), drop_reasons.clone()),
             &mut |maps| {
                 maps_handed_over = true;
                 before_attach(maps)
             },
         )
     };
-    match attempt(plan.clone()) {
+    let result = match attempt(plan.clone()) {
         Ok(probes) => Ok(probes),
         Err(e @ LoadError::Program { .. })
             if config.hooks == HookMode::Auto
@@ -171,17 +189,33 @@ pub fn load_and_attach(
                     .any(|(_, a)| matches!(a, Attachment::Btf | Attachment::BtfOlder)) =>
         {
             tracing::warn!("{e}; falling back to classic tracepoints");
-            let classic = Hook::ALL.map(|h| (h, Attachment::Classic)).to_vec();
+            let classic = Hook::ALL
+                .into_iter()
+                .filter(|h| drops || *h != Hook::Drop)
+                .map(|h| (h, Attachment::Classic))
+                .collect();
             attempt(classic)
         }
         Err(e) => Err(e),
-    }
+    };
+    result.map(|mut probes| {
+        if config.drops && drop_reasons.is_empty() {
+            probes.missing.push(format!(
+                "this kernel ({}) gives no reasons for the packets it drops (that needs Linux \
+                 5.17): drops are not traced",
+                kernel_release()
+            ));
+        }
+        probes
+    })
 }
 
-/// BTF tracepoints where the kernel's BTF has them with the arguments the programs read.
-fn plan_hooks(btf: &Btf, mode: HookMode) -> Vec<(Hook, Attachment)> {
+/// BTF tracepoints where the kernel's BTF has them with the arguments the programs read; the
+/// drop hook only with `drops`.
+fn plan_hooks(btf: &Btf, mode: HookMode, drops: bool) -> Vec<(Hook, Attachment)> {
     Hook::ALL
         .iter()
+        .filter(|&&hook| drops || hook != Hook::Drop)
         .map(|&hook| {
             let args = btf.tracepoint_args(hook.tracepoint().1).unwrap_or(0);
             let btf_program = if args >= hook.btf_args_needed() {
@@ -210,7 +244,7 @@ fn try_load(
     aya_btf: &aya::Btf,
     mut offsets: KernelOffsets,
     plan: Vec<(Hook, Attachment)>,
-    mut reset_reasons: ResetReasons,
+    (mut reset_reasons, drop_reasons): (ResetReasons, DropReasons),
     before_attach: &mut dyn FnMut(KernelMaps),
 ) -> Result<Probes, LoadError> {
     let needs_tracefs = plan
@@ -250,6 +284,26 @@ fn try_load(
         );
         reset_reasons = ResetReasons::default();
     }
+    let drop_program = plan
+        .iter()
+        .find(|(hook, _)| *hook == Hook::Drop)
+        .map(|(_, how)| *how);
+    let receiving_socket = match drop_program {
+        Some(Attachment::Btf) => true,
+        Some(Attachment::Classic) => offsets.has_drop_rx_sk != 0,
+        _ => false,
+    };
+    if matches!(
+        drop_program,
+        Some(Attachment::Btf | Attachment::BtfOlder | Attachment::Classic)
+    ) && !receiving_socket
+    {
+        missing.push(format!(
+            "this kernel ({}) does not say which socket received a dropped packet (rx_sk needs \
+             Linux 6.11): drops on the input path are matched to connections by their addresses",
+            kernel_release()
+        ));
+    }
 
     // Wake the agent once an eighth of the ring is waiting; the reader also polls every
     // POLL_INTERVAL, so a quiet host still sees its events promptly.
@@ -261,8 +315,15 @@ fn try_load(
         .override_global(OFFSETS_GLOBAL, &offsets, true)
         .override_global(WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
         .override_global(RECORDS_IN_STORAGE_GLOBAL, &u32::from(in_storage), true)
+        .override_global(DROP_FILTER_GLOBAL, &drop_reasons.filter(), true)
+        .override_global(
+            DNS_PORTS_GLOBAL,
+            &config.dns_ports.unwrap_or_default(),
+            true,
+        )
         .map_max_entries(EVENTS_MAP, config.ring_buffer_bytes)
         .map_max_entries(SOCKETS_MAP, config.max_sockets)
+        .map_max_entries(CONNECTS_MAP, config.max_sockets)
         .load(OBJECT)
         .map_err(|e| LoadError::Load(Box::new(e)))?;
 
@@ -275,13 +336,32 @@ fn try_load(
         .ok_or_else(|| LoadError::Missing(COUNTERS_MAP.into()))?;
     let counters =
         PerCpuArray::try_from(counters).map_err(|e| LoadError::Map(COUNTERS_MAP, Box::new(e)))?;
+    let drop_counts = ebpf
+        .take_map(DROP_COUNTS_MAP)
+        .ok_or_else(|| LoadError::Missing(DROP_COUNTS_MAP.into()))?;
+    let drop_counts = PerCpuHashMap::try_from(drop_counts)
+        .map_err(|e| LoadError::Map(DROP_COUNTS_MAP, Box::new(e)))?;
+    let dns_events = ebpf
+        .take_map(DNS_EVENTS_MAP)
+        .ok_or_else(|| LoadError::Missing(DNS_EVENTS_MAP.into()))?;
+    let dns_events =
+        RingBuf::try_from(dns_events).map_err(|e| LoadError::Map(DNS_EVENTS_MAP, Box::new(e)))?;
     let logger = aya_log::EbpfLogger::init(&mut ebpf).map_err(LoadError::Logger)?;
     add_existing_listeners(&mut ebpf)?;
+    let listeners = ebpf
+        .take_map(LISTENERS_MAP)
+        .ok_or_else(|| LoadError::Missing(LISTENERS_MAP.into()))?;
+    let listeners =
+        HashMap::try_from(listeners).map_err(|e| LoadError::Map(LISTENERS_MAP, Box::new(e)))?;
     before_attach(KernelMaps {
         events,
         counters,
         logger,
         reset_reasons,
+        drop_reasons,
+        drop_counts,
+        listeners,
+        dns_events,
     });
 
     let plan: Vec<(Hook, Attachment)> = plan
@@ -332,11 +412,91 @@ fn try_load(
     // Attached programs do not depend on the mount: a tracefs mounted here goes now, while the
     // agent still holds the capability to unmount it.
     drop(tracefs);
+    let dns = match config.dns_ports {
+        Some(_) if config.hooks != HookMode::Empty => match attach_dns(&mut ebpf) {
+            Ok(how) => {
+                if how.contains("dns_egress_anonymous") {
+                    missing.push(
+                        "DNS queries sent over UDP name no process: cgroup_skb programs may ask \
+                         for the current task from Linux 6.10 on (their pid and comm stay null)"
+                            .into(),
+                    );
+                }
+                Some(how)
+            }
+            Err(why) => {
+                missing.push(format!("DNS is not watched: {why}"));
+                None
+            }
+        },
+        _ => None,
+    };
     Ok(Probes {
         _ebpf: ebpf,
         plan,
         missing,
+        dns,
     })
+}
+
+/// The cgroup v2 hierarchy's mount point, from a `/proc/mounts` text.
+pub fn cgroup2_mount(mounts: &str) -> Option<&str> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then_some(dir)
+    })
+}
+
+/// Attaches the DNS programs to the root of the cgroup v2 hierarchy, where they see the packets
+/// of every socket on the host, in every network namespace. Egress names the sending process
+/// where the kernel lets cgroup_skb programs ask (Linux 6.10 and later), and goes without it
+/// elsewhere. Any failure is one sentence: DNS alone goes missing.
+fn attach_dns(ebpf: &mut Ebpf) -> Result<String, String> {
+    if let Some(note) = privileges::dns_attach_note() {
+        return Err(note);
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts")
+        .map_err(|e| format!("cannot read /proc/mounts ({e})"))?;
+    let root = cgroup2_mount(&mounts)
+        .ok_or("no cgroup v2 hierarchy is mounted (cgroup_skb programs attach to one)")?
+        .to_owned();
+    let cgroup = std::fs::File::open(&root).map_err(|e| format!("cannot open {root} ({e})"))?;
+    let attach = |ebpf: &mut Ebpf, name: &str, kind: CgroupSkbAttachType| {
+        let prog: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("the eBPF object has no {name}"))?
+            .try_into()
+            .map_err(|e| format!("{name}: {e}"))?;
+        prog.load().map_err(|e| {
+            let full = e.to_string();
+            tracing::debug!("loading {name}: {full}");
+            // The verifier's log goes to the debug log; the sentence keeps its first line.
+            let short = full.split(". Verifier output").next().unwrap_or(&full);
+            format!("the kernel refused {name} ({short})")
+        })?;
+        // A bpf_link (Linux 5.7+, what aya uses there) takes no attach flags and always shares
+        // the cgroup with other programs: `Single` passes none. (Multiple would be EINVAL.)
+        prog.attach(&cgroup, kind, CgroupAttachMode::Single)
+            .map_err(|e| {
+                let cause = std::error::Error::source(&e).map(|s| format!(": {s}"));
+                format!(
+                    "cannot attach {name} to {root} ({e}{})",
+                    cause.unwrap_or_default()
+                )
+            })?;
+        Ok::<_, String>(())
+    };
+    attach(ebpf, "dns_ingress", CgroupSkbAttachType::Ingress)?;
+    let egress = match attach(ebpf, "dns_egress", CgroupSkbAttachType::Egress) {
+        Ok(()) => "dns_egress",
+        Err(e) => {
+            tracing::debug!("{e}; trying the egress program without the sending process");
+            attach(ebpf, "dns_egress_anonymous", CgroupSkbAttachType::Egress)?;
+            "dns_egress_anonymous"
+        }
+    };
+    Ok(format!("cgroup_skb dns_ingress+{egress} on {root}"))
 }
 
 /// The program that reports where a DNAT sent each connect's SYN (probe-ebpf `backend`), on
@@ -530,5 +690,22 @@ mod program_runs_tests {
         let runs = ProgramRuns::find();
         assert_eq!(runs.programs(), 0);
         assert_eq!(runs.missed(), 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cgroup_v2_mount_is_found_in_a_hybrid_layout() {
+        let mounts = "tmpfs /sys/fs/cgroup tmpfs ro,nosuid 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nosuid 0 0\n\
+                      cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n";
+        assert_eq!(cgroup2_mount(mounts), Some("/sys/fs/cgroup/unified"));
+        assert_eq!(
+            cgroup2_mount("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"),
+            None
+        );
     }
 }

@@ -104,6 +104,11 @@ pub fn struct_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetsError> {
         skb_network_header: field("sk_buff", &["network_header"], 2)?,
         skb_transport_header: field("sk_buff", &["transport_header"], 2)?,
         skb_cb_gso_segs: cb + gso_segs,
+        skb_sk: field("sk_buff", &["sk"], 8)?,
+        skb_protocol: field("sk_buff", &["protocol"], 2)?,
+        skb_dev: field("sk_buff", &["dev"], 8)?,
+        dev_nd_net: field("net_device", &["nd_net", "net"], 8)?,
+        sk_max_ack_backlog: field("sock", &["sk_max_ack_backlog"], 4)?,
         ..KernelOffsets::default()
     })
 }
@@ -121,10 +126,12 @@ pub enum Hook {
     TcpSendReset,
     TcpReceiveReset,
     TcpDestroy,
+    /// Packets dropped with a reason (`kfree_skb`).
+    Drop,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 7] = [
+    pub const ALL: [Hook; 8] = [
         Hook::TcpState,
         Hook::SockError,
         Hook::TcpRetransmit,
@@ -132,6 +139,7 @@ impl Hook {
         Hook::TcpSendReset,
         Hook::TcpReceiveReset,
         Hook::TcpDestroy,
+        Hook::Drop,
     ];
 
     /// (category, name) of the kernel tracepoint.
@@ -144,6 +152,7 @@ impl Hook {
             Hook::TcpSendReset => ("tcp", "tcp_send_reset"),
             Hook::TcpReceiveReset => ("tcp", "tcp_receive_reset"),
             Hook::TcpDestroy => ("tcp", "tcp_destroy_sock"),
+            Hook::Drop => ("skb", "kfree_skb"),
         }
     }
 
@@ -158,6 +167,7 @@ impl Hook {
             Hook::TcpSendReset => "tcp_send_reset",
             Hook::TcpReceiveReset => "tcp_receive_reset",
             Hook::TcpDestroy => "tcp_destroy",
+            Hook::Drop => "drop",
         }
     }
 
@@ -173,6 +183,8 @@ impl Hook {
             Hook::TcpSendReset => 3,
             Hook::TcpReceiveReset => 1,
             Hook::TcpDestroy => 1,
+            // `rx_sk` came in Linux 6.11; the BTF program reads it.
+            Hook::Drop => 4,
         }
     }
 
@@ -184,6 +196,8 @@ impl Hook {
             Hook::TcpRetransmit => Some(2),
             // Before 6.10 the tracepoint has no `reason`.
             Hook::TcpSendReset => Some(2),
+            // Before 6.11 the tracepoint has no `rx_sk`.
+            Hook::Drop => Some(3),
             _ => None,
         }
     }
@@ -218,6 +232,11 @@ impl Hook {
             ],
             Hook::TcpReceiveReset => &[("skaddr", |o| &mut o.tp_receive_reset_skaddr)],
             Hook::TcpDestroy => &[("skaddr", |o| &mut o.tp_destroy_skaddr)],
+            Hook::Drop => &[
+                ("skbaddr", |o| &mut o.tp_drop_skbaddr),
+                ("protocol", |o| &mut o.tp_drop_protocol),
+                ("reason", |o| &mut o.tp_drop_reason),
+            ],
         }
     }
 }
@@ -248,6 +267,12 @@ pub fn add_classic_fields(
     {
         offsets.tp_send_reset_reason = *at;
         offsets.has_reset_reason = 1;
+    }
+    if hook == Hook::Drop
+        && let Some((at, 8)) = fields.get("rx_sk")
+    {
+        offsets.tp_drop_rx_sk = *at;
+        offsets.has_drop_rx_sk = 1;
     }
     Ok(())
 }

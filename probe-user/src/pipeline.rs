@@ -25,10 +25,11 @@ use crate::{
     cli::{HookMode, RunArgs},
     decode::{Clock, Decoder},
     diagnose::{EvidenceWriter, FlightRecorder, TriggerConfig, diagnose_handler},
-    event::Event,
+    dns::{self, DnsConfig, DnsState, SharedDns},
+    event::{Event, EventDetail, Side},
     export::{
         http::{self, DestinationsFn, DiagnoseFn, HttpState, MetricsFn},
-        json_log,
+        json_log::{self, LogBatch},
         prometheus::{PrometheusExporter, Sources},
         view::{View, ViewRequest, ViewSources},
         web_config::WebSecurity,
@@ -38,6 +39,7 @@ use crate::{
     own_traffic::OwnTraffic,
     privileges,
     reader::{BATCH, spawn_program_log, spawn_reader},
+    samplers::Samplers,
     tally::{KernelCounts, LossStage, Tally},
     top::{Console, screen},
     workload::Workloads,
@@ -54,6 +56,7 @@ fn kernel_counts(counters: &PerCpuArray<MapData, u64>, runs: &ProgramRuns) -> Ke
             Counter::ProducedRetransmit,
             Counter::ProducedReset,
             Counter::ProducedClose,
+            Counter::ProducedDrop,
         ]
         .map(|c| read_counter(counters, c))
         .iter()
@@ -63,6 +66,15 @@ fn kernel_counts(counters: &PerCpuArray<MapData, u64>, runs: &ProgramRuns) -> Ke
         read_errors: read_counter(counters, Counter::ReadError),
         missed_runs: runs.missed(),
     }
+}
+
+/// The DNS programs' counters (packets handed over, lost in their ring) into the DNS state.
+fn dns_kernel_counts(dns: &SharedDns, counters: &PerCpuArray<MapData, u64>) {
+    let produced = read_counter(counters, Counter::ProducedDns);
+    let lost = read_counter(counters, Counter::LostDnsRingbuf);
+    let mut dns = dns.lock().unwrap_or_else(|e| e.into_inner());
+    dns.counts.kernel_produced = produced;
+    dns.counts.lost_ringbuf = dns.counts.lost_ringbuf.max(lost);
 }
 
 /// Reads `--web-config-file` again (SIGHUP): new certificates and users apply to the
@@ -102,16 +114,42 @@ fn trigger_config(args: &RunArgs) -> Option<TriggerConfig> {
     })
 }
 
-/// Every batch the reader decodes goes to the aggregator, the flight recorder and the JSON
-/// log's queue (losses at the queue or past a failed writer are counted in the tally), after
-/// the agent's own traffic (`own`) is taken out and counted. What is left is numbered (`seq`)
-/// here, so a gap in the log's numbers is a loss counted at `queue` or `log`, nothing else.
+/// Client connects to an address a recent DNS answer gave get that answer's name.
+fn name_destinations(batch: &mut [Event], dns: &SharedDns) {
+    let mut wanted = batch
+        .iter_mut()
+        .filter(|e| e.side == Some(Side::Client))
+        .filter_map(|e| match &mut e.detail {
+            EventDetail::Connect(c) => Some((e.dst.ip(), c)),
+            _ => None,
+        })
+        .peekable();
+    if wanted.peek().is_none() {
+        return;
+    }
+    let now = std::time::Instant::now();
+    let dns = dns.lock().unwrap_or_else(|e| e.into_inner());
+    if dns.names.is_empty() {
+        return;
+    }
+    for (ip, connect) in wanted {
+        connect.dst_name = dns.names.name_of(ip, now);
+    }
+}
+
+/// Every batch the reader decodes (and every one the samplers make) goes to the aggregator, the
+/// flight recorder and the JSON log's queue (losses at the queue or past a failed writer are
+/// counted in the tally), after the agent's own traffic (`own`) is taken out and counted, and
+/// connects are named from DNS.
+/// What is left is numbered (`seq`) here, so a gap in the log's numbers is a loss counted at
+/// `queue` or `log`, nothing else.
 fn consumer(
     aggregator: Arc<Mutex<Aggregator>>,
     recorder: Arc<Mutex<FlightRecorder>>,
-    log: Option<SyncSender<Vec<Event>>>,
+    log: Option<SyncSender<LogBatch>>,
     tally: Arc<Tally>,
     own: Option<OwnTraffic>,
+    dns: Option<SharedDns>,
 ) -> impl FnMut(&mut Vec<Event>) + Send + 'static {
     move |batch| {
         if let Some(own) = &own {
@@ -121,6 +159,9 @@ fn consumer(
             if skipped > 0 {
                 tally.add_own_traffic(skipped as u64);
             }
+        }
+        if let Some(dns) = &dns {
+            name_destinations(batch, dns);
         }
         for event in batch.iter_mut() {
             event.seq = tally.next_seq();
@@ -137,7 +178,7 @@ fn consumer(
             .extend(batch.iter());
         if let Some(log) = &log {
             let full = std::mem::replace(batch, Vec::with_capacity(BATCH));
-            match log.try_send(full) {
+            match log.try_send(LogBatch::Events(full)) {
                 Ok(()) => {}
                 Err(TrySendError::Full(lost)) => {
                     tally.add_lost(LossStage::Queue, lost.len() as u64)
@@ -174,6 +215,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let recorder = Arc::new(Mutex::new(FlightRecorder::new(args.recorder_events)));
 
     // Bad input fails here, before anything is loaded.
+    let dns_config = match args.no_dns {
+        true => None,
+        false => Some(DnsConfig::new(
+            &args.dns_port,
+            args.dns_timeout,
+            args.dns_max_pending,
+            args.dns_max_names,
+            args.dns_max_resolvers,
+        )?),
+    };
+    let dns_state = dns_config
+        .as_ref()
+        .map(|config| DnsState::shared(config, clock));
     let log_out = args
         .json_log
         .as_deref()
@@ -196,6 +250,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .as_ref()
             .map(EvidenceWriter::bundles_written_counter),
     }));
+    if let Some(dns) = &dns_state {
+        prometheus.register(Box::new(dns::metrics::DnsCollector::new(dns.clone())));
+    }
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
@@ -209,8 +266,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => (None, None, None),
     };
     let (stop_http, http_stopped) = watch::channel(false);
-    let diagnose: Arc<DiagnoseFn> =
-        Arc::new(diagnose_handler(recorder.clone(), tally.clone(), started));
+    let diagnose: Arc<DiagnoseFn> = Arc::new(diagnose_handler(
+        recorder.clone(),
+        tally.clone(),
+        started,
+        dns_state.clone(),
+    ));
     let metrics: Arc<MetricsFn> = Arc::new(move || prometheus.encode());
     let view_sources = ViewSources {
         aggregator: aggregator.clone(),
@@ -234,6 +295,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         hooks: args.hooks,
         ring_buffer_bytes: args.ring_buffer_bytes,
         max_sockets: args.max_sockets,
+        drops: !args.no_drops,
+        dns_ports: dns_config.as_ref().map(DnsConfig::kernel_ports),
     };
     let cgroup_root = match Workloads::for_this_host() {
         Ok(w) => Some(w.root().to_owned()),
@@ -243,18 +306,40 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let mut readers = Vec::new();
+    let mut dns_readers = Vec::new();
     let mut counters = None;
+    let mut samplers = None;
+    // One consumer for the reader and the samplers, behind a lock: numbering a batch (`seq`)
+    // and handing it to the log happen together, so the log's numbers stay in order.
+    let shared = Arc::new(Mutex::new(consumer(
+        aggregator.clone(),
+        recorder.clone(),
+        log_tx.clone(),
+        tally.clone(),
+        own_traffic,
+        dns_state.clone(),
+    )));
+    let shared_consumer = || {
+        let shared = shared.clone();
+        move |batch: &mut Vec<Event>| (shared.lock().unwrap_or_else(|e| e.into_inner()))(batch)
+    };
     let probes = tokio::task::block_in_place(|| {
         loader::load_and_attach(&config, |maps: KernelMaps| {
             let (stop_tx, stop_rx) = watch::channel(false);
             spawn_program_log(maps.logger, stop_rx.clone());
-            let consume = consumer(
-                aggregator.clone(),
-                recorder.clone(),
-                log_tx.clone(),
-                tally.clone(),
-                own_traffic,
-            );
+            let consume = shared_consumer();
+            if let Some(dns) = &dns_state {
+                dns_readers.push((
+                    stop_tx.clone(),
+                    dns::spawn_reader(
+                        maps.dns_events,
+                        dns.clone(),
+                        log_tx.clone(),
+                        tally.clone(),
+                        stop_rx.clone(),
+                    ),
+                ));
+            }
             readers.push((
                 stop_tx,
                 spawn_reader(
@@ -262,6 +347,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                     Decoder {
                         clock,
                         reset_reasons: maps.reset_reasons,
+                        drop_reasons: maps.drop_reasons.clone(),
                     },
                     cgroup_root
                         .clone()
@@ -272,12 +358,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 ),
             ));
             counters = Some(maps.counters);
+            samplers = Some(Samplers::new(
+                maps.drop_counts,
+                maps.listeners,
+                maps.drop_reasons,
+            ));
         })
     })?;
+    // The samplers' events go the same way as the reader's; the empty programs of the
+    // benchmark's floor count nothing.
+    let mut sampled = samplers
+        .filter(|_| args.hooks != HookMode::Empty)
+        .map(|s| (s, shared_consumer()));
+    drop(shared);
     drop(log_tx);
     // Readers of a failed first attempt (before a fallback) watch maps nothing writes to.
     let (stop_reader, mut reader) = readers.pop().context("the loader started no reader")?;
     for (stop, handle) in readers {
+        let _ = stop.send(true);
+        let _ = handle.await;
+    }
+    let dns_reader = dns_readers.pop().map(|(_, handle)| handle);
+    for (stop, handle) in dns_readers {
         let _ = stop.send(true);
         let _ = handle.await;
     }
@@ -302,6 +404,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         for missing in &probes.missing {
             tracing::info!("{missing}");
         }
+    }
+    if let Some(how) = &probes.dns {
+        tracing::info!("watching DNS ({how})");
     }
     http_state.set_ready(true);
     if !args.no_metrics {
@@ -355,7 +460,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 break Stop::ReaderFailed(err);
             }
             _ = housekeeping.tick() => {
+                if let Some((samplers, consume)) = &mut sampled {
+                    let mut batch = samplers.sample(SystemTime::now());
+                    tally.add_sampled(batch.len() as u64);
+                    consume(&mut batch);
+                }
                 tally.set_kernel(kernel_counts(&counters, &program_runs));
+                if let Some(dns) = &dns_state {
+                    dns_kernel_counts(dns, &counters);
+                }
                 aggregator
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -380,8 +493,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Stop::ReaderFailed(_) => {}
     }
 
-    // Detach first so that nothing new arrives, then drain what the kernel already wrote.
-    // The programs' skipped runs are read before detaching closes their descriptors.
+    // The programs' skipped runs are read before detaching closes their descriptors. Detach
+    // first so that nothing new arrives, then drain what the kernel already wrote, and take the
+    // counts one last time.
     tally.set_kernel(kernel_counts(&counters, &program_runs));
     drop(probes);
     let _ = stop_reader.send(true);
@@ -389,6 +503,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Stop::ReaderFailed(e) => Err(e),
         _ => reader.await.context("the ring buffer reader panicked")?,
     };
+    if let Some((mut samplers, consume)) = sampled.take() {
+        let mut batch = samplers.sample(SystemTime::now());
+        tally.add_sampled(batch.len() as u64);
+        consume(&mut batch);
+    }
+    if let Some(handle) = dns_reader {
+        match handle.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("the DNS reader failed: {e:#}"),
+            Err(e) => tracing::warn!("the DNS reader panicked: {e}"),
+        }
+    }
     if let Some(handle) = log_thread {
         let _ = tokio::task::spawn_blocking(move || handle.join()).await;
     }
@@ -402,6 +528,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tally.set_kernel(kernel_counts(&counters, &ProgramRuns::default()));
     eprintln!("connprobe: {}", tally.line());
+    if let Some(dns) = &dns_state {
+        dns_kernel_counts(dns, &counters);
+        eprintln!("connprobe: {}", dns::summary(dns));
+    }
     reader_result
 }
 

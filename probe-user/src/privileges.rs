@@ -11,7 +11,7 @@
 //! | read other processes' `/proc/PID/fd/*` and `/proc/PID/task/TID/ns/net` links (listeners older than the agent) | `CAP_SYS_PTRACE` |
 //! | list another user's `/proc/PID/fd`, read tracefs (mode 0700) for classic tracepoints, when not root | `CAP_DAC_READ_SEARCH` |
 //! | mount tracefs when classic tracepoints need it and it is not mounted | `CAP_SYS_ADMIN` |
-//! | load the cgroup_skb program that sees where a DNAT sent a connect (`backend_ip`); optional, without it backends stay unknown | `CAP_NET_ADMIN` |
+//! | attach the `cgroup_skb` programs to the cgroup v2 root: DNS (without it only DNS is missing) and the one that sees where a DNAT sent a connect (without it only `backend_ip` is missing) | `CAP_NET_ADMIN` |
 //! | after attaching: read the ring buffers (mmap), look up map entries (`bpf()` on a map fd it holds), detach | none |
 //!
 //! Capabilities belong to threads, not processes. The thread that loads the programs keeps them
@@ -166,6 +166,17 @@ pub fn listener_scan_note(effective: u64, root: bool) -> Option<String> {
          needs {}",
         names.join(" and ")
     ))
+}
+
+/// Why the DNS programs cannot be attached, if this thread lacks what attaching `cgroup_skb`
+/// programs takes: CAP_NET_ADMIN (or CAP_SYS_ADMIN, which the kernel also accepts). Measured:
+/// without it `bpf_link_create` fails with EPERM; loading them needs nothing more.
+pub fn dns_attach_note() -> Option<String> {
+    let effective = effective().ok()?;
+    let allowed = bit(Capability::CAP_NET_ADMIN) | bit(Capability::CAP_SYS_ADMIN);
+    (effective & allowed == 0).then(|| {
+        "attaching cgroup_skb programs takes CAP_NET_ADMIN, which this process lacks".into()
+    })
 }
 
 /// The sentence to report once when the backend program cannot be loaded for want of

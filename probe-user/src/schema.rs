@@ -13,19 +13,36 @@ use std::{
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::event::{
-    Close, Comm, Connect, ConnectOutcome, Direction, Endpoint, Errno, Event, EventDetail,
-    FailureReason, Outcome, Phase, Process, Reset, ResetReason, Retransmit, Side, TcpState,
+    Close, Comm, Connect, ConnectOutcome, Conntrack, Direction, Drop, DropReason, Endpoint, Errno,
+    Event, EventDetail, FailureReason, ListenOverflow, Outcome, Phase, Process, Protocol, Reset,
+    ResetReason, Retransmit, Side, TcpFlags, TcpState,
 };
 use crate::workload::Workload;
 
 /// One line of the log.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum LogLine {
     Connect(Line<ConnectFields>),
     Retransmit(Line<RetransmitFields>),
     Reset(Line<ResetFields>),
     Close(Line<CloseFields>),
+    Drop(Line<DropFields>),
+    ListenOverflow(Line<ListenOverflowFields>),
+    /// About a network namespace, not a connection: only the time and the figures.
+    Conntrack(SampleLine<ConntrackFields>),
+}
+
+/// A line about a network namespace rather than a connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SampleLine<F> {
+    /// As in [`Line::seq`].
+    #[serde(default)]
+    pub seq: u64,
+    #[serde(with = "rfc3339_micros")]
+    pub time: SystemTime,
+    #[serde(flatten)]
+    pub fields: F,
 }
 
 /// The fields every line has, then the kind's own (`fields`).
@@ -71,6 +88,9 @@ pub struct ConnectFields {
     pub latency_us: Option<u64>,
     #[serde(default)]
     pub syn_retransmits: u32,
+    /// The name a recent DNS answer gave for `dst_ip`; absent when none is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_name: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -103,6 +123,31 @@ pub struct CloseFields {
     pub segments_retransmitted: u32,
 }
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DropFields {
+    pub reason: String,
+    pub protocol: Protocol,
+    /// `null` for UDP and for a count of data segments.
+    pub tcp_flags: Option<TcpFlags>,
+    pub direction: Direction,
+    pub packets: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ListenOverflowFields {
+    pub overflows: u64,
+    pub backlog: Option<u32>,
+    pub queued: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConntrackFields {
+    pub netns: u32,
+    pub insert_failed: u64,
+    pub drop: u64,
+    pub early_drop: u64,
+}
+
 /// A line that is valid JSON of the right shape but describes no possible event.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SchemaError {
@@ -110,6 +155,8 @@ pub enum SchemaError {
     MissingReason,
     #[error("an established connect has no reason or errno")]
     EstablishedWithReason,
+    #[error("a UDP packet has no TCP flags")]
+    UdpWithFlags,
 }
 
 impl Line<()> {
@@ -172,6 +219,7 @@ impl From<&Event> for LogLine {
                     errno,
                     latency_us: c.latency.map(|d| d.as_micros() as u64),
                     syn_retransmits: c.syn_retransmits,
+                    dst_name: c.dst_name.as_deref().map(str::to_owned),
                 }))
             }
             EventDetail::Retransmit(r) => LogLine::Retransmit(line.with(RetransmitFields {
@@ -191,6 +239,30 @@ impl From<&Event> for LogLine {
                 segments_sent: c.segments_sent,
                 segments_retransmitted: c.segments_retransmitted,
             })),
+            EventDetail::Drop(d) => LogLine::Drop(line.with(DropFields {
+                reason: d.reason.as_str().to_owned(),
+                protocol: d.protocol,
+                tcp_flags: d.tcp_flags,
+                direction: d.direction,
+                packets: d.packets,
+            })),
+            EventDetail::ListenOverflow(o) => {
+                LogLine::ListenOverflow(line.with(ListenOverflowFields {
+                    overflows: o.overflows,
+                    backlog: o.backlog,
+                    queued: o.queued,
+                }))
+            }
+            EventDetail::Conntrack(c) => LogLine::Conntrack(SampleLine {
+                seq: event.seq,
+                time: event.time,
+                fields: ConntrackFields {
+                    netns: c.netns,
+                    insert_failed: c.insert_failed,
+                    drop: c.drop,
+                    early_drop: c.early_drop,
+                },
+            }),
         }
     }
 }
@@ -245,6 +317,7 @@ impl TryFrom<LogLine> for Event {
                     outcome,
                     latency: f.latency_us.map(Duration::from_micros),
                     syn_retransmits: f.syn_retransmits,
+                    dst_name: f.dst_name.as_deref().map(Into::into),
                 });
                 l.event(detail)
             }
@@ -274,6 +347,43 @@ impl TryFrom<LogLine> for Event {
                 });
                 l.event(detail)
             }
+            LogLine::Drop(l) => {
+                let f = &l.fields;
+                if f.protocol == Protocol::Udp && f.tcp_flags.is_some() {
+                    return Err(SchemaError::UdpWithFlags);
+                }
+                let detail = EventDetail::Drop(Drop {
+                    reason: DropReason::new(&f.reason),
+                    protocol: f.protocol,
+                    tcp_flags: f.tcp_flags,
+                    direction: f.direction,
+                    packets: f.packets,
+                });
+                l.event(detail)
+            }
+            LogLine::ListenOverflow(l) => {
+                let f = &l.fields;
+                let detail = EventDetail::ListenOverflow(ListenOverflow {
+                    overflows: f.overflows,
+                    backlog: f.backlog,
+                    queued: f.queued,
+                });
+                l.event(detail)
+            }
+            LogLine::Conntrack(l) => {
+                let f = l.fields;
+                let mut event = Event::namespace_sample(
+                    l.time,
+                    EventDetail::Conntrack(Conntrack {
+                        netns: f.netns,
+                        insert_failed: f.insert_failed,
+                        drop: f.drop,
+                        early_drop: f.early_drop,
+                    }),
+                );
+                event.seq = l.seq;
+                event
+            }
         })
     }
 }
@@ -292,7 +402,7 @@ impl<'de> Deserialize<'de> for Event {
 }
 
 /// Times as RFC 3339 UTC with microseconds (`2026-11-30T05:15:03.568555Z`).
-mod rfc3339_micros {
+pub(crate) mod rfc3339_micros {
     use std::time::SystemTime;
 
     use serde::{Deserialize, Deserializer, Serializer};
@@ -320,8 +430,13 @@ pub(crate) mod tests {
         let t = SystemTime::UNIX_EPOCH
             + Duration::from_secs(1_795_000_000)
             + Duration::from_micros(123_456);
+        let mut named = testing::established(87);
+        if let EventDetail::Connect(c) = &mut named {
+            c.dst_name = Some("api.lab.test".into());
+        }
         let mut events = vec![
             testing::client("10.200.0.2:8081", t, testing::established(87)),
+            testing::client("10.200.0.2:8081", t, named),
             testing::client(
                 "10.200.0.2:8081",
                 t,
@@ -367,6 +482,42 @@ pub(crate) mod tests {
             testing::client("10.200.0.2:8083", t, testing::closed(900, 12)),
             testing::accepted("[fd00:200:61::1]:443", t),
         ];
+        events.extend([
+            testing::dropped(
+                "10.200.0.2:8082",
+                40001,
+                t,
+                "NETFILTER_DROP",
+                0x02,
+                Direction::Sent,
+            ),
+            testing::dropped(
+                "[fd00:200:61::2]:8082",
+                40002,
+                t,
+                "NO_SOCKET",
+                0x12,
+                Direction::Received,
+            ),
+            testing::data_dropped("10.200.0.2:8083", t, "TCP_OFO_DROP", 17),
+            testing::overflowed("10.200.0.2:8088", t, 6, Some(1)),
+            testing::overflowed("0.0.0.0:8089", t, 1, None),
+            testing::conntrack(t, 2, 3),
+        ]);
+        let mut dns = testing::dropped(
+            "10.0.0.53:53",
+            5353,
+            t,
+            "SOCKET_RCVBUFF",
+            0,
+            Direction::Received,
+        );
+        if let EventDetail::Drop(d) = &mut dns.detail {
+            d.protocol = Protocol::Udp;
+            d.tcp_flags = None;
+        }
+        dns.process = None;
+        events.push(dns);
         let mut unknown = testing::client(
             "[2001:db8::a:0:0:1]:8080",
             t,
@@ -465,5 +616,18 @@ pub(crate) mod tests {
         let unknown =
             format!(r#"{{"type":"connect",{base},"outcome":"maybe","reason":null,"errno":null}}"#);
         assert!(serde_json::from_str::<Event>(&unknown).is_err());
+        let udp_with_flags = format!(
+            r#"{{"type":"drop",{base},"reason":"NO_SOCKET","protocol":"udp","tcp_flags":"SYN","direction":"sent","packets":1}}"#
+        );
+        assert!(serde_json::from_str::<Event>(&udp_with_flags).is_err());
+    }
+
+    #[test]
+    fn a_conntrack_line_has_no_connection_fields() {
+        let event = testing::conntrack(SystemTime::UNIX_EPOCH, 2, 3);
+        assert_eq!(
+            serde_json::to_string(&event).unwrap(),
+            r#"{"type":"conntrack","seq":0,"time":"1970-01-01T00:00:00.000000Z","netns":1,"insert_failed":2,"drop":3,"early_drop":0}"#
+        );
     }
 }

@@ -1,5 +1,7 @@
-//! What the pipeline counted, in one plain place: events delivered by kind, produced in the
-//! kernel, lost by stage, undecodable records, failed kernel reads. The reader, the log writer
+//! What the pipeline counted, in one plain place: events delivered from the kernel by kind,
+//! produced in the kernel, lost by stage, undecodable records, failed kernel reads. (The events
+//! the agent makes from counters it reads, `samplers`, are not the ring buffer's and are not
+//! counted here.) The reader, the log writer
 //! and the pipeline (from the kernel's per-CPU counters) write it; the stderr tally line,
 //! `/metrics` and `/diagnose` read it. Atomics: no writer waits for a reader.
 use std::{
@@ -56,6 +58,9 @@ pub struct Tally {
     /// The next event's sequence number: events numbered so far.
     sequence: AtomicU64,
     own_traffic: AtomicU64,
+    /// Events the agent made from counters it read (`samplers`), not the ring buffer's: they
+    /// take sequence numbers too.
+    sampled: AtomicU64,
 }
 
 impl Tally {
@@ -101,6 +106,15 @@ impl Tally {
         self.own_traffic.load(Relaxed)
     }
 
+    /// `n` events made by the samplers handed to the consumers.
+    pub fn add_sampled(&self, n: u64) {
+        self.sampled.fetch_add(n, Relaxed);
+    }
+
+    pub fn sampled(&self) -> u64 {
+        self.sampled.load(Relaxed)
+    }
+
     /// Events delivered, every kind.
     pub fn delivered_total(&self) -> u64 {
         EventKind::VARIANTS.iter().map(|k| self.delivered(*k)).sum()
@@ -141,6 +155,7 @@ impl Tally {
     pub fn line(&self) -> String {
         let kinds = EventKind::VARIANTS
             .iter()
+            .filter(|k| k.from_kernel())
             .map(|k| format!("{}={}", k.name(), self.delivered(*k)))
             .collect::<Vec<_>>()
             .join(" ");
@@ -151,12 +166,13 @@ impl Tally {
             .join(" ");
         format!(
             "events: {kinds}; produced in kernel={}; lost: {lost}; undecodable={} \
-             kernel_read_errors={} missed_runs={}; own_traffic={}",
+             kernel_read_errors={} missed_runs={}; own_traffic={}; sampled={}",
             self.produced.load(Relaxed),
             self.undecodable(),
             self.kernel_read_errors.load(Relaxed),
             self.missed_runs(),
             self.own_traffic(),
+            self.sampled(),
         )
     }
 }
@@ -173,14 +189,14 @@ mod tests {
         tally.add_own_traffic(4);
         let line = tally.line();
         assert!(
-            line.contains("connect=1 retransmit=0 reset=0 close=0"),
+            line.contains("connect=1 retransmit=0 reset=0 close=0 drop=0;"),
             "{line}"
         );
         assert!(
             line.contains("lost: ringbuf=0 map=0 queue=2 log=0"),
             "{line}"
         );
-        assert!(line.ends_with("; own_traffic=4"), "{line}");
+        assert!(line.ends_with("; own_traffic=4; sampled=0"), "{line}");
     }
 
     #[test]

@@ -83,6 +83,15 @@ pub fn lab_events(lab: &Lab, events: &[Value]) -> Vec<Value> {
         .collect()
 }
 
+/// [`lab_events`] without the `drop` events: what the scenarios about connections expect
+/// exactly. (A refused SYN, a firewalled one, are also packets the kernel drops; `drops.rs`
+/// checks those events against the kernel's own counts.)
+pub fn lab_events_without_drops(lab: &Lab, events: &[Value]) -> Vec<Value> {
+    let mut events = lab_events(lab, events);
+    events.retain(|e| e["type"] != "drop");
+    events
+}
+
 /// Panics unless `events` and `patterns` pair up one to one.
 pub fn assert_exactly(events: &[Value], patterns: &[Pattern]) {
     if let Some(mismatch) = mismatch(events, patterns) {

@@ -61,6 +61,8 @@ pub struct Lab {
     client: Netns,
     server: Netns,
     nft_table: bool,
+    /// The client namespace has the nftables table too (see [`Lab::client_output_rule`]).
+    client_nft_table: bool,
     _file_lock: File,
     _guard: MutexGuard<'static, ()>,
 }
@@ -85,6 +87,7 @@ impl Lab {
             client,
             server,
             nft_table: false,
+            client_nft_table: false,
             _file_lock: file_lock,
             _guard: guard,
         };
@@ -189,6 +192,32 @@ impl Lab {
         )
     }
 
+    /// Adds an nftables rule to the client namespace's output, e.g. `tcp dport 8082 counter
+    /// drop`: a firewall on the client's own host.
+    pub fn client_output_rule(&mut self, rule: &str) -> anyhow::Result<()> {
+        let script = format!(
+            "add table inet {NFT_TABLE}\n\
+             add chain inet {NFT_TABLE} output {{ type filter hook output priority 0; policy accept; }}\n\
+             add rule inet {NFT_TABLE} output {rule}\n"
+        );
+        self.client_nft_table = true;
+        netns::run_with_input(
+            "ip",
+            &["netns", "exec", self.client.name(), "nft", "-f", "-"],
+            &script,
+        )
+    }
+
+    /// Packets counted by the `counter`s of the client's output rules.
+    pub fn client_output_counted(&self) -> anyhow::Result<u64> {
+        counted(&self.client, "output")
+    }
+
+    /// Packets counted by the `counter`s of the server's input rules.
+    pub fn server_input_counted(&self) -> anyhow::Result<u64> {
+        counted(&self.server, "input")
+    }
+
     /// Sets a sysctl inside the client namespace, e.g. `net.ipv4.tcp_syn_retries=1`.
     pub fn client_sysctl(&self, setting: &str) -> anyhow::Result<()> {
         self.client.exec("sysctl", &["-q", "-w", setting]).map(drop)
@@ -241,6 +270,13 @@ impl Drop for Lab {
                 .exec("nft", &["delete", "table", "inet", NFT_TABLE])
         {
             eprintln!("lab: could not delete the nftables table: {e:#}");
+        }
+        if self.client_nft_table
+            && let Err(e) = self
+                .client
+                .exec("nft", &["delete", "table", "inet", NFT_TABLE])
+        {
+            eprintln!("lab: could not delete the client's nftables table: {e:#}");
         }
         if let Err(e) = netns::run("ip", &["-n", self.client.name(), "link", "del", VETH]) {
             eprintln!("lab: could not delete the veth pair: {e:#}");
@@ -298,6 +334,23 @@ fn lab_namespace_owner(name: &str) -> Option<u32> {
     let well_formed =
         matches!(role, "c" | "s") && parts.next().is_none() && n.parse::<u32>().is_ok();
     well_formed.then(|| pid.parse().ok()).flatten()
+}
+
+/// The packets that the `counter`s of `chain` (in the lab's table of `ns`) counted: the sum of
+/// every `counter packets N bytes M` that `nft list chain` prints.
+fn counted(ns: &Netns, chain: &str) -> anyhow::Result<u64> {
+    let text = ns.exec("nft", &["list", "chain", "inet", NFT_TABLE, chain])?;
+    let mut total = 0;
+    let mut words = text.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == "counter" && words.next() == Some("packets") {
+            let n = words.next().context("a counter without its packets")?;
+            total += n
+                .parse::<u64>()
+                .with_context(|| format!("packets {n:?} of a counter"))?;
+        }
+    }
+    Ok(total)
 }
 
 /// Reads `Tcp: RetransSegs`, `OutRsts` and `TcpExt: TCPRetransFail` of the calling thread's

@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod bpf;
 pub mod clients;
+pub mod dns_lab;
 pub mod events;
 pub mod expect;
 pub mod http;

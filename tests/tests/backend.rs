@@ -16,7 +16,7 @@ use serde_json::Value;
 use tests::{
     Agent, Lab,
     clients::{self, ClientStyle, Seen},
-    expect::lab_events,
+    expect::lab_events_without_drops,
     http::http_get,
     netns,
     traffic::serve,
@@ -218,7 +218,7 @@ fn connects_to_a_virtual_address_carry_the_backend_they_reached() -> anyhow::Res
     let diagnose: Value = serde_json::from_str(&verdict_lab::diagnose(&metrics_addr, "5m", true)?)?;
     let diagnose_text = verdict_lab::diagnose(&metrics_addr, "5m", false)?;
     lab.settle(Duration::from_secs(10))?;
-    let events = lab_events(&lab, &agent.stop()?);
+    let events = lab_events_without_drops(&lab, &agent.stop()?);
     drop(nat);
 
     for n in 0..3u8 {
@@ -387,7 +387,7 @@ fn ipv6_connects_carry_their_backend_too() -> anyhow::Result<()> {
         assert_eq!(run.seen, Seen::Connected, "{run:?}");
         server.join().expect("backend server");
         lab.settle(Duration::from_secs(10))?;
-        let events = lab_events(&lab, &agent.stop()?);
+        let events = lab_events_without_drops(&lab, &agent.stop()?);
         let connect = events
             .iter()
             .find(|e| e["type"] == "connect" && e["src_port"] == run.local.port())

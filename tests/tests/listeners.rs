@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tests::{
     Agent, Lab, Pattern, assert_exactly,
     events::{self, Flow, Opener},
-    expect::lab_events,
+    expect::lab_events_without_drops,
     socket,
 };
 
@@ -172,7 +172,7 @@ fn expect_owned(
     clients: &[SocketAddr],
     pids: &[u32],
 ) {
-    let lab_log = lab_events(lab, log);
+    let lab_log = lab_events_without_drops(lab, log);
     let mut expected = Vec::new();
     for &client in clients {
         let flow = Flow { client, server };

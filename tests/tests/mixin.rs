@@ -21,6 +21,7 @@ use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 use tests::{
     Agent, Lab,
+    dns_lab::DnsLab,
     prometheus::PrometheusServer,
     socket,
     traffic::{self, serve},
@@ -403,6 +404,27 @@ fn lab_traffic(lab: &mut Lab) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Queries to the lab's resolver, answered and unanswered, in two rounds (as [`lab_traffic`]:
+/// a rate needs the counters to move between scrapes).
+fn dns_traffic(dns: &DnsLab) -> anyhow::Result<()> {
+    for round in 0..ROUNDS {
+        if round > 0 {
+            std::thread::sleep(Duration::from_millis(2500));
+        }
+        ensure!(
+            dns.getent("ok-mixin.lab.test")?.success(),
+            "an answered name"
+        );
+        ensure!(
+            !dns.getent("silent-mixin.lab.test")?.success(),
+            "a name the resolver ignores"
+        );
+    }
+    // The last silence becomes a timeout after --dns-timeout.
+    std::thread::sleep(Duration::from_millis(1500));
+    Ok(())
+}
+
 /// The mixin's rules: what they record, and every expression (records' and alerts').
 struct Rules {
     records: BTreeSet<String>,
@@ -508,8 +530,9 @@ fn lab_problems(
 #[test]
 fn every_query_matches_the_lab_agents_series() -> anyhow::Result<()> {
     let rendered = mixin().join("rendered");
-    let mut lab = Lab::new(SUBNET)?;
-    let agent = Agent::start_with_metrics(&[])?;
+    let mut dns = DnsLab::new(SUBNET)?;
+    dns.use_resolver(false)?;
+    let agent = Agent::start_with_metrics(&["--dns-timeout", "1s"])?;
     let prometheus = PrometheusServer::start_with_rules(
         agent.metrics_addr().context("the agent serves metrics")?,
         &[
@@ -517,7 +540,8 @@ fn every_query_matches_the_lab_agents_series() -> anyhow::Result<()> {
             &rendered.join("prometheus_alerts.json"),
         ],
     )?;
-    lab_traffic(&mut lab)?;
+    lab_traffic(&mut dns.lab)?;
+    dns_traffic(&dns)?;
 
     let pending: BTreeSet<String> = serde_json::from_value(jsonnet(
         "(import 'mixin.libsonnet')._config.pendingMetrics",

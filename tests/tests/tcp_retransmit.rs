@@ -13,7 +13,7 @@ use serde_json::json;
 use tests::{
     Agent, Check, Lab, Pattern, assert_exactly,
     events::{self, Flow, Listener, Opener},
-    expect::{lab_events, sum},
+    expect::{lab_events_without_drops, sum},
     socket,
     traffic::{self, serve},
 };
@@ -85,7 +85,7 @@ fn lossy(subnet: u8, agent_args: &[&str]) -> anyhow::Result<()> {
         "20% loss made the client retransmit nothing"
     );
 
-    let lab_log = lab_events(&lab, &log);
+    let lab_log = lab_events_without_drops(&lab, &log);
     let client_retransmit = Pattern::new(
         "client retransmit",
         json!({"type": "retransmit", "side": "client", "src_ip": client_ip.to_string()}),

@@ -254,6 +254,8 @@ fn bench(plan: &Plan, bins: &Binaries, work: &Path, json_path: &Path) -> anyhow:
     let comparisons = [
         (Tool::Connprobe, Tool::ConnprobeBaseline),
         (Tool::ConnprobeSerde, Tool::Connprobe),
+        (Tool::Connprobe, Tool::ConnprobeNoDrops),
+        (Tool::Connprobe, Tool::ConnprobeNoDns),
     ]
     .map(|(tool, against)| rounds::agent_cpu_ratio(&samples, tool, against));
     let failure_storm = scenarios::failure_storm(plan, bins, work).unwrap_or_else(|e| {

@@ -92,6 +92,14 @@ pub const GUEST_TESTS: &[GuestTests] = &[
         skip: &[],
         what: "the lab scenarios through /metrics",
     },
+    // The BTF variant only: before 6.11 it is the program without `rx_sk` (the host runs both
+    // variants and the classic one).
+    GuestTests {
+        file: "drops",
+        only: &["drops_and_overflows_btf"],
+        skip: &[],
+        what: "drops against nft counters, listen overflows against ListenOverflows",
+    },
     // Its tests share one run of every fault, which is most of the time: all of them cost about
     // what one does.
     GuestTests {
@@ -111,6 +119,13 @@ pub const GUEST_TESTS: &[GuestTests] = &[
         only: &[],
         skip: &[],
         what: "the backend behind a DNAT'd address, its metrics and verdicts (about a minute)",
+    },
+    // Before 6.10 the egress program runs without the sending process: what differs is checked.
+    GuestTests {
+        file: "dns",
+        only: &[],
+        skip: &[],
+        what: "DNS over UDP and TCP: answers, silences, rcodes, the name behind a connect (about a minute emulated)",
     },
 ];
 

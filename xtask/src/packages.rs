@@ -88,6 +88,10 @@ pub const REQUIREMENTS: &[Requirement] = &[
     // Real server shapes in the lab: a pre-forked server, SO_REUSEPORT processes; and the venv
     // that holds virtme-ng for the kernel matrix.
     row("python3", "python3", Some("python3"), &[Test]),
+    // DNS in the lab (tests/tests/dns.rs): glibc's resolver in a namespace (getent), the lab's
+    // DNS server (python3, above), and a client stopped as an application gives up (timeout).
+    row("getent", "libc-bin", Some("glibc-common"), &[Test]),
+    row("timeout", "coreutils", Some("coreutils"), &[Test]),
     // Least privilege: the agent as another user with chosen capabilities, in a mount namespace
     // of its own; the systemd unit checked.
     row("setpriv", "util-linux", Some("util-linux"), &[Test]),
@@ -403,6 +407,8 @@ mod tests {
             "jq",
             "bpftool",
             "python3",
+            "getent",
+            "timeout",
             "qemu-system-x86_64",
             "busybox",
             "depmod",

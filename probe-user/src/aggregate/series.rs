@@ -1,10 +1,10 @@
 //! A destination's lifetime counts by the labels of its Prometheus series: what `/metrics`
 //! exposes, kept here as plain numbers and read by the exporter from a snapshot.
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use strum::{EnumCount, IntoStaticStr, VariantArray};
 
-use crate::event::{Direction, FailureReason, Phase, Side};
+use crate::event::{Direction, DropReason, FailureReason, Phase, Side};
 
 /// Buckets of `connprobe_connect_duration_seconds`: 50 us to 10 s, 1-2.5-5 steps.
 pub const CONNECT_DURATION_BUCKETS: [f64; 17] = [
@@ -59,6 +59,10 @@ pub struct Series {
     pub segments_sent: [Cell; SideLabel::COUNT],
     /// `connprobe_resets_total` by side and direction.
     pub resets: [[Cell; Direction::COUNT]; SideLabel::COUNT],
+    /// `connprobe_drops_total` by the kernel's reason (a few per destination at most).
+    pub drops: BTreeMap<DropReason, u64>,
+    /// `connprobe_listen_overflows_total`.
+    pub listen_overflows: Cell,
 }
 
 impl Series {
@@ -89,6 +93,19 @@ impl Series {
 
     pub(super) fn reset(&mut self, side: SideLabel, direction: Direction) {
         add(&mut self.resets[side as usize][direction as usize], 1);
+    }
+
+    pub(super) fn dropped(&mut self, reason: &DropReason, packets: u64) {
+        match self.drops.get_mut(reason) {
+            Some(n) => *n += packets,
+            None => {
+                self.drops.insert(reason.clone(), packets);
+            }
+        }
+    }
+
+    pub(super) fn listen_overflows(&mut self, overflows: u64) {
+        add(&mut self.listen_overflows, overflows);
     }
 }
 

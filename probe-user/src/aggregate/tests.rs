@@ -79,6 +79,8 @@ pub(crate) fn every_other_kind() -> Vec<EventDetail> {
         testing::retransmitted(TcpState::Established, 4),
         testing::reset(Direction::Received, Some(TcpState::Established), None),
         testing::closed(9, 4),
+        testing::data_dropped("10.0.0.1:80", testing::at(0.0), "NETFILTER_DROP", 3).detail,
+        testing::overflowed("10.0.0.1:80", testing::at(0.0), 2, Some(1)).detail,
     ]
 }
 

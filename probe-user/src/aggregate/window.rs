@@ -32,6 +32,11 @@ pub struct Counts {
     pub close_segments_retransmitted: u64,
     pub resets_sent: u64,
     pub resets_received: u64,
+    /// Packets the kernel dropped with a reason (handshake segments, DNS packets, counted data
+    /// segments).
+    pub drops: u64,
+    /// Times the destination's listener overflowed its accept queue.
+    pub listen_overflows: u64,
 }
 
 impl Counts {
@@ -68,6 +73,8 @@ impl Counts {
         self.close_segments_retransmitted += other.close_segments_retransmitted;
         self.resets_sent += other.resets_sent;
         self.resets_received += other.resets_received;
+        self.drops += other.drops;
+        self.listen_overflows += other.listen_overflows;
     }
 }
 

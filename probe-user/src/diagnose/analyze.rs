@@ -310,6 +310,10 @@ fn for_each_line(
         if text.is_empty() {
             continue;
         }
+        // DNS exchanges share the log; the verdicts here are about connections.
+        if text.starts_with(r#"{"type":"dns""#) {
+            continue;
+        }
         let event = match serde_json::from_str::<Event>(text) {
             Ok(event) => event,
             Err(e) if !complete => {

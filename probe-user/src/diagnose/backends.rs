@@ -88,6 +88,7 @@ impl Pools {
                 reason,
                 syn_retransmits: c.syn_retransmits,
                 waited_us: c.latency.map(|l| l.as_micros() as u64),
+                local_port: event.src.port(),
                 backend: Some(backend),
             });
         }

@@ -19,7 +19,7 @@ use super::{
     render,
     verdict::Report,
 };
-use crate::tally::Tally;
+use crate::{dns::SharedDns, tally::Tally};
 
 /// The window `/diagnose` judges when the request names none.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(300);
@@ -123,14 +123,16 @@ pub fn diagnose_handler(
     recorder: Arc<Mutex<FlightRecorder>>,
     tally: Arc<Tally>,
     started: SystemTime,
+    dns: Option<SharedDns>,
 ) -> impl Fn(Option<Duration>) -> (u16, String) + Send + Sync + 'static {
     move |window| {
-        diagnose_at(
+        diagnose_with_dns(
             &recorder,
             Some(&tally),
             started,
             window.unwrap_or(DEFAULT_WINDOW),
             SystemTime::now(),
+            dns.as_ref(),
         )
     }
 }
@@ -160,6 +162,7 @@ pub(crate) fn report_at(
 }
 
 /// `diagnose_handler` at a given time, for tests.
+#[cfg(test)]
 pub(crate) fn diagnose_at(
     recorder: &Mutex<FlightRecorder>,
     tally: Option<&Tally>,
@@ -167,10 +170,33 @@ pub(crate) fn diagnose_at(
     length: Duration,
     now: SystemTime,
 ) -> (u16, String) {
-    let report = match report_at(recorder, tally, started, length, now) {
+    diagnose_with_dns(recorder, tally, started, length, now, None)
+}
+
+/// The report, with the DNS verdicts on resolvers (from the DNS path's recent exchanges) ahead
+/// of the destinations: a resolver that fails is a cause of what follows.
+fn diagnose_with_dns(
+    recorder: &Mutex<FlightRecorder>,
+    tally: Option<&Tally>,
+    started: SystemTime,
+    length: Duration,
+    now: SystemTime,
+    dns: Option<&SharedDns>,
+) -> (u16, String) {
+    let mut report = match report_at(recorder, tally, started, length, now) {
         Ok(report) => report,
         Err(message) => return (500, error_body(message)),
     };
+    if let Some(dns) = dns {
+        let start = now.checked_sub(length).unwrap_or(SystemTime::UNIX_EPOCH);
+        let exchanges = dns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .recent_since(start);
+        let mut destinations = crate::dns::verdicts::dns_destinations(&exchanges);
+        destinations.append(&mut report.destinations);
+        report.destinations = destinations;
+    }
     match serde_json::to_string(&report) {
         Ok(body) => (200, body),
         Err(e) => (500, error_body(&format!("cannot format the report: {e}"))),
@@ -260,6 +286,7 @@ mod tests {
             Arc::new(Mutex::new(FlightRecorder::new(10))),
             tally,
             SystemTime::now(),
+            None,
         );
         let (status, body) = handler(None);
         assert_eq!(status, 200);

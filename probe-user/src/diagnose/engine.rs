@@ -15,10 +15,14 @@ use std::{
 use super::{
     backends::Pools,
     fold::DestinationEvidence,
-    format_time, round, rules,
+    format_time, round,
+    rules::{self, Context},
     verdict::{DestinationReport, Report, VerdictId, WindowSummary},
 };
-use crate::{destination::Destination, event::Event};
+use crate::{
+    destination::Destination,
+    event::{Event, EventDetail},
+};
 
 /// The events a report judges: from `start` to `end`, both included.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +66,8 @@ pub struct Judge {
     seen: Option<(SystemTime, SystemTime)>,
     events: u64,
     destinations: HashMap<Destination, DestinationEvidence>,
+    /// Conntrack's failures (about namespaces, not destinations).
+    conntrack: Vec<(SystemTime, [u64; 3])>,
     /// Connects to translated addresses by backend.
     pools: Pools,
 }
@@ -74,6 +80,7 @@ impl Judge {
             seen: None,
             events: 0,
             destinations: HashMap::new(),
+            conntrack: Vec::new(),
             pools: Pools::default(),
         }
     }
@@ -89,6 +96,11 @@ impl Judge {
             None => (event.time, event.time),
             Some((a, b)) => (a.min(event.time), b.max(event.time)),
         });
+        if let EventDetail::Conntrack(c) = &event.detail {
+            self.conntrack
+                .push((event.time, [c.insert_failed, c.drop, c.early_drop]));
+            return;
+        }
         self.pools.add(event);
         let key = Destination::of(event);
         self.destinations
@@ -103,10 +115,21 @@ impl Judge {
             (None, Some(seen)) => seen,
             (None, None) => (SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH),
         };
+        let context = Context {
+            overflowing: self
+                .destinations
+                .iter()
+                .filter(|(key, ev)| {
+                    key.is_server() && (ev.listen_overflows > 0 || ev.listen_overflow_drops > 0)
+                })
+                .map(|(key, _)| key.addr)
+                .collect(),
+            conntrack: self.conntrack.clone(),
+        };
         let mut destinations: Vec<(Destination, DestinationReport)> = self
             .destinations
             .iter()
-            .map(|(key, ev)| (*key, judge_destination(key, ev)))
+            .map(|(key, ev)| (*key, judge_destination(key, ev, &context)))
             .collect();
         destinations.sort_by(|(ka, a), (kb, b)| {
             rank_key(b)
@@ -147,11 +170,16 @@ fn rank_key(d: &DestinationReport) -> (u8, f64) {
     }
 }
 
-fn judge_destination(key: &Destination, ev: &DestinationEvidence) -> DestinationReport {
+fn judge_destination(
+    key: &Destination,
+    ev: &DestinationEvidence,
+    context: &Context,
+) -> DestinationReport {
     DestinationReport {
-        verdicts: rules::destination_verdicts(key, ev),
+        verdicts: rules::destination_verdicts(key, ev, context),
         destination: key.addr.to_string(),
         side: key.side_name().map(str::to_string),
+        name: ev.name.as_deref().map(str::to_owned),
     }
 }
 

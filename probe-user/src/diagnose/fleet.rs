@@ -32,7 +32,13 @@ fn is_failure(id: VerdictId) -> bool {
         | VerdictId::Unreachable
         | VerdictId::Lossy
         | VerdictId::ResetMidstream
-        | VerdictId::SlowHandshakes => true,
+        | VerdictId::SlowHandshakes
+        | VerdictId::DnsTimeout
+        | VerdictId::DnsServfail
+        | VerdictId::DnsRefused
+        | VerdictId::LocalDrop
+        | VerdictId::ListenOverflow
+        | VerdictId::ConntrackFull => true,
         VerdictId::LocalResets
         | VerdictId::PoolPartialFailure
         | VerdictId::Healthy

@@ -1,7 +1,7 @@
 //! What the engine keeps of one destination's events: counters, and the times that burst
 //! detection needs. Compact, so a long log can be judged without holding its events.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     time::{Duration, SystemTime},
 };
 
@@ -11,9 +11,13 @@ use super::rules::ratio;
 use crate::{
     destination::Destination,
     event::{
-        ConnectOutcome, Direction, Endpoint, Event, EventDetail, FailureReason, Phase, TcpState,
+        ConnectOutcome, Direction, Drop, Endpoint, Event, EventDetail, FailureReason, Phase,
+        TcpState,
     },
 };
+
+/// The kernel's drop reason for a handshake's last ACK refused by a full accept queue.
+pub(super) const LISTEN_OVERFLOW_REASON: &str = "TCP_LISTEN_OVERFLOW";
 
 /// A connect that failed, reduced to what the verdicts need.
 #[derive(Clone, Copy, Debug)]
@@ -24,6 +28,18 @@ pub(super) struct FailedConnect {
     pub(super) waited_us: Option<u64>,
     /// Where a DNAT on this host sent it, if one did.
     pub(super) backend: Option<Endpoint>,
+    /// This host's port: which of the dropped SYNs were its.
+    pub(super) local_port: u16,
+}
+
+impl FailedConnect {
+    /// The connect's SYNs got no answer: the kernel timed out, or the application gave up.
+    pub(super) fn unanswered(&self) -> bool {
+        matches!(
+            self.reason,
+            FailureReason::Timeout | FailureReason::Cancelled
+        )
+    }
 }
 
 impl FailedConnect {
@@ -73,6 +89,29 @@ pub(super) struct DestinationEvidence {
     pub(super) resets_sent_by_reason: BTreeMap<String, u64>,
     /// The owners of its events (retransmits included): who serves it or who connects to it.
     pub(super) processes: ProcessCounts,
+    /// This host's ports of established connects that needed a SYN retransmit.
+    pub(super) ports_established_after_syn_retransmit: Vec<u16>,
+    /// Handshake segments (SYN, SYN-ACK, RST) and DNS packets the kernel dropped on this host,
+    /// by its reason, and by packet and way (`SYN sent`, `SYN|ACK received`, ...).
+    pub(super) packet_drops_by_reason: BTreeMap<String, u64>,
+    pub(super) packet_drops_by_packet: BTreeMap<String, u64>,
+    /// Dropped SYNs and SYN-ACKs: when, by reason, and this host's ports of their connects.
+    pub(super) syn_drop_times: Vec<SystemTime>,
+    pub(super) syn_drops_by_reason: BTreeMap<String, u64>,
+    pub(super) ports_with_syn_drops: BTreeSet<u16>,
+    /// SYNs that arrived for this host's service and were dropped before it (server side).
+    pub(super) syn_drops_received: u64,
+    /// Data segments counted dropped, by reason.
+    pub(super) data_drops_by_reason: BTreeMap<String, u64>,
+    /// Listen overflows of this host's listener at the destination (server side).
+    pub(super) listen_overflows: u64,
+    pub(super) listen_overflow_times: Vec<SystemTime>,
+    pub(super) listen_backlog: Option<u32>,
+    pub(super) listen_queued_max: u32,
+    /// Handshakes' last ACKs the kernel dropped with `TCP_LISTEN_OVERFLOW` (Linux 6.18).
+    pub(super) listen_overflow_drops: u64,
+    /// The name the most recent connect's DNS answer gave (`dst_name`), if any.
+    pub(super) name: Option<std::sync::Arc<str>>,
 }
 
 impl DestinationEvidence {
@@ -102,9 +141,23 @@ impl DestinationEvidence {
             resets_received_by_state: BTreeMap::new(),
             resets_sent: Vec::new(),
             resets_sent_socketless: 0,
+            name: None,
             resets_sent_by_state: BTreeMap::new(),
             resets_sent_by_reason: BTreeMap::new(),
             processes: ProcessCounts::default(),
+            ports_established_after_syn_retransmit: Vec::new(),
+            packet_drops_by_reason: BTreeMap::new(),
+            packet_drops_by_packet: BTreeMap::new(),
+            syn_drop_times: Vec::new(),
+            syn_drops_by_reason: BTreeMap::new(),
+            ports_with_syn_drops: BTreeSet::new(),
+            syn_drops_received: 0,
+            data_drops_by_reason: BTreeMap::new(),
+            listen_overflows: 0,
+            listen_overflow_times: Vec::new(),
+            listen_backlog: None,
+            listen_queued_max: 0,
+            listen_overflow_drops: 0,
         }
     }
 
@@ -121,6 +174,9 @@ impl DestinationEvidence {
             EventDetail::Connect(c) => {
                 self.events += 1;
                 self.attempts += 1;
+                if c.dst_name.is_some() {
+                    self.name = c.dst_name.clone();
+                }
                 // A connect was under way from its SYN.
                 if let Some(started) = c.latency.and_then(|l| event.time.checked_sub(l)) {
                     self.first = self.first.min(truncate_to_millis(started));
@@ -134,6 +190,8 @@ impl DestinationEvidence {
                         }
                         if c.syn_retransmits > 0 {
                             self.established_after_syn_retransmit += 1;
+                            self.ports_established_after_syn_retransmit
+                                .push(event.src.port());
                         } else if let Some(us) = latency_us {
                             self.handshakes.push((time, us));
                         }
@@ -147,6 +205,7 @@ impl DestinationEvidence {
                             reason,
                             syn_retransmits: c.syn_retransmits,
                             waited_us: c.latency.map(|l| l.as_micros() as u64),
+                            local_port: event.src.port(),
                             backend: event.backend,
                         });
                     }
@@ -169,6 +228,16 @@ impl DestinationEvidence {
                     self.closes_with_retransmits.push(time);
                 }
             }
+            EventDetail::Drop(d) => self.dropped(key, event, d, time),
+            EventDetail::ListenOverflow(o) => {
+                self.events += 1;
+                self.listen_overflows += o.overflows;
+                self.listen_overflow_times.push(time);
+                self.listen_backlog = o.backlog.or(self.listen_backlog);
+                self.listen_queued_max = self.listen_queued_max.max(o.queued);
+            }
+            // About a namespace: the engine keeps these (see `Judge::add`).
+            EventDetail::Conntrack(_) => {}
             EventDetail::Reset(r) => {
                 self.events += 1;
                 let state = r.state.map_or("none", TcpState::name).to_string();
@@ -202,6 +271,56 @@ impl DestinationEvidence {
                 }
             }
         }
+    }
+
+    fn dropped(&mut self, key: &Destination, event: &Event, d: &Drop, time: SystemTime) {
+        let reason = d.reason.as_str().to_string();
+        if d.is_counted() {
+            *self.data_drops_by_reason.entry(reason).or_default() += d.packets;
+            return;
+        }
+        self.events += 1;
+        if d.reason.as_str() == LISTEN_OVERFLOW_REASON {
+            self.listen_overflow_drops += d.packets;
+        }
+        let packet = match d.tcp_flags {
+            Some(flags) => format!("{flags} {}", d.direction.name()),
+            None => format!("{} {}", d.protocol.name(), d.direction.name()),
+        };
+        *self.packet_drops_by_packet.entry(packet).or_default() += d.packets;
+        *self
+            .packet_drops_by_reason
+            .entry(reason.clone())
+            .or_default() += d.packets;
+        if d.is_syn() {
+            self.syn_drop_times.push(time);
+            *self.syn_drops_by_reason.entry(reason).or_default() += d.packets;
+            if key.is_server() {
+                if d.direction == Direction::Received {
+                    self.syn_drops_received += d.packets;
+                }
+            } else {
+                self.ports_with_syn_drops.insert(event.src.port());
+            }
+        }
+    }
+
+    /// Connects whose SYNs got no answer (they failed without one, or needed a retransmit), and
+    /// how many of them had a SYN or SYN-ACK dropped on this host.
+    pub(super) fn unanswered_connects(&self) -> (u64, u64) {
+        let failed = self.failed.iter().filter(|f| f.unanswered());
+        let mut unanswered = 0;
+        let mut explained = 0;
+        let ports = failed
+            .map(|f| f.local_port)
+            .chain(self.ports_established_after_syn_retransmit.iter().copied());
+        for port in ports {
+            unanswered += 1;
+            if self.ports_with_syn_drops.contains(&port) {
+                explained += 1;
+            }
+        }
+        (unanswered, explained)
     }
 
     pub(super) fn failures(&self) -> u64 {

@@ -4,7 +4,8 @@
 use std::{collections::BTreeMap, fmt::Write};
 
 use super::verdict::{
-    Burst, FailureFigures, Finding, Owners, Pattern, PoolMember, Report, Verdict,
+    Burst, DnsFigures, FailureFigures, Finding, NameCount, Owners, Pattern, PoolMember, Report,
+    Verdict,
 };
 
 /// Destinations listed by name in the healthy and not-enough-data lines before "and N more".
@@ -52,9 +53,12 @@ pub fn text(report: &Report) -> String {
         let Some(top) = d.verdicts.first() else {
             continue;
         };
-        let name = match &d.side {
-            Some(side) => format!("{} ({side})", d.destination),
-            None => d.destination.clone(),
+        // "10.0.3.7:443 (api.internal, client)": the name a DNS answer gave, where known.
+        let name = match (&d.name, &d.side) {
+            (Some(n), Some(side)) => format!("{} ({n}, {side})", d.destination),
+            (Some(n), None) => format!("{} ({n})", d.destination),
+            (None, Some(side)) => format!("{} ({side})", d.destination),
+            (None, None) => d.destination.clone(),
         };
         match &top.finding {
             // Named with their side: a service this host calls and one it offers on the same
@@ -229,6 +233,16 @@ fn errnos(errnos: &BTreeMap<String, u64>) -> String {
     format!(" ({})", list.join(", "))
 }
 
+/// `NETFILTER_DROP 24, NO_SOCKET 2`: most frequent first.
+fn counts(by: &BTreeMap<String, u64>) -> String {
+    let mut list: Vec<(&str, u64)> = by.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+    list.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    list.iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `; reasons: TCP_ABORT_ON_CLOSE 12, NO_SOCKET 3`, most frequent first; empty when the
 /// kernel gave none.
 fn reset_reasons(by_reason: &BTreeMap<String, u64>) -> String {
@@ -332,9 +346,13 @@ pub fn evidence_sentence(finding: &Finding) -> String {
         Finding::Blackhole(e) => {
             let f = &e.figures;
             let (matching, attempts, errnos) = failures(&f.failures);
+            let dropped = match f.syn_drops_on_this_host {
+                0 => String::new(),
+                n => format!(" {n} of their SYNs or replies were dropped on this host."),
+            };
             format!(
                 "{matching} of {attempts} got no answer to {} ({} timed out in the kernel, {} \
-                 given up by the application; {}{}){errnos}.",
+                 given up by the application; {}{}){errnos}.{dropped}",
                 if matching == 1 {
                     "its SYN"
                 } else {
@@ -346,6 +364,51 @@ pub fn evidence_sentence(finding: &Finding) -> String {
                 f.waited_p50_ms
                     .map(|w| format!(", median wait {w:.0} ms"))
                     .unwrap_or_default(),
+            )
+        }
+        Finding::LocalDrop(e) => {
+            let f = &e.figures;
+            let packets = match counts(&f.by_packet) {
+                p if p.is_empty() => p,
+                p => format!(" ({p})"),
+            };
+            if f.connections_accepted > 0 || f.syns_received_dropped > 0 {
+                format!(
+                    "{} SYNs dropped on this host before they reached the service, {} \
+                     connections accepted; reasons: {}{packets}.",
+                    f.syns_received_dropped,
+                    f.connections_accepted,
+                    counts(&f.by_reason)
+                )
+            } else {
+                format!(
+                    "{} of {} unanswered connects had a SYN or its reply dropped on this host; {} \
+                     dropped, reasons: {}{packets}.",
+                    f.explained,
+                    f.unanswered,
+                    f.syn_drops,
+                    counts(&f.by_reason)
+                )
+            }
+        }
+        Finding::ListenOverflow(e) => {
+            let f = &e.figures;
+            let backlog = f
+                .backlog
+                .map(|b| format!(" (backlog {b})"))
+                .unwrap_or_default();
+            format!(
+                "{} SYNs or handshakes dropped because the accept queue{backlog} was full, up to {} \
+                 connections waiting in it; {} connections accepted.",
+                f.overflows, f.queued_max, f.connections_accepted
+            )
+        }
+        Finding::ConntrackFull(e) => {
+            let f = &e.figures;
+            format!(
+                "{} of {} failed connects ended while connection tracking failed on this host ({} \
+                 insert failures, {} drops for a full table, {} early drops).",
+                f.coinciding, f.failures, f.insert_failed, f.drop, f.early_drop
             )
         }
         Finding::Unreachable(e) => {
@@ -424,9 +487,40 @@ pub fn evidence_sentence(finding: &Finding) -> String {
                 names(&e.figures.healthy)
             )
         }
+        Finding::DnsTimeout(e) => dns_sentence(&e.figures, "got no answer"),
+        Finding::DnsServfail(e) => dns_sentence(&e.figures, "were answered SERVFAIL"),
+        Finding::DnsRefused(e) => dns_sentence(&e.figures, "were answered REFUSED"),
         Finding::Healthy(e) => health_sentence(&e.figures),
         Finding::NotEnoughData(e) => health_sentence(&e.figures.figures),
     }
+}
+
+/// `3 of 20 queries (15.0%) got no answer, for api.lab (2), db.lab (1); 1 NXDOMAIN, for x.svc
+/// (1).`
+fn dns_sentence(f: &DnsFigures, what: &str) -> String {
+    let names = |list: &[NameCount]| -> String {
+        list.iter()
+            .map(|n| format!("{} ({})", n.name, n.queries))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut text = format!(
+        "{} of {} {what} ({}), for {}",
+        f.matching,
+        counted(f.queries, "query", "queries"),
+        pct(f.share),
+        names(&f.names)
+    );
+    if f.nxdomain > 0 {
+        let _ = write!(
+            text,
+            "; {} NXDOMAIN, for {}",
+            f.nxdomain,
+            names(&f.nxdomain_names)
+        );
+    }
+    text.push('.');
+    text
 }
 
 /// `1 connect`, `2 connects`: a count and its noun.

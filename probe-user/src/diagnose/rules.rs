@@ -12,12 +12,17 @@ use super::{
     processes::ProcessCounts,
     round,
     verdict::{
-        BlackholeFigures, Evidence, FailureFigures, Figures, Finding, GroupReport,
-        LocalResetsFigures, LossyFigures, NotEnoughDataFigures, Owners, PoolFigures, PoolMember,
-        RefusedFigures, ResetMidstreamFigures, SlowHandshakeFigures, Verdict,
+        BlackholeFigures, ConntrackFigures, Evidence, FailureFigures, Figures, Finding,
+        GroupReport, ListenOverflowFigures, LocalDropFigures, LocalResetsFigures, LossyFigures,
+        NotEnoughDataFigures, Owners, PoolFigures, PoolMember, RefusedFigures,
+        ResetMidstreamFigures, SlowHandshakeFigures, Verdict, VerdictId,
     },
 };
-use crate::{destination::Destination, event::FailureReason, quantile};
+use crate::{
+    destination::Destination,
+    event::{Endpoint, FailureReason},
+    quantile,
+};
 
 /// Confidence from the amount of evidence is n / (n + EVIDENCE_HALF): three matching events
 /// make the engine half sure, ten about 77%, a hundred 97%. One event is an anecdote.
@@ -70,19 +75,58 @@ pub const POOL_MIN_ATTEMPTS: u64 = 3;
 /// rather than `healthy`: two good connects say little.
 pub const MIN_EVENTS_TO_JUDGE: u64 = 3;
 
+/// `local_drop` outranks `blackhole` when the drops this host saw explain at least this share
+/// of the unanswered connects: then the cause is here, whatever else the path does.
+pub const LOCAL_DROP_EXPLAINS: f64 = 0.5;
+
+/// A failure counts as coinciding with conntrack's failures when it ends within this long of a
+/// second in which conntrack failed: a dropped SYN makes its connect fail seconds later (the
+/// kernel retries at 1 s, 3 s, ...), and an application gives up after its own timeout.
+pub const CONNTRACK_COINCIDENCE: Duration = Duration::from_secs(10);
+
+/// What the engine knows beyond one destination's events.
+#[derive(Debug, Default)]
+pub(super) struct Context {
+    /// This host's listeners whose accept queue overflowed in the window.
+    pub(super) overflowing: Vec<Endpoint>,
+    /// Conntrack's failures in the window, per sample: (time, [insert_failed, drop, early_drop]).
+    pub(super) conntrack: Vec<(SystemTime, [u64; 3])>,
+}
+
+impl Context {
+    /// This host's overflowing listener that serves `dest` (the same address, or any address
+    /// on its port).
+    fn overflowing_listener(&self, dest: Endpoint) -> Option<Endpoint> {
+        self.overflowing
+            .iter()
+            .find(|l| l.port() == dest.port() && (l.ip() == dest.ip() || l.ip().is_unspecified()))
+            .copied()
+    }
+}
+
 /// Every verdict that applies to one destination, most likely first; `healthy` or
 /// `not_enough_data` when none does.
-pub(super) fn destination_verdicts(key: &Destination, ev: &DestinationEvidence) -> Vec<Verdict> {
+pub(super) fn destination_verdicts(
+    key: &Destination,
+    ev: &DestinationEvidence,
+    context: &Context,
+) -> Vec<Verdict> {
     let dest = &key.addr.to_string();
     let owners = ev.processes.owners();
+    let overflowing = (!key.is_server())
+        .then(|| context.overflowing_listener(key.addr))
+        .flatten();
     let mut verdicts: Vec<Verdict> = [
         refused(dest, ev, &owners),
-        blackhole(dest, ev, &owners),
+        local_drop(key, ev, &owners),
+        conntrack_full(dest, ev, &owners, &context.conntrack),
+        blackhole(dest, ev, &owners, overflowing),
         unreachable(key, ev, &owners),
         lossy(dest, ev, &owners),
         reset_midstream(dest, ev, &owners),
         local_resets(dest, ev, &owners),
-        slow_handshakes(dest, ev, &owners),
+        listen_overflow(key, ev, &owners),
+        slow_handshakes(dest, ev, &owners, overflowing),
     ]
     .into_iter()
     .flatten()
@@ -90,8 +134,28 @@ pub(super) fn destination_verdicts(key: &Destination, ev: &DestinationEvidence) 
     if verdicts.is_empty() {
         verdicts.push(healthy_or_not_enough(dest, ev, &owners));
     }
+    local_drop_before_blackhole(&mut verdicts, ev);
     rank(&mut verdicts);
     verdicts
+}
+
+/// When this host's drops explain the unanswered connects, `local_drop` is at least as likely
+/// as `blackhole` (ties go to `local_drop`, see [`rank`]).
+fn local_drop_before_blackhole(verdicts: &mut [Verdict], ev: &DestinationEvidence) {
+    let (unanswered, explained) = ev.unanswered_connects();
+    if unanswered == 0 || ratio(explained, unanswered) < LOCAL_DROP_EXPLAINS {
+        return;
+    }
+    let blackhole = verdicts
+        .iter()
+        .find(|v| v.id() == VerdictId::Blackhole)
+        .map(|v| v.confidence);
+    if let (Some(blackhole), Some(local)) = (
+        blackhole,
+        verdicts.iter_mut().find(|v| v.id() == VerdictId::LocalDrop),
+    ) {
+        local.confidence = local.confidence.max(blackhole);
+    }
 }
 
 /// Most confident first; ties broken by the fixed order of the IDs, so output is stable.
@@ -135,7 +199,7 @@ fn ms(us: u64) -> f64 {
     round(us as f64 / 1000.0, 3)
 }
 
-fn verdict(
+pub(crate) fn verdict(
     finding: Finding,
     confidence: f64,
     episodes: &[Episode],
@@ -190,7 +254,7 @@ fn failure_verdict(
     ))
 }
 
-fn instants(times: &[SystemTime]) -> Vec<Episode> {
+pub(crate) fn instants(times: &[SystemTime]) -> Vec<Episode> {
     times.iter().copied().map(Episode::at).collect()
 }
 
@@ -228,7 +292,12 @@ fn refused(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Option<Verd
     )
 }
 
-fn blackhole(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Option<Verdict> {
+fn blackhole(
+    dest: &str,
+    ev: &DestinationEvidence,
+    owners: &Owners,
+    overflowing: Option<Endpoint>,
+) -> Option<Verdict> {
     let matching: Vec<_> = ev
         .failed
         .iter()
@@ -259,16 +328,286 @@ fn blackhole(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Option<Ve
                     syn_retransmit_segments: ev.syn_retransmit_segments,
                     established_after_syn_retransmit: ev.established_after_syn_retransmit,
                     waited_p50_ms: percentile(&waited, 0.5).map(ms),
+                    syn_drops_on_this_host: syn_drops(ev),
+                    overflowing_listener: overflowing.map(|l| l.to_string()),
                 },
                 owners,
             ))
         },
-        format!(
-            "SYNs to {dest} go unanswered: look for a firewall or security group dropping them \
-             and for a routing hole on the path; on the server, check the listen backlog \
-             (`nstat -az TcpExtListenOverflows`, `ss -ltn` Recv-Q)."
-        ),
+        match (overflowing, syn_drops(ev)) {
+            (Some(listener), _) => format!(
+                "SYNs to {dest} go unanswered because the accept queue of this host's listener at \
+                 {listener} overflowed: see its listen_overflow verdict ({listener} (server))."
+            ),
+            (None, 0) => format!(
+                "SYNs to {dest} go unanswered and connprobe saw none of them dropped on this \
+                 host: they are lost on the path or at the server. Look for a firewall or \
+                 security group dropping them and for a routing hole on the path; on the server, \
+                 check the listen backlog (`nstat -az TcpExtListenOverflows`, `ss -ltn` Recv-Q)."
+            ),
+            (None, n) => format!(
+                "SYNs to {dest} go unanswered; this host dropped {n} of their SYNs or replies \
+                 (see local_drop) and the rest are lost on the path or at the server: look for a \
+                 firewall or security group dropping them and for a routing hole on the path."
+            ),
+        },
     )
+}
+
+/// SYNs and SYN-ACKs of the destination dropped on this host.
+fn syn_drops(ev: &DestinationEvidence) -> u64 {
+    ev.syn_drops_by_reason.values().sum()
+}
+
+/// The destination's SYNs (or their replies) are dropped on this host: on the client side, the
+/// unanswered connects whose SYN or SYN-ACK the kernel dropped; on a service's side, SYNs that
+/// arrived and were dropped before it.
+fn local_drop(key: &Destination, ev: &DestinationEvidence, owners: &Owners) -> Option<Verdict> {
+    let dest = key.addr;
+    let dropped = syn_drops(ev);
+    if dropped == 0 {
+        return None;
+    }
+    let (unanswered, explained) = ev.unanswered_connects();
+    let (n, population, consistency) = if key.is_server() {
+        let n = ev.syn_drops_received;
+        let population = n + ev.established;
+        (
+            n,
+            population,
+            impact(ratio(n, population), FULL_IMPACT_RATIO),
+        )
+    } else {
+        let share = ratio(explained, unanswered);
+        (
+            explained,
+            ev.attempts,
+            share * impact(ev.failure_ratio(), FULL_IMPACT_RATIO),
+        )
+    };
+    if !significant(n, population) {
+        return None;
+    }
+    let figures = LocalDropFigures {
+        attempts: ev.attempts,
+        unanswered,
+        explained,
+        syn_drops: dropped,
+        by_reason: ev.syn_drops_by_reason.clone(),
+        by_packet: ev.packet_drops_by_packet.clone(),
+        syns_received_dropped: ev.syn_drops_received,
+        connections_accepted: if key.is_server() { ev.established } else { 0 },
+    };
+    let reason = dominant(&ev.syn_drops_by_reason).unwrap_or("?");
+    let replies = ev
+        .packet_drops_by_packet
+        .iter()
+        .filter(|(p, _)| p.starts_with("SYN|ACK"))
+        .map(|(_, n)| n)
+        .sum::<u64>();
+    let what = if key.is_server() {
+        format!("SYNs to this host's {dest} are dropped on this host before they reach the service")
+    } else if replies * 2 > dropped {
+        format!("the replies to SYNs sent to {dest} are dropped on this host")
+    } else {
+        format!("SYNs to {dest} are dropped on this host")
+    };
+    Some(verdict(
+        Finding::LocalDrop(evidence(figures, owners)),
+        confidence(n, consistency),
+        &instants(&ev.syn_drop_times),
+        ev.active(),
+        format!(
+            "{what}: {}.",
+            drop_cause(reason, dest, replies * 2 > dropped)
+        ),
+    ))
+}
+
+/// What to do about packets the kernel dropped for `reason` (an `enum skb_drop_reason` name
+/// without its `SKB_DROP_REASON_` prefix), naming it. `replies`: the drops are mostly SYN-ACKs.
+fn drop_cause(reason: &str, dest: Endpoint, replies: bool) -> String {
+    let ip = dest.ip();
+    match reason {
+        "NETFILTER_DROP" => format!(
+            "a firewall rule on this host drops them (the kernel says {reason}): look for the \
+             rule with `nft list ruleset` and `iptables -L -v -n` (`ip6tables` for IPv6), in \
+             every network namespace on the path, and for a full conntrack table"
+        ),
+        "NO_SOCKET" if replies => format!(
+            "they arrive after the client gave up and closed its socket (the kernel says \
+             {reason}): the server answers slower than the client waits; raise the client's \
+             connect timeout or find why the server is slow to answer"
+        ),
+        "NO_SOCKET" => format!(
+            "no socket takes them (the kernel says {reason}): nothing listens on {dest} in the \
+             namespace they reach; check `ss -ltn` there"
+        ),
+        "IP_RPFILTER" => format!(
+            "reverse-path filtering drops them (the kernel says {reason}): the packets come in \
+             on another interface than the route back to their source (asymmetric routing); \
+             check `ip route get {ip}` and `sysctl net.ipv4.conf.all.rp_filter`"
+        ),
+        "OTHERHOST" => format!(
+            "they arrive addressed to another host's MAC address (the kernel says {reason}): \
+             check the neighbour tables and bridges on the path"
+        ),
+        r if r.starts_with("NEIGH_") => format!(
+            "the next hop's link-layer address cannot be resolved (the kernel says {reason}): \
+             check `ip neigh` and `ip route get {ip}`, and that the next hop is up"
+        ),
+        "IP_OUTNOROUTES" | "IP_INNOROUTES" | "IP_INADDRERRORS" => format!(
+            "there is no route for them (the kernel says {reason}): check `ip route get {ip}`"
+        ),
+        r if r.starts_with("QDISC_")
+            || r.starts_with("FQ_")
+            || r.starts_with("CAKE_")
+            || r == "TC_EGRESS"
+            || r == "TC_INGRESS" =>
+        {
+            format!(
+                "the traffic control on an interface drops them (the kernel says {reason}): \
+                 check `tc -s qdisc` and `tc -s filter` on the interfaces on the path"
+            )
+        }
+        "TCP_LISTEN_OVERFLOW" => format!(
+            "the listener's accept queue is full (the kernel says {reason}): see its \
+             listen_overflow verdict"
+        ),
+        "SOCKET_BACKLOG" | "SOCKET_RCVBUFF" | "PROTO_MEM" | "NOMEM" => format!(
+            "the kernel is short of buffer memory for them (the kernel says {reason}): check \
+             `/proc/net/sockstat` against `net.ipv4.tcp_mem` and the socket buffer sizes"
+        ),
+        "XFRM_POLICY" => {
+            format!("an IPsec policy drops them (the kernel says {reason}): check `ip xfrm policy`")
+        }
+        "BPF_CGROUP_EGRESS" | "SECURITY_HOOK" => format!(
+            "a cgroup BPF program or a security module refuses them (the kernel says \
+             {reason}): check `bpftool cgroup tree` and the LSM's policy"
+        ),
+        _ => format!(
+            "the kernel says {reason} (see `enum skb_drop_reason` in the kernel's \
+             include/net/dropreason-core.h): `perf trace -e skb:kfree_skb` or `dropwatch` \
+             shows where"
+        ),
+    }
+}
+
+/// This host's listener at the destination dropped SYNs (or handshakes' last ACKs) because its
+/// accept queue was full.
+fn listen_overflow(
+    key: &Destination,
+    ev: &DestinationEvidence,
+    owners: &Owners,
+) -> Option<Verdict> {
+    if !key.is_server() {
+        return None;
+    }
+    // The namespace's counter includes the last ACKs the kernel dropped with a reason.
+    let n = ev.listen_overflows.max(ev.listen_overflow_drops);
+    let population = n + ev.established;
+    if !significant(n, population) {
+        return None;
+    }
+    let dest = key.addr;
+    let backlog = match ev.listen_backlog {
+        Some(b) => format!(" (backlog {b})"),
+        None => String::new(),
+    };
+    let figures = ListenOverflowFigures {
+        overflows: n,
+        backlog: ev.listen_backlog,
+        queued_max: ev.listen_queued_max,
+        connections_accepted: ev.established,
+        dropped_acks: ev.listen_overflow_drops,
+    };
+    Some(verdict(
+        Finding::ListenOverflow(evidence(figures, owners)),
+        confidence(n, impact(ratio(n, population), FULL_IMPACT_RATIO)),
+        &instants(&ev.listen_overflow_times),
+        ev.active(),
+        format!(
+            "The accept queue of {dest}{backlog} overflowed {n} times: the service does not \
+             accept connections as fast as they come, and the kernel drops the SYNs it has no \
+             room for. Raise the backlog (the listen() argument, capped by \
+             net.core.somaxconn) or make the service accept faster (more workers, less work \
+             between accept() calls); `ss -ltn` shows its queue (Recv-Q) against the backlog \
+             (Send-Q)."
+        ),
+    ))
+}
+
+/// Failures at the destination that coincide with connection tracking's failures on this host.
+fn conntrack_full(
+    dest: &str,
+    ev: &DestinationEvidence,
+    owners: &Owners,
+    conntrack: &[(SystemTime, [u64; 3])],
+) -> Option<Verdict> {
+    if conntrack.is_empty() {
+        return None;
+    }
+    let near = |t: SystemTime| {
+        conntrack.iter().any(|(at, _)| {
+            let gap = if t >= *at {
+                t.duration_since(*at)
+            } else {
+                at.duration_since(t)
+            };
+            gap.unwrap_or_default() <= CONNTRACK_COINCIDENCE
+        })
+    };
+    let matching: Vec<&FailedConnect> = ev
+        .failed
+        .iter()
+        .filter(|f| f.reason != FailureReason::Refused && near(f.time))
+        .collect();
+    let n = matching.len() as u64;
+    if !significant(n, ev.attempts) {
+        return None;
+    }
+    // Conntrack's failures over the seconds around these failures.
+    let mut totals = [0u64; 3];
+    for (at, counts) in conntrack {
+        if matching.iter().any(|f| {
+            let gap = if f.time >= *at {
+                f.time.duration_since(*at)
+            } else {
+                at.duration_since(f.time)
+            };
+            gap.unwrap_or_default() <= CONNTRACK_COINCIDENCE
+        }) {
+            for (total, n) in totals.iter_mut().zip(counts) {
+                *total += n;
+            }
+        }
+    }
+    let times: Vec<SystemTime> = matching.iter().map(|f| f.time).collect();
+    let figures = ConntrackFigures {
+        attempts: ev.attempts,
+        failures: ev.failures(),
+        coinciding: n,
+        insert_failed: totals[0],
+        drop: totals[1],
+        early_drop: totals[2],
+    };
+    Some(verdict(
+        Finding::ConntrackFull(evidence(figures, owners)),
+        confidence(
+            n,
+            ratio(n, ev.failures()) * impact(ev.failure_ratio(), FULL_IMPACT_RATIO),
+        ),
+        &instants(&times),
+        ev.active(),
+        format!(
+            "Connects to {dest} fail while connection tracking on this host fails to track new \
+             connections ({} insert failures, {} packets dropped for a full table, {} entries \
+             evicted early): compare `conntrack -C` with net.netfilter.nf_conntrack_max (and \
+             `conntrack -S`), raise the limit and the hash size, or exempt this traffic from \
+             tracking (`notrack`).",
+            totals[0], totals[1], totals[2]
+        ),
+    ))
 }
 
 fn unreachable(key: &Destination, ev: &DestinationEvidence, owners: &Owners) -> Option<Verdict> {
@@ -450,7 +789,12 @@ fn reset_cause(reason: &str) -> String {
     }
 }
 
-fn slow_handshakes(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Option<Verdict> {
+fn slow_handshakes(
+    dest: &str,
+    ev: &DestinationEvidence,
+    owners: &Owners,
+    overflowing: Option<Endpoint>,
+) -> Option<Verdict> {
     if ev.handshakes.len() < SLOW_MIN_HANDSHAKES {
         return None;
     }
@@ -490,19 +834,30 @@ fn slow_handshakes(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Opt
         slow_p50_ms: ms(slow_p50),
         threshold_ms: ms(threshold),
         failures: ev.failures(),
+        overflowing_listener: overflowing.map(|l| l.to_string()),
     };
-    Some(verdict(
-        Finding::SlowHandshakes(evidence(figures, owners)),
-        confidence(n, impact(share, 0.25) * (1.0 - ev.failure_ratio())),
-        &episodes,
-        ev.active(),
-        format!(
+    let next_step = match overflowing {
+        Some(listener) => format!(
+            "Handshakes with {dest} take {} ms against a usual {} ms because the accept queue \
+             of this host's listener at {listener} overflows and SYNs must be resent: see its \
+             listen_overflow verdict ({listener} (server)).",
+            ms(slow_p50),
+            ms(baseline)
+        ),
+        None => format!(
             "Handshakes with {dest} take {} ms against a usual {} ms: the server or something \
              in between queues SYNs; check the server's load and accept queue (`ss -ltn` \
              Recv-Q), and CPU or softirq saturation on the path.",
             ms(slow_p50),
             ms(baseline)
         ),
+    };
+    Some(verdict(
+        Finding::SlowHandshakes(evidence(figures, owners)),
+        confidence(n, impact(share, 0.25) * (1.0 - ev.failure_ratio())),
+        &episodes,
+        ev.active(),
+        next_step,
     ))
 }
 

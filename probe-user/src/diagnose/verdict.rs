@@ -49,6 +49,10 @@ pub struct DestinationReport {
     pub destination: String,
     /// `client`, `server`, or null when the kernel did not say.
     pub side: Option<String>,
+    /// The name a DNS answer gave for a client destination's address (its connects'
+    /// `dst_name`, the most recent); absent when none is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Ranked, most likely first.
     pub verdicts: Vec<Verdict>,
 }
@@ -87,13 +91,23 @@ impl Verdict {
 )]
 pub enum Finding {
     Refused(Evidence<RefusedFigures>),
+    /// Before `blackhole`: on a tie, the drops this host saw are the better explanation.
+    LocalDrop(Evidence<LocalDropFigures>),
+    ConntrackFull(Evidence<ConntrackFigures>),
     Blackhole(Evidence<BlackholeFigures>),
     Unreachable(Evidence<FailureFigures>),
     Lossy(Evidence<LossyFigures>),
     ResetMidstream(Evidence<ResetMidstreamFigures>),
     LocalResets(Evidence<LocalResetsFigures>),
+    ListenOverflow(Evidence<ListenOverflowFigures>),
     SlowHandshakes(Evidence<SlowHandshakeFigures>),
     PoolPartialFailure(Evidence<PoolFigures>),
+    /// A resolver (`ip:53`, client side) left queries unanswered.
+    DnsTimeout(Evidence<DnsFigures>),
+    /// A resolver answered SERVFAIL.
+    DnsServfail(Evidence<DnsFigures>),
+    /// A resolver answered REFUSED.
+    DnsRefused(Evidence<DnsFigures>),
     Healthy(Evidence<Figures>),
     NotEnoughData(Evidence<NotEnoughDataFigures>),
 }
@@ -124,6 +138,28 @@ pub struct ProcessEvidence {
     pub pid: u32,
     pub comm: String,
     pub events: u64,
+}
+
+/// What a DNS verdict rests on: the resolver's queries in the window, those that ended this
+/// verdict's way, and the names behind them (names are evidence, never labels).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DnsFigures {
+    pub queries: u64,
+    pub matching: u64,
+    /// `matching` / `queries`.
+    pub share: f64,
+    /// The names with the most matching queries, most first (at most 5).
+    pub names: Vec<NameCount>,
+    /// NXDOMAIN answers in the window: no verdict on their own (search-domain expansion makes
+    /// them normal), listed for context.
+    pub nxdomain: u64,
+    pub nxdomain_names: Vec<NameCount>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameCount {
+    pub name: String,
+    pub queries: u64,
 }
 
 /// What every connect-failure verdict (refused, blackhole, unreachable) rests on.
@@ -158,6 +194,62 @@ pub struct BlackholeFigures {
     pub syn_retransmit_segments: u64,
     pub established_after_syn_retransmit: u64,
     pub waited_p50_ms: Option<f64>,
+    /// SYNs and SYN-ACKs of this destination the kernel dropped on this host (0: the SYNs die
+    /// elsewhere, or without a reason).
+    #[serde(default)]
+    pub syn_drops_on_this_host: u64,
+    /// This host's listener at the destination whose accept queue overflowed (both ends on
+    /// this host), e.g. `10.0.0.2:8080`.
+    #[serde(default)]
+    pub overflowing_listener: Option<String>,
+}
+
+/// Packets of the destination's handshakes dropped on this host, and the unanswered connects
+/// they explain.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LocalDropFigures {
+    pub attempts: u64,
+    /// Connects whose SYNs got no answer: failed without one, or established after a retransmit.
+    pub unanswered: u64,
+    /// Of those, the connects with a SYN or SYN-ACK dropped on this host.
+    pub explained: u64,
+    /// SYNs and SYN-ACKs dropped on this host, and by the kernel's reason.
+    pub syn_drops: u64,
+    pub by_reason: BTreeMap<String, u64>,
+    /// Every dropped handshake or DNS packet by its flags and way: `SYN sent`, `SYN|ACK
+    /// received`, `RST|ACK sent`, `udp received`.
+    pub by_packet: BTreeMap<String, u64>,
+    /// For a service of this host: SYNs that arrived and were dropped before it, and the
+    /// connections it accepted.
+    pub syns_received_dropped: u64,
+    pub connections_accepted: u64,
+}
+
+/// A listener of this host whose accept queue overflowed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ListenOverflowFigures {
+    /// SYNs (and handshakes' last ACKs) dropped because the queue was full.
+    pub overflows: u64,
+    /// Its backlog, where connprobe saw its `listen()`.
+    pub backlog: Option<u32>,
+    /// The most connections seen waiting in its queue.
+    pub queued_max: u32,
+    pub connections_accepted: u64,
+    /// Last ACKs the kernel dropped with `TCP_LISTEN_OVERFLOW` (Linux 6.18 names them).
+    pub dropped_acks: u64,
+}
+
+/// Failures at the destination while connection tracking failed on this host.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConntrackFigures {
+    pub attempts: u64,
+    pub failures: u64,
+    /// Failed (or unanswered) connects within seconds of conntrack failures.
+    pub coinciding: u64,
+    /// Conntrack's failures over those seconds, in every namespace read.
+    pub insert_failed: u64,
+    pub drop: u64,
+    pub early_drop: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -201,6 +293,9 @@ pub struct SlowHandshakeFigures {
     pub slow_p50_ms: f64,
     pub threshold_ms: f64,
     pub failures: u64,
+    /// As for `blackhole`: this host's overflowing listener at the destination.
+    #[serde(default)]
+    pub overflowing_listener: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -250,6 +345,9 @@ impl Finding {
     pub fn owners(&self) -> &Owners {
         match self {
             Finding::Refused(e) => &e.owners,
+            Finding::LocalDrop(e) => &e.owners,
+            Finding::ConntrackFull(e) => &e.owners,
+            Finding::ListenOverflow(e) => &e.owners,
             Finding::Blackhole(e) => &e.owners,
             Finding::Unreachable(e) => &e.owners,
             Finding::Lossy(e) => &e.owners,
@@ -257,6 +355,7 @@ impl Finding {
             Finding::LocalResets(e) => &e.owners,
             Finding::SlowHandshakes(e) => &e.owners,
             Finding::PoolPartialFailure(e) => &e.owners,
+            Finding::DnsTimeout(e) | Finding::DnsServfail(e) | Finding::DnsRefused(e) => &e.owners,
             Finding::Healthy(e) => &e.owners,
             Finding::NotEnoughData(e) => &e.owners,
         }
@@ -274,6 +373,9 @@ impl VerdictId {
     pub fn word(self) -> &'static str {
         match self {
             VerdictId::Refused => "refused",
+            VerdictId::LocalDrop => "local-drop",
+            VerdictId::ConntrackFull => "conntrack",
+            VerdictId::ListenOverflow => "overflow",
             VerdictId::Blackhole => "blackhole",
             VerdictId::Unreachable => "unreachable",
             VerdictId::Lossy => "lossy",
@@ -281,6 +383,9 @@ impl VerdictId {
             VerdictId::LocalResets => "local-reset",
             VerdictId::SlowHandshakes => "slow",
             VerdictId::PoolPartialFailure => "pool",
+            VerdictId::DnsTimeout => "dns-timeout",
+            VerdictId::DnsServfail => "dns-servfail",
+            VerdictId::DnsRefused => "dns-refused",
             VerdictId::Healthy => "healthy",
             VerdictId::NotEnoughData => "unclear",
         }
@@ -343,6 +448,9 @@ mod tests {
     fn ids_serialise_as_the_fixed_names() {
         for id in [
             VerdictId::Refused,
+            VerdictId::LocalDrop,
+            VerdictId::ConntrackFull,
+            VerdictId::ListenOverflow,
             VerdictId::Blackhole,
             VerdictId::Unreachable,
             VerdictId::Lossy,

@@ -54,24 +54,60 @@ pub struct Event {
         VariantArray,
         EnumCount
     ),
-    strum(serialize_all = "lowercase")
+    strum(serialize_all = "snake_case")
 )]
 pub enum EventDetail {
     Connect(Connect),
     Retransmit(Retransmit),
     Reset(Reset),
     Close(Close),
+    /// A packet (or, for data segments, a count of them) the kernel dropped with a reason.
+    Drop(Drop),
+    /// A listener's accept queue overflowed (from its namespace's counters, read by the agent).
+    ListenOverflow(ListenOverflow),
+    /// Connection tracking failed to track or dropped packets in a network namespace (read by
+    /// the agent). Not about one connection: see [`Event::namespace_sample`].
+    Conntrack(Conntrack),
 }
 
 impl Event {
     pub fn kind(&self) -> EventKind {
         EventKind::from(&self.detail)
     }
+
+    /// An event about a network namespace rather than a connection (conntrack's counters): no
+    /// process, no side, and the unspecified address for both ends.
+    pub fn namespace_sample(time: SystemTime, detail: EventDetail) -> Self {
+        let none = Endpoint::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+        Event {
+            seq: 0,
+            time,
+            process: None,
+            side: None,
+            src: none,
+            dst: none,
+            detail,
+            workload: None,
+            backend: None,
+        }
+    }
+
+    /// Whether the event is about a connection (or a listener), so that it counts at a
+    /// destination; conntrack's samples are about a namespace.
+    pub fn has_destination(&self) -> bool {
+        !matches!(self.detail, EventDetail::Conntrack(_))
+    }
 }
 
 impl EventKind {
     pub fn name(self) -> &'static str {
         self.into()
+    }
+
+    /// Whether the kernel's programs produce events of this kind (through the ring buffer);
+    /// the others the agent makes from counters it reads.
+    pub fn from_kernel(self) -> bool {
+        !matches!(self, EventKind::ListenOverflow | EventKind::Conntrack)
     }
 }
 
@@ -83,6 +119,9 @@ pub struct Connect {
     /// failed), on the side that started it and where its start was seen.
     pub latency: Option<Duration>,
     pub syn_retransmits: u32,
+    /// The name a recent DNS answer gave for the destination's address (client side, where
+    /// DNS is watched): the join of a connect with the name the application asked for.
+    pub dst_name: Option<Arc<str>>,
 }
 
 /// How a connect ended; the log's `outcome` ([`Outcome`]) is derived from it.
@@ -155,6 +194,162 @@ impl ResetReason {
 impl fmt::Display for ResetReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// A dropped packet: why, which packet, which way.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Drop {
+    pub reason: DropReason,
+    pub protocol: Protocol,
+    /// The dropped segment's flags; `None` for a UDP packet and for a count of data segments.
+    pub tcp_flags: Option<TcpFlags>,
+    /// `Sent`: the packet was leaving this host's end; `Received`: it was coming to it.
+    pub direction: Direction,
+    /// 1 for a handshake segment or a DNS packet (one event each); for data segments, how many
+    /// of the connection's were dropped for this reason since the last count (about a second).
+    pub packets: u64,
+}
+
+impl Drop {
+    /// A SYN, SYN-ACK or RST: a packet the handshake needs.
+    pub fn is_handshake(&self) -> bool {
+        self.tcp_flags
+            .is_some_and(|f| f.contains(TcpFlags::SYN) || f.contains(TcpFlags::RST))
+    }
+
+    /// A SYN or SYN-ACK (not a reset): a packet whose loss leaves a connect unanswered.
+    pub fn is_syn(&self) -> bool {
+        self.tcp_flags.is_some_and(|f| f.contains(TcpFlags::SYN))
+    }
+
+    /// Data segments counted, not one event each.
+    pub fn is_counted(&self) -> bool {
+        self.protocol == Protocol::Tcp && self.tcp_flags.is_none()
+    }
+}
+
+/// The kernel's reason for a drop: an `enum skb_drop_reason` name without its
+/// `SKB_DROP_REASON_` prefix (`NETFILTER_DROP`, `NO_SOCKET`, `IP_RPFILTER`, ...), as the running
+/// kernel names it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DropReason(Arc<str>);
+
+impl DropReason {
+    pub fn new(name: &str) -> Self {
+        DropReason(name.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The transport protocol of a dropped packet.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, IntoStaticStr, EnumString, VariantArray, EnumCount,
+)]
+#[strum(serialize_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        self.into()
+    }
+}
+
+/// The flags of a TCP header, written as the set flags' names joined by `|` in the header's
+/// bit order: `SYN`, `SYN|ACK`, `RST|ACK`, `FIN|PSH|ACK`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TcpFlags(pub u8);
+
+impl TcpFlags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+    /// Names by bit, lowest first (RFC 9293, RFC 3168).
+    const NAMES: [&'static str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
+
+    pub fn contains(self, flag: u8) -> bool {
+        self.0 & flag == flag
+    }
+}
+
+impl fmt::Display for TcpFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for (bit, name) in Self::NAMES.iter().enumerate() {
+            if self.0 >> bit & 1 == 1 {
+                if !first {
+                    f.write_str("|")?;
+                }
+                f.write_str(name)?;
+                first = false;
+            }
+        }
+        if first {
+            f.write_str("NONE")?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for TcpFlags {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        if s == "NONE" {
+            return Ok(TcpFlags(0));
+        }
+        let mut bits = 0u8;
+        for name in s.split('|') {
+            let bit = Self::NAMES.iter().position(|n| *n == name).ok_or(())?;
+            bits |= 1 << bit;
+        }
+        Ok(TcpFlags(bits))
+    }
+}
+
+/// A listener's accept queue overflowed: SYNs (or handshakes' last ACKs) were dropped because
+/// the application did not accept fast enough.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListenOverflow {
+    /// Overflows since the last count (about a second): the namespace's `ListenOverflows`.
+    pub overflows: u64,
+    /// The listener's backlog (`listen()`'s, capped by `somaxconn`), where the agent saw its
+    /// `listen()`.
+    pub backlog: Option<u32>,
+    /// Connections waiting in its accept queue when counted.
+    pub queued: u32,
+}
+
+/// Connection tracking's failures in one network namespace since the last count (about a
+/// second), from its `/proc/net/stat/nf_conntrack`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Conntrack {
+    /// The network namespace's inode number.
+    pub netns: u32,
+    /// A new connection could not be added to the table (a clash, or the table full).
+    pub insert_failed: u64,
+    /// Packets dropped because the table was full and nothing could be evicted.
+    pub drop: u64,
+    /// Entries evicted early to make room for new ones.
+    pub early_drop: u64,
+}
+
+impl Conntrack {
+    pub fn total(&self) -> u64 {
+        self.insert_failed + self.drop + self.early_drop
     }
 }
 
@@ -564,8 +759,23 @@ serde_by_name!(
     FailureReason,
     Direction,
     TcpState,
-    Phase
+    Phase,
+    Protocol
 );
+
+impl serde::Serialize for TcpFlags {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TcpFlags {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(d)?;
+        text.parse()
+            .map_err(|()| serde::de::Error::custom(format_args!("unknown TCP flags {text:?}")))
+    }
+}
 
 impl serde::Serialize for Errno {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -623,7 +833,27 @@ mod tests {
     }
 
     #[test]
+    fn tcp_flags_are_named_in_header_order() {
+        for (bits, text) in [
+            (0x02, "SYN"),
+            (0x12, "SYN|ACK"),
+            (0x14, "RST|ACK"),
+            (0x19, "FIN|PSH|ACK"),
+            (0xff, "FIN|SYN|RST|PSH|ACK|URG|ECE|CWR"),
+            (0, "NONE"),
+        ] {
+            assert_eq!(TcpFlags(bits).to_string(), text);
+            assert_eq!(text.parse(), Ok(TcpFlags(bits)));
+        }
+        assert!("SYN|NOPE".parse::<TcpFlags>().is_err());
+        assert!(TcpFlags(0x12).contains(TcpFlags::SYN));
+        assert!(!TcpFlags(0x10).contains(TcpFlags::SYN));
+    }
+
+    #[test]
     fn names_are_derived() {
+        assert_eq!(EventKind::ListenOverflow.name(), "listen_overflow");
+        assert_eq!(EventKind::Drop.name(), "drop");
         assert_eq!(EventKind::Retransmit.name(), "retransmit");
         assert_eq!(Side::Server.name(), "server");
         assert_eq!(FailureReason::Unreachable.name(), "unreachable");

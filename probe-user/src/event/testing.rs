@@ -51,6 +51,7 @@ pub(crate) fn established(latency_us: u64) -> EventDetail {
         outcome: ConnectOutcome::Established,
         latency: Some(Duration::from_micros(latency_us)),
         syn_retransmits: 0,
+        dst_name: None,
     })
 }
 
@@ -71,6 +72,7 @@ pub(crate) fn failed(reason: FailureReason, syn_retransmits: u32) -> EventDetail
         },
         latency: Some(Duration::from_millis(1000 * u64::from(syn_retransmits) + 1)),
         syn_retransmits,
+        dst_name: None,
     })
 }
 
@@ -153,6 +155,7 @@ pub(crate) fn accepted(local: &str, time: SystemTime) -> Event {
         outcome: ConnectOutcome::Established,
         latency: None,
         syn_retransmits: 0,
+        dst_name: None,
     });
     event(Some(Side::Server), local, PEER, time, detail)
 }
@@ -164,4 +167,92 @@ pub(crate) fn owned_by(mut event: Event, pid: u32, comm: &str) -> Event {
         comm: Comm::from_str_lossy(comm),
     });
     event
+}
+
+/// A `flags` segment of a connection this host opened to `dest`, dropped for `reason` as it left
+/// (`Sent`) or arrived (`Received`); `local_port` is the connect's.
+pub(crate) fn dropped(
+    dest: &str,
+    local_port: u16,
+    time: SystemTime,
+    reason: &str,
+    flags: u8,
+    direction: Direction,
+) -> Event {
+    let mut local: Endpoint = LOCAL.parse().unwrap();
+    local = Endpoint::new(local.ip(), local_port);
+    let mut e = client(
+        dest,
+        time,
+        EventDetail::Drop(Drop {
+            reason: DropReason::new(reason),
+            protocol: Protocol::Tcp,
+            tcp_flags: Some(TcpFlags(flags)),
+            direction,
+            packets: 1,
+        }),
+    );
+    e.src = local;
+    e
+}
+
+/// A connect from `local_port` to `dest` that failed for `reason`.
+pub(crate) fn connect_failed_from(
+    dest: &str,
+    local_port: u16,
+    time: SystemTime,
+    reason: FailureReason,
+    syn_retransmits: u32,
+) -> Event {
+    let mut e = connect_failed(dest, time, reason, syn_retransmits);
+    e.src = Endpoint::new(e.src.ip(), local_port);
+    e
+}
+
+/// `packets` data segments of a connection to `dest` dropped for `reason`, counted.
+pub(crate) fn data_dropped(dest: &str, time: SystemTime, reason: &str, packets: u64) -> Event {
+    client(
+        dest,
+        time,
+        EventDetail::Drop(Drop {
+            reason: DropReason::new(reason),
+            protocol: Protocol::Tcp,
+            tcp_flags: None,
+            direction: Direction::Sent,
+            packets,
+        }),
+    )
+}
+
+/// The listener at `local` overflowed `overflows` times.
+pub(crate) fn overflowed(
+    local: &str,
+    time: SystemTime,
+    overflows: u64,
+    backlog: Option<u32>,
+) -> Event {
+    event(
+        Some(Side::Server),
+        local,
+        "0.0.0.0:0",
+        time,
+        EventDetail::ListenOverflow(ListenOverflow {
+            overflows,
+            backlog,
+            queued: backlog.map_or(1, |b| b + 1),
+        }),
+    )
+}
+
+/// Conntrack of namespace 1 dropped `drop` packets and failed `insert_failed` inserts.
+pub(crate) fn conntrack(time: SystemTime, insert_failed: u64, drop: u64) -> Event {
+    Event::namespace_sample(
+        time,
+        EventDetail::Conntrack(Conntrack {
+            netns: 1,
+            insert_failed,
+            drop,
+            early_drop: 0,
+        }),
+    )
 }

@@ -38,7 +38,7 @@ struct Family {
     labels: &'static [&'static str],
 }
 
-const FAMILIES: [Family; 16] = [
+const FAMILIES: [Family; 19] = [
     Family {
         name: "connprobe_connect_attempts_total",
         help: "Connects this host opened to the destination (established or failed).",
@@ -85,6 +85,30 @@ const FAMILIES: [Family; 16] = [
         kind: MetricType::COUNTER,
         per_destination: true,
         labels: &["destination", "side", "direction"],
+    },
+    Family {
+        name: "connprobe_drops_total",
+        help: "Packets of the destination's TCP connections (and DNS packets) that the kernel \
+               dropped on this host, by the kernel's drop reason (enum skb_drop_reason).",
+        kind: MetricType::COUNTER,
+        per_destination: true,
+        labels: &["destination", "reason"],
+    },
+    Family {
+        name: "connprobe_listen_overflows_total",
+        help: "SYNs or handshake completions dropped because the accept queue of this host's \
+               listener at the destination was full (its network namespace's ListenOverflows).",
+        kind: MetricType::COUNTER,
+        per_destination: true,
+        labels: &["destination"],
+    },
+    Family {
+        name: "connprobe_conntrack_drops_total",
+        help: "Connection tracking failures in the network namespaces connprobe reads, by kind: \
+               insert_failed, drop (table full), early_drop (entries evicted to make room).",
+        kind: MetricType::COUNTER,
+        per_destination: false,
+        labels: &["kind"],
     },
     Family {
         name: "connprobe_events_total",
@@ -176,16 +200,19 @@ const DURATION: usize = 2;
 const RETRANSMITS: usize = 3;
 const SEGMENTS_SENT: usize = 4;
 const RESETS: usize = 5;
-const EVENTS: usize = 6;
-const LOST: usize = 7;
-const OWN_TRAFFIC: usize = 8;
-const TRACKED: usize = 9;
-const FOLDED: usize = 10;
-const BUNDLES: usize = 11;
-const BUILD_INFO: usize = 12;
-const BACKEND_ATTEMPTS: usize = 13;
-const BACKEND_FAILURES: usize = 14;
-const MISSED_RUNS: usize = 15;
+const DROPS: usize = 6;
+const LISTEN_OVERFLOWS: usize = 7;
+const CONNTRACK: usize = 8;
+const EVENTS: usize = 9;
+const LOST: usize = 10;
+const OWN_TRAFFIC: usize = 11;
+const TRACKED: usize = 12;
+const FOLDED: usize = 13;
+const BUNDLES: usize = 14;
+const BUILD_INFO: usize = 15;
+const BACKEND_ATTEMPTS: usize = 16;
+const BACKEND_FAILURES: usize = 17;
+const MISSED_RUNS: usize = 18;
 
 /// What the collector reads.
 #[derive(Clone)]
@@ -256,6 +283,13 @@ impl PrometheusExporter {
         PrometheusExporter { registry }
     }
 
+    /// Adds a collector of another part of the agent (DNS) to the same registry.
+    pub fn register(&self, collector: Box<dyn Collector>) {
+        self.registry
+            .register(collector)
+            .expect("each collector is registered once, with its own families");
+    }
+
     /// Every metric in the text exposition format 0.0.4.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
@@ -285,8 +319,16 @@ fn families(snapshot: &Snapshot, tally: &Tally, bundles: u64) -> Vec<MetricFamil
     for d in snapshot.destinations.iter().filter(|d| d.labelled) {
         destination_series(d, &mut metrics);
     }
+    let c = &snapshot.conntrack;
+    for (kind, n) in [
+        ("insert_failed", c.insert_failed),
+        ("drop", c.drop),
+        ("early_drop", c.early_drop),
+    ] {
+        metrics[CONNTRACK].push(counter(&[("kind", kind)], n as f64));
+    }
     backend_series(&snapshot.backends, &mut metrics);
-    for kind in EventKind::VARIANTS {
+    for kind in EventKind::VARIANTS.iter().filter(|k| k.from_kernel()) {
         let value = tally.delivered(*kind) as f64;
         metrics[EVENTS].push(counter(&[("type", kind.name())], value));
     }
@@ -380,6 +422,13 @@ fn destination_series(d: &DestinationSummary, metrics: &mut [Vec<proto::Metric>]
             }
         }
     }
+    for (reason, n) in &s.drops {
+        let pairs = labels(&[("reason", reason.as_str())]);
+        metrics[DROPS].push(metric(pairs, counter_value(*n)));
+    }
+    if let Some(n) = s.listen_overflows {
+        metrics[LISTEN_OVERFLOWS].push(metric(labels(&[]), counter_value(n)));
+    }
 }
 
 /// Attempts and failures per (destination, backend) pair.
@@ -470,8 +519,14 @@ mod tests {
     #[test]
     fn known_series_start_at_zero() {
         let text = Fixture::new(10, false).encode();
-        for t in ["connect", "retransmit", "reset", "close"] {
+        for t in ["connect", "retransmit", "reset", "close", "drop"] {
             let line = format!("connprobe_events_total{{type=\"{t}\"}} 0");
+            assert!(text.contains(&line), "{line} missing in\n{text}");
+        }
+        // Made by the agent from counters, not delivered by the kernel: not counted there.
+        assert!(!text.contains("type=\"listen_overflow\""), "{text}");
+        for k in ["insert_failed", "drop", "early_drop"] {
+            let line = format!("connprobe_conntrack_drops_total{{kind=\"{k}\"}} 0");
             assert!(text.contains(&line), "{line} missing in\n{text}");
         }
         for s in ["ringbuf", "map", "queue", "log"] {
@@ -540,6 +595,9 @@ mod tests {
             ("connprobe_retransmits_total", "counter"),
             ("connprobe_segments_sent_total", "counter"),
             ("connprobe_resets_total", "counter"),
+            ("connprobe_drops_total", "counter"),
+            ("connprobe_listen_overflows_total", "counter"),
+            ("connprobe_conntrack_drops_total", "counter"),
             ("connprobe_events_total", "counter"),
             ("connprobe_events_lost_total", "counter"),
             ("connprobe_own_traffic_events_total", "counter"),

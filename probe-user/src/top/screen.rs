@@ -579,6 +579,27 @@ fn event_line(event: &Event) -> String {
             "close: {} sent, {} retransmitted",
             c.segments_sent, c.segments_retransmitted
         ),
+        EventDetail::Drop(d) => match d.tcp_flags {
+            Some(flags) => format!("dropped: {flags} {} ({})", d.direction.name(), d.reason),
+            None => format!(
+                "dropped: {} {} packet{} {} ({})",
+                d.packets,
+                d.protocol.name(),
+                if d.packets == 1 { "" } else { "s" },
+                d.direction.name(),
+                d.reason
+            ),
+        },
+        EventDetail::ListenOverflow(o) => {
+            format!(
+                "listen queue overflowed {} times, {} waiting",
+                o.overflows, o.queued
+            )
+        }
+        EventDetail::Conntrack(c) => format!(
+            "conntrack: {} insert failures, {} drops, {} early drops",
+            c.insert_failed, c.drop, c.early_drop
+        ),
     };
     // The other end for a service of this host, this host's port for a connection it opened.
     let peer = match event.side {

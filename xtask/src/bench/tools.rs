@@ -37,6 +37,10 @@ pub enum Tool {
     ConnprobeSerde,
     /// Another connprobe binary (`--baseline PATH`), e.g. a build of the previous commit.
     ConnprobeBaseline,
+    /// connprobe without the drop program (`--no-drops`): what the `kfree_skb` hook costs.
+    ConnprobeNoDrops,
+    /// connprobe without the DNS programs (`--no-dns`): what the cgroup_skb hooks cost.
+    ConnprobeNoDns,
     Floor,
     Tcpstates,
     Tcplife,
@@ -45,10 +49,12 @@ pub enum Tool {
 
 impl Tool {
     /// Every configuration but the baseline, which needs `--baseline`.
-    pub const DEFAULT: [Tool; 7] = [
+    pub const DEFAULT: [Tool; 9] = [
         Tool::Untraced,
         Tool::Connprobe,
         Tool::ConnprobeSerde,
+        Tool::ConnprobeNoDrops,
+        Tool::ConnprobeNoDns,
         Tool::Floor,
         Tool::Tcpstates,
         Tool::Tcplife,
@@ -62,6 +68,8 @@ impl Tool {
             Tool::Connprobe => "connprobe",
             Tool::ConnprobeSerde => "connprobe_serde",
             Tool::ConnprobeBaseline => "connprobe_baseline",
+            Tool::ConnprobeNoDrops => "connprobe_no_drops",
+            Tool::ConnprobeNoDns => "connprobe_no_dns",
             Tool::Floor => "floor",
             Tool::Tcpstates => "tcpstates",
             Tool::Tcplife => "tcplife",
@@ -76,6 +84,8 @@ impl Tool {
             Tool::Connprobe => "(b) connprobe defaults",
             Tool::ConnprobeSerde => "(b') connprobe, log lines by serde_json",
             Tool::ConnprobeBaseline => "(b0) connprobe baseline (--baseline)",
+            Tool::ConnprobeNoDrops => "(b-) connprobe --no-drops",
+            Tool::ConnprobeNoDns => "(b=) connprobe --no-dns",
             Tool::Floor => "(c) floor: --hooks empty",
             Tool::Tcpstates => "(d) tcpstates",
             Tool::Tcplife => "(e) tcplife",
@@ -87,7 +97,11 @@ impl Tool {
     pub fn is_agent(self) -> bool {
         matches!(
             self,
-            Tool::Connprobe | Tool::ConnprobeSerde | Tool::ConnprobeBaseline
+            Tool::Connprobe
+                | Tool::ConnprobeSerde
+                | Tool::ConnprobeBaseline
+                | Tool::ConnprobeNoDrops
+                | Tool::ConnprobeNoDns
         )
     }
 
@@ -126,7 +140,7 @@ impl Stopped {
 
     /// Events connprobe delivered to its consumers.
     pub fn delivered(&self) -> u64 {
-        ["connect", "retransmit", "reset", "close"]
+        ["connect", "retransmit", "reset", "close", "drop"]
             .iter()
             .map(|k| self.tally_value(k))
             .sum()
@@ -158,7 +172,12 @@ impl Session {
         };
         let mut command = match tool {
             Tool::Untraced => return Ok(session),
-            Tool::Connprobe | Tool::ConnprobeSerde | Tool::ConnprobeBaseline | Tool::Floor => {
+            Tool::Connprobe
+            | Tool::ConnprobeSerde
+            | Tool::ConnprobeBaseline
+            | Tool::ConnprobeNoDrops
+            | Tool::ConnprobeNoDns
+            | Tool::Floor => {
                 let binary = match tool {
                     Tool::ConnprobeBaseline => bins
                         .baseline
@@ -169,6 +188,8 @@ impl Session {
                 let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
                 match tool {
                     Tool::ConnprobeSerde => args.extend(["--log-encoder".into(), "serde".into()]),
+                    Tool::ConnprobeNoDrops => args.push("--no-drops".into()),
+                    Tool::ConnprobeNoDns => args.push("--no-dns".into()),
                     Tool::Floor => {
                         args.extend(["--hooks", "empty", "--no-metrics"].map(String::from))
                     }

@@ -1020,3 +1020,255 @@ fn json_has_the_documented_shape() {
     let back: Report = serde_json::from_value(v).unwrap();
     assert_eq!(back, report);
 }
+
+/// The ranked verdicts of `dest` on `side`.
+fn on_side(report: &Report, dest: &str, side: &str) -> Vec<Verdict> {
+    report
+        .destinations
+        .iter()
+        .find(|d| d.destination == dest && d.side.as_deref() == Some(side))
+        .unwrap_or_else(|| panic!("no {dest} ({side}) in {report:#?}"))
+        .verdicts
+        .clone()
+}
+
+/// Ten connects to `dest` from ports 40000.. that the kernel gave up on after two SYNs, and the
+/// SYNs of the first `with_drops` of them dropped on this host for `reason`.
+fn unanswered_with_drops(dest: &str, with_drops: u16, reason: &str) -> Vec<Event> {
+    use crate::event::{
+        Direction,
+        testing::{connect_failed_from, dropped},
+    };
+    let mut events = Vec::new();
+    for i in 0..10u16 {
+        let t = f64::from(i) * 10.0;
+        let port = 40_000 + i;
+        if i < with_drops {
+            for s in 0..2 {
+                events.push(dropped(
+                    dest,
+                    port,
+                    at(t + f64::from(s)),
+                    reason,
+                    0x02,
+                    Direction::Sent,
+                ));
+            }
+        }
+        events.push(connect_failed_from(
+            dest,
+            port,
+            at(t + 3.0),
+            FailureReason::Timeout,
+            1,
+        ));
+    }
+    events
+}
+
+#[test]
+fn local_drop_outranks_blackhole_when_the_drops_explain_it() {
+    let report = judged(&unanswered_with_drops(
+        "10.0.0.2:8082",
+        10,
+        "NETFILTER_DROP",
+    ));
+    let verdicts = on_side(&report, "10.0.0.2:8082", "client");
+    let ids: Vec<VerdictId> = verdicts.iter().map(Verdict::id).collect();
+    assert_eq!(
+        ids[..2],
+        [VerdictId::LocalDrop, VerdictId::Blackhole],
+        "{verdicts:#?}"
+    );
+    let local = &verdicts[0];
+    assert_eq!(evidence(local)["by_reason"]["NETFILTER_DROP"], 20);
+    assert_eq!(evidence(local)["by_packet"]["SYN sent"], 20);
+    assert_eq!(evidence(local)["unanswered"], 10);
+    assert_eq!(evidence(local)["explained"], 10);
+    assert!(
+        local.next_step.contains("nft list ruleset"),
+        "{}",
+        local.next_step
+    );
+    assert!(
+        local.next_step.contains("NETFILTER_DROP"),
+        "{}",
+        local.next_step
+    );
+    // Blackhole says the drops are here, not "look elsewhere".
+    assert_eq!(evidence(&verdicts[1])["syn_drops_on_this_host"], 20);
+    assert!(
+        verdicts[1].next_step.contains("see local_drop"),
+        "{}",
+        verdicts[1].next_step
+    );
+}
+
+#[test]
+fn blackhole_stays_first_when_the_drops_explain_little() {
+    let report = judged(&unanswered_with_drops("10.0.0.2:8082", 1, "NETFILTER_DROP"));
+    let verdicts = on_side(&report, "10.0.0.2:8082", "client");
+    assert_eq!(verdicts[0].id(), VerdictId::Blackhole, "{verdicts:#?}");
+    let local = verdicts.iter().find(|v| v.id() == VerdictId::LocalDrop);
+    assert!(local.is_none_or(|l| l.confidence < verdicts[0].confidence));
+
+    // No drop seen at all: blackhole says the SYNs die elsewhere.
+    let report = judged(&unanswered_with_drops("10.0.0.2:8082", 0, "NETFILTER_DROP"));
+    let verdicts = on_side(&report, "10.0.0.2:8082", "client");
+    assert_eq!(
+        verdicts.iter().map(Verdict::id).collect::<Vec<_>>(),
+        [VerdictId::Blackhole]
+    );
+    assert!(
+        verdicts[0]
+            .next_step
+            .contains("saw none of them dropped on this host")
+    );
+}
+
+#[test]
+fn local_drop_names_the_kernels_reason() {
+    use crate::event::{
+        Direction,
+        testing::{connect_failed_from, dropped},
+    };
+    // The SYN-ACKs come back after the client gave up: NO_SOCKET on the received replies.
+    let mut events = Vec::new();
+    for i in 0..6u16 {
+        let t = f64::from(i) * 10.0;
+        events.push(connect_failed_from(
+            "10.0.0.3:443",
+            41_000 + i,
+            at(t),
+            FailureReason::Cancelled,
+            1,
+        ));
+        events.push(dropped(
+            "10.0.0.3:443",
+            41_000 + i,
+            at(t + 0.5),
+            "NO_SOCKET",
+            0x12,
+            Direction::Received,
+        ));
+    }
+    let v = top(&judged(&events), "10.0.0.3:443");
+    assert_eq!(v.id(), VerdictId::LocalDrop, "{v:#?}");
+    assert_eq!(evidence(&v)["by_packet"]["SYN|ACK received"], 6);
+    assert!(
+        v.next_step.contains("after the client gave up"),
+        "{}",
+        v.next_step
+    );
+    // Reverse-path filtering: asymmetric routing.
+    let report = judged(&unanswered_with_drops("10.0.0.4:80", 10, "IP_RPFILTER"));
+    let v = &on_side(&report, "10.0.0.4:80", "client")[0];
+    assert_eq!(v.id(), VerdictId::LocalDrop);
+    assert!(
+        v.next_step.contains("asymmetric routing"),
+        "{}",
+        v.next_step
+    );
+}
+
+#[test]
+fn listen_overflow_on_the_listeners_server_side() {
+    use crate::event::testing::overflowed;
+    let mut events = vec![
+        accepted("10.0.0.5:8080", at(0.0)),
+        accepted("10.0.0.5:8080", at(0.1)),
+        overflowed("10.0.0.5:8080", at(2.0), 4, Some(1)),
+        overflowed("10.0.0.5:8080", at(3.0), 4, Some(1)),
+    ];
+    // This host's clients of the same listener time out.
+    for i in 0..4 {
+        events.push(connect_failed(
+            "10.0.0.5:8080",
+            at(4.0 + f64::from(i)),
+            FailureReason::Timeout,
+            1,
+        ));
+    }
+    let report = judged(&events);
+    let server = on_side(&report, "10.0.0.5:8080", "server");
+    assert_eq!(server[0].id(), VerdictId::ListenOverflow, "{server:#?}");
+    assert_eq!(evidence(&server[0])["overflows"], 8);
+    assert_eq!(evidence(&server[0])["backlog"], 1);
+    assert_eq!(evidence(&server[0])["connections_accepted"], 2);
+    assert!(
+        server[0].next_step.contains("somaxconn"),
+        "{}",
+        server[0].next_step
+    );
+    // The client side's blackhole points to the listener.
+    let client = on_side(&report, "10.0.0.5:8080", "client");
+    assert_eq!(client[0].id(), VerdictId::Blackhole);
+    assert_eq!(
+        evidence(&client[0])["overflowing_listener"],
+        "10.0.0.5:8080"
+    );
+    assert!(
+        client[0].next_step.contains("listen_overflow"),
+        "{}",
+        client[0].next_step
+    );
+
+    // A listener that overflowed once among many connections is noise.
+    let mut quiet: Vec<Event> = (0..200)
+        .map(|i| accepted("10.0.0.5:8080", at(f64::from(i))))
+        .collect();
+    quiet.push(overflowed("10.0.0.5:8080", at(50.0), 1, Some(128)));
+    let server = on_side(&judged(&quiet), "10.0.0.5:8080", "server");
+    assert!(
+        server.iter().all(|v| v.id() != VerdictId::ListenOverflow),
+        "{server:#?}"
+    );
+}
+
+#[test]
+fn conntrack_full_when_failures_coincide_with_conntrack_failures() {
+    use crate::event::testing::conntrack;
+    let mut events = Vec::new();
+    for i in 0..6 {
+        let t = f64::from(i) * 2.0;
+        events.push(connect_failed(
+            "10.0.0.6:443",
+            at(t + 3.0),
+            FailureReason::Timeout,
+            1,
+        ));
+        events.push(conntrack(at(t), 2, 3));
+    }
+    let report = judged(&events);
+    let verdicts = on_side(&report, "10.0.0.6:443", "client");
+    let ct = verdicts
+        .iter()
+        .find(|v| v.id() == VerdictId::ConntrackFull)
+        .unwrap_or_else(|| panic!("no conntrack_full in {verdicts:#?}"));
+    assert_eq!(evidence(ct)["coinciding"], 6);
+    assert_eq!(evidence(ct)["insert_failed"], 12);
+    assert_eq!(evidence(ct)["drop"], 18);
+    assert!(
+        ct.next_step.contains("nf_conntrack_max"),
+        "{}",
+        ct.next_step
+    );
+    // Conntrack's failures long before the failures explain nothing; conntrack samples are
+    // about namespaces and make no destination of their own.
+    let mut apart = vec![conntrack(at(0.0), 2, 3)];
+    for i in 0..6 {
+        apart.push(connect_failed(
+            "10.0.0.6:443",
+            at(500.0 + f64::from(i)),
+            FailureReason::Timeout,
+            1,
+        ));
+    }
+    let report = judged(&apart);
+    assert_eq!(report.destinations.len(), 1, "{report:#?}");
+    let verdicts = on_side(&report, "10.0.0.6:443", "client");
+    assert!(
+        verdicts.iter().all(|v| v.id() != VerdictId::ConntrackFull),
+        "{verdicts:#?}"
+    );
+}

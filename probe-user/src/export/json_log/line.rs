@@ -51,6 +51,19 @@ impl LineFormatter {
         self.number(event.seq);
         self.raw(b",\"time\":\"");
         self.time(event.time);
+        if let EventDetail::Conntrack(c) = &event.detail {
+            // About a namespace: no connection fields.
+            self.raw(b"\",\"netns\":");
+            self.number(c.netns);
+            self.raw(b",\"insert_failed\":");
+            self.number(c.insert_failed);
+            self.raw(b",\"drop\":");
+            self.number(c.drop);
+            self.raw(b",\"early_drop\":");
+            self.number(c.early_drop);
+            self.raw(b"}\n");
+            return;
+        }
         self.raw(b"\",\"pid\":");
         match &event.process {
             Some(p) => {
@@ -87,6 +100,10 @@ impl LineFormatter {
                 self.option_number(c.latency.map(|d| d.as_micros() as u64));
                 self.raw(b",\"syn_retransmits\":");
                 self.number(c.syn_retransmits);
+                if let Some(name) = &c.dst_name {
+                    self.raw(b",\"dst_name\":");
+                    self.string(name);
+                }
             }
             EventDetail::Retransmit(r) => {
                 self.raw(b",\"phase\":\"");
@@ -116,6 +133,33 @@ impl LineFormatter {
                 self.raw(b",\"segments_retransmitted\":");
                 self.number(c.segments_retransmitted);
             }
+            EventDetail::Drop(d) => {
+                self.raw(b",\"reason\":");
+                self.string(d.reason.as_str());
+                self.raw(b",\"protocol\":\"");
+                self.raw(d.protocol.name().as_bytes());
+                self.raw(b"\",\"tcp_flags\":");
+                match d.tcp_flags {
+                    Some(flags) => {
+                        let _ = write!(self.line, "\"{flags}\"");
+                    }
+                    None => self.raw(b"null"),
+                }
+                self.raw(b",\"direction\":\"");
+                self.raw(d.direction.name().as_bytes());
+                self.raw(b"\",\"packets\":");
+                self.number(d.packets);
+            }
+            EventDetail::ListenOverflow(o) => {
+                self.raw(b",\"overflows\":");
+                self.number(o.overflows);
+                self.raw(b",\"backlog\":");
+                self.option_number(o.backlog.map(u64::from));
+                self.raw(b",\"queued\":");
+                self.number(o.queued);
+            }
+            // Written above, without the connection fields.
+            EventDetail::Conntrack(_) => {}
         }
         match &event.workload {
             Some(w) => {
@@ -143,6 +187,11 @@ impl LineFormatter {
     /// The lines pushed since the last [`Self::clear`].
     pub fn buffered(&self) -> &[u8] {
         &self.line
+    }
+
+    /// Appends a line made elsewhere (a `dns` line, through serde).
+    pub fn push_line(&mut self, line: &[u8]) {
+        self.line.extend_from_slice(line);
     }
 
     pub fn clear(&mut self) {

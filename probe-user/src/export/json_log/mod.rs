@@ -16,6 +16,7 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
+    dns::exchange::{DnsExchange, DnsLine},
     event::Event,
     tally::{LossStage, Tally},
 };
@@ -33,6 +34,26 @@ pub enum Encoder {
     #[default]
     Fast,
     Serde,
+}
+
+/// What the writer is sent: a batch of TCP events from the ring buffer reader, or of DNS
+/// exchanges from the DNS reader.
+pub enum LogBatch {
+    Events(Vec<Event>),
+    Dns(Vec<DnsExchange>),
+}
+
+impl LogBatch {
+    pub fn len(&self) -> usize {
+        match self {
+            LogBatch::Events(b) => b.len(),
+            LogBatch::Dns(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Batches waiting for the writer (each up to the reader's batch size); past this, the newest
@@ -85,6 +106,18 @@ impl LogWriter {
         }
     }
 
+    /// A `dns` line: through serde with either encoder (DNS lines are few next to TCP events).
+    fn push_dns(&mut self, exchange: &DnsExchange) {
+        let mut line = Vec::with_capacity(320);
+        // Serialising plain data cannot fail.
+        let _ = serde_json::to_writer(&mut line, &DnsLine::from(exchange));
+        line.push(b'\n');
+        match self.encoder {
+            Encoder::Fast => self.formatter.push_line(&line),
+            Encoder::Serde => self.serde_lines.extend_from_slice(&line),
+        }
+    }
+
     fn buffered(&self) -> &[u8] {
         match self.encoder {
             Encoder::Fast => self.formatter.buffered(),
@@ -92,12 +125,15 @@ impl LogWriter {
         }
     }
 
-    fn run(mut self, rx: mpsc::Receiver<Vec<Event>>) {
+    fn run(mut self, rx: mpsc::Receiver<LogBatch>) {
         loop {
             match rx.recv_timeout(IDLE_FLUSH) {
                 Ok(batch) => {
-                    for event in &batch {
-                        self.push(event);
+                    for i in 0..batch.len() {
+                        match &batch {
+                            LogBatch::Events(events) => self.push(&events[i]),
+                            LogBatch::Dns(exchanges) => self.push_dns(&exchanges[i]),
+                        }
                         self.pending += 1;
                         if self.buffered().len() >= WRITE_CHUNK {
                             self.write_out(false);
@@ -200,7 +236,7 @@ pub fn open(path: &Path, rotation: Option<Rotation>) -> anyhow::Result<Output> {
 
 /// The running log writer: its queue, its thread, and a way to have it reopen its file.
 pub struct LogWriterHandle {
-    pub queue: SyncSender<Vec<Event>>,
+    pub queue: SyncSender<LogBatch>,
     pub thread: thread::JoinHandle<()>,
     pub reopen: Reopen,
 }
@@ -217,7 +253,7 @@ impl Reopen {
     }
 }
 
-/// Writes queued batches of events as JSON lines on a thread of its own, so a slow disk never
+/// Writes queued batches of events (and DNS exchanges) as JSON lines on a thread of its own, so a slow disk never
 /// stalls the ring buffer reader. One wakeup per batch, not per event. Flushes whenever the
 /// queue runs dry for a moment, and at the end, when every sender is gone. Write errors count
 /// every event they cost (stage log).
@@ -226,7 +262,7 @@ pub fn spawn_writer(
     encoder: Encoder,
     tally: Arc<Tally>,
 ) -> io::Result<LogWriterHandle> {
-    let (tx, rx) = mpsc::sync_channel::<Vec<Event>>(QUEUE_BATCHES);
+    let (tx, rx) = mpsc::sync_channel::<LogBatch>(QUEUE_BATCHES);
     let reopen = Arc::new(AtomicBool::new(false));
     let writer = LogWriter {
         out,
@@ -286,7 +322,7 @@ mod tests {
             written: written.clone(),
         };
         let writer = spawn_writer(Output::Stream(Box::new(sink)), encoder, tally.clone()).unwrap();
-        writer.queue.send(every_shape()).unwrap();
+        writer.queue.send(LogBatch::Events(every_shape())).unwrap();
         drop(writer.queue);
         writer.thread.join().unwrap();
         let bytes = written.lock().unwrap().clone();
@@ -340,7 +376,7 @@ mod tests {
         };
         let writer =
             spawn_writer(Output::Stream(Box::new(sink)), Encoder::Fast, tally.clone()).unwrap();
-        writer.queue.send(every_shape()).unwrap();
+        writer.queue.send(LogBatch::Events(every_shape())).unwrap();
         drop(writer.queue);
         writer.thread.join().unwrap();
         let bytes = written.lock().unwrap().clone();
@@ -362,13 +398,22 @@ mod tests {
         let writer =
             spawn_writer(open(&path, None).unwrap(), Encoder::Fast, tally.clone()).unwrap();
         let events = every_shape();
-        writer.queue.send(events[..5].to_vec()).unwrap();
+        writer
+            .queue
+            .send(LogBatch::Events(events[..5].to_vec()))
+            .unwrap();
         std::thread::sleep(IDLE_FLUSH * 2);
         std::fs::rename(&path, dir.join("events.jsonl.1")).unwrap();
-        writer.queue.send(events[5..8].to_vec()).unwrap();
+        writer
+            .queue
+            .send(LogBatch::Events(events[5..8].to_vec()))
+            .unwrap();
         writer.reopen.request();
         std::thread::sleep(IDLE_FLUSH * 2);
-        writer.queue.send(events[8..].to_vec()).unwrap();
+        writer
+            .queue
+            .send(LogBatch::Events(events[8..].to_vec()))
+            .unwrap();
         drop(writer.queue);
         writer.thread.join().unwrap();
         let old = std::fs::read_to_string(dir.join("events.jsonl.1")).unwrap();
