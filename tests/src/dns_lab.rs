@@ -5,7 +5,8 @@
 //! mounts over `/etc/resolv.conf`. Everything is removed on drop.
 use std::{
     io::{BufRead as _, BufReader},
-    path::PathBuf,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
@@ -32,8 +33,9 @@ pub struct LoggedQuery {
 }
 
 pub struct DnsLab {
+    // Fields drop in order: the server goes before the lab's namespaces.
+    server: DnsServer,
     pub lab: Lab,
-    server: Child,
     dir: PathBuf,
     netns_etc: PathBuf,
 }
@@ -49,31 +51,20 @@ impl DnsLab {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir)?;
-        let script = dir.join("dns_server.py");
-        std::fs::write(&script, SERVER_SCRIPT)?;
-        let server_ip = lab.server_v4().to_string();
-        let mut server = Command::new("ip")
-            .args(["netns", "exec", lab.server_ns().name(), "python3"])
-            .arg(&script)
-            .args([server_ip.as_str(), "53", server_ip.as_str()])
-            .arg(dir.join("queries.jsonl"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("cannot start the lab's DNS server (python3)")?;
-        let mut ready = String::new();
-        BufReader::new(server.stdout.take().expect("stdout is piped")).read_line(&mut ready)?;
+        let server_ip = IpAddr::V4(lab.server_v4());
+        let server = DnsServer::start(
+            Some(lab.server_ns().name()),
+            server_ip,
+            lab.server_v4(),
+            &dir,
+        )?;
         let netns_etc = PathBuf::from("/etc/netns").join(lab.client_ns().name());
-        let lab = DnsLab {
+        Ok(DnsLab {
             lab,
             server,
             dir,
             netns_etc,
-        };
-        if ready.trim() != "ready" {
-            bail!("the lab's DNS server did not start");
-        }
-        Ok(lab)
+        })
     }
 
     /// Points the client namespace's resolver at the server: one try, one second, over TCP when
@@ -129,7 +120,79 @@ impl DnsLab {
 
     /// Every query the server logged so far.
     pub fn logged(&self) -> anyhow::Result<Vec<LoggedQuery>> {
-        let text = std::fs::read_to_string(self.dir.join("queries.jsonl")).unwrap_or_default();
+        self.server.logged()
+    }
+
+    /// Waits `limit` for quiet: DNS timeouts are decided by the agent after its --dns-timeout.
+    pub fn wait(&self, limit: Duration) {
+        std::thread::sleep(limit);
+    }
+}
+
+impl Drop for DnsLab {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.netns_etc);
+        // Only when empty: another lab may have its own there.
+        let _ = std::fs::remove_dir("/etc/netns");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `dns_server.py` running in a namespace (or this one), on `addr` port 53, logging into a
+/// directory; killed on drop. The DNS lab's server, and the bench's DNS query storm's.
+pub struct DnsServer {
+    child: Child,
+    log: PathBuf,
+}
+
+impl DnsServer {
+    /// Starts the server in network namespace `netns` (`None`: this one) on `addr`:53, its A
+    /// answers pointing at `answer`, its script and log in `dir`; returns once it listens.
+    pub fn start(
+        netns: Option<&str>,
+        addr: IpAddr,
+        answer: Ipv4Addr,
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let script = dir.join("dns_server.py");
+        std::fs::write(&script, SERVER_SCRIPT)?;
+        let log = dir.join("queries.jsonl");
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "python3"]);
+                c
+            }
+            None => Command::new("python3"),
+        };
+        let mut child = command
+            .arg(&script)
+            .args([addr.to_string(), "53".into(), answer.to_string()])
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("cannot start the lab's DNS server (python3)")?;
+        let mut ready = String::new();
+        BufReader::new(child.stdout.take().expect("stdout is piped")).read_line(&mut ready)?;
+        // From here on, Drop kills and reaps the child, whatever happens.
+        let server = DnsServer { child, log };
+        if ready.trim() != "ready" {
+            bail!("the lab's DNS server did not start on {addr} port 53");
+        }
+        Ok(server)
+    }
+
+    /// How many queries the server logged so far (one line each).
+    pub fn logged_count(&self) -> u64 {
+        std::fs::read(&self.log)
+            .map(|b| b.iter().filter(|c| **c == b'\n').count() as u64)
+            .unwrap_or(0)
+    }
+
+    /// Every query the server logged so far.
+    pub fn logged(&self) -> anyhow::Result<Vec<LoggedQuery>> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         text.lines()
             .map(|line| {
                 let v: Value = serde_json::from_str(line)?;
@@ -149,20 +212,11 @@ impl DnsLab {
             })
             .collect()
     }
-
-    /// Waits `limit` for quiet: DNS timeouts are decided by the agent after its --dns-timeout.
-    pub fn wait(&self, limit: Duration) {
-        std::thread::sleep(limit);
-    }
 }
 
-impl Drop for DnsLab {
+impl Drop for DnsServer {
     fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-        let _ = std::fs::remove_dir_all(&self.netns_etc);
-        // Only when empty: another lab may have its own there.
-        let _ = std::fs::remove_dir("/etc/netns");
-        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

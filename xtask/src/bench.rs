@@ -14,6 +14,13 @@
 //! Then, with connprobe alone: a failure storm (refused connects, a lossy namespace path) checked
 //! against ground truth, 100,000 distinct destinations (RSS, series count), and an overload
 //! (SIGSTOP of the reader with a 64 KiB ring buffer) checking `produced == delivered + lost`.
+//!
+//! Last, a DNS query storm (issue 12, `dns_storm`): UDP queries to the lab's DNS server on
+//! loopback, in its own interleaved rounds of (a), (b) and (b=) --no-dns: queries/s, the DNS
+//! programs' in-kernel ns per query, the agent's CPU per query.
+//!
+//! `--scenarios` runs only some of these parts.
+mod dns_storm;
 mod lab;
 mod load;
 mod report;
@@ -31,6 +38,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use clap::ValueEnum as _;
 use serde_json::json;
 
 use crate::{
@@ -67,6 +75,35 @@ pub struct Options {
     /// reference of every ratio).
     #[arg(long, value_delimiter = ',', value_name = "KEYS")]
     tools: Option<Vec<Tool>>,
+    /// Run only these parts of the bench (comma-separated; default all).
+    #[arg(long, value_delimiter = ',', value_name = "PARTS")]
+    scenarios: Option<Vec<Scenario>>,
+}
+
+/// A part of the bench; `--scenarios` picks some.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+#[value(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// The interleaved rounds of every configuration: connect storm, fixed rate, scrapes.
+    Connect,
+    /// Refused connects and a lossy path against ground truth.
+    Failures,
+    /// Many distinct destinations: RSS and series.
+    Spread,
+    /// The reader stopped under a storm: produced == delivered + lost.
+    Overload,
+    /// The DNS query storm: (a), (b), (b=) --no-dns.
+    Dns,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 5] = [
+        Scenario::Connect,
+        Scenario::Failures,
+        Scenario::Spread,
+        Scenario::Overload,
+        Scenario::Dns,
+    ];
 }
 
 impl Options {
@@ -79,6 +116,7 @@ impl Options {
             json: None,
             baseline: None,
             tools: None,
+            scenarios: None,
         }
     }
 }
@@ -88,6 +126,8 @@ struct Plan {
     quick: bool,
     /// The configurations of the rounds, in order.
     tools: Vec<Tool>,
+    /// The parts to run.
+    scenarios: Vec<Scenario>,
     rounds: usize,
     phase: Duration,
     calibration_rounds: usize,
@@ -122,9 +162,16 @@ impl Plan {
             options.baseline.is_some() || !tools.contains(&Tool::ConnprobeBaseline),
             "the connprobe-baseline configuration needs --baseline PATH"
         );
+        let mut scenarios = options
+            .scenarios
+            .clone()
+            .unwrap_or_else(|| Scenario::ALL.to_vec());
+        scenarios.sort();
+        scenarios.dedup();
         Ok(Self {
             quick,
             tools,
+            scenarios,
             rounds,
             phase: Duration::from_secs_f64(seconds),
             calibration_rounds: if quick { 1 } else { 3 },
@@ -134,6 +181,10 @@ impl Plan {
             destinations: if quick { 2_000 } else { 100_000 },
             overload_stop: Duration::from_secs(if quick { 1 } else { 5 }),
         })
+    }
+
+    fn runs(&self, scenario: Scenario) -> bool {
+        self.scenarios.contains(&scenario)
     }
 }
 
@@ -213,6 +264,96 @@ fn refuse_foreign_programs() -> anyhow::Result<()> {
 
 fn bench(plan: &Plan, bins: &Binaries, work: &Path, json_path: &Path) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    let mut failures = Vec::new();
+    let connect = if plan.runs(Scenario::Connect) {
+        connect_rounds(plan, bins, work, &mut failures)?
+    } else {
+        ConnectRounds::default()
+    };
+    let mut part =
+        |scenario: Scenario, name: &str, f: &dyn Fn() -> anyhow::Result<serde_json::Value>| {
+            if !plan.runs(scenario) {
+                return serde_json::Value::Null;
+            }
+            f().unwrap_or_else(|e| {
+                failures.push(format!("{name}: {e:#}"));
+                json!({ "error": format!("{e:#}") })
+            })
+        };
+    let failure_storm = part(Scenario::Failures, "failure storm", &|| {
+        scenarios::failure_storm(plan, bins, work)
+    });
+    let spread = part(Scenario::Spread, "destination spread", &|| {
+        scenarios::destination_spread(plan, bins, work)
+    });
+    let overload = part(Scenario::Overload, "overload", &|| {
+        scenarios::overload(plan, bins, work)
+    });
+    let dns = part(Scenario::Dns, "DNS query storm", &|| {
+        dns_storm::dns_storm(plan, bins, work)
+    });
+
+    let mut results = json!({
+        "date": sys::output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])?.trim(),
+        "machine": report::machine(),
+        "mode": if plan.quick { "quick" } else { "full" },
+        "rounds": plan.rounds,
+        "phase_seconds": plan.phase.as_secs_f64(),
+        "client_threads": load::CLIENT_THREADS,
+        "server_ports": load::SERVER_PORTS,
+        "scenarios": plan.scenarios.iter().filter_map(|s| Some(s.to_possible_value()?.get_name().to_owned())).collect::<Vec<_>>(),
+        "calibration_untraced_conn_per_s": connect.calibration.map(Spread::to_json),
+        "fixed_rate_conn_per_s": connect.fixed_rate,
+        "configurations": plan.tools.iter().map(|t| t.key()).collect::<Vec<_>>(),
+        "baseline": bins.baseline.as_ref().map(|p| p.display().to_string()),
+        "tools": connect.summary,
+        "comparisons": connect.comparisons,
+        "failure_storm": failure_storm,
+        "destination_spread": spread,
+        "overload": overload,
+        "dns_storm": dns,
+        "failures": failures,
+        "took_seconds": started.elapsed().as_secs(),
+    });
+    results["targets"] = report::targets(&results);
+    println!("{}", report::table(&plan.tools, &results));
+    if let Some(dir) = json_path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::write(json_path, serde_json::to_string_pretty(&results)? + "\n")
+        .with_context(|| format!("cannot write {}", json_path.display()))?;
+    println!("bench: results in {}", json_path.display());
+
+    if !failures.is_empty() {
+        bail!(
+            "{} part(s) failed:\n  {}",
+            failures.len(),
+            failures.join("\n  ")
+        );
+    }
+    if plan.quick {
+        report::check_every_tool_measured(&plan.tools, &plan.scenarios, &results)?;
+    }
+    Ok(())
+}
+
+/// What the interleaved connect rounds gave.
+#[derive(Default)]
+struct ConnectRounds {
+    calibration: Option<Spread>,
+    fixed_rate: Option<f64>,
+    summary: serde_json::Value,
+    comparisons: Vec<serde_json::Value>,
+}
+
+/// Calibration, then the interleaved rounds of every configuration (a failed round is
+/// recorded in `failures`).
+fn connect_rounds(
+    plan: &Plan,
+    bins: &Binaries,
+    work: &Path,
+    failures: &mut Vec<String>,
+) -> anyhow::Result<ConnectRounds> {
     let servers = load::Servers::start(load::SERVER_PORTS)?;
     let ports = servers.ports().to_vec();
 
@@ -228,7 +369,6 @@ fn bench(plan: &Plan, bins: &Binaries, work: &Path, json_path: &Path) -> anyhow:
     );
 
     let mut samples: BTreeMap<Tool, Vec<Sample>> = BTreeMap::new();
-    let mut failures = Vec::new();
     for round in 0..plan.rounds {
         for i in 0..plan.tools.len() {
             let tool = plan.tools[(round + i) % plan.tools.len()];
@@ -250,65 +390,18 @@ fn bench(plan: &Plan, bins: &Binaries, work: &Path, json_path: &Path) -> anyhow:
     }
     drop(servers);
 
-    let summary = rounds::summarize_rounds(&plan.tools, &samples);
     let comparisons = [
         (Tool::Connprobe, Tool::ConnprobeBaseline),
         (Tool::ConnprobeSerde, Tool::Connprobe),
         (Tool::Connprobe, Tool::ConnprobeNoDrops),
         (Tool::Connprobe, Tool::ConnprobeNoDns),
     ]
-    .map(|(tool, against)| rounds::agent_cpu_ratio(&samples, tool, against));
-    let failure_storm = scenarios::failure_storm(plan, bins, work).unwrap_or_else(|e| {
-        failures.push(format!("failure storm: {e:#}"));
-        json!({ "error": format!("{e:#}") })
-    });
-    let spread = scenarios::destination_spread(plan, bins, work).unwrap_or_else(|e| {
-        failures.push(format!("destination spread: {e:#}"));
-        json!({ "error": format!("{e:#}") })
-    });
-    let overload = scenarios::overload(plan, bins, work).unwrap_or_else(|e| {
-        failures.push(format!("overload: {e:#}"));
-        json!({ "error": format!("{e:#}") })
-    });
-
-    let mut results = json!({
-        "date": sys::output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])?.trim(),
-        "machine": report::machine(),
-        "mode": if plan.quick { "quick" } else { "full" },
-        "rounds": plan.rounds,
-        "phase_seconds": plan.phase.as_secs_f64(),
-        "client_threads": load::CLIENT_THREADS,
-        "server_ports": load::SERVER_PORTS,
-        "calibration_untraced_conn_per_s": untraced_rate.to_json(),
-        "fixed_rate_conn_per_s": fixed_rate,
-        "configurations": plan.tools.iter().map(|t| t.key()).collect::<Vec<_>>(),
-        "baseline": bins.baseline.as_ref().map(|p| p.display().to_string()),
-        "tools": summary,
-        "comparisons": comparisons,
-        "failure_storm": failure_storm,
-        "destination_spread": spread,
-        "overload": overload,
-        "failures": failures,
-        "took_seconds": started.elapsed().as_secs(),
-    });
-    results["targets"] = report::targets(&results);
-    println!("{}", report::table(&plan.tools, &results));
-    if let Some(dir) = json_path.parent() {
-        fs::create_dir_all(dir)?;
-    }
-    fs::write(json_path, serde_json::to_string_pretty(&results)? + "\n")
-        .with_context(|| format!("cannot write {}", json_path.display()))?;
-    println!("bench: results in {}", json_path.display());
-
-    if !failures.is_empty() {
-        bail!(
-            "{} part(s) failed:\n  {}",
-            failures.len(),
-            failures.join("\n  ")
-        );
-    }
-    if plan.quick {
-        report::check_every_tool_measured(&plan.tools, &results)?;
-    }
-    Ok(())
+    .map(|(tool, against)| rounds::agent_cpu_ratio(&samples, tool, against))
+    .to_vec();
+    Ok(ConnectRounds {
+        calibration: Some(untraced_rate),
+        fixed_rate: Some(fixed_rate),
+        summary: rounds::summarize_rounds(&plan.tools, &samples),
+        comparisons,
+    })
 }

@@ -217,6 +217,50 @@ fn parse_perf_show(text: &str) -> anyhow::Result<Vec<Attached>> {
         .collect())
 }
 
+/// A program attached to the cgroup v2 root (`bpftool cgroup show ROOT`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupProgram {
+    pub id: u64,
+    pub attach_type: String,
+    pub name: String,
+}
+
+/// The programs attached to the cgroup v2 root, by anyone: cgroup_skb programs there see every
+/// packet of every namespace, the DNS storm's too.
+pub fn cgroup_root_programs() -> anyhow::Result<Vec<CgroupProgram>> {
+    let mounts = fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts")?;
+    let root = mounts
+        .lines()
+        .find_map(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            (fields.get(2) == Some(&"cgroup2")).then(|| fields[1].to_owned())
+        })
+        .context("no cgroup v2 mount in /proc/mounts")?;
+    parse_cgroup_show(&output("bpftool", &["cgroup", "show", &root, "--json"])?)
+}
+
+fn parse_cgroup_show(text: &str) -> anyhow::Result<Vec<CgroupProgram>> {
+    // bpftool prints nothing at all for a cgroup without programs.
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let Value::Array(entries) = serde_json::from_str::<Value>(text)
+        .context("`bpftool cgroup show --json` printed no JSON")?
+    else {
+        bail!("`bpftool cgroup show --json` printed no list");
+    };
+    Ok(entries
+        .iter()
+        .filter_map(|e| {
+            Some(CgroupProgram {
+                id: e["id"].as_u64()?,
+                attach_type: e["attach_type"].as_str()?.to_owned(),
+                name: e["name"].as_str().unwrap_or("").to_owned(),
+            })
+        })
+        .collect())
+}
+
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 /// `kernel.bpf_stats_enabled=1` while alive; the previous value is put back on drop.
@@ -304,6 +348,20 @@ mod tests {
                 comm: String::new(),
             }]
         );
+    }
+
+    #[test]
+    fn cgroup_show_lists_attached_programs() {
+        let text = r#"[{"id":876,"attach_type":"cgroup_inet_ingress","attach_flags":"multi","name":"dns_ingress","attach_btf_name":"","attach_btf_obj_id":0,"attach_btf_id":0}]"#;
+        assert_eq!(
+            parse_cgroup_show(text).unwrap(),
+            vec![CgroupProgram {
+                id: 876,
+                attach_type: "cgroup_inet_ingress".into(),
+                name: "dns_ingress".into(),
+            }]
+        );
+        assert_eq!(parse_cgroup_show("\n").unwrap(), Vec::new());
     }
 
     #[test]

@@ -128,6 +128,9 @@ pub struct Stopped {
     pub lost: Option<u64>,
     /// Lines the tool wrote to its output file.
     pub output_lines: u64,
+    /// connprobe's DNS line at exit, `key=value` (packets, kernel (produced), exchanges,
+    /// pending, ringbuf, queue, malformed, evicted, unmatched_answers); `None` without DNS.
+    pub dns: Option<BTreeMap<String, u64>>,
 }
 
 impl Stopped {
@@ -330,6 +333,7 @@ impl Session {
                 tally: Some(tally),
                 lost: Some(lost),
                 output_lines,
+                dns: parse_dns_summary(&exit.stderr),
             });
         }
         let _ = output_lines;
@@ -359,6 +363,7 @@ impl Session {
             tally: None,
             lost: Some(peer_lost(&stderr)),
             output_lines: self.output.as_deref().map_or(0, count_lines),
+            dns: None,
         })
     }
 }
@@ -387,6 +392,23 @@ pub fn peer_lost(stderr: &str) -> u64 {
         .sum()
 }
 
+/// connprobe's last `connprobe: dns: packets=N (produced in kernel=N) ...` line as `key=value`s.
+pub fn parse_dns_summary(stderr: &str) -> Option<BTreeMap<String, u64>> {
+    let line = stderr
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once("connprobe: dns: "))?
+        .1;
+    let values = line
+        .split(|c: char| c.is_whitespace() || matches!(c, ';' | '(' | ')'))
+        .filter_map(|token| {
+            let (key, value) = token.split_once('=')?;
+            Some((key.to_owned(), value.parse().ok()?))
+        })
+        .collect();
+    Some(values)
+}
+
 fn count_lines(path: &Path) -> u64 {
     let Ok(mut file) = File::open(path) else {
         return 0;
@@ -410,5 +432,17 @@ mod tests {
     fn peer_losses_add_up() {
         let err = "lost 12 events on CPU #0\nsomething\nLost 30 events\n";
         assert_eq!(peer_lost(err), 42);
+    }
+
+    #[test]
+    fn dns_summary_parses() {
+        let err = "connprobe: events: connect=1\nconnprobe: dns: packets=40 (produced in kernel=42) exchanges=20 pending=1; lost: ringbuf=2 queue=0; malformed=0 evicted=3 unmatched_answers=0\n";
+        let dns = parse_dns_summary(err).unwrap();
+        assert_eq!(dns["packets"], 40);
+        assert_eq!(dns["kernel"], 42);
+        assert_eq!(dns["pending"], 1);
+        assert_eq!(dns["ringbuf"], 2);
+        assert_eq!(dns["evicted"], 3);
+        assert_eq!(parse_dns_summary("connprobe: events: connect=1\n"), None);
     }
 }
