@@ -11,7 +11,9 @@ use probe_common::{AF_INET, AF_INET6, ConnectInFlight, ConnectKey, Endpoints, Ow
 
 use crate::{
     access::{Kernel, Raw},
+    emit::connect_owner,
     maps::{CONNECTS, offset},
+    sock::endpoints,
 };
 
 /// The key of a connect from `local_addr` to `remote_addr:remote_port`, IPv4-mapped IPv6
@@ -58,23 +60,34 @@ fn key_of(ep: &Endpoints, local_port: u16) -> ConnectKey {
     )
 }
 
-/// `connect()` moved `sk` to SYN_SENT; `ep.local_port` is 0 when it was not bound.
-#[inline(always)]
-pub fn started(sk: u64, ep: &Endpoints, owner: Owner) {
+/// `connect()` moved `sk` to SYN_SENT, in the connecting process: it is the owner. The local
+/// port is 0 when the socket was not bound.
+///
+/// This and [`ended`] are BPF functions of their own, called beside `tcp_state`'s handlers
+/// rather than from them, and read the socket themselves: their keys and endpoints then take no
+/// room in a handler's frame (see `tcp_state::Transition`).
+#[inline(never)]
+pub fn started<K: Kernel>(k: K, sk: u64) -> Result<(), i32> {
+    let ep = endpoints(k, sk)?;
     let _ = CONNECTS.insert(
-        &key_of(ep, ep.local_port),
-        &ConnectInFlight { sk, owner },
+        &key_of(&ep, ep.local_port),
+        &ConnectInFlight {
+            sk,
+            owner: connect_owner(),
+        },
         0,
     );
+    Ok(())
 }
 
-/// The handshake of `sk` ended; `ep.local_port` is known now. An established connect is no
+/// The handshake of `sk` ended; its local port is known now. An established connect is no
 /// longer in flight; a failed one stays under its whole tuple until evicted, so that a reply
 /// that comes after the client gave up is still matched to it.
-#[inline(always)]
-pub fn ended(sk: u64, ep: &Endpoints, established: bool) {
-    let whole = key_of(ep, ep.local_port);
-    let unbound = key_of(ep, 0);
+#[inline(never)]
+pub fn ended<K: Kernel>(k: K, sk: u64, established: bool) -> Result<(), i32> {
+    let ep = endpoints(k, sk)?;
+    let whole = key_of(&ep, ep.local_port);
+    let unbound = key_of(&ep, 0);
     // SAFETY: the value is copied out at once.
     let kept_unbound = unsafe { CONNECTS.get(&unbound) }.is_some_and(|c| c.sk == sk);
     if established {
@@ -90,6 +103,7 @@ pub fn ended(sk: u64, ep: &Endpoints, established: bool) {
             let _ = CONNECTS.remove(&unbound);
         }
     }
+    Ok(())
 }
 
 /// What a matched packet says about its connect.

@@ -57,6 +57,15 @@ pub fn current_owner(side: u8) -> Owner {
     }
 }
 
+/// The current task as the owner of the connect it is making: the client, from the connect's
+/// start. Call only from `connect()`'s CLOSE -> SYN_SENT transition.
+#[inline(always)]
+pub fn connect_owner() -> Owner {
+    let mut owner = current_owner(probe_common::side::CLIENT);
+    owner.flags |= owner_flags::START_KNOWN;
+    owner
+}
+
 /// The socket's owner as recorded at its start, or unknown.
 #[inline(always)]
 pub fn owner_of<K: Kernel>(k: K, sk: u64) -> Owner {

@@ -12,7 +12,7 @@ use probe_common::{
 use crate::{
     access::{Kernel, Raw, Typed},
     connects,
-    emit::{current_owner, emit, finish, header, now_ns, unknown_owner},
+    emit::{connect_owner, emit, finish, header, now_ns, unknown_owner},
     listeners::{self, listener_owner},
     maps::{bump, offset},
     sock::{endpoints, local_port, payload_bytes_received, protocol},
@@ -43,11 +43,16 @@ fn try_tcp_state_tp(ctx: &TracePointContext) -> Result<(), i32> {
 }
 
 /// The transitions connprobe acts on. Each one's handler is a BPF function of its own
-/// (`#[inline(never)]`): the verifier adds up the stack frames along a call chain, and with every
-/// handler inlined the program's one frame held all their events and records at once (456 bytes).
-/// With the frame of its log call that is more than Linux 6.1's verifier allows, which rounds each
-/// frame up to 32 bytes (544 of 512: it refused the classic program). Apart, no chain is deeper
-/// than 416 bytes by 6.1's count; a call costs a few nanoseconds.
+/// (`#[inline(never)]`): the verifier adds up the stack frames along a call chain (memset, which
+/// the compiler calls to zero a struct, is a function too), and Linux 6.1's verifier rounds each
+/// frame up to 32 bytes and refuses more than 512. With every handler inlined the program's one
+/// frame held all their events and records at once (456 bytes; 544 by 6.1's count with its log
+/// call). For the same reason the connects in flight are kept by `connects::started` and
+/// `connects::ended`, called beside a connect's handler rather than from it: sibling frames do
+/// not add up. From `end_connect`, their keys and endpoints made its chain 544 bytes again
+/// (program 128 + end_connect 384 + memset 32); beside it no chain is deeper than 448 (program
+/// 128 + end_connect 288 + memset 32). A call costs a few nanoseconds, reading the endpoints
+/// twice a few loads.
 enum Transition {
     Listen,
     Unlisten,
@@ -81,9 +86,19 @@ fn on_state_change<K: Kernel>(k: K, sk: u64, old: i32, new: i32) -> Result<(), i
     match transition {
         Transition::Listen => listeners::listen(k, sk),
         Transition::Unlisten => listeners::unlisten(k, sk),
-        Transition::ConnectStart => start_connect(k, sk),
-        Transition::ConnectEstablished => end_connect(k, sk, outcome::ESTABLISHED),
-        Transition::ConnectFailed => end_connect(k, sk, outcome::FAILED),
+        // The connects in flight are kept by calls beside the handlers, not inside them.
+        Transition::ConnectStart => {
+            start_connect(k, sk);
+            connects::started(k, sk)
+        }
+        Transition::ConnectEstablished => {
+            let in_flight = connects::ended(k, sk, true);
+            end_connect(k, sk, outcome::ESTABLISHED).and(in_flight)
+        }
+        Transition::ConnectFailed => {
+            let in_flight = connects::ended(k, sk, false);
+            end_connect(k, sk, outcome::FAILED).and(in_flight)
+        }
         Transition::AcceptStart => start_accept(k, sk),
         Transition::Accepted => accepted(k, sk),
         Transition::Closed => closed(k, sk),
@@ -91,22 +106,17 @@ fn on_state_change<K: Kernel>(k: K, sk: u64, old: i32, new: i32) -> Result<(), i
 }
 
 /// CLOSE -> SYN_SENT runs in the connecting process's `connect()`: the one place the owner is
-/// known for sure. The connect is in flight from here (see `connects`); its local port is 0
-/// unless the socket was bound.
+/// known for sure. The connect is in flight from here (`connects::started`, called beside).
 #[inline(never)]
-fn start_connect<K: Kernel>(k: K, sk: u64) -> Result<(), i32> {
-    let mut owner = current_owner(side::CLIENT);
-    owner.flags |= owner_flags::START_KNOWN;
+fn start_connect<K: Kernel>(k: K, sk: u64) {
     let rec = SocketRecord {
         start_ns: now_ns(),
         established_ns: 0,
-        owner,
+        owner: connect_owner(),
         error: 0,
         _pad: 0,
     };
     k.follow(sk, &rec);
-    connects::started(sk, &endpoints(k, sk)?, owner);
-    Ok(())
 }
 
 /// SYN_SENT -> ESTABLISHED or CLOSE, in softirq or timer context: identity comes from the record.
@@ -149,11 +159,9 @@ fn end_connect<K: Kernel>(k: K, sk: u64, result: u8) -> Result<(), i32> {
         0
     };
     let tcp = k.tcp(sk)?;
-    let endpoints = endpoints(k, sk)?;
-    connects::ended(sk, &endpoints, result == outcome::ESTABLISHED);
     let event = ConnectEvent {
         header: header(EventKind::Connect, now),
-        endpoints,
+        endpoints: endpoints(k, sk)?,
         owner,
         latency_ns,
         sk_err,
