@@ -9,10 +9,7 @@ use strum::{EnumCount, VariantArray as _};
 use super::{
     fold::FailedConnect,
     round,
-    rules::{
-        POOL_FAILING_RATIO, POOL_HEALTHY_RATIO, POOL_MIN_ATTEMPTS, confidence, ratio,
-        verdict_for_pool,
-    },
+    rules::{POOL_MIN_ATTEMPTS, PoolSplit, confidence, ratio, split_pool, verdict_for_pool},
     verdict::{GroupReport, PoolFigures, PoolMember},
 };
 use crate::event::{ConnectOutcome, Endpoint, Event, EventDetail, FailureReason, Side};
@@ -103,22 +100,14 @@ impl Pools {
                 .iter()
                 .filter(|(_, ev)| ev.attempts >= POOL_MIN_ATTEMPTS)
                 .collect();
-            let failing: Vec<_> = members
-                .iter()
-                .filter(|(_, ev)| ev.failure_ratio() >= POOL_FAILING_RATIO)
-                .collect();
-            let healthy: Vec<_> = members
-                .iter()
-                .filter(|(_, ev)| ev.failure_ratio() <= POOL_HEALTHY_RATIO)
-                .collect();
-            if failing.is_empty() || healthy.is_empty() || failing.len() > healthy.len() {
+            let Some(PoolSplit {
+                failing,
+                healthy,
+                consistency,
+            }) = split_pool(&members, |(_, ev)| ev.failure_ratio())
+            else {
                 continue;
-            }
-            let mean = |list: &[&(&Endpoint, &BackendEvidence)]| {
-                list.iter().map(|(_, ev)| ev.failure_ratio()).sum::<f64>() / list.len() as f64
             };
-            let clean_share = ratio(healthy.len() as u64, (members.len() - failing.len()) as u64);
-            let consistency = mean(&failing) * (1.0 - mean(&healthy)) * clean_share;
             let failures: u64 = failing.iter().map(|(_, ev)| ev.failures_total()).sum();
             let describe = |list: &[&(&Endpoint, &BackendEvidence)]| -> Vec<PoolMember> {
                 list.iter()

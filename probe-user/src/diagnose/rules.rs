@@ -942,6 +942,45 @@ pub(super) fn verdict_for_pool(
     )
 }
 
+/// A pool's members split by their failure ratio, where some fail while at least as many work.
+pub(super) struct PoolSplit<'a, T> {
+    /// Failing at least [`POOL_FAILING_RATIO`] of their connects.
+    pub failing: Vec<&'a T>,
+    /// Failing at most [`POOL_HEALTHY_RATIO`].
+    pub healthy: Vec<&'a T>,
+    /// How clearly the pool splits: the failing members' mean failure ratio, times the healthy
+    /// ones' mean success ratio, times the share of the non-failing members that are healthy.
+    pub consistency: f64,
+}
+
+/// Splits `members` (each with enough attempts to judge, [`POOL_MIN_ATTEMPTS`]) into failing
+/// and healthy; `None` unless one or a few fail (at most as many as work): a bad member, not
+/// the network. One rule for destinations sharing a port and backends behind one address.
+pub(super) fn split_pool<T>(
+    members: &[T],
+    failure_ratio: impl Fn(&T) -> f64,
+) -> Option<PoolSplit<'_, T>> {
+    let failing: Vec<&T> = members
+        .iter()
+        .filter(|m| failure_ratio(m) >= POOL_FAILING_RATIO)
+        .collect();
+    let healthy: Vec<&T> = members
+        .iter()
+        .filter(|m| failure_ratio(m) <= POOL_HEALTHY_RATIO)
+        .collect();
+    if failing.is_empty() || healthy.is_empty() || failing.len() > healthy.len() {
+        return None;
+    }
+    let mean = |list: &[&T]| list.iter().map(|m| failure_ratio(m)).sum::<f64>() / list.len() as f64;
+    let clean_share = ratio(healthy.len() as u64, (members.len() - failing.len()) as u64);
+    let consistency = mean(&failing) * (1.0 - mean(&healthy)) * clean_share;
+    Some(PoolSplit {
+        failing,
+        healthy,
+        consistency,
+    })
+}
+
 /// Client destinations sharing a port where one or a few fail while the others work: a bad
 /// backend, not the network.
 pub(super) fn pool_verdicts(
@@ -956,30 +995,15 @@ pub(super) fn pool_verdicts(
     let mut groups = Vec::new();
     for (port, mut members) in by_port {
         members.sort_by_key(|(k, _)| **k);
-        let failing: Vec<_> = members
-            .iter()
-            .filter(|(_, ev)| ev.failure_ratio() >= POOL_FAILING_RATIO)
-            .collect();
-        let healthy: Vec<_> = members
-            .iter()
-            .filter(|(_, ev)| ev.failure_ratio() <= POOL_HEALTHY_RATIO)
-            .collect();
-        if failing.is_empty() || healthy.is_empty() || failing.len() > healthy.len() {
+        let Some(PoolSplit {
+            failing,
+            healthy,
+            consistency,
+        }) = split_pool(&members, |(_, ev)| ev.failure_ratio())
+        else {
             continue;
-        }
+        };
         let failures: u64 = failing.iter().map(|(_, ev)| ev.failures()).sum();
-        let failing_ratio = failing
-            .iter()
-            .map(|(_, ev)| ev.failure_ratio())
-            .sum::<f64>()
-            / failing.len() as f64;
-        let healthy_ratio = healthy
-            .iter()
-            .map(|(_, ev)| ev.failure_ratio())
-            .sum::<f64>()
-            / healthy.len() as f64;
-        let clean_share = ratio(healthy.len() as u64, (members.len() - failing.len()) as u64);
-        let consistency = failing_ratio * (1.0 - healthy_ratio) * clean_share;
         let describe = |list: &[&(&Destination, &DestinationEvidence)]| -> Vec<PoolMember> {
             list.iter()
                 .map(|(k, ev)| PoolMember {
