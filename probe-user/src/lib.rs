@@ -26,6 +26,7 @@ pub mod offsets;
 pub mod own_traffic;
 pub mod pipeline;
 pub mod privileges;
+pub mod probe;
 pub mod quantile;
 pub mod reader;
 pub mod samplers;
