@@ -244,6 +244,54 @@ fn probe_gives_up_on_its_own_timeout_and_passes_on_healthy_ipv6() {
     lab.settle(Duration::from_secs(5)).expect("settled");
 }
 
+/// `--duration` with `--rate`: a load test of connection setup, paced. The listener never
+/// accepts; the kernel completes each handshake into its accept queue (backlog 128, far more
+/// than the connects made here).
+#[test]
+fn probe_keeps_connecting_for_its_duration_at_its_rate() {
+    const RATE: u64 = 20;
+    let lab = Lab::new(SUBNET).expect("lab");
+    let healthy = SocketAddr::new(lab.server_v4().into(), HEALTHY);
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let (listening, ready) = std::sync::mpsc::channel();
+    let server = lab.server("lab-server", move || {
+        let listener = std::net::TcpListener::bind(healthy).expect("bind");
+        listening.send(()).expect("the test waits");
+        let _ = stopped.recv_timeout(Duration::from_secs(60));
+        drop(listener);
+    });
+    ready
+        .recv_timeout(Duration::from_secs(10))
+        .expect("listening");
+    let rate = RATE.to_string();
+    let output = probe(
+        &lab,
+        &[
+            "--json",
+            "--duration",
+            "1s",
+            "--rate",
+            &rate,
+            "--concurrency",
+            "8",
+            &healthy.to_string(),
+        ],
+    );
+    let _ = stop.send(());
+    server.join().expect("the server");
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let report = json_of(&output);
+    assert_eq!(report["ok"], true);
+    let t = target(&report, &healthy.to_string());
+    // One connect at once, then one every 1/RATE s until 1 s has passed: RATE or RATE + 1,
+    // fewer when a busy host delays the pacing, never more.
+    let attempts = t["attempts"].as_u64().expect("attempts");
+    assert!((RATE / 2..=RATE + 1).contains(&attempts), "{t:#}");
+    assert_eq!(t["established"].as_u64(), Some(attempts), "{t:#}");
+    assert_eq!(t["unseen"], 0, "{t:#}");
+    assert!(t["handshake_ms"]["p99"].as_f64().is_some(), "{t:#}");
+}
+
 #[test]
 fn bad_input_exits_2_with_one_line() {
     let bin = connprobe_bin().expect("CONNPROBE_BIN");
