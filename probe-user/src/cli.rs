@@ -41,6 +41,8 @@ pub enum Command {
     Diagnose(DiagnoseArgs),
     /// Watch a running agent live: destinations worst first, keys to sort, filter and drill down
     Top(TopArgs),
+    /// Connect to HOST:PORT targets and report, with the kernel's view, how each connect went
+    Probe(crate::probe::ProbeArgs),
 }
 
 /// An owner label of the per-destination metrics (`--by`).

@@ -7,6 +7,8 @@
 //! flight recorder, evidence bundles). `tally` counts what was delivered and lost.
 //! `pipeline` wires them together and handles shutdown; `cli` is the command line, `logging`
 //! its stderr. `top` is the live console on a running agent (it reads `export::view`).
+//! `probe` is the active check: it connects to targets and runs the loader, reader and
+//! decoder in-process to judge its own sockets with `diagnose`.
 //! The reader gives each event its owner's `workload` (cgroup, container, pod) and, behind a
 //! DNAT'd address, its `backend`.
 pub mod aggregate;
@@ -26,6 +28,7 @@ pub mod offsets;
 pub mod own_traffic;
 pub mod pipeline;
 pub mod privileges;
+pub mod probe;
 pub mod quantile;
 pub mod reader;
 pub mod samplers;

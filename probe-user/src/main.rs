@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use probe_user::{
     cli::{Cli, Command, RunArgs},
-    diagnose, logging, pipeline, privileges, top,
+    diagnose, logging, pipeline, privileges, probe, top,
 };
 
 fn main() -> ExitCode {
@@ -22,6 +22,8 @@ fn main() -> ExitCode {
         Some(Command::Analyze(args)) => diagnose::run_analyze(&args.files, args.window, args.json),
         Some(Command::Diagnose(args)) => diagnose::run_diagnose(args.addr, args.window, args.json),
         Some(Command::Top(args)) => top::run(&args),
+        // Its own exit statuses: 1 for failed connects, 2 when it cannot run.
+        Some(Command::Probe(args)) => return probe::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

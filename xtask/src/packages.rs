@@ -97,6 +97,8 @@ pub const REQUIREMENTS: &[Requirement] = &[
     row("setpriv", "util-linux", Some("util-linux"), &[Test]),
     row("unshare", "util-linux", Some("util-linux"), &[Test]),
     row("systemd-analyze", "systemd", Some("systemd"), &[Test]),
+    // `connprobe probe` run inside the lab's client namespace (tests/tests/probe.rs).
+    row("nsenter", "util-linux", Some("util-linux"), &[Test]),
     // The kernel matrix (xtask/src/matrix.rs): QEMU runs the guests; virtme-ng builds their
     // initramfs with busybox; the guest kernels' modules (veth, nf_tables, ...) need an index
     // (depmod) and modprobe, which the guest takes from the host's root filesystem, like udev,
