@@ -149,41 +149,13 @@ fn probe_reports_the_injected_causes() {
     assert_eq!(top_verdict(t), "healthy", "{t:#}");
 
     let t = target(&report, &refused);
-    assert_eq!(
-        (t["established"].as_u64(), t["failed"].as_u64()),
-        (Some(0), Some(COUNT)),
-        "{t:#}"
-    );
-    assert_eq!(
-        t["reasons"],
-        serde_json::json!({ "refused": COUNT }),
-        "{t:#}"
-    );
-    assert_eq!(
-        t["errors"],
-        serde_json::json!({ "ECONNREFUSED": COUNT }),
-        "{t:#}"
-    );
+    assert_all_failed(t, "refused", "ECONNREFUSED");
     assert_eq!(t["syn_retransmits"], 0, "{t:#}");
     assert_eq!(t["handshake_ms"], Value::Null, "{t:#}");
     assert_eq!(top_verdict(t), "refused", "{t:#}");
 
     let t = target(&report, &blackhole);
-    assert_eq!(
-        (t["established"].as_u64(), t["failed"].as_u64()),
-        (Some(0), Some(COUNT)),
-        "{t:#}"
-    );
-    assert_eq!(
-        t["reasons"],
-        serde_json::json!({ "timeout": COUNT }),
-        "{t:#}"
-    );
-    assert_eq!(
-        t["errors"],
-        serde_json::json!({ "ETIMEDOUT": COUNT }),
-        "{t:#}"
-    );
+    assert_all_failed(t, "timeout", "ETIMEDOUT");
     // One SYN retransmit per connect (tcp_syn_retries=1), and nothing else resent in the
     // client namespace: the kernel's own count agrees.
     assert_eq!(t["syn_retransmits"].as_u64(), Some(COUNT), "{t:#}");
@@ -310,4 +282,16 @@ fn bad_input_exits_2_with_one_line() {
         assert!(stderr.starts_with("connprobe: "), "{stderr}");
         assert!(output.stdout.is_empty(), "{args:?}");
     }
+}
+
+/// Every one of the target's COUNT connects failed, for the kernel with `reason` and for
+/// `connect()` with `errno`.
+fn assert_all_failed(t: &Value, reason: &str, errno: &str) {
+    assert_eq!(
+        (t["established"].as_u64(), t["failed"].as_u64()),
+        (Some(0), Some(COUNT)),
+        "{t:#}"
+    );
+    assert_eq!(t["reasons"], serde_json::json!({ reason: COUNT }), "{t:#}");
+    assert_eq!(t["errors"], serde_json::json!({ errno: COUNT }), "{t:#}");
 }
