@@ -1,0 +1,313 @@
+//! `connprobe watch` (issue 15, "Connectivity checks for CI pipelines"): a command whose connects
+//! partly fail makes watch fail its rule, name the refusing destination and why, in the summary
+//! and in the JUnit report; a command whose connects all succeed passes its own exit code
+//! through. In both, another process of the same host connects to the same destinations at the
+//! same time, and none of its connects count: ground truth is how many connects each made.
+//!
+//! The command runs in the lab's client namespace (`ip netns exec`), so COMMAND is a real
+//! process tree: ip, then sh, then one curl per request.
+use std::{
+    fs,
+    io::{self, Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    path::Path,
+    process::{Command, Output},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tests::{
+    Lab,
+    traffic::serve,
+    verdict_lab::{TempDir, connprobe_bin},
+};
+
+const OK: u16 = 8080;
+const REFUSED: u16 = 8081;
+/// Connects the command makes to each port.
+const COMMAND_REFUSED: usize = 4;
+const COMMAND_OK: usize = 3;
+/// Connects the other process makes to each port while the command runs.
+const OTHER_REFUSED: usize = 5;
+const OTHER_OK: usize = 2;
+/// What `watch` exits with when a rule fails (README, `connprobe watch --help`).
+const RULE_FAILED: i32 = 100;
+
+/// Reads a request up to its blank line and answers `200 OK`: enough for curl.
+fn http_ok(mut stream: TcpStream) -> io::Result<()> {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    stream.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+}
+
+/// The shell script the command runs: says it started (`started`), makes its connects, then
+/// waits (bounded) until the other process has made all of its own (`other-done`), so that
+/// the two overlap.
+fn script(server: Ipv4Addr, dir: &Path, refused: usize, ok: usize, exit: i32) -> String {
+    let dir = dir.display();
+    let curl = "curl -s -o /dev/null --max-time 5";
+    format!(
+        "touch {dir}/started; \
+         i=0; while [ $i -lt {refused} ]; do {curl} http://{server}:{REFUSED}/; i=$((i+1)); sleep 0.1; done; \
+         i=0; while [ $i -lt {ok} ]; do {curl} -f http://{server}:{OK}/ || exit 9; i=$((i+1)); sleep 0.1; done; \
+         n=0; while [ ! -e {dir}/other-done ] && [ $n -lt 200 ]; do sleep 0.05; n=$((n+1)); done; \
+         exit {exit}"
+    )
+}
+
+/// Another process's connects (this test's, from the client namespace), made while the
+/// command runs: after its `started`, before it may end.
+fn other_process(lab: &Lab, dir: &Path, refused: usize, ok: usize) -> JoinHandle<(usize, usize)> {
+    let server = lab.server_v4();
+    let dir = dir.to_owned();
+    lab.client("other-client", move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !dir.join("started").exists() {
+            assert!(Instant::now() < deadline, "the command never started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (mut refused_seen, mut ok_seen) = (0, 0);
+        for i in 0..refused.max(ok) {
+            if i < refused {
+                let to = SocketAddr::V4(SocketAddrV4::new(server, REFUSED));
+                match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => refused_seen += 1,
+                    other => panic!("connect to {to}: {other:?}"),
+                }
+            }
+            if i < ok {
+                let to = SocketAddr::V4(SocketAddrV4::new(server, OK));
+                let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+                    .unwrap_or_else(|e| panic!("connect to {to}: {e}"));
+                s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+                let mut answer = String::new();
+                s.read_to_string(&mut answer).unwrap();
+                assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+                ok_seen += 1;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        fs::write(dir.join("other-done"), b"").unwrap();
+        (refused_seen, ok_seen)
+    })
+}
+
+/// `connprobe watch ARGS -- ip netns exec CLIENT sh -c SCRIPT`.
+fn watch(lab: &Lab, args: &[&str], script: &str) -> anyhow::Result<Output> {
+    let bin = connprobe_bin()?;
+    let mut command = Command::new(bin);
+    command.arg("watch").args(args).arg("--");
+    command.args([
+        "ip",
+        "netns",
+        "exec",
+        lab.client_ns().name(),
+        "sh",
+        "-c",
+        script,
+    ]);
+    Ok(command.output()?)
+}
+
+fn cgroup_left_behind() -> Vec<String> {
+    let mounts = fs::read_to_string("/proc/mounts").unwrap();
+    let root = mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_owned())
+        })
+        .expect("a cgroup v2 mount");
+    fs::read_dir(root)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with("connprobe-watch-"))
+        .collect()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn refused_connects_fail_the_rule_and_name_the_destination() -> anyhow::Result<()> {
+    let mut lab = Lab::new(171)?;
+    lab.server_rule(&format!("tcp dport {REFUSED} reject with tcp reset"))?;
+    let server = lab.server_v4();
+    let ok_server = serve(
+        &lab,
+        SocketAddr::V4(SocketAddrV4::new(server, OK)),
+        COMMAND_OK + OTHER_OK,
+        http_ok,
+    );
+    let dir = TempDir::new("watch-refused")?;
+    let junit = dir.path().join("connectivity.xml");
+    let other = other_process(&lab, dir.path(), OTHER_REFUSED, OTHER_OK);
+    let out = watch(
+        &lab,
+        &[
+            "--fail-on",
+            "failures>0",
+            "--fail-on",
+            "p99>5s",
+            "--junit",
+            junit.to_str().unwrap(),
+        ],
+        &script(server, dir.path(), COMMAND_REFUSED, COMMAND_OK, 0),
+    )?;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(other.join().unwrap(), (OTHER_REFUSED, OTHER_OK));
+    ok_server.join().unwrap();
+    assert_eq!(out.status.code(), Some(RULE_FAILED), "{stdout}\n{stderr}");
+
+    // Only the command's connects: 4 refused, not 4 + 5.
+    let refusing = format!("{server}:{REFUSED}");
+    let rule = format!(
+        "rule failures>0 FAILED: {COMMAND_REFUSED} failed connects (limit 0): \
+         {refusing}: {COMMAND_REFUSED} refused"
+    );
+    assert!(stdout.contains(&rule), "{stdout}\n{stderr}");
+    assert!(stdout.contains("rule p99>5s passed"), "{stdout}");
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with(&refusing))
+        .unwrap_or_else(|| panic!("no row for {refusing}:\n{stdout}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        (cells[1], cells[2], cells[3]),
+        (
+            "client",
+            &*COMMAND_REFUSED.to_string(),
+            &*COMMAND_REFUSED.to_string()
+        ),
+        "side, connects, failed: {row}"
+    );
+    assert!(
+        row.ends_with(&format!("refused {COMMAND_REFUSED}")),
+        "{row}"
+    );
+    let ok_row = stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("{server}:{OK}")))
+        .unwrap_or_else(|| panic!("no row for port {OK}:\n{stdout}"));
+    let cells: Vec<&str> = ok_row.split_whitespace().collect();
+    assert_eq!(
+        (cells[2], cells[3]),
+        ("3", "0"),
+        "connects, failed: {ok_row}"
+    );
+    // The verdict names the destination and the cause.
+    assert!(
+        stdout.contains(&format!("{refusing} (client)")) && stdout.contains("refused"),
+        "{stdout}"
+    );
+
+    let xml = fs::read_to_string(&junit)?;
+    assert_eq!(xml.matches("<testcase ").count(), 3, "{xml}");
+    assert_eq!(xml.matches("<failure ").count(), 1, "{xml}");
+    assert!(
+        xml.contains(&format!(
+            "<failure message=\"failures&gt;0: {COMMAND_REFUSED} failed connects (limit 0): \
+             {refusing}: {COMMAND_REFUSED} refused\""
+        )),
+        "{xml}"
+    );
+    assert!(xml.contains("name=\"p99&gt;5s\""), "{xml}");
+    assert!(
+        cgroup_left_behind().is_empty(),
+        "{:?}",
+        cgroup_left_behind()
+    );
+    // The README's example run (`--nocapture` shows it).
+    println!("{stdout}\n{xml}");
+    Ok(())
+}
+
+#[test]
+fn a_clean_run_passes_the_commands_exit_code_through() -> anyhow::Result<()> {
+    let lab = Lab::new(172)?;
+    let server = lab.server_v4();
+    let ok_server = serve(
+        &lab,
+        SocketAddr::V4(SocketAddrV4::new(server, OK)),
+        COMMAND_OK + OTHER_OK,
+        http_ok,
+    );
+    let dir = TempDir::new("watch-clean")?;
+    let other = other_process(&lab, dir.path(), 0, OTHER_OK);
+    let out = watch(
+        &lab,
+        &[
+            "--json",
+            "--fail-on",
+            "failures>0",
+            "--fail-on",
+            "resets>0",
+            "--fail-on",
+            "p99>5s",
+        ],
+        &script(server, dir.path(), 0, COMMAND_OK, 3),
+    )?;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(other.join().unwrap(), (0, OTHER_OK));
+    ok_server.join().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{stdout}\n{stderr}");
+    let report: Value = serde_json::from_str(&stdout)?;
+    assert_eq!(report["command_exit_code"], 3, "{report:#}");
+    assert_eq!(report["exit_code"], 3);
+    assert!(
+        report["scope"]
+            .as_str()
+            .unwrap()
+            .starts_with("cgroup /connprobe-watch-"),
+        "{report:#}"
+    );
+    let destinations = report["destinations"].as_array().unwrap();
+    let ok = destinations
+        .iter()
+        .find(|d| d["destination"] == format!("{server}:{OK}"))
+        .unwrap_or_else(|| panic!("no {server}:{OK} in {report:#}"));
+    // The command's 3, not 3 + the other process's 2.
+    assert_eq!(ok["connects"], COMMAND_OK as u64, "{ok:#}");
+    assert_eq!(ok["established"], COMMAND_OK as u64, "{ok:#}");
+    assert!(ok["handshake_p99_ms"].as_f64().is_some(), "{ok:#}");
+    // The server's side is another process too: nothing of it counts.
+    assert!(
+        destinations.iter().all(|d| d["side"] != "server"),
+        "{report:#}"
+    );
+    let rules = report["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 3);
+    assert!(rules.iter().all(|r| r["passed"] == true), "{rules:#?}");
+    assert!(
+        cgroup_left_behind().is_empty(),
+        "{:?}",
+        cgroup_left_behind()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_bad_rule_is_one_sentence_and_exit_2() -> anyhow::Result<()> {
+    let out = Command::new(connprobe_bin()?)
+        .args(["watch", "--fail-on", "latency>1s", "--", "true"])
+        .output()?;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let first = stderr.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("error: invalid value 'latency>1s' for '--fail-on <RULE>'")
+            && first.contains("is no metric"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    Ok(())
+}
