@@ -41,7 +41,7 @@ use scope::RunCgroup;
 
 use crate::{
     cli::{RunArgs, WatchArgs},
-    diagnose::{Judge, analyze},
+    diagnose::{Judge, Window, analyze},
     dns::exchange::DnsExchange,
     event::Side,
     pipeline::{self, Embedded, Embedding},
@@ -152,7 +152,12 @@ pub fn run(args: WatchArgs) -> anyhow::Result<u8> {
 
     let mut pids = launched.pids;
     pids.extend(launched.pid);
-    let (judge, scope) = judge_log(&log_path, cgroup_path.as_deref(), &mut pids)?;
+    // The verdicts' window is the run's, with a second each side for the clocks' rounding.
+    let window = Window {
+        start: start.checked_sub(Duration::from_secs(1)).unwrap_or(start),
+        end: SystemTime::now() + Duration::from_secs(1),
+    };
+    let (judge, scope) = judge_log(&log_path, window, cgroup_path.as_deref(), &mut pids)?;
     let exchanges = dns_exchanges(&embedded, start, &pids);
     let destinations = judge.summaries();
     let mut report = judge.finish();
@@ -261,11 +266,12 @@ fn launch(
 /// kept events join `pids` (for the DNS exchanges).
 fn judge_log(
     log: &Path,
+    window: Window,
     cgroup: Option<&str>,
     pids: &mut HashSet<u32>,
 ) -> anyhow::Result<(Judge, String)> {
     let file = fs::File::open(log).with_context(|| format!("cannot open {}", log.display()))?;
-    let mut judge = Judge::new(None);
+    let mut judge = Judge::new(Some(window));
     let mut found = Vec::new();
     analyze::read_events(file, &log.display().to_string(), |event| {
         let pid = event.process.as_ref().map(|p| p.pid);

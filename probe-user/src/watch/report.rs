@@ -84,14 +84,13 @@ impl WatchReport {
     pub fn text(&self) -> String {
         let mut out = String::new();
         let code = match self.command_exit_code {
-            Some(code) => format!("exited with {code}"),
-            None => "did not run".into(),
+            Some(code) => format!("exited with {code} after {:.1} s", self.seconds),
+            None => "could not be started".into(),
         };
         let _ = writeln!(
             out,
-            "connprobe watch: `{}` {code} after {:.1} s; connections told apart by {}",
+            "connprobe watch: `{}` {code}; connections told apart by {}",
             shell_words(&self.command),
-            self.seconds,
             self.scope
         );
         let lost: u64 = self.events_lost.values().sum();

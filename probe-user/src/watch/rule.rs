@@ -178,13 +178,13 @@ impl Rule {
                 .collect(),
         };
         let total: u64 = places.iter().map(|(_, n, _)| n).sum();
-        let what = match metric {
-            Metric::Failures => "failed connects",
-            Metric::Retransmits => "retransmitted segments",
-            Metric::Resets => "resets",
-            _ => "DNS timeouts",
+        let (one, many) = match metric {
+            Metric::Failures => ("failed connect", "failed connects"),
+            Metric::Retransmits => ("retransmitted segment", "retransmitted segments"),
+            Metric::Resets => ("reset", "resets"),
+            _ => ("DNS timeout", "DNS timeouts"),
         };
-        let mut message = format!("{total} {what} (limit {limit})");
+        let mut message = format!("{} (limit {limit})", counted(total, one, many));
         if !places.is_empty() {
             let mut places = places;
             places.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
