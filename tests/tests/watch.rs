@@ -4,6 +4,9 @@
 //! through. In both, another process of the same host connects to the same destinations at the
 //! same time, and none of its connects count: ground truth is how many connects each made.
 //!
+//! DNS: the command's queries that a silent resolver leaves unanswered fail `dns_timeouts>0`,
+//! and another process's silent queries at the same time do not count.
+//!
 //! The command runs in the lab's client namespace (`ip netns exec`), so COMMAND is a real
 //! process tree: ip, then sh, then one curl per request.
 use std::{
@@ -19,6 +22,7 @@ use std::{
 use serde_json::Value;
 use tests::{
     Lab,
+    dns_lab::DnsLab,
     traffic::serve,
     verdict_lab::{TempDir, connprobe_bin},
 };
@@ -309,5 +313,176 @@ fn a_bad_rule_is_one_sentence_and_exit_2() -> anyhow::Result<()> {
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+    Ok(())
+}
+
+/// DNS: the command's queries to a resolver that stays silent are `dns_timeouts`, named by the
+/// resolver; another process's silent queries to the same resolver at the same time are not
+/// counted. Ground truth is the lab DNS server's log of what it received.
+#[test]
+fn silent_dns_fails_dns_timeouts_and_only_the_commands_count() -> anyhow::Result<()> {
+    let dns = DnsLab::new(173)?;
+    dns.use_resolver(false)?;
+    let dir = TempDir::new("watch-dns")?;
+    let other = {
+        let dir = dir.path().to_owned();
+        let ns = dns.lab.client_ns().name().to_owned();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !dir.join("started").exists() {
+                assert!(Instant::now() < deadline, "the command never started");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // A process of its own, outside the command's tree, asking the same resolver.
+            let status = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &ns,
+                    "getent",
+                    "ahostsv4",
+                    "silent-other.lab.test",
+                ])
+                .status()
+                .expect("getent runs");
+            fs::write(dir.join("other-done"), b"").unwrap();
+            status
+        })
+    };
+    let d = dir.path().display();
+    let script = format!(
+        "touch {d}/started; getent ahostsv4 silent-cmd.lab.test; \
+         n=0; while [ ! -e {d}/other-done ] && [ $n -lt 200 ]; do sleep 0.05; n=$((n+1)); done; \
+         exit 0"
+    );
+    let out = watch(
+        &dns.lab,
+        &["--json", "--fail-on", "dns_timeouts>0"],
+        &script,
+    )?;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(
+        !other.join().unwrap().success(),
+        "a silent name does not resolve"
+    );
+    assert_eq!(out.status.code(), Some(RULE_FAILED), "{stdout}\n{stderr}");
+
+    let logged = dns.logged()?;
+    let silent = |prefix: &str| {
+        logged
+            .iter()
+            .filter(|q| q.action == "silent" && q.name.starts_with(prefix))
+            .count() as u64
+    };
+    let (ours, theirs) = (silent("silent-cmd."), silent("silent-other."));
+    assert!(ours > 0 && theirs > 0, "{logged:?}");
+    let report: Value = serde_json::from_str(&stdout)?;
+    let resolver = format!("{}:53", dns.lab.server_v4());
+    let resolvers = report["resolvers"].as_array().unwrap();
+    assert_eq!(resolvers.len(), 1, "{report:#}");
+    assert_eq!(resolvers[0]["resolver"], resolver, "{report:#}");
+    // The command's silent queries, not the other process's too.
+    assert_eq!(resolvers[0]["timeouts"], ours, "{report:#}\n{logged:?}");
+    let rule = &report["rules"][0];
+    assert_eq!(rule["passed"], false);
+    assert_eq!(
+        rule["message"],
+        format!(
+            "{ours} DNS timeout{} (limit 0): {resolver}: {ours} of {} queries unanswered",
+            if ours == 1 { "" } else { "s" },
+            resolvers[0]["queries"]
+        ),
+        "{report:#}"
+    );
+    // The verdict on the resolver.
+    let verdicts = report["report"]["destinations"].as_array().unwrap();
+    assert!(
+        verdicts
+            .iter()
+            .any(|d| d["destination"] == resolver && d["verdicts"][0]["verdict"] == "dns_timeout"),
+        "{report:#}"
+    );
+    assert!(
+        cgroup_left_behind().is_empty(),
+        "{:?}",
+        cgroup_left_behind()
+    );
+    Ok(())
+}
+
+/// A server the command starts counts too: the connections its listener accepts are the
+/// command's (the server side, named by its own address), while the clients, another process,
+/// are not.
+#[test]
+fn connections_accepted_by_the_commands_listener_count() -> anyhow::Result<()> {
+    const PORT: u16 = 9000;
+    const CLIENTS: usize = 3;
+    let lab = Lab::new(174)?;
+    let server = lab.server_v4();
+    let dir = TempDir::new("watch-listener")?;
+    let other = {
+        let dir = dir.path().to_owned();
+        lab.client("other-client", move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !dir.join("started").exists() {
+                assert!(Instant::now() < deadline, "the command never listened");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let to = SocketAddr::V4(SocketAddrV4::new(server, PORT));
+            for _ in 0..CLIENTS {
+                let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+                    .unwrap_or_else(|e| panic!("connect to {to}: {e}"));
+                let mut answer = Vec::new();
+                s.read_to_end(&mut answer).unwrap();
+                assert_eq!(answer, b"hi");
+            }
+        })
+    };
+    let program = format!(
+        "import socket\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('{server}', {PORT}))\n\
+         s.listen(8)\n\
+         open('{}/started', 'w').close()\n\
+         for _ in range({CLIENTS}):\n    \
+             c, _ = s.accept()\n    \
+             c.sendall(b'hi')\n    \
+             c.close()\n",
+        dir.path().display()
+    );
+    let bin = connprobe_bin()?;
+    let out = Command::new(bin)
+        .args(["watch", "--json", "--fail-on", "failures>0", "--"])
+        .args([
+            "ip",
+            "netns",
+            "exec",
+            lab.server_ns().name(),
+            "python3",
+            "-c",
+            &program,
+        ])
+        .output()?;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    other.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let report: Value = serde_json::from_str(&stdout)?;
+    let destinations = report["destinations"].as_array().unwrap();
+    assert_eq!(destinations.len(), 1, "{report:#}");
+    let served = &destinations[0];
+    assert_eq!(
+        served["destination"],
+        format!("{server}:{PORT}"),
+        "{report:#}"
+    );
+    assert_eq!(served["side"], "server", "{report:#}");
+    assert_eq!(served["connects"], CLIENTS as u64, "{report:#}");
+    assert_eq!(served["established"], CLIENTS as u64, "{report:#}");
+    assert!(
+        cgroup_left_behind().is_empty(),
+        "{:?}",
+        cgroup_left_behind()
+    );
     Ok(())
 }
