@@ -486,3 +486,72 @@ fn connections_accepted_by_the_commands_listener_count() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Where no cgroup can be made (here: the cgroup v2 mount is unmounted in a private mount
+/// namespace of watch's own), watch says so once and follows the command's process tree; the
+/// other process's connects still do not count. The command is one long-lived process (the
+/// tree is polled, so a process living less than the poll may be missed, as the warning says).
+#[test]
+fn without_a_cgroup_the_process_tree_is_followed() -> anyhow::Result<()> {
+    let mut lab = Lab::new(175)?;
+    lab.server_rule(&format!("tcp dport {REFUSED} reject with tcp reset"))?;
+    let server = lab.server_v4();
+    let dir = TempDir::new("watch-tree")?;
+    let other = other_process(&lab, dir.path(), OTHER_REFUSED, 0);
+    let program = format!(
+        "import os, socket, time\n\
+         open('{d}/started', 'w').close()\n\
+         for _ in range({COMMAND_REFUSED}):\n    \
+             try:\n        \
+                 socket.create_connection(('{server}', {REFUSED}), timeout=5)\n        \
+                 raise SystemExit('connected to a refusing port')\n    \
+             except ConnectionRefusedError:\n        \
+                 time.sleep(0.1)\n\
+         for _ in range(200):\n    \
+             if os.path.exists('{d}/other-done'):\n        \
+                 break\n    \
+             time.sleep(0.05)\n",
+        d = dir.path().display()
+    );
+    let mounts = fs::read_to_string("/proc/mounts")?;
+    let cgroup2 = mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_owned())
+        })
+        .expect("a cgroup v2 mount");
+    let bin = connprobe_bin()?;
+    let shell = format!(
+        "umount {cgroup2} && exec \"$0\" watch --fail-on 'failures>0' -- \
+         ip netns exec {} python3 -c \"$1\"",
+        lab.client_ns().name()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &shell])
+        .arg(bin)
+        .arg(&program)
+        .output()?;
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(other.join().unwrap(), (OTHER_REFUSED, 0));
+    assert_eq!(out.status.code(), Some(RULE_FAILED), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("connections told apart by pid tree"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stderr
+            .matches("telling COMMAND's connections apart by its process tree")
+            .count(),
+        1,
+        "{stderr}"
+    );
+    let rule = format!(
+        "rule failures>0 FAILED: {COMMAND_REFUSED} failed connects (limit 0): \
+         {server}:{REFUSED}: {COMMAND_REFUSED} refused"
+    );
+    assert!(stdout.contains(&rule), "{stdout}\n{stderr}");
+    // The host's cgroup v2 mount is untouched.
+    assert!(fs::read_to_string("/proc/mounts")?.contains(&format!(" {cgroup2} cgroup2 ")));
+    Ok(())
+}
