@@ -43,7 +43,33 @@ pub enum Command {
     Top(TopArgs),
     /// Connect to HOST:PORT targets and report, with the kernel's view, how each connect went
     Probe(crate::probe::ProbeArgs),
+    /// Run a command and judge the connections it made, for CI (needs what `run` needs)
+    #[command(after_long_help = WATCH_HELP)]
+    Watch(WatchArgs),
 }
+
+const WATCH_HELP: &str = "\
+What counts: connections whose owner is COMMAND or a process it started (COMMAND runs in a \
+cgroup made for the run; where none can be made, its process tree is followed instead, and \
+connprobe says so), connects it made and connections accepted by its listeners, and its DNS \
+queries. Connections of other processes, at the same time and to the same places, do not.
+
+Rules (--fail-on, repeatable): METRIC>THRESHOLD with METRIC one of
+  failures       failed connects, all destinations together (failures>0)
+  retransmits    retransmitted segments, SYNs included (retransmits>10)
+  resets         resets on its connections, refused connects aside (resets>0)
+  dns_timeouts   DNS queries unanswered (dns_timeouts>0)
+  p50, p99       handshake latency of each destination (p99>200ms)
+
+Exit status: COMMAND's own when every rule holds (128+N when signal N ended it); 100 when a \
+rule fails (the report gives COMMAND's code); 127 when COMMAND cannot be started; 2 for a bad \
+command line; 1 when connprobe cannot trace (COMMAND then does not run).
+
+Examples:
+  connprobe watch -- ./integration-tests.sh
+  connprobe watch --fail-on 'failures>0' --fail-on 'p99>200ms' --junit connectivity.xml -- \
+      curl -fsS https://staging.example.com/healthz
+  connprobe watch --json --fail-on 'dns_timeouts>0' -- make smoke-test";
 
 /// An owner label of the per-destination metrics (`--by`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -205,6 +231,44 @@ pub struct AnalyzeArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WatchArgs {
+    /// Fail (exit 100) when the command's connections break this rule: `failures>0`,
+    /// `p99>200ms`, `retransmits>N`, `resets>N`, `dns_timeouts>N` (see below). Repeatable.
+    #[arg(long, value_name = "RULE")]
+    pub fail_on: Vec<crate::watch::rule::Rule>,
+
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Also write a JUnit XML report to FILE: one testcase per rule (and one for the
+    /// command's exit), with a failure element where it failed.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+
+    /// Which kind of tracepoint to attach.
+    #[arg(long, value_enum, default_value_t = HookMode::Auto)]
+    pub hooks: HookMode,
+
+    /// A DNS query with no answer after this long is a timeout (so is one still unanswered
+    /// when the command ends).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub dns_timeout: Duration,
+
+    /// Do not watch DNS at all.
+    #[arg(long)]
+    pub no_dns: bool,
+
+    /// More detail on standard error (the agent's log lines).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// The command to run, and its arguments, after `--`.
+    #[arg(value_name = "COMMAND", required = true, num_args = 1.., last = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Clone, Args)]

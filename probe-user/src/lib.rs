@@ -6,7 +6,8 @@
 //! (Prometheus, the `/destinations` view; the JSON log takes the events) and `diagnose` (verdicts,
 //! flight recorder, evidence bundles). `tally` counts what was delivered and lost.
 //! `pipeline` wires them together and handles shutdown; `cli` is the command line, `logging`
-//! its stderr. `top` is the live console on a running agent (it reads `export::view`).
+//! its stderr. `top` is the live console on a running agent (it reads `export::view`); `watch` runs
+//! a command under the pipeline and judges only that command's connections (CI checks);
 //! `probe` is the active check: it connects to targets and runs the loader, reader and
 //! decoder in-process to judge its own sockets with `diagnose`.
 //! The reader gives each event its owner's `workload` (cgroup, container, pod) and, behind a
@@ -36,4 +37,5 @@ pub mod schema;
 pub mod tally;
 pub mod top;
 pub mod units;
+pub mod watch;
 pub mod workload;

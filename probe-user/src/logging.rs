@@ -30,11 +30,16 @@ pub fn directives(verbose: u8) -> String {
 
 /// `RUST_LOG` when it is set and valid, else [`directives`].
 pub fn filter(verbose: u8, rust_log: Option<&OsStr>) -> EnvFilter {
+    filter_or(&directives(verbose), rust_log)
+}
+
+/// `RUST_LOG` when it is set and valid, else `directives`.
+fn filter_or(directives: &str, rust_log: Option<&OsStr>) -> EnvFilter {
     rust_log
         .and_then(OsStr::to_str)
         .filter(|v| !v.trim().is_empty())
         .and_then(|v| EnvFilter::try_new(v).ok())
-        .unwrap_or_else(|| EnvFilter::new(directives(verbose)))
+        .unwrap_or_else(|| EnvFilter::new(directives))
 }
 
 /// Whether log lines get ANSI colour: on a terminal, unless `NO_COLOR` is set to anything but
@@ -50,12 +55,20 @@ pub fn no_color() -> bool {
 
 /// Sets up the global subscriber, writing to standard error.
 pub fn init(verbose: u8) {
+    init_with(&directives(verbose));
+}
+
+/// Sets up the global subscriber with these filter directives (`RUST_LOG` still wins).
+pub fn init_with(directives: &str) {
     let ansi = use_color(
         std::io::stderr().is_terminal(),
         std::env::var_os("NO_COLOR").as_deref(),
     );
     tracing_subscriber::fmt()
-        .with_env_filter(filter(verbose, std::env::var_os("RUST_LOG").as_deref()))
+        .with_env_filter(filter_or(
+            directives,
+            std::env::var_os("RUST_LOG").as_deref(),
+        ))
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .with_target(false)

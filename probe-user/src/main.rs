@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use probe_user::{
     cli::{Cli, Command, RunArgs},
-    diagnose, logging, pipeline, privileges, probe, top,
+    diagnose, logging, pipeline, privileges, probe, top, watch,
 };
 
 fn main() -> ExitCode {
@@ -12,9 +12,14 @@ fn main() -> ExitCode {
     let verbose = match &cli.command {
         Some(Command::Run(args)) => args.verbose,
         None => cli.run.verbose,
+        // watch's standard error is COMMAND's too: only warnings unless asked.
+        Some(Command::Watch(args)) => args.verbose,
         _ => 0,
     };
-    logging::init(verbose);
+    match &cli.command {
+        Some(Command::Watch(_)) if verbose == 0 => logging::init_with("warn"),
+        _ => logging::init(verbose),
+    }
 
     let result = match cli.command {
         None => run(cli.run),
@@ -24,6 +29,16 @@ fn main() -> ExitCode {
         Some(Command::Top(args)) => top::run(&args),
         // Its own exit statuses: 1 for failed connects, 2 when it cannot run.
         Some(Command::Probe(args)) => return probe::main(args),
+        Some(Command::Watch(args)) => {
+            limit_malloc_arenas();
+            return match watch::run(args) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    eprintln!("connprobe: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

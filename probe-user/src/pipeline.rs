@@ -195,11 +195,39 @@ fn consumer(
 enum Stop {
     Signal(&'static str),
     Duration,
+    Told,
     ReaderFailed(anyhow::Error),
+}
+
+/// How another command (`connprobe watch`) runs the agent inside itself: no live view and no
+/// tally printed, word once the programs are attached, and a stop when the caller says.
+pub struct Embedding {
+    /// Called once the programs are attached and the agent traces (dropped uncalled when the
+    /// agent fails before).
+    pub attached: Box<dyn FnOnce() + Send>,
+    /// The agent stops (detaches, drains, flushes) when this resolves.
+    pub stop: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+}
+
+/// What an embedded run leaves for its caller: the DNS state (its recent exchanges) and the
+/// tally (what was lost).
+pub struct Embedded {
+    pub dns: Option<SharedDns>,
+    pub tally: Arc<Tally>,
 }
 
 /// `connprobe run`.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    run_embedded(args, None).await.map(drop)
+}
+
+/// The agent, run on its own (`embedding: None`) or inside another command.
+pub async fn run_embedded(args: RunArgs, embedding: Option<Embedding>) -> anyhow::Result<Embedded> {
+    let embedded = embedding.is_some();
+    let (mut attached, mut told) = match embedding {
+        Some(e) => (Some(e.attached), Some(e.stop)),
+        None => (None, None),
+    };
     let clock = Clock::now();
     let started = SystemTime::now();
     let tally = Arc::new(Tally::default());
@@ -409,6 +437,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("watching DNS ({how})");
     }
     http_state.set_ready(true);
+    if let Some(attached) = attached.take() {
+        attached();
+    }
     if !args.no_metrics {
         tracing::info!("metrics on {scheme}://{}/metrics", args.metrics_addr);
     }
@@ -424,7 +455,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
 
     // The live view: on a terminal, when the events are not going to the terminal too.
-    let mut live = (io::stdout().is_terminal()
+    let mut live = (!embedded
+        && io::stdout().is_terminal()
         && args.json_log.as_deref() != Some(std::path::Path::new("-")))
     .then(|| LiveView::new(view_sources, args.metrics_addr, args.no_metrics))
     .transpose()?;
@@ -435,6 +467,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     tokio::pin!(deadline);
+    let told = async {
+        match told.as_mut() {
+            Some(stop) => stop.await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(told);
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
     let mut stats = tokio::time::interval(args.stats_interval.max(Duration::from_millis(100)));
     stats.tick().await;
@@ -451,6 +490,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 reload_web_config(args.web_config_file.as_deref(), &http_state);
             }
             _ = &mut deadline => break Stop::Duration,
+            _ = &mut told => break Stop::Told,
             result = &mut reader => {
                 let err = match result {
                     Ok(Ok(())) => anyhow::anyhow!("the ring buffer reader stopped"),
@@ -490,7 +530,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     match &stop {
         Stop::Signal(name) => tracing::info!("{name} received; detaching and flushing"),
         Stop::Duration => tracing::info!("--duration elapsed; detaching and flushing"),
-        Stop::ReaderFailed(_) => {}
+        Stop::Told | Stop::ReaderFailed(_) => {}
     }
 
     // The programs' skipped runs are read before detaching closes their descriptors. Detach
@@ -527,12 +567,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let _ = task.await;
     }
     tally.set_kernel(kernel_counts(&counters, &ProgramRuns::default()));
-    eprintln!("connprobe: {}", tally.line());
+    if !embedded {
+        eprintln!("connprobe: {}", tally.line());
+    }
     if let Some(dns) = &dns_state {
         dns_kernel_counts(dns, &counters);
-        eprintln!("connprobe: {}", dns::summary(dns));
+        if !embedded {
+            eprintln!("connprobe: {}", dns::summary(dns));
+        }
     }
-    reader_result
+    reader_result.map(|()| Embedded {
+        dns: dns_state,
+        tally,
+    })
 }
 
 /// The foreground agent's view of its destinations: `connprobe top`'s screen, drawn on the

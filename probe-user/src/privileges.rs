@@ -295,16 +295,34 @@ pub fn drop_after_attach(map_lookup_works: impl Fn() -> bool) -> Result<u64, Pri
     Ok(kept)
 }
 
-/// Threads other than the calling one that hold a capability: `TID (comm): CapPrm=...`.
+/// Threads that keep their capabilities on purpose (by thread id): `connprobe watch`'s
+/// launcher, which starts the watched command with the privileges connprobe was given.
+static KEEPERS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Marks the calling thread as one that keeps its capabilities (it never loads, reads or
+/// serves anything); the check after the drop leaves it out.
+pub fn keep_in_this_thread() {
+    // SAFETY: gettid has no preconditions.
+    let me = unsafe { libc::gettid() }.to_string();
+    KEEPERS.lock().unwrap_or_else(|e| e.into_inner()).push(me);
+}
+
+/// Threads other than the calling one (and the keepers) that hold a capability: `TID (comm):
+/// CapPrm=...`.
 fn threads_holding_capabilities(tasks: &Path) -> Vec<String> {
     // SAFETY: gettid has no preconditions.
     let me = unsafe { libc::gettid() }.to_string();
     let Ok(entries) = fs::read_dir(tasks) else {
         return Vec::new();
     };
+    let keepers = KEEPERS.lock().unwrap_or_else(|e| e.into_inner()).clone();
     entries
         .flatten()
         .filter(|task| task.file_name().to_str() != Some(me.as_str()))
+        .filter(|task| {
+            let tid = task.file_name();
+            !keepers.iter().any(|k| Some(k.as_str()) == tid.to_str())
+        })
         .filter_map(|task| {
             let status = fs::read_to_string(task.path().join("status")).ok()?;
             let caps = ThreadCapabilities::from_status(&status)?;

@@ -269,6 +269,16 @@ fn read_line(input: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<LineRea
     }
 }
 
+/// Each event of the log in `input` (`name` is for messages), plain or gzip; DNS lines are
+/// left out.
+pub fn read_events<'a, R: Read + 'a>(
+    input: R,
+    name: &str,
+    each: impl FnMut(Event),
+) -> anyhow::Result<()> {
+    for_each_event(open_lines(input, name)?, name, each)
+}
+
 fn for_each_event(
     lines: impl BufRead,
     name: &str,

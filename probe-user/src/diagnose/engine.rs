@@ -17,6 +17,7 @@ use super::{
     fold::DestinationEvidence,
     format_time, round,
     rules::{self, Context},
+    summary::DestinationSummary,
     verdict::{DestinationReport, Report, VerdictId, WindowSummary},
 };
 use crate::{
@@ -107,6 +108,17 @@ impl Judge {
             .entry(key)
             .or_insert_with(|| DestinationEvidence::new(event.time))
             .add(&key, event);
+    }
+
+    /// Each destination's figures so far, most connects first.
+    pub fn summaries(&self) -> Vec<DestinationSummary> {
+        let mut all: Vec<(&Destination, DestinationSummary)> = self
+            .destinations
+            .iter()
+            .map(|(key, ev)| (key, DestinationSummary::of(key, ev)))
+            .collect();
+        all.sort_by(|(ka, a), (kb, b)| b.connects.cmp(&a.connects).then_with(|| ka.cmp(kb)));
+        all.into_iter().map(|(_, s)| s).collect()
     }
 
     pub fn finish(self) -> Report {

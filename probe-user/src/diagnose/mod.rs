@@ -18,6 +18,7 @@ mod processes;
 pub mod recorder;
 pub mod render;
 pub mod rules;
+pub mod summary;
 pub mod verdict;
 
 use std::time::SystemTime;
@@ -27,6 +28,7 @@ pub use client::{diagnose_handler, run_diagnose};
 pub use engine::{Judge, Window, judge};
 pub use evidence::{EvidenceError, EvidenceWriter, TriggerConfig};
 pub use recorder::FlightRecorder;
+pub use summary::DestinationSummary;
 pub use verdict::{Report, Verdict, VerdictId};
 
 /// Times in reports: RFC 3339 UTC with milliseconds. Milliseconds, not the log's microseconds:
