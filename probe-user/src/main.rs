@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use probe_user::{
     cli::{Cli, Command, RunArgs},
-    diagnose, logging, pipeline, privileges, probe, top, watch,
+    diagnose, logging, pipeline, probe, top, watch,
 };
 
 fn main() -> ExitCode {
@@ -51,14 +51,7 @@ fn main() -> ExitCode {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     limit_malloc_arenas();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("connprobe")
-        // Only the main thread, which loads and attaches, ever holds a capability.
-        .on_thread_start(privileges::drop_in_this_thread)
-        .enable_all()
-        .build()?;
-    runtime.block_on(pipeline::run(args))
+    pipeline::runtime()?.block_on(pipeline::run(args))
 }
 
 /// glibc gives threads that allocate at once arenas of their own (up to 8 per core), and each

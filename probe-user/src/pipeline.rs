@@ -191,6 +191,17 @@ fn consumer(
     }
 }
 
+/// The agent's runtime: two worker threads, none of which holds a capability (only the main
+/// thread, which loads and attaches, ever does).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("connprobe")
+        .on_thread_start(privileges::drop_in_this_thread)
+        .enable_all()
+        .build()
+}
+
 /// Why the agent stopped.
 enum Stop {
     Signal(&'static str),

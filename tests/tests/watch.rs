@@ -121,6 +121,12 @@ fn watch(lab: &Lab, args: &[&str], script: &str) -> anyhow::Result<Output> {
     Ok(command.output()?)
 }
 
+/// Panics if a cgroup of watch's is still there.
+fn assert_no_cgroup_left_behind() {
+    let left = cgroup_left_behind();
+    assert!(left.is_empty(), "cgroups left behind: {left:?}");
+}
+
 fn cgroup_left_behind() -> Vec<String> {
     let mounts = fs::read_to_string("/proc/mounts").unwrap();
     let root = mounts
@@ -225,11 +231,7 @@ fn refused_connects_fail_the_rule_and_name_the_destination() -> anyhow::Result<(
         "{xml}"
     );
     assert!(xml.contains("name=\"p99&gt;5s\""), "{xml}");
-    assert!(
-        cgroup_left_behind().is_empty(),
-        "{:?}",
-        cgroup_left_behind()
-    );
+    assert_no_cgroup_left_behind();
     // The README's example run (`--nocapture` shows it).
     println!("{stdout}\n{xml}");
     Ok(())
@@ -291,11 +293,7 @@ fn a_clean_run_passes_the_commands_exit_code_through() -> anyhow::Result<()> {
     let rules = report["rules"].as_array().unwrap();
     assert_eq!(rules.len(), 3);
     assert!(rules.iter().all(|r| r["passed"] == true), "{rules:#?}");
-    assert!(
-        cgroup_left_behind().is_empty(),
-        "{:?}",
-        cgroup_left_behind()
-    );
+    assert_no_cgroup_left_behind();
     Ok(())
 }
 
@@ -402,11 +400,7 @@ fn silent_dns_fails_dns_timeouts_and_only_the_commands_count() -> anyhow::Result
             .any(|d| d["destination"] == resolver && d["verdicts"][0]["verdict"] == "dns_timeout"),
         "{report:#}"
     );
-    assert!(
-        cgroup_left_behind().is_empty(),
-        "{:?}",
-        cgroup_left_behind()
-    );
+    assert_no_cgroup_left_behind();
     Ok(())
 }
 
@@ -479,11 +473,7 @@ fn connections_accepted_by_the_commands_listener_count() -> anyhow::Result<()> {
     assert_eq!(served["side"], "server", "{report:#}");
     assert_eq!(served["connects"], CLIENTS as u64, "{report:#}");
     assert_eq!(served["established"], CLIENTS as u64, "{report:#}");
-    assert!(
-        cgroup_left_behind().is_empty(),
-        "{:?}",
-        cgroup_left_behind()
-    );
+    assert_no_cgroup_left_behind();
     Ok(())
 }
 

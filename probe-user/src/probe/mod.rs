@@ -30,7 +30,7 @@ use self::{
     target::Target,
     tracer::{OwnSockets, Tracer},
 };
-use crate::{event::Errno, privileges, units::parse_duration};
+use crate::{event::Errno, units::parse_duration};
 
 /// Every connect established.
 pub const EXIT_OK: u8 = 0;
@@ -124,13 +124,7 @@ pub fn main(args: ProbeArgs) -> ExitCode {
         Ok(t) => t,
         Err(e) => return bad(&e),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("connprobe")
-        .on_thread_start(privileges::drop_in_this_thread)
-        .enable_all()
-        .build()
-    {
+    let runtime = match crate::pipeline::runtime() {
         Ok(r) => r,
         Err(e) => return bad(&format!("cannot start the runtime: {e}")),
     };

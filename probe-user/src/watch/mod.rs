@@ -106,12 +106,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<u8> {
     };
 
     let run_args = run_args(&args, &log_path)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("connprobe")
-        .on_thread_start(privileges::drop_in_this_thread)
-        .enable_all()
-        .build()?;
+    let runtime = pipeline::runtime()?;
     let agent = runtime.block_on(pipeline::run_embedded(
         run_args,
         Some(Embedding {
