@@ -200,7 +200,6 @@ fn capture(ctx: &SkBuffContext, dir: u8, with_process: bool) {
         (*packet).dst_addr = l.dst_addr;
         (*packet).comm = comm;
     }
-    let mut answer = false;
     if payload_len > 0 {
         // The length must be provably in 1..=DNS_PAYLOAD_BYTES where the helper is called. The
         // compiler folds range checks into forms the verifier cannot follow, so the bound is a
@@ -222,29 +221,20 @@ fn capture(ctx: &SkBuffContext, dir: u8, with_process: bool) {
             bump(Counter::ReadError);
             return;
         }
-        // The header's QR bit (byte 2 of the message; TCP puts a 2-byte length before it).
-        let qr_at = if l.transport == IPPROTO_UDP { 2 } else { 4 };
-        // SAFETY: within the payload field of the reserved record, written just above (a
-        // byte the packet did not have reads as whatever the reservation held: a guess at worst).
-        answer = unsafe { (*packet).payload[qr_at] } & 0x80 != 0;
     }
-    entry.submit(wakeup(answer));
+    entry.submit(wakeup());
 }
 
-/// When a record wakes the agent. Waking it is the dearest part of a query's capture (an
-/// interrupt, about 11 us per query on this project's VM against 0.4 us for the rest, measured
-/// with `cargo xtask bench --scenarios dns`), and a query that finds the ring empty would
-/// always pay it. Queries wait for the agent's 100 ms poll: their timeout runs in seconds.
-/// Answers wake it as the ring buffer does by default (when it has caught up): a connect made
-/// right after an answer must find the name it carries (`dst_name`). When the agent falls far
-/// behind (a quarter of the ring) every record wakes it.
+/// When a record wakes the agent: only when it falls far behind (a quarter of the ring unread).
+/// Waking it was the dearest part of a query's capture (an interrupt: about 11 us per query on
+/// this project's VM against 0.4 us for the rest, measured with `cargo xtask bench --scenarios
+/// dns`), and a query that found the ring empty always paid it. The agent's DNS reader drains
+/// the ring every 100 ms, and its event consumer drains it before naming connects, so an answer
+/// is read before the connect that follows it without waking anyone.
 #[inline(always)]
-fn wakeup(answer: bool) -> u64 {
-    let unread = DNS_EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-    if unread >= DNS_RING_BYTES as u64 / 4 {
+fn wakeup() -> u64 {
+    if DNS_EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= DNS_RING_BYTES as u64 / 4 {
         BPF_RB_FORCE_WAKEUP as u64
-    } else if answer {
-        0
     } else {
         BPF_RB_NO_WAKEUP as u64
     }

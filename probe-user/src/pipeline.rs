@@ -127,6 +127,8 @@ fn name_destinations(batch: &mut [Event], dns: &SharedDns) {
     if wanted.peek().is_none() {
         return;
     }
+    // Answers the DNS reader has not read yet (it is not woken for each) are read first.
+    dns::drain(dns);
     let now = std::time::Instant::now();
     let dns = dns.lock().unwrap_or_else(|e| e.into_inner());
     if dns.names.is_empty() {

@@ -7,6 +7,7 @@
 //! remembers which name each answered address stands for (the join with connects); the JSON
 //! log gets one `dns` line per exchange.
 use std::{
+    os::fd::AsFd as _,
     sync::{Arc, Mutex, mpsc::SyncSender, mpsc::TrySendError},
     time::{Duration, Instant},
 };
@@ -122,6 +123,11 @@ pub struct DnsState {
     pub stats: DnsStats,
     pub names: NameCache,
     pub counts: DnsCounts,
+    /// The kernel's DNS ring, once the reader has started: drained by whoever needs it current
+    /// (see [`drain`]).
+    ring: Option<RingBuf<MapData>>,
+    /// Exchanges ended (answered, timed out) and not yet handed to the log.
+    pending_log: Vec<DnsExchange>,
 }
 
 pub type SharedDns = Arc<Mutex<DnsState>>;
@@ -134,6 +140,8 @@ impl DnsState {
             stats: DnsStats::new(config.max_resolvers),
             names: NameCache::new(config.max_names),
             counts: DnsCounts::default(),
+            ring: None,
+            pending_log: Vec::new(),
         }
     }
 
@@ -198,6 +206,13 @@ impl DnsState {
     }
 
     /// Queries past the timeout at the monotonic time `now_mono_ns` become timeouts.
+    /// [`DnsState::expire`] into the exchanges waiting for the log.
+    fn expire_pending(&mut self, now_mono_ns: u64, now: Instant) {
+        let mut out = std::mem::take(&mut self.pending_log);
+        self.expire(now_mono_ns, now, &mut out);
+        self.pending_log = out;
+    }
+
     pub fn expire(&mut self, now_mono_ns: u64, now: Instant, out: &mut Vec<DnsExchange>) {
         let first = out.len();
         self.tracker.expire(now_mono_ns, out);
@@ -260,6 +275,13 @@ const TICK: Duration = Duration::from_millis(100);
 
 /// Reads the DNS ring buffer until told to stop; matched and timed-out exchanges go to the
 /// log. At the stop, what is still waiting is left out (neither answered nor timed out yet).
+///
+/// The ring lives in the shared state rather than in this task: the event consumer drains it
+/// too, before it names connects ([`drain`]). The kernel does not wake this task for each DNS
+/// record (a wakeup per query cost more than the query's capture, see probe-ebpf `dns`), so
+/// without that an answer could still sit in the ring when the connect that follows it is
+/// named. This task keeps a descriptor of the ring for readiness (a far-behind ring wakes it)
+/// and drains it on every tick.
 pub fn spawn_reader(
     ring: RingBuf<MapData>,
     state: SharedDns,
@@ -267,36 +289,39 @@ pub fn spawn_reader(
     tally: Arc<Tally>,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<anyhow::Result<()>> {
+    // Set here, not in the task: after a fallback the last reader started holds the live ring.
+    let readiness = ring.as_fd().try_clone_to_owned();
+    lock(&state).ring = Some(ring);
     tokio::spawn(async move {
-        // SAFETY: the RingBuf owns its map fd and keeps it open while the AsyncFd holds it.
-        let mut fd =
-            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        let readiness = readiness.context("cannot duplicate the DNS ring buffer's descriptor")?;
+        // SAFETY: the OwnedFd is the AsyncFd's own and stays open while it is registered.
+        let fd =
+            unsafe { AsyncFd::register_with_interest(readiness, tokio::io::Interest::READABLE) }
                 .context("cannot poll the DNS ring buffer")?;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut out = Vec::new();
         loop {
             tokio::select! {
-                guard = fd.readable_mut() => {
+                guard = fd.readable() => {
                     let mut guard = guard.context("polling the DNS ring buffer failed")?;
-                    drain(guard.get_inner_mut(), &state, &mut out);
+                    drain(&state);
                     guard.clear_ready();
                     // Exchanges go to the log in batches (one queue slot each): at most a
                     // tick late, or as soon as a batch is full.
-                    if out.len() >= crate::reader::BATCH {
-                        hand_on(&mut out, &log, &state, &tally);
+                    if lock(&state).pending_log.len() >= crate::reader::BATCH {
+                        hand_on(&log, &state, &tally);
                     }
                 }
                 _ = tick.tick() => {
-                    drain(fd.get_mut(), &state, &mut out);
-                    lock(&state).expire(monotonic_ns(), Instant::now(), &mut out);
-                    hand_on(&mut out, &log, &state, &tally);
+                    drain(&state);
+                    lock(&state).expire_pending(monotonic_ns(), Instant::now());
+                    hand_on(&log, &state, &tally);
                 }
                 _ = stop.changed() => break,
             }
         }
-        drain(fd.get_mut(), &state, &mut out);
-        hand_on(&mut out, &log, &state, &tally);
+        drain(&state);
+        hand_on(&log, &state, &tally);
         Ok(())
     })
 }
@@ -305,24 +330,29 @@ fn lock(state: &SharedDns) -> std::sync::MutexGuard<'_, DnsState> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn drain(ring: &mut RingBuf<MapData>, state: &SharedDns, out: &mut Vec<DnsExchange>) {
+/// Reads every record the DNS ring holds into the state (queries pending, answers matched, names
+/// learnt); the exchanges that ended wait for the DNS reader's next hand-on to the log. Called by
+/// the DNS reader and by the event consumer before it names connects: an answer is in the ring
+/// before the application that asked can read it, so a connect that follows it finds its name.
+pub fn drain(state: &SharedDns) {
     let now = Instant::now();
     let mut state = lock(state);
+    let Some(mut ring) = state.ring.take() else {
+        return;
+    };
+    let mut out = std::mem::take(&mut state.pending_log);
     while let Some(item) = ring.next() {
-        state.ingest(&item, now, out);
+        state.ingest(&item, now, &mut out);
     }
+    state.pending_log = out;
+    state.ring = Some(ring);
 }
 
-fn hand_on(
-    out: &mut Vec<DnsExchange>,
-    log: &Option<SyncSender<LogBatch>>,
-    state: &SharedDns,
-    tally: &Tally,
-) {
-    if out.is_empty() {
+fn hand_on(log: &Option<SyncSender<LogBatch>>, state: &SharedDns, tally: &Tally) {
+    let mut batch = std::mem::take(&mut lock(state).pending_log);
+    if batch.is_empty() {
         return;
     }
-    let mut batch = std::mem::take(out);
     for exchange in batch.iter_mut() {
         exchange.seq = tally.next_seq();
     }
