@@ -283,7 +283,9 @@ pub async fn run_embedded(args: RunArgs, embedding: Option<Embedding>) -> anyhow
         .as_deref()
         .map(|path| tokio::task::block_in_place(|| WebSecurity::load(path)))
         .transpose()?;
-    let evidence = trigger_config(&args).map(EvidenceWriter::new).transpose()?;
+    let evidence = trigger_config(&args)
+        .map(|config| EvidenceWriter::new(config).map(|w| w.with_dns(dns_state.clone())))
+        .transpose()?;
     let prometheus = Arc::new(PrometheusExporter::new(Sources {
         aggregator: aggregator.clone(),
         tally: tally.clone(),

@@ -101,6 +101,11 @@ impl DnsLab {
 
     /// `curl` in the client namespace (resolving through the lab's server), with a 3 s limit.
     pub fn curl(&self, url: &str) -> anyhow::Result<ExitStatus> {
+        self.curl_within(url, 3)
+    }
+
+    /// `curl` with a limit of `seconds`.
+    pub fn curl_within(&self, url: &str, seconds: u32) -> anyhow::Result<ExitStatus> {
         let status = Command::new("ip")
             .args([
                 "netns",
@@ -111,7 +116,7 @@ impl DnsLab {
                 "-o",
                 "/dev/null",
             ])
-            .args(["--max-time", "3", url])
+            .args(["--max-time", &seconds.to_string(), url])
             .stdin(Stdio::null())
             .status()
             .context("cannot run curl")?;

@@ -7,6 +7,10 @@ JSON object per line, flushed at once. It is the ground truth of the DNS tests.
     fail-*     SERVFAIL
     refuse-*   REFUSED
     silent-*   no answer at all
+    flaky-*    for A queries NOERROR with 127.0.0.1 (the asker's own loopback: a connect there
+               is refused at once, and no other name's answer shares the address), no answer
+               to the others (AAAA): the query of a pair that a conntrack race or a broken
+               server loses; glibc waits, then uses the A answer
     anything else: NXDOMAIN
 
 Usage: dns_server.py ADDR PORT ANSWER_V4 LOG. It prints "ready" once both sockets listen, and
@@ -42,6 +46,8 @@ def answer(msg, transport):
     qid, flags, name, qtype, end = question(msg)
     kind = name.split("-", 1)[0] if "-" in name else "other"
     action = kind if kind in RCODES or kind == "silent" else "nx"
+    if kind == "flaky":
+        action = "ok" if qtype == 1 else "silent"
     with LOCK:
         LOG.write(json.dumps({"id": qid, "name": name, "qtype": qtype,
                               "transport": transport, "action": action}) + "\n")
@@ -51,7 +57,8 @@ def answer(msg, transport):
     records = b""
     ancount = 0
     if action == "ok" and qtype == 1:
-        records = struct.pack("!HHHIH", 0xC00C, 1, 1, 30, 4) + socket.inet_aton(ANSWER_V4)
+        address = "127.0.0.1" if kind == "flaky" else ANSWER_V4
+        records = struct.pack("!HHHIH", 0xC00C, 1, 1, 30, 4) + socket.inet_aton(address)
         ancount = 1
     # QR, the query's opcode and RD, RA; then the counts: one question, the answers.
     out_flags = 0x8000 | (flags & 0x7900) | 0x0080 | rcode

@@ -16,7 +16,10 @@ use super::{
     render,
     verdict::Report,
 };
-use crate::event::Event;
+use crate::{
+    dns::exchange::{DnsExchange, DnsLine},
+    event::Event,
+};
 
 /// The first two bytes of a gzip stream.
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
@@ -123,18 +126,14 @@ impl PerHost {
         }
     }
 
-    fn add(&mut self, host: String, event: Event) {
+    fn add(&mut self, host: String, record: Record) {
         match self.window {
-            None => self
-                .judges
-                .entry(host)
-                .or_insert_with(|| Judge::new(None))
-                .add(&event),
+            None => record.add_to(self.judges.entry(host).or_insert_with(|| Judge::new(None))),
             Some(length) => self
                 .recent
                 .entry(host)
                 .or_insert_with(|| RecentEvents::new(length))
-                .push(event),
+                .push(record),
         }
     }
 
@@ -155,7 +154,7 @@ impl PerHost {
                     .unwrap_or(SystemTime::UNIX_EPOCH);
                 self.recent
                     .into_iter()
-                    .map(|(host, r)| (host, judge(&r.events, Window::ending_at(end, length))))
+                    .map(|(host, r)| (host, r.judge(Window::ending_at(end, length))))
                     .collect()
             }
         };
@@ -188,14 +187,14 @@ pub fn analyze_reader<'a, R: Read + 'a>(
     match window {
         None => {
             let mut judge = Judge::new(None);
-            for_each_event(lines, name, |event| judge.add(&event))?;
+            for_each_record(lines, name, |record| record.add_to(&mut judge))?;
             Ok(judge.finish())
         }
         Some(length) => {
             let mut recent = RecentEvents::new(length);
-            for_each_event(lines, name, |event| recent.push(event))?;
+            for_each_record(lines, name, |record| recent.push(record))?;
             let end = recent.newest.unwrap_or(SystemTime::UNIX_EPOCH);
-            Ok(judge(&recent.events, Window::ending_at(end, length)))
+            Ok(recent.judge(Window::ending_at(end, length)))
         }
     }
 }
@@ -274,26 +273,30 @@ fn read_line(input: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<LineRea
 pub fn read_events<'a, R: Read + 'a>(
     input: R,
     name: &str,
-    each: impl FnMut(Event),
-) -> anyhow::Result<()> {
-    for_each_event(open_lines(input, name)?, name, each)
-}
-
-fn for_each_event(
-    lines: impl BufRead,
-    name: &str,
     mut each: impl FnMut(Event),
 ) -> anyhow::Result<()> {
-    for_each_line(lines, name, |_, event| each(event))
+    for_each_record(open_lines(input, name)?, name, |record| {
+        if let Record::Event(event) = record {
+            each(event);
+        }
+    })
 }
 
-/// Each event of the log, with the `host` field a shipper added to its line, if any. A line
-/// that is not an event is an error that names it, except a last line cut off without its
-/// newline (a writer stopped mid-line): that one is skipped, and said.
+fn for_each_record(
+    lines: impl BufRead,
+    name: &str,
+    mut each: impl FnMut(Record),
+) -> anyhow::Result<()> {
+    for_each_line(lines, name, |_, record| each(record))
+}
+
+/// Each event or DNS exchange of the log, with the `host` field a shipper added to its line, if
+/// any. A line that is neither is an error that names it, except a last line cut off without
+/// its newline (a writer stopped mid-line): that one is skipped, and said.
 fn for_each_line(
     mut lines: impl BufRead,
     name: &str,
-    mut each: impl FnMut(Option<String>, Event),
+    mut each: impl FnMut(Option<String>, Record),
 ) -> anyhow::Result<()> {
     let mut line = Vec::new();
     let mut number = 0u64;
@@ -320,12 +323,26 @@ fn for_each_line(
         if text.is_empty() {
             continue;
         }
-        // DNS exchanges share the log; the verdicts here are about connections.
-        if text.starts_with(r#"{"type":"dns""#) {
-            continue;
-        }
-        let event = match serde_json::from_str::<Event>(text) {
-            Ok(event) => event,
+        // DNS exchanges share the log: the resolvers' verdicts, and the names' timeouts. The
+        // agent writes `type` first; a shipper may have reordered the keys.
+        let dns = || {
+            serde_json::from_str::<DnsLine<'_>>(text).and_then(|line| {
+                DnsExchange::try_from(line)
+                    .map(Record::Dns)
+                    .map_err(serde::de::Error::custom)
+            })
+        };
+        let parsed = if text.starts_with(r#"{"type":"dns""#) {
+            dns()
+        } else {
+            match serde_json::from_str::<Event>(text) {
+                Ok(event) => Ok(Record::Event(event)),
+                Err(_) if text.contains(r#""type":"dns""#) => dns(),
+                Err(e) => Err(e),
+            }
+        };
+        let record = match parsed {
+            Ok(record) => record,
             Err(e) if !complete => {
                 tracing::warn!(
                     "{name} ends in an incomplete line (line {number}, {} bytes, no newline: \
@@ -347,7 +364,29 @@ fn for_each_line(
         } else {
             None
         };
-        each(host, event);
+        each(host, record);
+    }
+}
+
+/// One line of the log: a connection event, or a DNS exchange.
+enum Record {
+    Event(Event),
+    Dns(DnsExchange),
+}
+
+impl Record {
+    fn time(&self) -> SystemTime {
+        match self {
+            Record::Event(e) => e.time,
+            Record::Dns(x) => x.time,
+        }
+    }
+
+    fn add_to(&self, judge: &mut Judge) {
+        match self {
+            Record::Event(e) => judge.add(e),
+            Record::Dns(x) => judge.add_dns(x),
+        }
     }
 }
 
@@ -357,7 +396,7 @@ fn for_each_line(
 struct RecentEvents {
     length: Duration,
     newest: Option<SystemTime>,
-    events: Vec<Event>,
+    records: Vec<Record>,
     prune_at: usize,
 }
 
@@ -366,20 +405,29 @@ impl RecentEvents {
         RecentEvents {
             length,
             newest: None,
-            events: Vec::new(),
+            records: Vec::new(),
             prune_at: 1024,
         }
     }
 
-    fn push(&mut self, event: Event) {
-        self.newest = Some(self.newest.map_or(event.time, |t| t.max(event.time)));
-        self.events.push(event);
-        if self.events.len() >= self.prune_at {
+    fn push(&mut self, record: Record) {
+        let time = record.time();
+        self.newest = Some(self.newest.map_or(time, |t| t.max(time)));
+        self.records.push(record);
+        if self.records.len() >= self.prune_at {
             let cutoff =
                 Window::ending_at(self.newest.unwrap_or(SystemTime::UNIX_EPOCH), self.length).start;
-            self.events.retain(|e| e.time >= cutoff);
-            self.prune_at = (self.events.len() * 2).max(1024);
+            self.records.retain(|r| r.time() >= cutoff);
+            self.prune_at = (self.records.len() * 2).max(1024);
         }
+    }
+
+    fn judge(&self, window: Window) -> Report {
+        let mut judge = Judge::new(Some(window));
+        for record in &self.records {
+            record.add_to(&mut judge);
+        }
+        judge.finish()
     }
 }
 
@@ -454,6 +502,56 @@ mod tests {
                 .iter()
                 .any(|d| d.verdicts[0].id().is_problem())
         );
+    }
+
+    #[test]
+    fn dns_lines_give_the_same_verdicts_as_the_agent() {
+        use crate::diagnose::after_dns::tests::{RESOLVER, answered, failed_for, query};
+        use crate::diagnose::engine::judge_with_dns;
+        use crate::dns::exchange::DnsOutcome;
+        let mut events = mixed_log();
+        let mut exchanges = Vec::new();
+        for i in 0..10 {
+            let t = 100.0 + f64::from(i) * 40.0;
+            exchanges.push(query("api.lab", at(t), DnsOutcome::Timeout));
+            exchanges.push(query("api.lab", at(t + 5.0), answered()));
+            events.push(failed_for("10.0.0.2:443", "api.lab", at(t + 6.0)));
+        }
+        // Nanoseconds, as the agent has them: the log keeps microseconds.
+        for x in &mut exchanges {
+            x.time += Duration::from_nanos(999_999);
+        }
+        let mut log = jsonl(&events);
+        for x in &exchanges {
+            serde_json::to_writer(&mut log, &DnsLine::from(x)).unwrap();
+            log.push(b'\n');
+        }
+        let length = Duration::from_secs(3600);
+        let agent = judge_with_dns(&events, &exchanges, Window::ending_at(at(600.0), length));
+        assert_eq!(agent.verdict_ids(RESOLVER), vec![VerdictId::DnsTimeout]);
+        let joined = &agent
+            .destinations
+            .iter()
+            .find(|d| d.destination == "10.0.0.2:443")
+            .unwrap()
+            .verdicts[0];
+        assert_eq!(evidence(joined)["after_dns_timeout"]["failures"], 10);
+        // As a shipper may write it back: the keys in another order.
+        let mut reordered = Vec::new();
+        for line in log.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let mut value: serde_json::Value = serde_json::from_slice(line).unwrap();
+            let kind = value.as_object_mut().unwrap().remove("type").unwrap();
+            value["type"] = kind;
+            serde_json::to_writer(&mut reordered, &value).unwrap();
+            reordered.push(b'\n');
+        }
+        assert!(!reordered.starts_with(br#"{"type""#));
+        for window in [None, Some(length)] {
+            for log in [&log, &reordered] {
+                let from_log = analyze_reader(&log[..], "t.jsonl", window).unwrap();
+                assert_eq!(from_log.verdicts_only(), agent.verdicts_only());
+            }
+        }
     }
 
     #[test]

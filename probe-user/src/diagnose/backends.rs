@@ -87,6 +87,7 @@ impl Pools {
                 waited_us: c.latency.map(|l| l.as_micros() as u64),
                 local_port: event.src.port(),
                 backend: Some(backend),
+                name: None,
             });
         }
     }

@@ -14,7 +14,7 @@ use hyper::{Request, Version, header};
 use hyper_util::rt::TokioIo;
 
 use super::{
-    engine::{Window, judge},
+    engine::{Window, judge_with_dns},
     recorder::FlightRecorder,
     render,
     verdict::Report,
@@ -146,12 +146,30 @@ pub(crate) fn report_at(
     length: Duration,
     now: SystemTime,
 ) -> Result<Report, &'static str> {
+    report_with_dns_at(recorder, tally, started, length, now, None)
+}
+
+/// `report_at`, with the DNS path's recent exchanges judged beside the events (the resolvers'
+/// verdicts, and failures that followed an unanswered query for their name).
+fn report_with_dns_at(
+    recorder: &Mutex<FlightRecorder>,
+    tally: Option<&Tally>,
+    started: SystemTime,
+    length: Duration,
+    now: SystemTime,
+    dns: Option<&SharedDns>,
+) -> Result<Report, &'static str> {
     let window = Window::ending_at(now, length);
     let (events, complete) = match recorder.lock() {
         Ok(r) => (r.events_since(window.start), r.covers(window.start)),
         Err(_) => return Err("the flight recorder's lock is poisoned"),
     };
-    let mut report = judge(&events, window);
+    let exchanges = dns.map_or_else(Vec::new, |dns| {
+        dns.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .recent_since(window.start)
+    });
+    let mut report = judge_with_dns(&events, &exchanges, window);
     report.window.truncated = !complete;
     report.window.events_lost = tally.map(Tally::lost_by_stage);
     let observed = now
@@ -173,8 +191,7 @@ pub(crate) fn diagnose_at(
     diagnose_with_dns(recorder, tally, started, length, now, None)
 }
 
-/// The report, with the DNS verdicts on resolvers (from the DNS path's recent exchanges) ahead
-/// of the destinations: a resolver that fails is a cause of what follows.
+/// The report, with the DNS path's recent exchanges judged too (`report_with_dns_at`).
 fn diagnose_with_dns(
     recorder: &Mutex<FlightRecorder>,
     tally: Option<&Tally>,
@@ -183,20 +200,10 @@ fn diagnose_with_dns(
     now: SystemTime,
     dns: Option<&SharedDns>,
 ) -> (u16, String) {
-    let mut report = match report_at(recorder, tally, started, length, now) {
+    let report = match report_with_dns_at(recorder, tally, started, length, now, dns) {
         Ok(report) => report,
         Err(message) => return (500, error_body(message)),
     };
-    if let Some(dns) = dns {
-        let start = now.checked_sub(length).unwrap_or(SystemTime::UNIX_EPOCH);
-        let exchanges = dns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .recent_since(start);
-        let mut destinations = crate::dns::verdicts::dns_destinations(&exchanges);
-        destinations.append(&mut report.destinations);
-        report.destinations = destinations;
-    }
     match serde_json::to_string(&report) {
         Ok(body) => (200, body),
         Err(e) => (500, error_body(&format!("cannot format the report: {e}"))),
@@ -212,6 +219,7 @@ mod tests {
     use std::{io::BufRead, net::TcpListener, thread};
 
     use super::*;
+    use crate::diagnose::engine::judge;
     use crate::diagnose::engine::tests::mixed_log;
     use crate::event::{
         FailureReason::Refused,

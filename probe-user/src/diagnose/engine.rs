@@ -1,7 +1,9 @@
 //! The verdict engine: one pure function of an event sequence. Events are folded into compact
 //! per-destination evidence (`Judge::add`, `destination`), each destination is judged against
 //! every verdict rule and destinations sharing a port are compared as a pool (`rules`), and the
-//! destinations are ranked worst first (`Judge::finish`).
+//! destinations are ranked worst first (`Judge::finish`). DNS exchanges (`Judge::add_dns`) give
+//! the resolvers' verdicts, ahead of the destinations, and the unanswered queries that a
+//! destination's failures followed (`after_dns`).
 //!
 //! Nothing here depends on the order of the events or on the window's bounds beyond selecting
 //! the events, so `analyze` on a log and `diagnose` on an agent agree on the same events. One
@@ -13,6 +15,7 @@ use std::{
 };
 
 use super::{
+    after_dns::DnsTimeouts,
     backends::Pools,
     fold::DestinationEvidence,
     format_time, round,
@@ -22,7 +25,8 @@ use super::{
 };
 use crate::{
     destination::Destination,
-    event::{Event, EventDetail},
+    dns::{exchange::DnsExchange, verdicts::dns_destinations},
+    event::{Event, EventDetail, Side},
 };
 
 /// The events a report judges: from `start` to `end`, both included.
@@ -53,9 +57,17 @@ impl Window {
 
 /// Judges the events that fall inside `window`.
 pub fn judge(events: &[Event], window: Window) -> Report {
+    judge_with_dns(events, &[], window)
+}
+
+/// Judges the events and the DNS exchanges that fall inside `window`.
+pub fn judge_with_dns(events: &[Event], exchanges: &[DnsExchange], window: Window) -> Report {
     let mut judge = Judge::new(Some(window));
     for event in events {
         judge.add(event);
+    }
+    for exchange in exchanges {
+        judge.add_dns(exchange);
     }
     judge.finish()
 }
@@ -71,6 +83,10 @@ pub struct Judge {
     conntrack: Vec<(SystemTime, [u64; 3])>,
     /// Connects to translated addresses by backend.
     pools: Pools,
+    /// Client-side DNS exchanges (the resolvers' verdicts) and their unanswered queries by
+    /// name (joined with the destinations' failures).
+    dns: Vec<DnsExchange>,
+    dns_timeouts: DnsTimeouts,
 }
 
 impl Judge {
@@ -83,7 +99,21 @@ impl Judge {
             destinations: HashMap::new(),
             conntrack: Vec::new(),
             pools: Pools::default(),
+            dns: Vec::new(),
+            dns_timeouts: DnsTimeouts::default(),
         }
+    }
+
+    /// A DNS exchange (the DNS path's, or a log's `dns` line): client-side ones make the
+    /// resolvers' verdicts, and their timeouts join the failures of the names' destinations.
+    /// Not counted in the window's events, which are the connection events.
+    pub fn add_dns(&mut self, exchange: &DnsExchange) {
+        if exchange.side != Side::Client || self.window.is_some_and(|w| !w.contains(exchange.time))
+        {
+            return;
+        }
+        self.dns_timeouts.add(exchange);
+        self.dns.push(exchange.clone());
     }
 
     pub fn add(&mut self, event: &Event) {
@@ -137,6 +167,7 @@ impl Judge {
                 .map(|(key, _)| key.addr)
                 .collect(),
             conntrack: self.conntrack.clone(),
+            dns_timeouts: self.dns_timeouts,
         };
         let mut destinations: Vec<(Destination, DestinationReport)> = self
             .destinations
@@ -149,6 +180,9 @@ impl Judge {
                 .unwrap_or(std::cmp::Ordering::Equal)
                 .then_with(|| ka.cmp(kb))
         });
+        // The resolvers first: a resolver that fails is a cause of what follows.
+        let mut reports = dns_destinations(&self.dns);
+        reports.extend(destinations.into_iter().map(|(_, d)| d));
         Report {
             window: WindowSummary {
                 start: format_time(start),
@@ -162,7 +196,7 @@ impl Judge {
                 events_lost: None,
                 observed_seconds: None,
             },
-            destinations: destinations.into_iter().map(|(_, d)| d).collect(),
+            destinations: reports,
             groups: {
                 let mut groups = rules::pool_verdicts(&self.destinations);
                 groups.extend(self.pools.verdicts());

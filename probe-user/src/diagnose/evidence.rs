@@ -21,7 +21,7 @@ use serde::Serialize;
 use strum::{IntoStaticStr, VariantArray};
 
 use super::{
-    engine::{Window, judge},
+    engine::{Window, judge_with_dns},
     format_time,
     recorder::FlightRecorder,
     round,
@@ -30,6 +30,7 @@ use super::{
 use crate::{
     aggregate::{Aggregator, Snapshot, WindowStats},
     destination::Destination,
+    dns::SharedDns,
     event::{Event, FailureReason},
 };
 
@@ -173,6 +174,8 @@ pub struct EvidenceWriter {
     last_fired: HashMap<Destination, SystemTime>,
     written: Arc<AtomicU64>,
     sequence: u64,
+    /// The DNS path's recent exchanges, judged with the events (see `with_dns`).
+    dns: Option<SharedDns>,
 }
 
 impl EvidenceWriter {
@@ -185,7 +188,15 @@ impl EvidenceWriter {
             last_fired: HashMap::new(),
             written: Arc::new(AtomicU64::new(0)),
             sequence: 0,
+            dns: None,
         })
+    }
+
+    /// Judges the DNS path's recent exchanges with the events: a bundle's verdicts then say
+    /// which failures followed an unanswered query for the destination's name.
+    pub fn with_dns(mut self, dns: Option<SharedDns>) -> Self {
+        self.dns = dns;
+        self
     }
 
     /// Bundles written since start (for a `_total` metric).
@@ -258,7 +269,12 @@ impl EvidenceWriter {
             .map_err(|_| EvidenceError::Poisoned)?
             .events_since(window_start);
         let window = Window::ending_at(now, self.config.lookback);
-        let full = judge(&events, window);
+        let exchanges = self.dns.as_ref().map_or_else(Vec::new, |dns| {
+            dns.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .recent_since(window.start)
+        });
+        let full = judge_with_dns(&events, &exchanges, window);
         let mut paths = Vec::new();
         for f in fired {
             // Cool down even if writing fails: a full disk must not be retried every second.
@@ -552,6 +568,37 @@ mod tests {
         }
         assert_eq!(recorder.tick(&mut writer, at(440.0)).len(), 1);
         assert_eq!(writer.bundles_written(), 2);
+    }
+
+    #[test]
+    fn a_bundle_says_which_failures_followed_a_dns_timeout() {
+        use crate::diagnose::after_dns::tests::{RESOLVER, failed_for, query};
+        use crate::dns::{DnsConfig, DnsState, exchange::DnsOutcome};
+        let dir = TempDir::new("dns");
+        let config = DnsConfig::new(&[], Duration::from_secs(5), 100, 100, 100).unwrap();
+        let dns = DnsState::shared(&config, crate::decode::Clock::now());
+        dns.lock()
+            .unwrap()
+            .finish_for_test(query("api.lab", at(99.0), DnsOutcome::Timeout));
+        let mut writer = EvidenceWriter::new(TriggerConfig::new(dir.0.clone()))
+            .unwrap()
+            .with_dns(Some(dns));
+        let recorder = Recorded::new(1000);
+        for i in 0..12 {
+            recorder.push(&failed_for(
+                "10.0.0.2:443",
+                "api.lab",
+                at(100.0 + f64::from(i)),
+            ));
+        }
+        let written = recorder.tick(&mut writer, at(120.0));
+        assert_eq!(written.len(), 1);
+        let bundle: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&written[0]).unwrap()).unwrap();
+        let after = &bundle["verdicts"][0]["evidence"]["after_dns_timeout"];
+        assert_eq!(after["failures"], 12, "{bundle:#}");
+        assert_eq!(after["names"][0]["name"], "api.lab");
+        assert_eq!(after["resolvers"][0], RESOLVER);
     }
 
     #[test]

@@ -19,6 +19,10 @@ use crate::{
 /// The kernel's drop reason for a handshake's last ACK refused by a full accept queue.
 pub(super) const LISTEN_OVERFLOW_REASON: &str = "TCP_LISTEN_OVERFLOW";
 
+/// Names a destination keeps for its failed connects (`dst_name`); past these, failures
+/// carry none, so which names a destination keeps follows the order of the events.
+pub(super) const NAMES_PER_DESTINATION: usize = 8;
+
 /// A connect that failed, reduced to what the verdicts need.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct FailedConnect {
@@ -30,6 +34,8 @@ pub(super) struct FailedConnect {
     pub(super) backend: Option<Endpoint>,
     /// This host's port: which of the dropped SYNs were its.
     pub(super) local_port: u16,
+    /// Its `dst_name`: an index into its destination's `names`, if it had one that fits.
+    pub(super) name: Option<u8>,
 }
 
 impl FailedConnect {
@@ -112,6 +118,8 @@ pub(super) struct DestinationEvidence {
     pub(super) listen_overflow_drops: u64,
     /// The name the most recent connect's DNS answer gave (`dst_name`), if any.
     pub(super) name: Option<std::sync::Arc<str>>,
+    /// The names of its failed connects (`dst_name`), at most `NAMES_PER_DESTINATION`.
+    pub(super) failed_names: Vec<std::sync::Arc<str>>,
 }
 
 impl DestinationEvidence {
@@ -142,6 +150,7 @@ impl DestinationEvidence {
             resets_sent: Vec::new(),
             resets_sent_socketless: 0,
             name: None,
+            failed_names: Vec::new(),
             resets_sent_by_state: BTreeMap::new(),
             resets_sent_by_reason: BTreeMap::new(),
             processes: ProcessCounts::default(),
@@ -200,6 +209,7 @@ impl DestinationEvidence {
                         if let Some(errno) = errno {
                             *self.errnos.entry(errno.name().into_owned()).or_default() += 1;
                         }
+                        let name = c.dst_name.as_ref().and_then(|n| self.failed_name(n));
                         self.failed.push(FailedConnect {
                             time,
                             reason,
@@ -207,6 +217,7 @@ impl DestinationEvidence {
                             waited_us: c.latency.map(|l| l.as_micros() as u64),
                             local_port: event.src.port(),
                             backend: event.backend,
+                            name,
                         });
                     }
                 }
@@ -271,6 +282,19 @@ impl DestinationEvidence {
                 }
             }
         }
+    }
+
+    /// The index of a failed connect's name, kept if there is room.
+    fn failed_name(&mut self, name: &std::sync::Arc<str>) -> Option<u8> {
+        let index = match self.failed_names.iter().position(|n| n == name) {
+            Some(i) => i,
+            None if self.failed_names.len() < NAMES_PER_DESTINATION => {
+                self.failed_names.push(name.clone());
+                self.failed_names.len() - 1
+            }
+            None => return None,
+        };
+        Some(index as u8)
     }
 
     fn dropped(&mut self, key: &Destination, event: &Event, d: &Drop, time: SystemTime) {
@@ -340,7 +364,7 @@ impl DestinationEvidence {
     }
 }
 
-fn truncate_to_millis(time: SystemTime) -> SystemTime {
+pub(super) fn truncate_to_millis(time: SystemTime) -> SystemTime {
     let since = time
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();

@@ -6,6 +6,7 @@
 //! agent, and the agent's `/diagnose` handler), and `recorder` + `evidence` (the agent's flight
 //! recorder of recent events, and the evidence bundles it writes when a destination crosses a
 //! trigger threshold).
+mod after_dns;
 pub mod analyze;
 mod backends;
 pub mod client;
@@ -25,7 +26,7 @@ use std::time::SystemTime;
 
 pub use analyze::run_analyze;
 pub use client::{diagnose_handler, run_diagnose};
-pub use engine::{Judge, Window, judge};
+pub use engine::{Judge, Window, judge, judge_with_dns};
 pub use evidence::{EvidenceError, EvidenceWriter, TriggerConfig};
 pub use recorder::FlightRecorder;
 pub use summary::DestinationSummary;

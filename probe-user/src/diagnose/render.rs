@@ -341,7 +341,10 @@ pub fn evidence_sentence(finding: &Finding) -> String {
     match finding {
         Finding::Refused(e) => {
             let (matching, attempts, errnos) = failures(&e.figures.failures);
-            format!("{matching} of {attempts} refused: the SYN was answered with a reset{errnos}.")
+            format!(
+                "{matching} of {attempts} refused: the SYN was answered with a reset{errnos}.{}",
+                after_dns_timeout(&e.figures.failures)
+            )
         }
         Finding::Blackhole(e) => {
             let f = &e.figures;
@@ -352,7 +355,7 @@ pub fn evidence_sentence(finding: &Finding) -> String {
             };
             format!(
                 "{matching} of {attempts} got no answer to {} ({} timed out in the kernel, {} \
-                 given up by the application; {}{}){errnos}.{dropped}",
+                 given up by the application; {}{}){errnos}.{dropped}{}",
                 if matching == 1 {
                     "its SYN"
                 } else {
@@ -364,6 +367,7 @@ pub fn evidence_sentence(finding: &Finding) -> String {
                 f.waited_p50_ms
                     .map(|w| format!(", median wait {w:.0} ms"))
                     .unwrap_or_default(),
+                after_dns_timeout(&f.failures),
             )
         }
         Finding::LocalDrop(e) => {
@@ -413,7 +417,10 @@ pub fn evidence_sentence(finding: &Finding) -> String {
         }
         Finding::Unreachable(e) => {
             let (matching, attempts, errnos) = failures(&e.figures);
-            format!("{matching} of {attempts} failed with an ICMP unreachable{errnos}.")
+            format!(
+                "{matching} of {attempts} failed with an ICMP unreachable{errnos}.{}",
+                after_dns_timeout(&e.figures)
+            )
         }
         Finding::Lossy(e) => {
             let f = &e.figures;
@@ -493,6 +500,35 @@ pub fn evidence_sentence(finding: &Finding) -> String {
         Finding::Healthy(e) => health_sentence(&e.figures),
         Finding::NotEnoughData(e) => health_sentence(&e.figures.figures),
     }
+}
+
+/// ` 7 of these 9 failures came within 30 s after a DNS query for api.internal went unanswered
+/// (see the dns_timeout verdict on 10.0.0.53:53).`, or nothing.
+fn after_dns_timeout(f: &FailureFigures) -> String {
+    let Some(a) = &f.after_dns_timeout else {
+        return String::new();
+    };
+    let names = a
+        .names
+        .iter()
+        .map(|n| n.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let query = match a.names.len() {
+        1 => format!("a DNS query for {names}"),
+        _ => format!("DNS queries for their names ({names})"),
+    };
+    let (verdict, resolvers) = match a.resolvers.len() {
+        1 => ("verdict", a.resolvers[0].clone()),
+        _ => ("verdicts", a.resolvers.join(", ")),
+    };
+    format!(
+        " {} of these {} came within {} s after {query} went unanswered (see the dns_timeout \
+         {verdict} on {resolvers}).",
+        a.failures,
+        counted(f.matching, "failure", "failures"),
+        a.within_seconds,
+    )
 }
 
 /// `3 of 20 queries (15.0%) got no answer, for api.lab (2), db.lab (1); 1 NXDOMAIN, for x.svc

@@ -7,6 +7,7 @@ use std::{
 };
 
 use super::{
+    after_dns::DnsTimeouts,
     fold::{DestinationEvidence, FailedConnect},
     pattern::{Episode, shape},
     processes::ProcessCounts,
@@ -91,6 +92,8 @@ pub(super) struct Context {
     pub(super) overflowing: Vec<Endpoint>,
     /// Conntrack's failures in the window, per sample: (time, [insert_failed, drop, early_drop]).
     pub(super) conntrack: Vec<(SystemTime, [u64; 3])>,
+    /// Client-side DNS queries that got no answer in the window, by name.
+    pub(super) dns_timeouts: DnsTimeouts,
 }
 
 impl Context {
@@ -117,11 +120,11 @@ pub(super) fn destination_verdicts(
         .then(|| context.overflowing_listener(key.addr))
         .flatten();
     let mut verdicts: Vec<Verdict> = [
-        refused(dest, ev, &owners),
+        refused(dest, ev, &owners, context),
         local_drop(key, ev, &owners),
         conntrack_full(dest, ev, &owners, &context.conntrack),
-        blackhole(dest, ev, &owners, overflowing),
-        unreachable(key, ev, &owners),
+        blackhole(dest, ev, &owners, overflowing, context),
+        unreachable(key, ev, &owners, context),
         lossy(dest, ev, &owners),
         reset_midstream(dest, ev, &owners),
         local_resets(dest, ev, &owners),
@@ -221,6 +224,7 @@ pub(crate) fn verdict(
 fn failure_verdict(
     ev: &DestinationEvidence,
     matching: &[FailedConnect],
+    context: &Context,
     finding: impl FnOnce(FailureFigures) -> Finding,
     next_step: String,
 ) -> Option<Verdict> {
@@ -244,6 +248,7 @@ fn failure_verdict(
                 by
             },
         ),
+        after_dns_timeout: context.dns_timeouts.after(ev, matching),
     };
     Some(verdict(
         finding(figures),
@@ -265,7 +270,12 @@ fn evidence<F>(figures: F, owners: &Owners) -> Evidence<F> {
     }
 }
 
-fn refused(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Option<Verdict> {
+fn refused(
+    dest: &str,
+    ev: &DestinationEvidence,
+    owners: &Owners,
+    context: &Context,
+) -> Option<Verdict> {
     let matching: Vec<_> = ev
         .failed
         .iter()
@@ -275,6 +285,7 @@ fn refused(dest: &str, ev: &DestinationEvidence, owners: &Owners) -> Option<Verd
     failure_verdict(
         ev,
         &matching,
+        context,
         |failures| {
             Finding::Refused(evidence(
                 RefusedFigures {
@@ -297,6 +308,7 @@ fn blackhole(
     ev: &DestinationEvidence,
     owners: &Owners,
     overflowing: Option<Endpoint>,
+    context: &Context,
 ) -> Option<Verdict> {
     let matching: Vec<_> = ev
         .failed
@@ -318,6 +330,7 @@ fn blackhole(
     failure_verdict(
         ev,
         &matching,
+        context,
         |failures| {
             Finding::Blackhole(evidence(
                 BlackholeFigures {
@@ -610,7 +623,12 @@ fn conntrack_full(
     ))
 }
 
-fn unreachable(key: &Destination, ev: &DestinationEvidence, owners: &Owners) -> Option<Verdict> {
+fn unreachable(
+    key: &Destination,
+    ev: &DestinationEvidence,
+    owners: &Owners,
+    context: &Context,
+) -> Option<Verdict> {
     let (dest, ip) = (key.addr, key.addr.ip());
     let matching: Vec<_> = ev
         .failed
@@ -621,6 +639,7 @@ fn unreachable(key: &Destination, ev: &DestinationEvidence, owners: &Owners) -> 
     failure_verdict(
         ev,
         &matching,
+        context,
         |failures| Finding::Unreachable(evidence(failures, owners)),
         format!(
             "An ICMP unreachable comes back for {dest}: check the route (`ip route get {ip}`), \

@@ -175,6 +175,29 @@ pub struct FailureFigures {
     /// went to; absent when no failure was translated.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub backends: BTreeMap<String, u64>,
+    /// This verdict's failures that came shortly after a DNS query for the destination's name
+    /// (its connects' `dst_name`) went unanswered; absent when none did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_dns_timeout: Option<AfterDnsTimeout>,
+}
+
+/// Failures that followed an unanswered DNS query for the name they connected to: a failed
+/// connect counts when a query for its `dst_name` was sent at most `within_seconds` before it
+/// failed and got no answer (a `dns_timeout` on `resolvers`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AfterDnsTimeout {
+    pub failures: u64,
+    pub within_seconds: u64,
+    /// The names, most failures first (at most 5).
+    pub names: Vec<NameFailures>,
+    /// The resolvers that left those queries unanswered (at most 5).
+    pub resolvers: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameFailures {
+    pub name: String,
+    pub failures: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -6,13 +6,14 @@
 //! TCP it is a retransmitted segment, and ignored). When the table
 //! is full the oldest query is dropped and counted as evicted.
 use std::{
+    borrow::Cow,
     collections::{HashMap, VecDeque},
     net::IpAddr,
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     capture::{Capture, Transport},
@@ -20,7 +21,7 @@ use super::{
 };
 use crate::{
     decode::Clock,
-    event::{Direction, Endpoint, Process, Side},
+    event::{Comm, Direction, Endpoint, Process, Side},
 };
 
 /// How a query ended.
@@ -64,16 +65,18 @@ impl DnsExchange {
     }
 }
 
-/// The log's `dns` line (README "DNS").
-#[derive(Serialize)]
+/// The log's `dns` line (README "DNS"): written by the JSON log, read back by
+/// `connprobe analyze` (`DnsExchange::try_from`).
+#[derive(Debug, Serialize, Deserialize)]
 pub struct DnsLine<'a> {
     #[serde(rename = "type")]
-    pub kind: &'static str,
+    pub kind: DnsLineKind,
     pub seq: u64,
     #[serde(with = "crate::schema::rfc3339_micros")]
     pub time: SystemTime,
     pub pid: Option<u32>,
-    pub comm: Option<String>,
+    #[serde(borrow)]
+    pub comm: Option<Cow<'a, str>>,
     pub side: Side,
     pub src_ip: IpAddr,
     pub src_port: u16,
@@ -81,12 +84,30 @@ pub struct DnsLine<'a> {
     pub dst_port: u16,
     pub transport: Transport,
     pub id: u16,
-    pub name: &'a str,
-    pub qtype: &'a str,
-    pub outcome: &'static str,
-    pub rcode: Option<&'static str>,
+    #[serde(borrow)]
+    pub name: Cow<'a, str>,
+    #[serde(borrow)]
+    pub qtype: Cow<'a, str>,
+    pub outcome: DnsOutcomeKind,
+    #[serde(borrow)]
+    pub rcode: Option<Cow<'a, str>>,
     pub latency_us: Option<u64>,
     pub answers: Vec<IpAddr>,
+}
+
+/// The `type` of a `dns` line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsLineKind {
+    Dns,
+}
+
+/// The `outcome` of a `dns` line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsOutcomeKind {
+    Answered,
+    Timeout,
 }
 
 impl<'a> From<&'a DnsExchange> for DnsLine<'a> {
@@ -98,22 +119,19 @@ impl<'a> From<&'a DnsExchange> for DnsLine<'a> {
                 latency,
                 answers,
             } => (
-                "answered",
-                Some(rcode.name()),
+                DnsOutcomeKind::Answered,
+                Some(Cow::Borrowed(rcode.name())),
                 Some(latency.as_micros() as u64),
                 answers.iter().map(|(a, _)| *a).collect(),
             ),
-            DnsOutcome::Timeout => ("timeout", None, None, Vec::new()),
+            DnsOutcome::Timeout => (DnsOutcomeKind::Timeout, None, None, Vec::new()),
         };
         DnsLine {
-            kind: "dns",
+            kind: DnsLineKind::Dns,
             seq: x.seq,
             time: x.time,
             pid: x.process.as_ref().map(|p| p.pid),
-            comm: x
-                .process
-                .as_ref()
-                .map(|p| p.comm.to_string_lossy().into_owned()),
+            comm: x.process.as_ref().map(|p| p.comm.to_string_lossy()),
             side: x.side,
             src_ip: src.ip(),
             src_port: src.port(),
@@ -121,13 +139,66 @@ impl<'a> From<&'a DnsExchange> for DnsLine<'a> {
             dst_port: dst.port(),
             transport: x.transport,
             id: x.id,
-            name: &x.name,
-            qtype: &x.qtype,
+            name: Cow::Borrowed(&x.name),
+            qtype: Cow::Borrowed(&x.qtype),
             outcome,
             rcode,
             latency_us,
             answers,
         }
+    }
+}
+
+/// Why a `dns` line is no exchange.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DnsLineError {
+    #[error("an answered query needs its rcode and latency_us")]
+    AnsweredWithout,
+    #[error("unknown rcode {0:?}")]
+    UnknownRcode(String),
+}
+
+impl TryFrom<DnsLine<'_>> for DnsExchange {
+    type Error = DnsLineError;
+
+    /// The exchange a `dns` line was written from, but the answers' TTLs (the log has none: 0).
+    fn try_from(line: DnsLine<'_>) -> Result<Self, Self::Error> {
+        let src = Endpoint::new(line.src_ip, line.src_port);
+        let dst = Endpoint::new(line.dst_ip, line.dst_port);
+        let (client, resolver) = match line.side {
+            Side::Client => (src, dst),
+            Side::Server => (dst, src),
+        };
+        let outcome = match line.outcome {
+            DnsOutcomeKind::Timeout => DnsOutcome::Timeout,
+            DnsOutcomeKind::Answered => {
+                let (Some(rcode), Some(us)) = (line.rcode, line.latency_us) else {
+                    return Err(DnsLineError::AnsweredWithout);
+                };
+                DnsOutcome::Answered {
+                    rcode: Rcode::from_name(&rcode)
+                        .ok_or_else(|| DnsLineError::UnknownRcode(rcode.into_owned()))?,
+                    latency: Duration::from_micros(us),
+                    answers: line.answers.into_iter().map(|a| (a, 0)).collect(),
+                }
+            }
+        };
+        Ok(DnsExchange {
+            seq: line.seq,
+            time: line.time,
+            process: line.pid.map(|pid| Process {
+                pid,
+                comm: Comm::from_str_lossy(line.comm.as_deref().unwrap_or("")),
+            }),
+            side: line.side,
+            transport: line.transport,
+            client,
+            resolver,
+            id: line.id,
+            name: Arc::from(line.name.as_ref()),
+            qtype: Arc::from(line.qtype.as_ref()),
+            outcome,
+        })
     }
 }
 
@@ -327,6 +398,45 @@ impl Tracker {
 mod tests {
     use super::*;
     use crate::dns::message::Answer;
+
+    #[test]
+    fn a_dns_line_reads_back_as_its_exchange() {
+        let mut x = DnsExchange {
+            seq: 9,
+            time: SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_000_000_123_456),
+            process: Some(Process {
+                pid: 7,
+                comm: Comm::from_str_lossy("curl \"x\""),
+            }),
+            side: Side::Server,
+            transport: Transport::Tcp,
+            client: CLIENT.parse().unwrap(),
+            resolver: RESOLVER.parse().unwrap(),
+            id: 0x1234,
+            name: "a\\b.lab".into(),
+            qtype: "AAAA".into(),
+            outcome: DnsOutcome::Answered {
+                rcode: Rcode::SERVFAIL,
+                latency: Duration::from_micros(1500),
+                answers: vec![("fd00::7".parse().unwrap(), 0)],
+            },
+        };
+        for outcome in [x.outcome.clone(), DnsOutcome::Timeout] {
+            x.outcome = outcome;
+            let json = serde_json::to_string(&DnsLine::from(&x)).unwrap();
+            assert!(json.starts_with(r#"{"type":"dns","#), "{json}");
+            let line: DnsLine<'_> = serde_json::from_str(&json).unwrap();
+            assert_eq!(DnsExchange::try_from(line).unwrap(), x);
+        }
+        let bad = serde_json::to_string(&DnsLine::from(&x))
+            .unwrap()
+            .replace(r#""outcome":"timeout""#, r#""outcome":"answered""#);
+        let line: DnsLine<'_> = serde_json::from_str(&bad).unwrap();
+        assert_eq!(
+            DnsExchange::try_from(line),
+            Err(DnsLineError::AnsweredWithout)
+        );
+    }
 
     const CLIENT: &str = "10.0.0.1:40000";
     const RESOLVER: &str = "10.0.0.2:53";

@@ -21,6 +21,17 @@ impl Rcode {
     pub const SERVFAIL: Rcode = Rcode("SERVFAIL");
     pub const REFUSED: Rcode = Rcode("REFUSED");
 
+    /// Every name `from_simple` gives.
+    const NAMES: [&'static str; 13] = [
+        "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "YXDOMAIN", "YXRRSET",
+        "NXRRSET", "NOTAUTH", "NOTZONE", "BADVERS", "RESERVED",
+    ];
+
+    /// The rcode a log's `rcode` names.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::NAMES.iter().find(|n| **n == name).map(|n| Rcode(n))
+    }
+
     fn from_simple(code: RCODE) -> Self {
         Rcode(match code {
             RCODE::NoError => "NOERROR",
@@ -186,6 +197,15 @@ mod tests {
             ));
         }
         packet.build_bytes_vec().unwrap()
+    }
+
+    #[test]
+    fn every_rcode_reads_back_from_its_name() {
+        for code in 0..=u16::MAX {
+            let rcode = Rcode::from_simple(RCODE::from(code));
+            assert_eq!(Rcode::from_name(rcode.name()), Some(rcode));
+        }
+        assert_eq!(Rcode::from_name("NOPE"), None);
     }
 
     #[test]
