@@ -205,6 +205,29 @@ pub fn sum(events: &[Value], pattern: &Pattern, field: &str) -> u64 {
         .sum()
 }
 
+/// Retransmitted segments connprobe reported (`seen`) against the kernel's count for the same
+/// sockets (`kernel`, e.g. the namespace's RetransSegs less TCPRetransFail). Never more; equal
+/// in most runs, but in about one run in ten on 6.18 one retransmit call's segments (1, once 36,
+/// of about 1,000) are missing although every program run was delivered or counted (no ring
+/// buffer loss, no read error, no skipped run): an open question, so a gap of at most 5% passes
+/// with a line saying so, and anything more fails.
+pub fn assert_resent(seen: u64, kernel: u64, what: &str) {
+    assert!(
+        seen <= kernel,
+        "{what}: connprobe counted {seen} retransmitted segments, the kernel {kernel}"
+    );
+    let gap = kernel - seen;
+    let allowed = (kernel / 20).max(1);
+    assert!(
+        gap <= allowed,
+        "{what}: connprobe counted {seen} retransmitted segments, the kernel {kernel} \
+         ({gap} missing, more than the {allowed} allowed)"
+    );
+    if gap > 0 {
+        eprintln!("{what}: {gap} of the kernel's {kernel} retransmitted segments not reported");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
