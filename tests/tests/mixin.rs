@@ -540,6 +540,17 @@ fn every_query_matches_the_lab_agents_series() -> anyhow::Result<()> {
             &rendered.join("prometheus_alerts.json"),
         ],
     )?;
+    // Rates need samples from before the traffic: once Prometheus started late (a loaded CI
+    // machine) and first scraped after the last round, every rate was 0 and the failure
+    // ratios recorded nothing. Wait for its first scrape of the agent.
+    let scraped_by = Instant::now() + Duration::from_secs(30);
+    while prometheus.series_count("connprobe_build_info")? == 0 {
+        ensure!(
+            Instant::now() < scraped_by,
+            "Prometheus did not scrape the agent within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     lab_traffic(&mut dns.lab)?;
     dns_traffic(&dns)?;
 
