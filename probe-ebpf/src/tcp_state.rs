@@ -76,6 +76,11 @@ fn on_state_change<K: Kernel>(k: K, sk: u64, old: i32, new: i32) -> Result<(), i
         (tcp_state::SYN_SENT, tcp_state::CLOSE) => Transition::ConnectFailed,
         (_, tcp_state::SYN_RECV) => Transition::AcceptStart,
         (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) => Transition::Accepted,
+        // A child socket that dies before ESTABLISHED was never a connection: the loser of two
+        // CPUs handling the same handshake's last ACK at once (`inet_csk_complete_hashdance`;
+        // the other child goes on), or a clone that failed. Logged as a close it was a second
+        // close of the same four-tuple (seen on 6.1 in CI).
+        (tcp_state::SYN_RECV, tcp_state::CLOSE) => return Ok(()),
         (tcp_state::CLOSE, tcp_state::CLOSE) => return Ok(()),
         (_, tcp_state::CLOSE) => Transition::Closed,
         _ => return Ok(()),
