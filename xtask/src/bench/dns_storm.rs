@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 
 use super::{
     Plan,
-    stats::{Spread, json_of},
+    stats::{self, Spread, json_of},
     sys,
     tools::{Binaries, Session, Tool},
 };
@@ -381,26 +381,7 @@ fn summarize(configurations: &[Tool], samples: &BTreeMap<Tool, Vec<DnsSample>>) 
             )
         };
         let ratio = values(&|i, s| Some(s.storm.rate() / untraced?.get(i)?.storm.rate()));
-        let names: std::collections::BTreeSet<&String> =
-            list.iter().flat_map(|s| s.programs.keys()).collect();
-        let programs: serde_json::Map<String, Value> = names
-            .into_iter()
-            .map(|name| {
-                let of = |f: &dyn Fn(&(f64, f64)) -> f64| {
-                    Spread::of(
-                        &list
-                            .iter()
-                            .filter_map(|s| s.programs.get(name).map(f))
-                            .collect::<Vec<_>>(),
-                    )
-                };
-                let entry = json!({
-                    "ns_per_hit": json_of(of(&|p| p.0)),
-                    "hits_per_query": json_of(of(&|p| p.1)),
-                });
-                (name.clone(), entry)
-            })
-            .collect();
+        let programs = stats::programs_json(list.iter().map(|s| &s.programs), "hits_per_query");
         let sum = |f: &dyn Fn(&DnsSample) -> u64| list.iter().map(f).sum::<u64>();
         let mut entry = json!({
             "label": tool.label(),

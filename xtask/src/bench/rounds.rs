@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::{
     Plan, load,
-    stats::{Spread, json_of, quantile},
+    stats::{self, Spread, json_of, quantile},
     sys,
     tools::{Binaries, Session, Stopped, Tool},
 };
@@ -145,26 +145,7 @@ pub fn summarize_rounds(configurations: &[Tool], samples: &BTreeMap<Tool, Vec<Sa
         let tool_cpu = values(&|s, _| (tool != Tool::Untraced).then(|| per_conn(s, s.tool_cpu_s)));
         let bpf = values(&|s, _| s.bpf_ns_per_conn);
         let bpf_runs = values(&|s, _| s.bpf_runs_per_conn);
-        let program_names: std::collections::BTreeSet<&String> =
-            list.iter().flat_map(|s| s.bpf_programs.keys()).collect();
-        let programs: serde_json::Map<String, Value> = program_names
-            .into_iter()
-            .map(|name| {
-                let of = |f: &dyn Fn(&(f64, f64)) -> f64| {
-                    Spread::of(
-                        &list
-                            .iter()
-                            .filter_map(|s| s.bpf_programs.get(name).map(f))
-                            .collect::<Vec<_>>(),
-                    )
-                };
-                let entry = json!({
-                    "ns_per_hit": json_of(of(&|p| p.0)),
-                    "hits_per_conn": json_of(of(&|p| p.1)),
-                });
-                (name.clone(), entry)
-            })
-            .collect();
+        let programs = stats::programs_json(list.iter().map(|s| &s.bpf_programs), "hits_per_conn");
         let rss = values(&|s, _| s.rss_bytes.map(|b| b as f64 / (1 << 20) as f64));
         let achieved = values(&|s, _| Some(s.fixed_rate));
         let scrape: Vec<f64> = list

@@ -69,6 +69,33 @@ pub fn quantile(values: &[f64], q: f64) -> Option<f64> {
     Some(sorted[rank - 1])
 }
 
+/// Each program's ns per hit and hits per `unit` (e.g. `hits_per_conn`), as spreads over the
+/// rounds' `(ns per hit, hits per unit)` figures by program name.
+pub fn programs_json<'a>(
+    rounds: impl Iterator<Item = &'a std::collections::BTreeMap<String, (f64, f64)>> + Clone,
+    hits_per: &str,
+) -> serde_json::Map<String, serde_json::Value> {
+    let names: std::collections::BTreeSet<&String> =
+        rounds.clone().flat_map(|r| r.keys()).collect();
+    names
+        .into_iter()
+        .map(|name| {
+            let of = |f: &dyn Fn(&(f64, f64)) -> f64| {
+                Spread::of(
+                    &rounds
+                        .clone()
+                        .filter_map(|r| r.get(name).map(f))
+                        .collect::<Vec<_>>(),
+                )
+            };
+            let mut entry = serde_json::Map::new();
+            entry.insert("ns_per_hit".into(), json_of(of(&|p| p.0)));
+            entry.insert(hits_per.into(), json_of(of(&|p| p.1)));
+            (name.clone(), serde_json::Value::Object(entry))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
