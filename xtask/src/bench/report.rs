@@ -87,6 +87,22 @@ pub fn targets(r: &Value) -> Value {
     ])
 }
 
+/// " (anonymous 31.2, ring buffers 10.0, binary 6.7, libraries 2.1)": where an RSS figure's
+/// memory is, or nothing where the run did not say.
+fn rss_parts(parts: &Value) -> String {
+    let Some(parts) = parts.as_object() else {
+        return String::new();
+    };
+    let named: Vec<String> = ["anonymous", "ring_buffers", "binary", "libraries"]
+        .iter()
+        .filter_map(|k| {
+            let mib = parts.get(*k)?.as_f64()?;
+            Some(format!("{} {mib:.1}", k.replace('_', " ")))
+        })
+        .collect();
+    format!(" ({})", named.join(", "))
+}
+
 /// The table printed on stdout: the same numbers as the JSON.
 pub fn table(tools: &[Tool], r: &Value) -> String {
     use std::fmt::Write as _;
@@ -234,11 +250,12 @@ pub fn table(tools: &[Tool], r: &Value) -> String {
             p.iter()
                 .map(|p| {
                     format!(
-                        "{}: {} MiB, {} series",
+                        "{}: {} MiB{}, {} series",
                         p["after_destinations"],
                         p["rss_mib"]
                             .as_f64()
                             .map_or("?".into(), |v| format!("{v:.1}")),
+                        rss_parts(&p["rss_parts_mib"]),
                         p["metrics_series"]
                     )
                 })

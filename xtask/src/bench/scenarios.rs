@@ -158,7 +158,7 @@ pub fn destination_spread(plan: &Plan, bins: &Binaries, work: &Path) -> anyhow::
             .metrics_addr()
             .and_then(|addr| load::get_metrics(addr).ok())
             .map(|body| load::series_count(&body));
-        (sys::rss_bytes(pid), series)
+        (sys::rss_bytes(pid), series, sys::rss_parts(pid))
     };
     let mut points = vec![(0u32, observe())];
     let half = destinations.len() / 2;
@@ -171,14 +171,18 @@ pub fn destination_spread(plan: &Plan, bins: &Binaries, work: &Path) -> anyhow::
         ));
     }
     let stopped = session.stop()?;
-    let metrics_there = points.iter().all(|(_, (_, series))| series.is_some());
+    let metrics_there = points.iter().all(|(_, (_, series, _))| series.is_some());
     let mib = |b: Option<u64>| b.map(|b| b as f64 / (1 << 20) as f64);
     Ok(json!({
         "destinations": plan.destinations,
         "refused_connects_made": made,
-        "points": points.iter().map(|(n, (rss, series))| json!({
+        "points": points.iter().map(|(n, (rss, series, parts))| json!({
             "after_destinations": n,
             "rss_mib": mib(*rss),
+            "rss_parts_mib": parts.as_ref().map(|parts| parts
+                .iter()
+                .map(|(part, bytes)| (part.to_string(), json!(mib(Some(*bytes)))))
+                .collect::<serde_json::Map<_, _>>()),
             "metrics_series": series,
         })).collect::<Vec<_>>(),
         "metrics_available": metrics_there,

@@ -87,6 +87,46 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Where `pid`'s resident memory is, in bytes, from /proc/PID/smaps: see [`rss_parts_of`].
+pub fn rss_parts(pid: u32) -> Option<BTreeMap<&'static str, u64>> {
+    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let exe = fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    Some(rss_parts_of(&smaps, &exe.to_string_lossy()))
+}
+
+/// Each mapping's `Rss` summed by what it holds: `anonymous` (the heap, malloc's mmapped blocks
+/// such as the flight recorder's ring, thread stacks), `ring_buffers` (eBPF maps mapped in: the
+/// ring buffers, whose data pages are mapped twice and so count twice), `binary` (the agent's
+/// own code and data), `libraries` (other files).
+pub fn rss_parts_of(smaps: &str, exe: &str) -> BTreeMap<&'static str, u64> {
+    let mut parts = BTreeMap::new();
+    let mut part = "anonymous";
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else {
+            continue;
+        };
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            // A mapping's header: range, perms, offset, dev, inode, then the path if any.
+            let path = fields.nth(4).unwrap_or("");
+            part = if path.is_empty() || path.starts_with('[') {
+                "anonymous"
+            } else if path.starts_with("anon_inode:bpf") {
+                "ring_buffers"
+            } else if path == exe {
+                "binary"
+            } else {
+                "libraries"
+            };
+        } else if first == "Rss:"
+            && let Some(kib) = fields.next().and_then(|v| v.parse::<u64>().ok())
+        {
+            *parts.entry(part).or_insert(0) += kib * 1024;
+        }
+    }
+    parts
+}
+
 /// Run time and run count of each eBPF program process `pid` holds open (read from each program
 /// fd's fdinfo: the same numbers `bpftool prog show` prints), by program id.
 #[derive(Clone, Debug, Default)]
@@ -334,6 +374,27 @@ pub fn output(program: &str, args: &[&str]) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[test]
+    fn rss_parts_sum_each_kind_of_mapping() {
+        let smaps = "\
+55940e719000-55940ee47000 r-xp 00309000 fd:01 123 /usr/bin/connprobe
+Size:               7352 kB
+Rss:                5044 kB
+559438e10000-559439b96000 rw-p 00000000 00:00 0 [heap]
+Rss:               13236 kB
+7f6ca7262000-7f6ca83ef000 rw-p 00000000 00:00 0
+Rss:               17972 kB
+7f6ca65f4000-7f6ca6df5000 r--s 00000000 00:0f 1058 anon_inode:bpf-map
+Rss:                8196 kB
+7f6ca9122000-7f6ca9278000 r-xp 00028000 fd:01 77 /usr/lib/x86_64-linux-gnu/libc.so.6
+Rss:                 952 kB
+";
+        let parts = rss_parts_of(smaps, "/usr/bin/connprobe");
+        assert_eq!(parts["binary"], 5044 * 1024);
+        assert_eq!(parts["anonymous"], (13236 + 17972) * 1024);
+        assert_eq!(parts["ring_buffers"], 8196 * 1024);
+        assert_eq!(parts["libraries"], 952 * 1024);
+    }
 
     #[test]
     fn perf_show_lists_tracepoint_attachments() {
