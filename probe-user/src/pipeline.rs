@@ -212,6 +212,19 @@ enum Stop {
     ReaderFailed(anyhow::Error),
 }
 
+/// Hands the heap that loading freed back to the kernel: loading (the kernel's BTF, the
+/// programs' object) leaves some 11 MiB free in glibc's heap, which glibc keeps resident
+/// (`malloc_trim` called from gdb on an idle agent: 32.9 -> 21.3 MiB resident; in the bench's
+/// destination spread, 34.8 -> 21.2 MiB before the first destination). Later allocations fault
+/// the pages back in only as they use them.
+fn release_freed_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap memory to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// How another command (`connprobe watch`) runs the agent inside itself: no live view and no
 /// tally printed, word once the programs are attached, and a stop when the caller says.
 pub struct Embedding {
@@ -428,6 +441,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Option<Embedding>) -> anyhow
     }
     let counters = counters.context("the loader handed over no counters")?;
     privileges::drop_after_attach(|| loader::counters_readable(&counters))?;
+    release_freed_heap();
     let program_runs = ProgramRuns::find();
     tracing::debug!(
         "reading the skipped runs of {} programs from their fdinfo",
