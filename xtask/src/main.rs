@@ -3,7 +3,7 @@
 //! `setup` installs what a task needs where it is missing (system packages, see `packages`, and
 //! the eBPF toolchain), `build` builds the agent (its build script builds and embeds the eBPF
 //! object), `run` runs it, `test` runs every check CI runs, `bench` measures it, `soak` runs
-//! the fault tests too long for CI.
+//! only the long fault tests (which `test` runs too).
 mod bench;
 mod build;
 mod cmd;
@@ -55,15 +55,15 @@ enum Task {
         args: Vec<OsString>,
     },
     /// Set up, then run what CI runs: fmt, clippy, unit tests, the kernel tests on this kernel and
-    /// in a QEMU guest per kernel of the matrix (Debian's 6.1 and 6.12), and the bench's smoke
-    /// run (needs root).
+    /// in a QEMU guest per kernel of the matrix (Debian's 6.1 and 6.12), the soak, and the bench's
+    /// smoke run (needs root).
     #[command(after_long_help = matrix::help())]
     Test(test::Options),
     /// Set up, build (release), then measure connprobe's cost side by side with the peers
     /// (needs root; several minutes, `--quick` for a smoke run).
     Bench(bench::Options),
-    /// Set up, build (release), then run the fault tests too long for CI (200,000 half-open
-    /// connects: the kernel's socket map bound, the agent's memory); needs root, a few minutes.
+    /// Set up, build (release), then run only the long fault tests (200,000 half-open connects:
+    /// the kernel's socket map bound, the agent's memory), which `test` runs too; needs root.
     Soak,
 }
 

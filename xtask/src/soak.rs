@@ -1,8 +1,11 @@
-//! `cargo xtask soak`: the fault runs too long for CI (README "Reliability"): the ignored kernel
-//! tests of `tests/tests/soak.rs` (200,000 half-open connects on the classic hooks, where the
-//! socket map must stay at `--max-sockets`, and on the default hooks, where the agent's memory
-//! must stay flat), against a release build, each printing its figures. Needs root, like the
-//! kernel tests, and the same system commands.
+//! `cargo xtask soak`: the long fault runs (README "Reliability"), the kernel tests of
+//! `tests/tests/soak.rs` that `cargo test` leaves out (200,000 half-open connects on the classic
+//! hooks, where the socket map must stay at `--max-sockets`, and on the default hooks, where the
+//! agent's memory must stay flat), against a release build, each printing its figures. Needs
+//! root, like the kernel tests, and the same system commands. `cargo xtask test` runs them too,
+//! as a step of its own, with the release agent it builds for the guests.
+use std::path::Path;
+
 use anyhow::bail;
 
 use crate::{
@@ -19,6 +22,11 @@ pub fn run(install: Install) -> anyhow::Result<()> {
     }
     setup::run(Task::Test, install)?;
     let binary = build::connprobe(true)?;
+    soak_tests(&binary)
+}
+
+/// The soak tests against the release agent `binary`.
+pub fn soak_tests(binary: &Path) -> anyhow::Result<()> {
     cmd::status(
         cmd::cargo()
             .args([

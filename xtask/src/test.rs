@@ -12,7 +12,7 @@ use crate::{
     bench, build, cmd,
     matrix::{self, Series},
     packages::{Install, Task},
-    pypi, setup,
+    pypi, setup, soak,
 };
 
 /// The environment variable that tells tests/tests/deploy.rs where kubernetes-validate is.
@@ -103,6 +103,15 @@ pub fn run(options: &Options, install: Install) -> anyhow::Result<()> {
         );
     }
     if !only_guests {
+        // The long fault runs, on the release agent built for the guests.
+        step(
+            &mut steps,
+            "soak (200,000 half-open connects, release agent)",
+            || match &built {
+                Some((agent, _)) => soak::soak_tests(agent),
+                None => bail!("not run: the agent did not build"),
+            },
+        );
         // The benchmark's smoke run: every configuration starts and yields numbers (no ratios
         // are asserted: this machine is shared and noisy).
         step(
