@@ -93,7 +93,7 @@ fn rss_parts(parts: &Value) -> String {
     let Some(parts) = parts.as_object() else {
         return String::new();
     };
-    let named: Vec<String> = ["anonymous", "ring_buffers", "binary", "libraries"]
+    let named: Vec<String> = sys::RSS_PARTS
         .iter()
         .filter_map(|k| {
             let mib = parts.get(*k)?.as_f64()?;

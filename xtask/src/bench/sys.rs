@@ -87,6 +87,9 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// The kinds of mapping [`rss_parts_of`] sums by, in the order reports list them.
+pub const RSS_PARTS: [&str; 4] = ["anonymous", "ring_buffers", "binary", "libraries"];
+
 /// Where `pid`'s resident memory is, in bytes, from /proc/PID/smaps: see [`rss_parts_of`].
 pub fn rss_parts(pid: u32) -> Option<BTreeMap<&'static str, u64>> {
     let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
@@ -100,7 +103,8 @@ pub fn rss_parts(pid: u32) -> Option<BTreeMap<&'static str, u64>> {
 /// own code and data), `libraries` (other files).
 pub fn rss_parts_of(smaps: &str, exe: &str) -> BTreeMap<&'static str, u64> {
     let mut parts = BTreeMap::new();
-    let mut part = "anonymous";
+    let [anonymous, ring_buffers, binary, libraries] = RSS_PARTS;
+    let mut part = anonymous;
     for line in smaps.lines() {
         let mut fields = line.split_whitespace();
         let Some(first) = fields.next() else {
@@ -110,13 +114,13 @@ pub fn rss_parts_of(smaps: &str, exe: &str) -> BTreeMap<&'static str, u64> {
             // A mapping's header: range, perms, offset, dev, inode, then the path if any.
             let path = fields.nth(4).unwrap_or("");
             part = if path.is_empty() || path.starts_with('[') {
-                "anonymous"
+                anonymous
             } else if path.starts_with("anon_inode:bpf") {
-                "ring_buffers"
+                ring_buffers
             } else if path == exe {
-                "binary"
+                binary
             } else {
-                "libraries"
+                libraries
             };
         } else if first == "Rss:"
             && let Some(kib) = fields.next().and_then(|v| v.parse::<u64>().ok())
