@@ -147,6 +147,19 @@
             },
           },
           {
+            // Apart from ConnprobeEventsLost: what it counts is runs, not events (a run missed
+            // is an event lost only where the hook hit would have reported one), it has no stage,
+            // and its remedy is the hooks, not a buffer size. The metric is one total over the
+            // agent's programs; bpftool names the program.
+            alert: 'ConnprobeProgramRunsMissed',
+            expr: 'sum by (%s) (increase(connprobe_program_runs_missed_total{%s}[5m])) > 0' % [h, s],
+            labels: { severity: 'warning' },
+            annotations: {
+              summary: 'The kernel skipped runs of connprobe eBPF programs.',
+              description: "The kernel skipped {{ $value | humanize }} runs of the agent's eBPF programs on %s in 5 minutes because a BPF program was already running on that CPU. Whatever those runs would have reported (a connect, retransmit, reset or close) is lost: it is in no other counter, connprobe_events_lost_total included, and its counts and verdicts miss it. `bpftool prog show` names the program (recursion_misses). On classic tracepoints (--hooks classic, or auto on a kernel without BTF ones) any kprobe or tracepoint program or BPF map syscall on that CPU blocks them; on BTF tracepoints only the same program, hit again from an interrupt." % where,
+            },
+          },
+          {
             alert: 'ConnprobeAgentDown',
             expr: 'up{%s} == 0' % s,
             'for': c.forLong,

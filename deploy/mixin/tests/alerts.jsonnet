@@ -226,6 +226,28 @@ local refusing(host, dest) = [attempts(host, dest, '0+60x20'), failures(host, de
       ],
     },
     {
+      // The kernel skips runs of one agent's programs; another agent's total stands still at
+      // runs missed long ago; a third restarted (its counter back to 0) and misses none since.
+      local missed(host, values) = series('connprobe_program_runs_missed_total', { instance: host }, values),
+      input_series: [
+        missed('host-a', '0 0 0 3 3 3 3'),
+        missed('host-b', '40x6'),
+        missed('host-c', '7 7 7 0 0 0 0'),
+      ],
+      alert_rule_test: [
+        fires('ConnprobeProgramRunsMissed', '4m', [{
+          exp_labels: { severity: 'warning', instance: 'host-a' },
+          exp_annotations: {
+            summary: 'The kernel skipped runs of connprobe eBPF programs.',
+            description: "The kernel skipped 3 runs of the agent's eBPF programs on host-a in 5 minutes because a BPF program was already running on that CPU. Whatever those runs would have reported (a connect, retransmit, reset or close) is lost: it is in no other counter, connprobe_events_lost_total included, and its counts and verdicts miss it. `bpftool prog show` names the program (recursion_misses). On classic tracepoints (--hooks classic, or auto on a kernel without BTF ones) any kprobe or tracepoint program or BPF map syscall on that CPU blocks them; on BTF tracepoints only the same program, hit again from an interrupt.",
+          },
+        }]),
+        quiet('ConnprobeProgramRunsMissed', '2m'),
+        // Runs missed are not events lost at a stage: the other alert stays quiet.
+        quiet('ConnprobeEventsLost', '4m'),
+      ],
+    },
+    {
       // One agent stops answering scrapes; another keeps answering.
       input_series: [
         series('up', { instance: 'host-a:9977' }, '1 1 0x10'),
