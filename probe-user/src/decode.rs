@@ -114,7 +114,7 @@ impl ResetReasons {
     fn name(&self, value: u32) -> Result<ResetReason, DecodeError> {
         self.0
             .name(value)
-            .map(|n| ResetReason::new(n))
+            .map(|n| ResetReason::from_shared(n.clone()))
             .ok_or(DecodeError::ResetReason(value))
     }
 }
@@ -165,7 +165,7 @@ impl DropReasons {
     pub(crate) fn name(&self, value: u32) -> Result<DropReason, DecodeError> {
         self.0
             .name(value)
-            .map(|n| DropReason::new(n))
+            .map(|n| DropReason::from_shared(n.clone()))
             .ok_or(DecodeError::DropReason(value))
     }
 }

@@ -16,6 +16,7 @@ pub mod fleet;
 mod fold;
 pub mod pattern;
 mod processes;
+mod record;
 pub mod recorder;
 pub mod render;
 pub mod rules;

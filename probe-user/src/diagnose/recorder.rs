@@ -1,11 +1,13 @@
 //! The flight recorder: the most recent raw events, bounded by count, for `/diagnose` and for
-//! evidence bundles (their per-destination figures come from the aggregator). `push` is on the pipeline's hot path: one clone into a ring, no growth past
-//! the bound, no other work.
+//! evidence bundles (their per-destination figures come from the aggregator). `push` is on the
+//! pipeline's hot path: one compact record into a ring (see [`record`](super::record)), no
+//! growth past the bound, no other work.
 use std::{
     collections::VecDeque,
     time::{Duration, SystemTime},
 };
 
+use super::record::{Contexts, Record};
 use crate::event::Event;
 
 /// Events from several CPUs reach the agent slightly out of time order; scans from the newest
@@ -16,22 +18,31 @@ pub const REORDER_SLACK: Duration = Duration::from_secs(2);
 const INITIAL_ALLOCATION: usize = 4096;
 
 pub struct FlightRecorder {
-    events: VecDeque<Event>,
+    records: VecDeque<Record>,
+    contexts: Contexts,
     capacity: usize,
     dropped: u64,
-    /// Time of the newest event pushed out so far: windows starting before it are incomplete.
-    newest_dropped: Option<SystemTime>,
+    /// Time of the newest event pushed out so far (ns since the epoch): windows starting
+    /// before it are incomplete.
+    newest_dropped: Option<u64>,
+}
+
+/// Nanoseconds since the epoch, as records keep time.
+fn epoch_nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 impl FlightRecorder {
-    /// The default bound (`--recorder-events`): at about 200 bytes an event, some 20 MB.
+    /// The default bound (`--recorder-events`): at 80 bytes an event, some 8 MB.
     pub const DEFAULT_CAPACITY: usize = 100_000;
 
     /// Keeps at most `capacity` events (at least one).
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1);
         FlightRecorder {
-            events: VecDeque::with_capacity(capacity.min(INITIAL_ALLOCATION)),
+            records: VecDeque::with_capacity(capacity.min(INITIAL_ALLOCATION)),
+            contexts: Contexts::default(),
             capacity,
             dropped: 0,
             newest_dropped: None,
@@ -40,7 +51,20 @@ impl FlightRecorder {
 
     /// Records one event, forgetting the oldest when full.
     pub fn push(&mut self, event: &Event) {
-        self.push_owned(event.clone());
+        if self.records.len() == self.capacity
+            && let Some(old) = self.records.pop_front()
+        {
+            self.dropped += 1;
+            self.newest_dropped = Some(self.newest_dropped.map_or(old.time, |t| t.max(old.time)));
+            self.contexts.release(&old);
+        } else if self.records.len() == self.records.capacity() {
+            // Grow by doubling, but never past the bound: a VecDeque left to itself would
+            // double 65,536 events into 131,072 slots for a bound of 100,000 (2.6 MB unused).
+            let more = self.records.len().min(self.capacity - self.records.len());
+            self.records.reserve_exact(more);
+        }
+        let record = self.contexts.record(event);
+        self.records.push_back(record);
     }
 
     /// Records a batch (e.g. one ring-buffer drain) under a single lock.
@@ -50,30 +74,12 @@ impl FlightRecorder {
         }
     }
 
-    pub fn push_owned(&mut self, event: Event) {
-        if self.events.len() == self.capacity
-            && let Some(old) = self.events.pop_front()
-        {
-            self.dropped += 1;
-            self.newest_dropped = Some(match self.newest_dropped {
-                Some(t) => t.max(old.time),
-                None => old.time,
-            });
-        } else if self.events.len() == self.events.capacity() {
-            // Grow by doubling, but never past the bound: a VecDeque left to itself would
-            // double 65,536 events into 131,072 slots for a bound of 100,000 (6 MB unused).
-            let more = self.events.len().min(self.capacity - self.events.len());
-            self.events.reserve_exact(more);
-        }
-        self.events.push_back(event);
-    }
-
     pub fn len(&self) -> usize {
-        self.events.len()
+        self.records.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
+        self.records.is_empty()
     }
 
     pub fn capacity(&self) -> usize {
@@ -87,32 +93,36 @@ impl FlightRecorder {
 
     /// Whether every event from `since` on is still here.
     pub fn covers(&self, since: SystemTime) -> bool {
-        self.newest_dropped.is_none_or(|t| t < since)
+        self.newest_dropped.is_none_or(|t| t < epoch_nanos(since))
     }
 
     /// The events at or after `since`, oldest first as they arrived.
-    pub fn iter_since(&self, since: SystemTime) -> impl Iterator<Item = &Event> {
-        let stop = since.checked_sub(REORDER_SLACK).unwrap_or(since);
-        // Index of the first event of the tail that may hold events at or after `since`.
-        let from = self.events.len()
+    fn iter_since(&self, since: SystemTime) -> impl Iterator<Item = Event> + '_ {
+        let since = epoch_nanos(since);
+        let stop = since.saturating_sub(REORDER_SLACK.as_nanos() as u64);
+        // Index of the first record of the tail that may hold events at or after `since`.
+        let from = self.records.len()
             - self
-                .events
+                .records
                 .iter()
                 .rev()
-                .take_while(|e| e.time >= stop)
+                .take_while(|r| r.time >= stop)
                 .count();
-        self.events.range(from..).filter(move |e| e.time >= since)
+        self.records
+            .range(from..)
+            .filter(move |r| r.time >= since)
+            .map(|r| self.contexts.event(r))
     }
 
     /// The newest `n` events for which `wanted` holds, oldest first.
     pub fn last_where(&self, n: usize, wanted: impl Fn(&Event) -> bool) -> Vec<Event> {
         let mut last: Vec<Event> = self
-            .events
+            .records
             .iter()
             .rev()
+            .map(|r| self.contexts.event(r))
             .filter(|e| wanted(e))
             .take(n)
-            .cloned()
             .collect();
         last.reverse();
         last
@@ -120,7 +130,7 @@ impl FlightRecorder {
 
     /// A copy of the events at or after `since`, for `/diagnose` and bundles.
     pub fn events_since(&self, since: SystemTime) -> Vec<Event> {
-        self.iter_since(since).cloned().collect()
+        self.iter_since(since).collect()
     }
 }
 
@@ -149,7 +159,7 @@ mod tests {
         assert!(recorder.covers(at(900.0)));
         assert!(!recorder.covers(at(899.0)));
         assert!(
-            recorder.events.capacity() < 1000,
+            recorder.records.capacity() < 1000,
             "never grew past its bound"
         );
     }
@@ -161,7 +171,7 @@ mod tests {
             recorder.push(&connect_ok("10.0.0.1:80", at(i as f64), 100));
         }
         assert_eq!(recorder.len(), 10_000);
-        assert_eq!(recorder.events.capacity(), 10_000, "not doubled to 16,384");
+        assert_eq!(recorder.records.capacity(), 10_000, "not doubled to 16,384");
     }
 
     #[test]

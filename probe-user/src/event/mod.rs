@@ -186,6 +186,15 @@ impl ResetReason {
         ResetReason(name.into())
     }
 
+    /// The name as the shared text it is (kept by the flight recorder without copying).
+    pub fn from_shared(name: Arc<str>) -> Self {
+        ResetReason(name)
+    }
+
+    pub fn shared(&self) -> &Arc<str> {
+        &self.0
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -238,6 +247,15 @@ pub struct DropReason(Arc<str>);
 impl DropReason {
     pub fn new(name: &str) -> Self {
         DropReason(name.into())
+    }
+
+    /// The name as the shared text it is (kept by the flight recorder without copying).
+    pub fn from_shared(name: Arc<str>) -> Self {
+        DropReason(name)
+    }
+
+    pub fn shared(&self) -> &Arc<str> {
+        &self.0
     }
 
     pub fn as_str(&self) -> &str {
