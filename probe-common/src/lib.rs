@@ -10,6 +10,9 @@
 pub const EVENTS_MAP: &str = "EVENTS";
 /// LRU hash of sockets the programs follow, keyed by `struct sock *`.
 pub const SOCKETS_MAP: &str = "SOCKETS";
+/// The same with an LRU list per CPU (`BPF_F_NO_COMMON_LRU`), for `--socket-records
+/// lru-per-cpu`; the agent sizes it to `--max-sockets` per possible CPU when it is used.
+pub const SOCKETS_PER_CPU_MAP: &str = "SOCKETS_PER_CPU";
 /// Per-CPU counters, indexed by [`Counter`].
 pub const COUNTERS_MAP: &str = "COUNTERS";
 /// LRU hash of listening sockets and their owners, keyed by [`ListenerKey`]: written by the
@@ -19,9 +22,8 @@ pub const LISTENERS_MAP: &str = "LISTENERS";
 pub const OFFSETS_GLOBAL: &str = "OFFSETS";
 /// The global holding the unread byte count at which a submit wakes the agent (u64).
 pub const WAKEUP_BYTES_GLOBAL: &str = "WAKEUP_BYTES";
-/// The global (u32) that is 1 when the programs keep per-socket records in [`SOCKET_STORAGE_MAP`]
-/// rather than [`SOCKETS_MAP`].
-pub const RECORDS_IN_STORAGE_GLOBAL: &str = "RECORDS_IN_STORAGE";
+/// The global holding the [`RecordStore`] of the per-socket records (u32), set before load.
+pub const RECORD_STORE_GLOBAL: &str = "RECORD_STORE";
 /// Socket storage (`BPF_MAP_TYPE_SK_STORAGE`) holding a [`SocketRecord`] per followed socket.
 pub const SOCKET_STORAGE_MAP: &str = "SOCKET_STORAGE";
 /// LRU hash of the connects in flight, keyed by [`ConnectKey`]: what a dropped packet without a
@@ -131,6 +133,22 @@ impl EventKind {
     }
 }
 
+/// Where the programs keep the per-socket records ([`SocketRecord`]): the value of
+/// [`RECORD_STORE_GLOBAL`]. Every program uses the same store.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordStore {
+    /// [`SOCKETS_MAP`], an LRU hash with one LRU list, emptied at `tcp_destroy_sock`: the only
+    /// store classic tracepoints reach.
+    LruHash = 0,
+    /// [`SOCKET_STORAGE_MAP`], in the sockets themselves and freed with them: when every hook
+    /// runs on a BTF tracepoint.
+    SocketStorage = 1,
+    /// [`SOCKETS_PER_CPU_MAP`], an LRU hash with an LRU list per CPU, emptied at
+    /// `tcp_destroy_sock`.
+    PerCpuLruHash = 2,
+}
+
 /// Per-CPU counters the programs keep; index into [`COUNTERS_MAP`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,8 +160,8 @@ pub enum Counter {
     ProducedClose = 3,
     /// `bpf_ringbuf_reserve` failed: the agent fell behind and the event was dropped.
     LostRingbuf = 4,
-    /// A connect ended whose start record was gone from [`SOCKETS_MAP`] (LRU eviction, or the
-    /// connect began before the agent): it is still reported, without latency or owner.
+    /// A connect ended whose start record was gone from its [`RecordStore`] (LRU eviction, or
+    /// the connect began before the agent): it is still reported, without latency or owner.
     LostMap = 5,
     /// A kernel read (`bpf_probe_read_kernel`) failed; the event was dropped.
     ReadError = 6,
@@ -393,9 +411,9 @@ pub struct TranslationEvent {
     pub _pad: [u8; 6],
 }
 
-/// Per-socket state kept in [`SOCKETS_MAP`] from the start of a connect (or an accept) until the
-/// kernel destroys the socket. Not at CLOSE: an abortive close (SO_LINGER 0, unread data) moves
-/// the socket to CLOSE first and sends its reset after, and that reset needs the owner.
+/// Per-socket state kept in the [`RecordStore`] from the start of a connect (or an accept) until
+/// the kernel destroys the socket. Not at CLOSE: an abortive close (SO_LINGER 0, unread data)
+/// moves the socket to CLOSE first and sends its reset after, and that reset needs the owner.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct SocketRecord {

@@ -7,18 +7,22 @@
 //!   record in the socket itself (`BPF_MAP_TYPE_SK_STORAGE`: no hashing, no LRU lock, freed with
 //!   the socket).
 //! - [`Raw`], for classic and raw tracepoints: untyped addresses, read with
-//!   `bpf_probe_read_kernel`; records in the LRU hash [`SOCKETS`].
+//!   `bpf_probe_read_kernel`; records in the LRU hash [`SOCKETS`] (or, for the benchmark's
+//!   comparison, [`SOCKETS_PER_CPU`], also on BTF tracepoints: see [`RecordStore`]).
 //!
 //! Offsets come from the agent at load (see `maps::OFFSETS`). A direct load needs the verifier to
 //! know its offset: the offsets live in `.rodata`, which the agent freezes before loading, so the
 //! verifier reads them as constants.
-use aya_ebpf::helpers::{
-    bpf_probe_read_kernel,
-    generated::{bpf_sk_storage_delete, bpf_sk_storage_get, bpf_skc_to_tcp_sock},
+use aya_ebpf::{
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{bpf_sk_storage_delete, bpf_sk_storage_get, bpf_skc_to_tcp_sock},
+    },
+    maps::LruHashMap,
 };
-use probe_common::SocketRecord;
+use probe_common::{RecordStore, SocketRecord};
 
-use crate::maps::{RECORDS_IN_STORAGE, SOCKET_STORAGE, SOCKETS};
+use crate::maps::{RECORD_STORE, SOCKET_STORAGE, SOCKETS, SOCKETS_PER_CPU};
 
 /// `BPF_SK_STORAGE_GET_F_CREATE`.
 const CREATE: u64 = 1;
@@ -50,12 +54,28 @@ pub struct Typed;
 #[derive(Clone, Copy)]
 pub struct Raw;
 
-/// Whether the records live in socket storage: set by the agent when every hook family runs on
-/// a BTF tracepoint (classic programs cannot reach socket storage, and all must share one store).
+/// Where the records live: socket storage only when every hook family runs on a BTF tracepoint
+/// (classic programs cannot reach it, and all must share one store). Frozen before load, so the
+/// verifier drops the branches of the other stores.
+#[inline(always)]
+fn store() -> u32 {
+    // SAFETY: a plain read of a load-time constant.
+    unsafe { core::ptr::read_volatile(&raw const RECORD_STORE) }
+}
+
 #[inline(always)]
 fn in_storage() -> bool {
-    // SAFETY: a plain read of a load-time constant.
-    unsafe { core::ptr::read_volatile(&raw const RECORDS_IN_STORAGE) != 0 }
+    store() == RecordStore::SocketStorage as u32
+}
+
+/// The LRU hash of the records when they are not in socket storage.
+#[inline(always)]
+fn lru_hash() -> &'static LruHashMap<u64, SocketRecord> {
+    if store() == RecordStore::PerCpuLruHash as u32 {
+        &SOCKETS_PER_CPU
+    } else {
+        &SOCKETS
+    }
 }
 
 /// The socket storage map, as the helpers take it.
@@ -137,16 +157,16 @@ impl Kernel for Raw {
 
     #[inline(always)]
     fn record(self, sk: u64) -> Option<*mut SocketRecord> {
-        SOCKETS.get_ptr_mut(&sk)
+        lru_hash().get_ptr_mut(&sk)
     }
 
     #[inline(always)]
     fn follow(self, sk: u64, record: &SocketRecord) {
-        let _ = SOCKETS.insert(&sk, record, 0);
+        let _ = lru_hash().insert(&sk, record, 0);
     }
 
     #[inline(always)]
     fn forget(self, sk: u64) {
-        let _ = SOCKETS.remove(&sk);
+        let _ = lru_hash().remove(&sk);
     }
 }

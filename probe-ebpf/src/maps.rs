@@ -7,8 +7,11 @@ use aya_ebpf::{
 use probe_common::{
     COUNTER_SLOTS, ConnectInFlight, ConnectKey, Counter, DEFAULT_MAX_SOCKETS, DEFAULT_RING_BYTES,
     DROP_REASON_WORDS, DropKey, DropReasonFilter, KernelOffsets, ListenerKey, ListenerRecord,
-    MAX_DROP_COUNTS, MAX_LISTENERS, SocketRecord,
+    MAX_DROP_COUNTS, MAX_LISTENERS, RecordStore, SocketRecord,
 };
+
+/// `BPF_F_NO_COMMON_LRU`: an LRU hash with an LRU list per CPU instead of one shared list.
+const NO_COMMON_LRU: u32 = 2;
 
 /// Events to the agent. Its size is set by the agent before load (`--ring-buffer-bytes`).
 #[map(name = "EVENTS")]
@@ -20,10 +23,19 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 pub static SOCKET_STORAGE: SkStorage<SocketRecord> = SkStorage::new();
 
 /// Sockets followed from connect (or accept) until the kernel destroys them, keyed by
-/// `struct sock *`: used when any hook runs on a classic tracepoint.
+/// `struct sock *`: used when any hook runs on a classic tracepoint, or with `--socket-records
+/// lru`.
 #[map(name = "SOCKETS")]
 pub static SOCKETS: LruHashMap<u64, SocketRecord> =
     LruHashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+/// [`SOCKETS`] with an LRU list per CPU, used only with `--socket-records lru-per-cpu`. The
+/// kernel gives each possible CPU an equal share of the entries, and an insert evicts from its
+/// own CPU's share only: the agent sizes it to `--max-sockets` per possible CPU when it is used,
+/// and to the least otherwise.
+#[map(name = "SOCKETS_PER_CPU")]
+pub static SOCKETS_PER_CPU: LruHashMap<u64, SocketRecord> =
+    LruHashMap::with_max_entries(1, NO_COMMON_LRU);
 
 /// Listening sockets and the process that called `listen()`, by network namespace and port:
 /// an accepted connection's owner is its listener's.
@@ -110,10 +122,9 @@ pub static DROP_FILTER: DropReasonFilter = DropReasonFilter {
     bits: [0; DROP_REASON_WORDS],
 };
 
-/// 1 when the records live in [`SOCKET_STORAGE`], 0 for [`SOCKETS`]. Set by the agent before
-/// load.
+/// Where the records live, a [`RecordStore`] (see `access`). Set by the agent before load.
 #[unsafe(no_mangle)]
-pub static RECORDS_IN_STORAGE: u32 = 0;
+pub static RECORD_STORE: u32 = RecordStore::LruHash as u32;
 
 /// Unread bytes in [`EVENTS`] at which a submit wakes the agent; below it the agent's
 /// periodic poll picks the events up. Set by the agent before load.

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-pub use crate::loader::HookMode;
+pub use crate::loader::{HookMode, SocketRecords};
 use crate::{
     export::{json_log::Encoder, view::ViewWindow},
     units::{parse_duration, parse_size},
@@ -154,6 +154,14 @@ pub struct RunArgs {
     /// Sockets followed at once in the kernel (LRU; evictions are counted as lost, stage map).
     #[arg(long, value_name = "N", default_value_t = probe_common::DEFAULT_MAX_SOCKETS)]
     pub max_sockets: u32,
+
+    /// Where the programs keep each followed socket's record: `auto` (in the socket itself when
+    /// every hook is a BTF tracepoint, else the LRU hash of --max-sockets), `lru` (always that
+    /// LRU hash) or `lru-per-cpu` (an LRU hash with a list per CPU, --max-sockets per CPU), for
+    /// the benchmark to compare what each costs.
+    #[arg(long, value_enum, value_name = "STORE", default_value_t = SocketRecords::Auto,
+          hide = true)]
+    pub socket_records: SocketRecords,
 
     /// Write evidence bundles here when a destination crosses a trigger threshold.
     #[arg(long, value_name = "DIR")]
@@ -366,6 +374,19 @@ mod tests {
             let long = sub.render_help().to_string();
             assert!(long.starts_with(&about), "{long}");
         }
+    }
+
+    /// `--socket-records` is the benchmark's knob: accepted, but not offered in `--help`.
+    #[test]
+    fn socket_records_is_hidden_and_defaults_to_auto() {
+        use clap::CommandFactory;
+        let cli = Cli::try_parse_from(["connprobe"]).unwrap();
+        assert_eq!(cli.run.socket_records, SocketRecords::Auto);
+        let cli = Cli::try_parse_from(["connprobe", "--socket-records", "lru-per-cpu"]).unwrap();
+        assert_eq!(cli.run.socket_records, SocketRecords::LruPerCpu);
+        assert!(Cli::try_parse_from(["connprobe", "--socket-records", "storage"]).is_err());
+        let help = Cli::command().render_long_help().to_string();
+        assert!(!help.contains("socket-records"), "{help}");
     }
 
     #[test]

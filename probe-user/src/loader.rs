@@ -12,7 +12,8 @@ use aya::{
 use probe_common::{
     CONNECTS_MAP, COUNTERS_MAP, DNS_EVENTS_MAP, DNS_PORTS_GLOBAL, DROP_COUNTS_MAP,
     DROP_FILTER_GLOBAL, DnsPorts, DropKey, EVENTS_MAP, KernelOffsets, LISTENERS_MAP, ListenerKey,
-    ListenerRecord, OFFSETS_GLOBAL, RECORDS_IN_STORAGE_GLOBAL, SOCKETS_MAP, WAKEUP_BYTES_GLOBAL,
+    ListenerRecord, OFFSETS_GLOBAL, RECORD_STORE_GLOBAL, RecordStore, SOCKETS_MAP,
+    SOCKETS_PER_CPU_MAP, WAKEUP_BYTES_GLOBAL,
 };
 
 use crate::{
@@ -41,6 +42,16 @@ pub enum LoadError {
     RingSize(u32),
     #[error("--max-sockets must be at least 1")]
     MaxSockets,
+    #[error(
+        "cannot count this machine's possible CPUs in {0} ({1}); --socket-records lru-per-cpu \
+         sizes its map by them"
+    )]
+    PossibleCpus(&'static str, #[source] std::io::Error),
+    #[error(
+        "--max-sockets {max_sockets} on each of {cpus} possible CPUs is more than an LRU hash \
+         holds (2^31 entries); lower --max-sockets"
+    )]
+    PerCpuSockets { max_sockets: u32, cpus: usize },
     #[error("the kernel refused connprobe's eBPF object: {0}")]
     Load(#[source] Box<aya::EbpfError>),
     #[error("the kernel refused program {program} for tracepoint {tracepoint}: {source}")]
@@ -77,6 +88,21 @@ pub enum HookMode {
     BtfOlder,
 }
 
+/// Where the programs keep the per-socket records (`--socket-records`, hidden: a knob for the
+/// benchmark to compare the stores' costs on the BTF path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SocketRecords {
+    /// In the sockets themselves (socket storage) when every hook runs on a BTF tracepoint, in
+    /// the LRU hash of --max-sockets otherwise.
+    Auto,
+    /// Always in the LRU hash of --max-sockets, as on classic tracepoints (`tcp_destroy_sock`
+    /// attached to empty it).
+    Lru,
+    /// Always in an LRU hash with an LRU list per CPU (`BPF_F_NO_COMMON_LRU`), sized so that
+    /// each possible CPU holds --max-sockets (`tcp_destroy_sock` attached to empty it).
+    LruPerCpu,
+}
+
 /// How one hook is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attachment {
@@ -104,6 +130,8 @@ pub struct LoaderConfig {
     pub hooks: HookMode,
     pub ring_buffer_bytes: u32,
     pub max_sockets: u32,
+    /// Where the per-socket records live (`--socket-records`).
+    pub socket_records: SocketRecords,
     /// Trace packet drops (`kfree_skb`); off with `--no-drops`.
     pub drops: bool,
     /// The DNS ports to watch; `None` attaches no DNS programs (`--no-dns`).
@@ -309,12 +337,19 @@ fn try_load(
     // POLL_INTERVAL, so a quiet host still sees its events promptly.
     let wakeup_bytes = u64::from(config.ring_buffer_bytes / 8);
     // Socket storage holds the per-socket records when every program can reach it (BTF
-    // tracepoints); then nothing needs to forget a socket at tcp_destroy_sock.
-    let in_storage = records_in_storage(&plan);
+    // tracepoints) and no LRU hash was asked for; then nothing needs to forget a socket at
+    // tcp_destroy_sock.
+    let store = record_store(&plan, config.socket_records);
+    tracing::debug!("per-socket records in {store:?}");
+    let per_cpu_entries = match store {
+        RecordStore::PerCpuLruHash => per_cpu_lru_entries(config.max_sockets)?,
+        // Unused: the least the kernel makes (one entry per possible CPU).
+        RecordStore::LruHash | RecordStore::SocketStorage => 1,
+    };
     let mut ebpf = EbpfLoader::new()
         .override_global(OFFSETS_GLOBAL, &offsets, true)
         .override_global(WAKEUP_BYTES_GLOBAL, &wakeup_bytes, true)
-        .override_global(RECORDS_IN_STORAGE_GLOBAL, &u32::from(in_storage), true)
+        .override_global(RECORD_STORE_GLOBAL, &(store as u32), true)
         .override_global(DROP_FILTER_GLOBAL, &drop_reasons.filter(), true)
         .override_global(
             DNS_PORTS_GLOBAL,
@@ -323,6 +358,7 @@ fn try_load(
         )
         .map_max_entries(EVENTS_MAP, config.ring_buffer_bytes)
         .map_max_entries(SOCKETS_MAP, config.max_sockets)
+        .map_max_entries(SOCKETS_PER_CPU_MAP, per_cpu_entries)
         .map_max_entries(CONNECTS_MAP, config.max_sockets)
         .load(OBJECT)
         .map_err(|e| LoadError::Load(Box::new(e)))?;
@@ -366,7 +402,7 @@ fn try_load(
 
     let plan: Vec<(Hook, Attachment)> = plan
         .into_iter()
-        .filter(|(hook, _)| !(in_storage && *hook == Hook::TcpDestroy))
+        .filter(|(hook, _)| !(store == RecordStore::SocketStorage && *hook == Hook::TcpDestroy))
         .collect();
     for (hook, how) in &plan {
         let (category, name) = hook.tracepoint();
@@ -536,16 +572,36 @@ fn attach_backend(ebpf: &mut Ebpf) -> Result<(), String> {
 /// The cgroup_skb program in probe-ebpf `backend`.
 const BACKEND_PROGRAM: &str = "backend_egress";
 
-/// Whether the per-socket records can live in socket storage: only BTF programs can reach it,
-/// and every program must use the same store. The benchmark's empty programs count as BTF, so
-/// that the floor attaches the same hooks as the default set (no `tcp_destroy_sock`).
-fn records_in_storage(plan: &[(Hook, Attachment)]) -> bool {
-    plan.iter().all(|(_, how)| {
+/// Where the per-socket records live. Socket storage only where asked (`auto`) and where every
+/// program can reach it: only BTF programs can, and every program must use the same store. The
+/// benchmark's empty programs count as BTF, so that the floor attaches the same hooks as the
+/// default set (no `tcp_destroy_sock`); with an LRU hash asked for, it attaches
+/// `tcp_destroy_sock` too, as that configuration does.
+fn record_store(plan: &[(Hook, Attachment)], wanted: SocketRecords) -> RecordStore {
+    let all_btf = plan.iter().all(|(_, how)| {
         matches!(
             how,
             Attachment::Btf | Attachment::BtfOlder | Attachment::Empty
         )
-    })
+    });
+    match wanted {
+        SocketRecords::Auto if all_btf => RecordStore::SocketStorage,
+        SocketRecords::Auto | SocketRecords::Lru => RecordStore::LruHash,
+        SocketRecords::LruPerCpu => RecordStore::PerCpuLruHash,
+    }
+}
+
+/// The size of the per-CPU LRU hash: the kernel splits an LRU hash with a list per CPU evenly
+/// over the possible CPUs and an insert evicts from its own CPU's share only
+/// (`bpf_percpu_lru_populate`, `bpf_percpu_lru_pop_free`), so each possible CPU gets
+/// `max_sockets`.
+fn per_cpu_lru_entries(max_sockets: u32) -> Result<u32, LoadError> {
+    let cpus = aya::util::nr_cpus().map_err(|(path, e)| LoadError::PossibleCpus(path, e))?;
+    u32::try_from(cpus)
+        .ok()
+        .and_then(|n| max_sockets.checked_mul(n))
+        .filter(|&entries| entries <= 1 << 31)
+        .ok_or(LoadError::PerCpuSockets { max_sockets, cpus })
 }
 
 /// Listeners opened before the agent: their owners go into the map the programs look accepted
@@ -696,6 +752,43 @@ mod program_runs_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_stay_in_socket_storage_only_where_asked_and_every_program_reaches_it() {
+        use Attachment::{Btf, Classic, Empty};
+        let btf = [(Hook::TcpState, Btf), (Hook::TcpDestroy, Btf)];
+        let mixed = [(Hook::TcpState, Btf), (Hook::TcpDestroy, Classic)];
+        let floor = [(Hook::TcpState, Empty), (Hook::TcpDestroy, Empty)];
+        assert_eq!(
+            record_store(&btf, SocketRecords::Auto),
+            RecordStore::SocketStorage
+        );
+        assert_eq!(
+            record_store(&floor, SocketRecords::Auto),
+            RecordStore::SocketStorage
+        );
+        assert_eq!(
+            record_store(&mixed, SocketRecords::Auto),
+            RecordStore::LruHash
+        );
+        for plan in [&btf, &mixed, &floor] {
+            assert_eq!(record_store(plan, SocketRecords::Lru), RecordStore::LruHash);
+            assert_eq!(
+                record_store(plan, SocketRecords::LruPerCpu),
+                RecordStore::PerCpuLruHash
+            );
+        }
+    }
+
+    #[test]
+    fn the_per_cpu_lru_hash_holds_max_sockets_on_each_possible_cpu() {
+        let cpus = aya::util::nr_cpus().unwrap() as u32;
+        assert_eq!(per_cpu_lru_entries(1_000).unwrap(), 1_000 * cpus);
+        assert!(matches!(
+            per_cpu_lru_entries(u32::MAX),
+            Err(LoadError::PerCpuSockets { .. })
+        ));
+    }
 
     #[test]
     fn the_cgroup_v2_mount_is_found_in_a_hybrid_layout() {

@@ -351,6 +351,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Option<Embedding>) -> anyhow
         hooks: args.hooks,
         ring_buffer_bytes: args.ring_buffer_bytes,
         max_sockets: args.max_sockets,
+        socket_records: args.socket_records,
         drops: !args.no_drops,
         dns_ports: dns_config.as_ref().map(DnsConfig::kernel_ports),
     };

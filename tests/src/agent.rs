@@ -217,10 +217,12 @@ impl Agent {
             .spawn(move || {
                 for line in BufReader::new(pipe).lines() {
                     let Ok(line) = line else { break };
-                    if line.contains(READY) {
+                    let ready = line.contains(READY);
+                    // Kept before the signal: a caller may read the ready line at once.
+                    lines.lock().unwrap().push(line);
+                    if ready {
                         let _ = ready_tx.send(());
                     }
-                    lines.lock().unwrap().push(line);
                 }
             })?;
 

@@ -2,14 +2,17 @@
 //! connects and their server process, and every way a connect fails (refused by a RST or by an
 //! ICMP port-unreachable, host-unreachable, administratively prohibited, kernel and application
 //! timeouts), each made by every client style production uses (blocking, non-blocking with
-//! `SO_ERROR`, curl), over IPv4 and IPv6, on both hook modes.
+//! `SO_ERROR`, curl), over IPv4 and IPv6, on both hook modes; and the established connects with
+//! the per-socket records in the benchmark's LRU hashes instead of socket storage.
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
+use anyhow::{Context as _, ensure};
 use tests::{
     Agent, Lab, Pattern, assert_exactly, assert_exactly_unless_missed,
+    bpf::{self, BpfObjects},
     clients::{self, ClientRun, ClientStyle, Seen},
     events::{self, Flow, Listener, Opener},
     expect::lab_events_without_drops,
@@ -43,18 +46,71 @@ fn connect_and_echo(
     .expect("client thread")
 }
 
-/// The agent with the default hooks (BTF tracepoints here), or with `--hooks classic`.
+/// The agent with the default hooks (BTF tracepoints here), or with `--hooks classic`; or with
+/// the default hooks and the per-socket records in an LRU hash (`--socket-records`).
 #[derive(Clone, Copy)]
 enum Hooks {
     Default,
     Classic,
+    LruRecords,
+    PerCpuLruRecords,
 }
 
 fn start_agent(hooks: Hooks) -> anyhow::Result<Agent> {
     match hooks {
         Hooks::Default => Agent::start(),
         Hooks::Classic => Agent::start_with_args(&["--no-metrics", "--hooks", "classic"]),
+        Hooks::LruRecords => {
+            let agent = Agent::start_with_args(&["--no-metrics", "--socket-records", "lru"])?;
+            ensure_forgets_at_destroy(&agent)?;
+            Ok(agent)
+        }
+        Hooks::PerCpuLruRecords => {
+            const MAX_SOCKETS: u32 = 1_024;
+            let agent = Agent::start_with_args(&[
+                "--no-metrics",
+                "--socket-records",
+                "lru-per-cpu",
+                "--max-sockets",
+                &MAX_SOCKETS.to_string(),
+            ])?;
+            ensure_forgets_at_destroy(&agent)?;
+            // The kernel splits it evenly over the possible CPUs, each evicting only its own.
+            let objects = BpfObjects::of(agent.pid().context("runs")?)?;
+            let map = objects
+                .map_named("SOCKETS_PER_CPU")?
+                .with_context(|| format!("the agent holds no SOCKETS_PER_CPU map: {objects:?}"))?;
+            let entries = MAX_SOCKETS * possible_cpus()?;
+            ensure!(
+                map.map_type == bpf::LRU_HASH && map.max_entries == entries,
+                "SOCKETS_PER_CPU is not an LRU hash of {MAX_SOCKETS} entries per possible CPU \
+                 ({entries}): {map:?}"
+            );
+            Ok(agent)
+        }
     }
+}
+
+/// With the records in an LRU hash, the agent attaches `tcp_destroy_sock` to empty it (socket
+/// storage goes with the socket by itself): its start-up line names the hooks it attached.
+fn ensure_forgets_at_destroy(agent: &Agent) -> anyhow::Result<()> {
+    let stderr = agent.stderr_text();
+    ensure!(
+        stderr.contains("tcp_destroy_sock=btf"),
+        "the agent did not attach tcp_destroy_sock: {stderr}"
+    );
+    Ok(())
+}
+
+/// The kernel's count of possible CPUs (`/sys/devices/system/cpu/possible`, e.g. `0-3,8`).
+fn possible_cpus() -> anyhow::Result<u32> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    let mut cpus = 0;
+    for range in text.trim().split(',') {
+        let (first, last) = range.split_once('-').unwrap_or((range, range));
+        cpus += last.parse::<u32>()? - first.parse::<u32>()? + 1;
+    }
+    Ok(cpus)
 }
 
 /// When the server starts listening: before the agent (found in /proc at start-up, named like the
@@ -143,6 +199,36 @@ fn established_connects_classic_tracepoints() -> anyhow::Result<()> {
         lab.server_v4().into(),
         3,
         Hooks::Classic,
+        ListenerStarts::AfterAgent,
+    )
+}
+
+/// With the records in the LRU hash of the classic hooks (`--socket-records lru`) on BTF
+/// tracepoints, the benchmark's comparison with socket storage: exactly the same events, latency
+/// and owners included.
+#[test]
+fn established_connects_records_in_lru_hash() -> anyhow::Result<()> {
+    let lab = Lab::new(36)?;
+    established(
+        &lab,
+        lab.client_v4().into(),
+        lab.server_v4().into(),
+        3,
+        Hooks::LruRecords,
+        ListenerStarts::AfterAgent,
+    )
+}
+
+/// The same with an LRU list per CPU (`--socket-records lru-per-cpu`), over IPv6.
+#[test]
+fn established_connects_records_in_per_cpu_lru_hash() -> anyhow::Result<()> {
+    let lab = Lab::new(37)?;
+    established(
+        &lab,
+        lab.client_v6().into(),
+        lab.server_v6().into(),
+        3,
+        Hooks::PerCpuLruRecords,
         ListenerStarts::AfterAgent,
     )
 }

@@ -395,6 +395,8 @@ fn connect_rounds(
         (Tool::ConnprobeSerde, Tool::Connprobe),
         (Tool::Connprobe, Tool::ConnprobeNoDrops),
         (Tool::Connprobe, Tool::ConnprobeNoDns),
+        (Tool::ConnprobeLru, Tool::Connprobe),
+        (Tool::ConnprobeLruPerCpu, Tool::Connprobe),
     ]
     .map(|(tool, against)| rounds::agent_cpu_ratio(&samples, tool, against))
     .to_vec();

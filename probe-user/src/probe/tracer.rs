@@ -15,7 +15,7 @@ use crate::{
     cli::HookMode,
     decode::{Clock, Decoder},
     event::{Event, Side},
-    loader::{self, KernelMaps, LoaderConfig, Probes},
+    loader::{self, KernelMaps, LoaderConfig, Probes, SocketRecords},
     privileges,
     reader::{spawn_program_log, spawn_reader},
     tally::Tally,
@@ -65,6 +65,7 @@ impl Tracer {
             hooks: HookMode::Auto,
             ring_buffer_bytes: probe_common::DEFAULT_RING_BYTES,
             max_sockets: probe_common::DEFAULT_MAX_SOCKETS,
+            socket_records: SocketRecords::Auto,
             drops: true,
             dns_ports: None,
         };

@@ -41,6 +41,12 @@ pub enum Tool {
     ConnprobeNoDrops,
     /// connprobe without the DNS programs (`--no-dns`): what the cgroup_skb hooks cost.
     ConnprobeNoDns,
+    /// connprobe with the per-socket records in the LRU hash instead of socket storage
+    /// (`--socket-records lru`): what each store costs on the BTF path.
+    ConnprobeLru,
+    /// connprobe with the per-socket records in an LRU hash with a list per CPU
+    /// (`--socket-records lru-per-cpu`).
+    ConnprobeLruPerCpu,
     Floor,
     Tcpstates,
     Tcplife,
@@ -48,7 +54,8 @@ pub enum Tool {
 }
 
 impl Tool {
-    /// Every configuration but the baseline, which needs `--baseline`.
+    /// Every configuration but the baseline, which needs `--baseline`, and the record stores,
+    /// which only `--tools` runs.
     pub const DEFAULT: [Tool; 9] = [
         Tool::Untraced,
         Tool::Connprobe,
@@ -70,6 +77,8 @@ impl Tool {
             Tool::ConnprobeBaseline => "connprobe_baseline",
             Tool::ConnprobeNoDrops => "connprobe_no_drops",
             Tool::ConnprobeNoDns => "connprobe_no_dns",
+            Tool::ConnprobeLru => "connprobe_lru",
+            Tool::ConnprobeLruPerCpu => "connprobe_lru_per_cpu",
             Tool::Floor => "floor",
             Tool::Tcpstates => "tcpstates",
             Tool::Tcplife => "tcplife",
@@ -86,6 +95,8 @@ impl Tool {
             Tool::ConnprobeBaseline => "(b0) connprobe baseline (--baseline)",
             Tool::ConnprobeNoDrops => "(b-) connprobe --no-drops",
             Tool::ConnprobeNoDns => "(b=) connprobe --no-dns",
+            Tool::ConnprobeLru => "(bL) connprobe, socket records in the LRU hash",
+            Tool::ConnprobeLruPerCpu => "(bP) connprobe, socket records in a per-CPU LRU hash",
             Tool::Floor => "(c) floor: --hooks empty",
             Tool::Tcpstates => "(d) tcpstates",
             Tool::Tcplife => "(e) tcplife",
@@ -102,6 +113,8 @@ impl Tool {
                 | Tool::ConnprobeBaseline
                 | Tool::ConnprobeNoDrops
                 | Tool::ConnprobeNoDns
+                | Tool::ConnprobeLru
+                | Tool::ConnprobeLruPerCpu
         )
     }
 
@@ -180,6 +193,8 @@ impl Session {
             | Tool::ConnprobeBaseline
             | Tool::ConnprobeNoDrops
             | Tool::ConnprobeNoDns
+            | Tool::ConnprobeLru
+            | Tool::ConnprobeLruPerCpu
             | Tool::Floor => {
                 let binary = match tool {
                     Tool::ConnprobeBaseline => bins
@@ -193,6 +208,10 @@ impl Session {
                     Tool::ConnprobeSerde => args.extend(["--log-encoder".into(), "serde".into()]),
                     Tool::ConnprobeNoDrops => args.push("--no-drops".into()),
                     Tool::ConnprobeNoDns => args.push("--no-dns".into()),
+                    Tool::ConnprobeLru => args.extend(["--socket-records".into(), "lru".into()]),
+                    Tool::ConnprobeLruPerCpu => {
+                        args.extend(["--socket-records".into(), "lru-per-cpu".into()])
+                    }
                     Tool::Floor => {
                         args.extend(["--hooks", "empty", "--no-metrics"].map(String::from))
                     }
@@ -427,6 +446,19 @@ fn count_lines(path: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_record_stores_run_only_when_named() {
+        use clap::ValueEnum as _;
+        for (name, tool) in [
+            ("connprobe-lru", Tool::ConnprobeLru),
+            ("connprobe-lru-per-cpu", Tool::ConnprobeLruPerCpu),
+        ] {
+            assert_eq!(Tool::from_str(name, false), Ok(tool));
+            assert!(!Tool::DEFAULT.contains(&tool));
+            assert!(tool.is_agent());
+        }
+    }
 
     #[test]
     fn peer_losses_add_up() {
