@@ -542,10 +542,13 @@ pub struct DnsPorts {
 
 /// Flags in [`DnsPacket::flags`].
 pub mod dns_flags {
-    /// `tgid` and `comm` are the process that sent the packet (egress, in its syscall).
+    /// `tgid` is the process that sent the packet (egress, in its syscall).
     pub const PROCESS_KNOWN: u8 = 1;
     /// TCP: the segment carried FIN or RST (the connection is closing).
     pub const TCP_CLOSING: u8 = 2;
+    /// `comm` is that process's name too (not on kernels whose cgroup_skb programs may ask for
+    /// the pid but not the name).
+    pub const COMM_KNOWN: u8 = 4;
 }
 
 /// One UDP datagram or TCP segment to or from a DNS port, as a socket on this host sent

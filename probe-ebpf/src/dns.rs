@@ -39,9 +39,28 @@ pub static DNS_PORTS: DnsPorts = DnsPorts {
 /// Allow the packet: these programs only watch.
 const PASS: i32 = 1;
 
+/// What an egress program learns of the sending process.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sender {
+    /// Its pid and command name.
+    Named,
+    /// Its pid only: cgroup_skb programs may call `bpf_get_current_pid_tgid` from Linux 6.10
+    /// on, `bpf_get_current_comm` only later.
+    Pid,
+    /// Nothing: before Linux 6.10.
+    Unknown,
+}
+
 #[cgroup_skb]
 pub fn dns_egress(ctx: SkBuffContext) -> i32 {
-    capture(&ctx, direction::SENT, true);
+    capture(&ctx, direction::SENT, Sender::Named);
+    PASS
+}
+
+/// Egress with the sending process's pid but not its name (the agent reads that from /proc).
+#[cgroup_skb]
+pub fn dns_egress_pid(ctx: SkBuffContext) -> i32 {
+    capture(&ctx, direction::SENT, Sender::Pid);
     PASS
 }
 
@@ -49,13 +68,13 @@ pub fn dns_egress(ctx: SkBuffContext) -> i32 {
 /// `bpf_get_current_pid_tgid` (before Linux 6.10).
 #[cgroup_skb]
 pub fn dns_egress_anonymous(ctx: SkBuffContext) -> i32 {
-    capture(&ctx, direction::SENT, false);
+    capture(&ctx, direction::SENT, Sender::Unknown);
     PASS
 }
 
 #[cgroup_skb]
 pub fn dns_ingress(ctx: SkBuffContext) -> i32 {
-    capture(&ctx, direction::RECEIVED, false);
+    capture(&ctx, direction::RECEIVED, Sender::Unknown);
     PASS
 }
 
@@ -159,7 +178,7 @@ fn layout(ctx: &SkBuffContext) -> Option<Layout> {
 }
 
 #[inline(always)]
-fn capture(ctx: &SkBuffContext, dir: u8, with_process: bool) {
+fn capture(ctx: &SkBuffContext, dir: u8, sender: Sender) {
     let Some(l) = layout(ctx) else { return };
     let total = ctx.len();
     let payload_len = total.saturating_sub(l.payload_at);
@@ -174,14 +193,18 @@ fn capture(ctx: &SkBuffContext, dir: u8, with_process: bool) {
         return;
     };
     let packet = entry.as_mut_ptr();
-    let (tgid, comm, known) = if with_process {
-        (
+    let (tgid, comm, known) = match sender {
+        Sender::Named => (
             (bpf_get_current_pid_tgid() >> 32) as u32,
             bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+            dns_flags::PROCESS_KNOWN | dns_flags::COMM_KNOWN,
+        ),
+        Sender::Pid => (
+            (bpf_get_current_pid_tgid() >> 32) as u32,
+            [0; COMM_LEN],
             dns_flags::PROCESS_KNOWN,
-        )
-    } else {
-        (0, [0; COMM_LEN], 0)
+        ),
+        Sender::Unknown => (0, [0; COMM_LEN], 0),
     };
     // SAFETY: `packet` points at the reserved record, which is ours until submit or discard.
     unsafe {

@@ -457,6 +457,13 @@ fn try_load(
                          for the current task from Linux 6.10 on (their pid and comm stay null)"
                             .into(),
                     );
+                } else if how.contains("dns_egress_pid") {
+                    missing.push(
+                        "DNS queries sent over UDP name their process's pid, not its command \
+                         name: this kernel lets cgroup_skb programs ask for the first only; the \
+                         name is read from /proc and stays empty for a process gone by then"
+                            .into(),
+                    );
                 }
                 Some(how)
             }
@@ -486,8 +493,8 @@ pub fn cgroup2_mount(mounts: &str) -> Option<&str> {
 
 /// Attaches the DNS programs to the root of the cgroup v2 hierarchy, where they see the packets
 /// of every socket on the host, in every network namespace. Egress names the sending process
-/// where the kernel lets cgroup_skb programs ask (Linux 6.10 and later), and goes without it
-/// elsewhere. Any failure is one sentence: DNS alone goes missing.
+/// where the kernel lets cgroup_skb programs ask (its pid from Linux 6.10 on, its name on later
+/// kernels, 6.18 here), and goes without it elsewhere. Any failure is one sentence: DNS alone goes missing.
 fn attach_dns(ebpf: &mut Ebpf) -> Result<String, String> {
     if let Some(note) = privileges::dns_attach_note() {
         return Err(note);
@@ -527,9 +534,15 @@ fn attach_dns(ebpf: &mut Ebpf) -> Result<String, String> {
     let egress = match attach(ebpf, "dns_egress", CgroupSkbAttachType::Egress) {
         Ok(()) => "dns_egress",
         Err(e) => {
-            tracing::debug!("{e}; trying the egress program without the sending process");
-            attach(ebpf, "dns_egress_anonymous", CgroupSkbAttachType::Egress)?;
-            "dns_egress_anonymous"
+            tracing::debug!("{e}; trying the egress program with the sending process's pid only");
+            match attach(ebpf, "dns_egress_pid", CgroupSkbAttachType::Egress) {
+                Ok(()) => "dns_egress_pid",
+                Err(e) => {
+                    tracing::debug!("{e}; trying the egress program without the sending process");
+                    attach(ebpf, "dns_egress_anonymous", CgroupSkbAttachType::Egress)?;
+                    "dns_egress_anonymous"
+                }
+            }
         }
     };
     Ok(format!("cgroup_skb dns_ingress+{egress} on {root}"))

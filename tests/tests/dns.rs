@@ -241,7 +241,8 @@ fn udp_queries_answers_and_silences_through_glibc_and_the_name_behind_curls_conn
     check_side(&log, "server", &resolver, &queries)?;
     // The client's events name glibc's process (getent, curl's resolver thread runs in curl),
     // except before Linux 6.10, where the egress program cannot ask for it: the agent said so
-    // at start, and then none names a process.
+    // at start, and then none names a process. Between, the program learns the pid only (the
+    // agent said that too) and the name comes from /proc while the process lives.
     let named = dns_events(&log, "client", &resolver)
         .into_iter()
         .filter(|e| matches!(e["comm"].as_str(), Some(c) if c == "getent" || c.starts_with("curl") || c == "getaddrinfo"))
@@ -254,6 +255,15 @@ fn udp_queries_answers_and_silences_through_glibc_and_the_name_behind_curls_conn
         ensure!(
             unnamed == queries.len(),
             "no client query names a process on this kernel: {log:#?}"
+        );
+    } else if stderr.contains("DNS queries sent over UDP name their process's pid") {
+        let with_pid = dns_events(&log, "client", &resolver)
+            .into_iter()
+            .filter(|e| e["pid"].as_u64().is_some_and(|pid| pid > 0) && e["comm"].is_string())
+            .count();
+        ensure!(
+            with_pid == queries.len(),
+            "every client query has its process's pid on this kernel: {log:#?}"
         );
     } else {
         ensure!(

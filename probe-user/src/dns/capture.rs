@@ -82,10 +82,22 @@ pub fn decode(bytes: &[u8]) -> Result<Capture<'_>, CaptureError> {
         dst: Endpoint::new(ip(raw.dst_addr)?, raw.dst_port),
         process: (raw.flags & dns_flags::PROCESS_KNOWN != 0).then(|| Process {
             pid: raw.tgid,
-            comm: Comm::from_kernel(&raw.comm),
+            comm: if raw.flags & dns_flags::COMM_KNOWN != 0 {
+                Comm::from_kernel(&raw.comm)
+            } else {
+                comm_of(raw.tgid)
+            },
         }),
         payload: &bytes[at..at + copied],
         cut: raw.payload_len as usize > DNS_PAYLOAD_BYTES,
         closing: raw.flags & dns_flags::TCP_CLOSING != 0,
     })
+}
+
+/// The name of process `pid` from /proc, for kernels whose egress program learns only the pid;
+/// empty when the process has already gone (a resolver that got its answer exits at once).
+fn comm_of(pid: u32) -> Comm {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|name| Comm::from_str_lossy(name.trim_end_matches('\n')))
+        .unwrap_or_else(|_| Comm::from_str_lossy(""))
 }

@@ -153,7 +153,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<u8> {
         end: SystemTime::now() + Duration::from_secs(1),
     };
     let (judge, scope) = judge_log(&log_path, window, cgroup_path.as_deref(), &mut pids)?;
-    let exchanges = dns_exchanges(&embedded, start, &pids);
+    let (exchanges, dns_unattributed) = dns_exchanges(&embedded, start, &pids);
     let destinations = judge.summaries();
     let mut report = judge.finish();
     let mut resolvers_verdicts = crate::dns::verdicts::dns_destinations(&exchanges);
@@ -163,6 +163,7 @@ pub fn run(args: WatchArgs) -> anyhow::Result<u8> {
     let figures = Figures {
         destinations: &destinations,
         resolvers: &resolvers,
+        dns_unattributed,
     };
     let rules: Vec<_> = args.fail_on.iter().map(|r| r.judge(&figures)).collect();
     let exit_code = match (rules.iter().any(|r| !r.passed), command_exit_code) {
@@ -288,19 +289,29 @@ fn judge_log(
 }
 
 /// COMMAND's DNS queries (client side, by pid): each with its answer, or a timeout, also for
-/// those still unanswered when COMMAND ended.
-fn dns_exchanges(embedded: &Embedded, start: SystemTime, pids: &HashSet<u32>) -> Vec<DnsExchange> {
+/// those still unanswered when COMMAND ended; and how many queries named no process (so may
+/// have been COMMAND's).
+fn dns_exchanges(
+    embedded: &Embedded,
+    start: SystemTime,
+    pids: &HashSet<u32>,
+) -> (Vec<DnsExchange>, u64) {
     let Some(dns) = &embedded.dns else {
-        return Vec::new();
+        return (Vec::new(), 0);
     };
     let mut dns = dns.lock().unwrap_or_else(|e| e.into_inner());
     let mut unanswered = Vec::new();
     dns.expire(u64::MAX, Instant::now(), &mut unanswered);
-    dns.recent_since(start)
+    let (named, unnamed): (Vec<_>, Vec<_>) = dns
+        .recent_since(start)
         .into_iter()
         .filter(|x| x.side == Side::Client)
+        .partition(|x| x.process.is_some());
+    let ours = named
+        .into_iter()
         .filter(|x| x.process.as_ref().is_some_and(|p| pids.contains(&p.pid)))
-        .collect()
+        .collect();
+    (ours, unnamed.len() as u64)
 }
 
 /// The agent's flags for a watch: its JSON log to `log`, no metrics endpoint, and the flags

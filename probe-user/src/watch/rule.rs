@@ -122,6 +122,9 @@ pub struct RuleResult {
 pub struct Figures<'a> {
     pub destinations: &'a [DestinationSummary],
     pub resolvers: &'a [ResolverSummary],
+    /// DNS queries on this host during the run that name no process (a kernel before Linux
+    /// 6.10), so that COMMAND's cannot be told from the others'.
+    pub dns_unattributed: u64,
 }
 
 impl Rule {
@@ -141,6 +144,18 @@ impl Rule {
     }
 
     fn judge_count(&self, metric: Metric, figures: &Figures<'_>, limit: u64) -> (bool, String) {
+        if metric == Metric::DnsTimeouts && figures.dns_unattributed > 0 {
+            // Passing would claim what was not seen: the rule fails, and says why.
+            return (
+                false,
+                format!(
+                    "cannot be judged: {} sent during the run named no process (this kernel's \
+                     cgroup_skb programs may not ask for it before Linux 6.10), so COMMAND's \
+                     cannot be told apart",
+                    counted(figures.dns_unattributed, "DNS query", "DNS queries")
+                ),
+            );
+        }
         // Each place with a non-zero count, with the count and its detail.
         let places: Vec<(String, u64, String)> = match metric {
             Metric::DnsTimeouts => figures
@@ -309,6 +324,33 @@ mod tests {
     }
 
     #[test]
+    fn dns_timeouts_are_not_judged_when_queries_name_no_process() {
+        let unattributed = Figures {
+            destinations: &[],
+            resolvers: &[],
+            dns_unattributed: 3,
+        };
+        let r = "dns_timeouts>0"
+            .parse::<Rule>()
+            .unwrap()
+            .judge(&unattributed);
+        assert!(!r.passed, "nothing seen is not a pass");
+        assert!(
+            r.message.starts_with("cannot be judged: 3 DNS queries"),
+            "{}",
+            r.message
+        );
+        // Other rules do not depend on it.
+        assert!(
+            "failures>0"
+                .parse::<Rule>()
+                .unwrap()
+                .judge(&unattributed)
+                .passed
+        );
+    }
+
+    #[test]
     fn counts_are_totals_and_name_the_destinations() {
         let destinations = [
             summary("10.0.0.2:8081", 4, None),
@@ -317,6 +359,7 @@ mod tests {
         let figures = Figures {
             destinations: &destinations,
             resolvers: &[],
+            dns_unattributed: 0,
         };
         let failed = "failures>0".parse::<Rule>().unwrap().judge(&figures);
         assert!(!failed.passed);
@@ -334,6 +377,7 @@ mod tests {
         let figures = Figures {
             destinations: &destinations,
             resolvers: &resolvers,
+            dns_unattributed: 0,
         };
         let dns = "dns_timeouts>1".parse::<Rule>().unwrap().judge(&figures);
         assert!(!dns.passed);
@@ -355,6 +399,7 @@ mod tests {
         let figures = Figures {
             destinations: &destinations,
             resolvers: &[],
+            dns_unattributed: 0,
         };
         let r = "p99>200ms".parse::<Rule>().unwrap().judge(&figures);
         assert!(!r.passed);
@@ -367,6 +412,7 @@ mod tests {
         let none = Figures {
             destinations: &[],
             resolvers: &[],
+            dns_unattributed: 0,
         };
         assert!("p99>1ms".parse::<Rule>().unwrap().judge(&none).passed);
     }
