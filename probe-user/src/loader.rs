@@ -341,10 +341,12 @@ fn try_load(
     // tcp_destroy_sock.
     let store = record_store(&plan, config.socket_records);
     tracing::debug!("per-socket records in {store:?}");
-    let per_cpu_entries = match store {
-        RecordStore::PerCpuLruHash => per_cpu_lru_entries(config.max_sockets)?,
-        // Unused: the least the kernel makes (one entry per possible CPU).
-        RecordStore::LruHash | RecordStore::SocketStorage => 1,
+    // Only the store in use gets its size; the others get one entry (an LRU hash preallocates
+    // every entry: 65,536 unused ones would be 8 MiB of kernel memory charged to the agent).
+    let (shared_entries, per_cpu_entries) = match store {
+        RecordStore::PerCpuLruHash => (1, per_cpu_lru_entries(config.max_sockets)?),
+        RecordStore::LruHash => (config.max_sockets, 1),
+        RecordStore::SocketStorage => (1, 1),
     };
     let mut ebpf = EbpfLoader::new()
         .override_global(OFFSETS_GLOBAL, &offsets, true)
@@ -357,7 +359,7 @@ fn try_load(
             true,
         )
         .map_max_entries(EVENTS_MAP, config.ring_buffer_bytes)
-        .map_max_entries(SOCKETS_MAP, config.max_sockets)
+        .map_max_entries(SOCKETS_MAP, shared_entries)
         .map_max_entries(SOCKETS_PER_CPU_MAP, per_cpu_entries)
         .map_max_entries(CONNECTS_MAP, config.max_sockets)
         .load(OBJECT)
