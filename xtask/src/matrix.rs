@@ -64,8 +64,8 @@ pub struct GuestTests {
     pub what: &'static str,
 }
 
-/// What runs in each guest. Under emulation on the project's 2-core machines the list took 6.8
-/// minutes in the 6.1 guest and 4.3 in the 6.12 one in CI, boot (under a minute) included.
+/// What runs in each guest. Under emulation on the project's 2-core machines the list took 4.0
+/// minutes in the 6.1 guest and 3.8 in the 6.12 one in CI (2026-12-04), boot included.
 pub const GUEST_TESTS: &[GuestTests] = &[
     // Four of its seven classic-tracepoint tests: between them every classic program fires, and
     // any classic test loads them all; the other three repeat these on other ICMP types or the
@@ -168,8 +168,8 @@ pub fn help() -> String {
         ));
     }
     text.push_str(
-        "On the project's 2-core machines the 6.1 guest takes about 7 minutes and the 6.12 one \
-         about 4.5, boot (under a minute) included. The first run downloads the kernel packages \
+        "On the project's 2-core machines each guest takes about 4 minutes, boot (under a \
+         minute) included. The first run downloads the kernel packages \
          (about 180 MB) into ~/.cache/connprobe/kernels. `--kernel 6.1` runs only that guest \
          (repeat it for more), after building what it needs.\n",
     );
